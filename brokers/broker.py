@@ -1,0 +1,334 @@
+"""The broker: drafters on a ROUTER frontend, verifiers on a ROUTER backend, batches in between.
+
+* Sessions are sticky: a session's proposals go to the verifier that holds its KV cache; a new
+  session goes to the verifier with the fewest sessions.
+* Proposals queue per verifier in a DeadlineBatcher. Verifiers pull: a batch leaves only after
+  the verifier said Ready, so while it computes the next batch accumulates.
+* Every proposal's verdict goes back to the drafter that sent it (the session's reply queue on
+  the drafter side). A full queue answers "overloaded" at once; a dead verifier fails its
+  batches with a retriable "verifier_lost"; a bad frame is answered with an error reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from dataclasses import dataclass, field
+
+import structlog
+import zmq
+import zmq.asyncio
+
+from brokers.batcher import Batch, BatchPolicy, DeadlineBatcher, QueueFull
+from brokers.clock import MonotonicClock
+from pipeline.config import Config
+from pipeline.protocol import (
+    BROKER_BACKEND_ACCEPTS,
+    BROKER_FRONTEND_ACCEPTS,
+    BatchVerdicts,
+    CloseSession,
+    ErrorCode,
+    ErrorReply,
+    Heartbeat,
+    Message,
+    Propose,
+    ProtocolError,
+    Ready,
+    StatsReply,
+    StatsRequest,
+    Verdict,
+    VerifyBatch,
+    decode,
+    error_for,
+)
+from pipeline.sockets import make_socket, send_now
+
+log = structlog.get_logger("sled.broker")
+
+
+class VerifierLost(Exception):
+    retriable = True
+
+
+@dataclass
+class VerifierHandle:
+    identity: bytes
+    batcher: DeadlineBatcher[Propose]
+    last_seen: float
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    sessions: set[str] = field(default_factory=set)
+    inflight: dict[int, Batch[Propose]] = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+    dispatcher: asyncio.Task | None = None
+
+    @property
+    def name(self) -> str:
+        return self.identity.decode(errors="replace")
+
+
+@dataclass
+class BrokerStats:
+    proposals: int = 0
+    verdicts: int = 0
+    batches: int = 0
+    batch_sessions: int = 0
+    batch_tokens: int = 0
+    queue_wait_s: float = 0.0
+    rejected: dict = field(default_factory=dict)
+    undeliverable: int = 0
+    verifiers_lost: int = 0
+
+    def count_rejection(self, code: str) -> None:
+        self.rejected[code] = self.rejected.get(code, 0) + 1
+
+
+class Broker:
+    def __init__(self, config: Config, ctx: zmq.asyncio.Context, clock=None):
+        self.config = config
+        self.ctx = ctx
+        self.clock = clock or MonotonicClock()
+        b = config.broker
+        self.policy = BatchPolicy(
+            max_sessions=b.max_batch_sessions,
+            max_tokens=b.max_batch_tokens,
+            max_wait_s=b.max_wait_ms / 1000,
+            max_queue=b.max_queue,
+        )
+        self.max_bytes = config.limits.max_message_bytes
+        self.verifiers: dict[bytes, VerifierHandle] = {}
+        self.session_verifier: dict[str, bytes] = {}
+        self.session_owner: dict[str, bytes] = {}
+        self.stats = BrokerStats()
+        self._batch_ids = itertools.count(1)
+        self.frontend: zmq.asyncio.Socket | None = None
+        self.backend: zmq.asyncio.Socket | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.frontend = make_socket(self.ctx, zmq.ROUTER, bind=self.config.broker.frontend, max_message_bytes=self.max_bytes)
+        self.backend = make_socket(self.ctx, zmq.ROUTER, bind=self.config.broker.backend, max_message_bytes=self.max_bytes)
+        log.info("broker_started", frontend=self.config.broker.frontend, backend=self.config.broker.backend)
+        tasks = [
+            asyncio.create_task(self._frontend_loop(), name="frontend"),
+            asyncio.create_task(self._backend_loop(), name="backend"),
+            asyncio.create_task(self._liveness_loop(), name="liveness"),
+        ]
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper and task.exception():
+                    raise task.exception()
+        finally:
+            for task in [stopper, *tasks, *(v.dispatcher for v in self.verifiers.values() if v.dispatcher)]:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.frontend.close(0)
+            self.backend.close(0)
+
+    # --- frontend: drafters --------------------------------------------------------------
+
+    async def _frontend_loop(self) -> None:
+        while True:
+            parts = await self.frontend.recv_multipart()
+            identity, frame = parts[0], parts[-1]
+            if len(parts) != 2:
+                self._reply(identity, ErrorReply(ErrorCode.BAD_FRAME, "expected exactly one frame per message"))
+                continue
+            try:
+                msg = decode(frame, BROKER_FRONTEND_ACCEPTS, self.max_bytes)
+            except ProtocolError as exc:
+                self.stats.count_rejection(exc.code)
+                log.warning("frame_rejected", peer=identity.decode(errors="replace"), code=exc.code, reason=exc.message)
+                self._reply(identity, error_for(exc))
+                continue
+            match msg:
+                case Propose():
+                    self._on_propose(identity, msg)
+                case CloseSession():
+                    self._on_close(identity, msg.session_id)
+                case StatsRequest():
+                    self._reply(identity, StatsReply(self.snapshot()))
+
+    def _reply(self, identity: bytes, msg: Message) -> None:
+        if not send_now(self.frontend, identity, msg.encode()):
+            self.stats.undeliverable += 1
+
+    def _reject(self, identity: bytes, item: Propose, code: str, message: str) -> None:
+        self.stats.count_rejection(code)
+        retriable = code in ErrorCode.RETRIABLE
+        self._reply(identity, ErrorReply(code, message, retriable, item.session_id, item.round))
+
+    def _on_propose(self, identity: bytes, item: Propose) -> None:
+        self.stats.proposals += 1
+        limits = self.config.limits
+        owner = self.session_owner.get(item.session_id)
+        if owner is not None and owner != identity:
+            return self._reject(identity, item, ErrorCode.NOT_OWNER, "session belongs to another peer")
+        if len(item.draft) > limits.max_draft_tokens:
+            return self._reject(identity, item, ErrorCode.INVALID, f"draft exceeds {limits.max_draft_tokens} tokens")
+        if item.history is not None and len(item.history) > limits.max_history_tokens:
+            return self._reject(identity, item, ErrorCode.INVALID, f"history exceeds {limits.max_history_tokens} tokens")
+        handle = self._verifier_for(item.session_id)
+        if handle is None:
+            return self._reject(identity, item, ErrorCode.NO_VERIFIER, "no verifier is registered yet")
+        try:
+            future = handle.batcher.submit(item, item.target_tokens)
+        except QueueFull as exc:
+            return self._reject(identity, item, ErrorCode.OVERLOADED, str(exc))
+        self.session_owner[item.session_id] = identity
+        if self.session_verifier.get(item.session_id) != handle.identity:
+            self.session_verifier[item.session_id] = handle.identity
+            handle.sessions.add(item.session_id)
+        future.add_done_callback(lambda f: self._deliver(identity, item, f))
+
+    def _deliver(self, identity: bytes, item: Propose, future: asyncio.Future) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            code = ErrorCode.VERIFIER_LOST if isinstance(exc, VerifierLost) else ErrorCode.INTERNAL
+            return self._reject(identity, item, code, str(exc) or code)
+        verdict: Verdict = future.result()
+        if verdict.error:
+            return self._reject(identity, item, verdict.error, verdict.detail)
+        self.stats.verdicts += 1
+        self._reply(identity, verdict)
+
+    def _on_close(self, identity: bytes, session_id: str) -> None:
+        if self.session_owner.get(session_id) not in (None, identity):
+            self.stats.count_rejection(ErrorCode.NOT_OWNER)
+            return
+        self.session_owner.pop(session_id, None)
+        verifier = self.session_verifier.pop(session_id, None)
+        handle = self.verifiers.get(verifier) if verifier else None
+        if handle is not None:
+            handle.sessions.discard(session_id)
+            send_now(self.backend, handle.identity, CloseSession(session_id).encode())
+
+    def _verifier_for(self, session_id: str) -> VerifierHandle | None:
+        current = self.session_verifier.get(session_id)
+        if current in self.verifiers:
+            return self.verifiers[current]
+        if not self.verifiers:
+            return None
+        return min(self.verifiers.values(), key=lambda v: (len(v.sessions), len(v.batcher)))
+
+    # --- backend: verifiers --------------------------------------------------------------
+
+    async def _backend_loop(self) -> None:
+        while True:
+            parts = await self.backend.recv_multipart()
+            identity, frame = parts[0], parts[-1]
+            try:
+                msg = decode(frame, BROKER_BACKEND_ACCEPTS, self.max_bytes)
+            except ProtocolError as exc:
+                self.stats.count_rejection(exc.code)
+                log.warning("verifier_frame_rejected", verifier=identity.decode(errors="replace"), code=exc.code)
+                continue
+            handle = self.verifiers.get(identity) or self._register(identity)
+            handle.last_seen = self.clock.now()
+            match msg:
+                case Ready():
+                    handle.stats = msg.stats
+                    handle.ready.set()
+                case Heartbeat():
+                    if msg.stats:
+                        handle.stats = msg.stats
+                    if msg.idle and not handle.inflight:
+                        handle.ready.set()  # a verifier idle since before we (re)started
+                case BatchVerdicts():
+                    self._on_verdicts(handle, msg)
+
+    def _register(self, identity: bytes) -> VerifierHandle:
+        handle = VerifierHandle(identity, DeadlineBatcher(self.policy, self.clock), self.clock.now())
+        handle.dispatcher = asyncio.create_task(self._dispatch_loop(handle), name=f"dispatch-{handle.name}")
+        self.verifiers[identity] = handle
+        log.info("verifier_registered", verifier=handle.name, verifiers=len(self.verifiers))
+        return handle
+
+    async def _dispatch_loop(self, handle: VerifierHandle) -> None:
+        while True:
+            await handle.ready.wait()
+            batch = await handle.batcher.next_batch()
+            handle.ready.clear()
+            batch.sent = self.clock.now()
+            handle.inflight[batch.batch_id] = batch
+            payload = VerifyBatch(batch.batch_id, batch.payloads).encode()
+            self.stats.batches += 1
+            self.stats.batch_sessions += len(batch.items)
+            self.stats.batch_tokens += batch.tokens
+            self.stats.queue_wait_s += sum(batch.sent - item.arrived for item in batch.items)
+            log.debug("batch_dispatched", batch_id=batch.batch_id, verifier=handle.name, size=len(batch.items), reason=batch.reason)
+            if not send_now(self.backend, handle.identity, payload):
+                handle.inflight.pop(batch.batch_id, None)
+                batch.fail(VerifierLost(f"verifier {handle.name} unreachable"))
+
+    def _on_verdicts(self, handle: VerifierHandle, msg: BatchVerdicts) -> None:
+        batch = handle.inflight.pop(msg.batch_id, None)
+        if batch is None:
+            self.stats.count_rejection("unknown_batch")
+            return
+        if len(msg.verdicts) != len(batch.items):
+            batch.fail(Exception(f"verifier returned {len(msg.verdicts)} verdicts for {len(batch.items)} proposals"))
+            return
+        batch.resolve(msg.verdicts)
+
+    # --- liveness ------------------------------------------------------------------------
+
+    async def _liveness_loop(self) -> None:
+        interval = self.config.broker.heartbeat_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            deadline = self.clock.now() - interval * self.config.broker.liveness
+            for handle in list(self.verifiers.values()):
+                if handle.last_seen < deadline:
+                    self._drop_verifier(handle)
+                else:
+                    send_now(self.backend, handle.identity, Heartbeat().encode())
+
+    def _drop_verifier(self, handle: VerifierHandle) -> None:
+        self.verifiers.pop(handle.identity, None)
+        self.stats.verifiers_lost += 1
+        if handle.dispatcher:
+            handle.dispatcher.cancel()
+        lost = VerifierLost(f"verifier {handle.name} stopped answering")
+        for batch in handle.inflight.values():
+            batch.fail(lost)
+        queued = handle.batcher.fail_all(lost)
+        for session_id in handle.sessions:
+            if self.session_verifier.get(session_id) == handle.identity:
+                del self.session_verifier[session_id]
+        log.warning("verifier_lost", verifier=handle.name, sessions=len(handle.sessions), queued=queued)
+
+    # --- figures -------------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        s = self.stats
+        return {
+            "proposals": s.proposals,
+            "verdicts": s.verdicts,
+            "batches": s.batches,
+            "mean_batch_sessions": s.batch_sessions / s.batches if s.batches else 0.0,
+            "mean_batch_tokens": s.batch_tokens / s.batches if s.batches else 0.0,
+            "mean_queue_wait_ms": 1000 * s.queue_wait_s / s.batch_sessions if s.batch_sessions else 0.0,
+            "rejected": dict(s.rejected),
+            "undeliverable": s.undeliverable,
+            "verifiers_lost": s.verifiers_lost,
+            "sessions": len(self.session_verifier),
+            "verifiers": {
+                v.name: {"sessions": len(v.sessions), "queued": len(v.batcher), "busy": bool(v.inflight), **v.stats}
+                for v in self.verifiers.values()
+            },
+        }
+
+
+async def serve(config: Config, stop: asyncio.Event) -> None:
+    ctx = zmq.asyncio.Context()
+    try:
+        await Broker(config, ctx).run(stop)
+    finally:
+        with contextlib.suppress(Exception):
+            ctx.term()

@@ -1,0 +1,131 @@
+"""`sled` -- one command for every role: broker, verifier, drafter, up, demo (and train/eval)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from pipeline.config import load_config
+
+
+def _quote(value: str) -> str:
+    return json.dumps(value)  # a TOML basic string, so paths and names survive --set parsing
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sled", description="Speculative decoding across machines.")
+    parser.add_argument("--config", default=None, help="configuration file (default: config.toml of the project)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set broker.max_wait_ms=10 (repeatable)")
+    parser.add_argument("--log-format", choices=["console", "json"], help="log output format")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("broker", help="run the broker")
+    p = sub.add_parser("verifier", help="run a verifier worker")
+    p.add_argument("--name")
+    p.add_argument("--target", help="target model: packaged name, folder, .gguf file or hub name")
+    p.add_argument("--device")
+    p = sub.add_parser("drafter", help="run a drafter (an edge device)")
+    p.add_argument("name", help="a [drafters.NAME] table of the configuration")
+    p = sub.add_parser("up", help="run broker, verifier and drafters on this machine until interrupted")
+    p.add_argument("--drafters", help="comma-separated drafter names (default: demo.drafters)")
+    p.add_argument("--target")
+    p = sub.add_parser("demo", help="start a local stack, run sessions, print text and figures")
+    p.add_argument("--sessions", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--target")
+    p.add_argument("--drafters", help="comma-separated drafter names (default: demo.drafters)")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of figures")
+    p.add_argument("--verify", action="store_true", help="compare every output with the target decoding alone")
+    try:
+        from training.cli import register  # the incremental-training commands, when present
+    except ImportError:
+        pass
+    else:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = list(args.overrides)
+    if args.log_format:
+        overrides.append(f"log.format={_quote(args.log_format)}")
+    if args.log_level:
+        overrides.append(f"log.level={_quote(args.log_level)}")
+    for flag, key in (("target", "verifier.target"), ("name", "verifier.name"), ("device", "verifier.device")):
+        if getattr(args, flag, None):
+            overrides.append(f"{key}={_quote(getattr(args, flag))}")
+    config = load_config(args.config, overrides)
+
+    if args.command in ("broker", "verifier", "drafter"):
+        from pipeline.roles import run_role
+
+        if args.command == "broker":
+            from brokers.broker import serve
+        elif args.command == "verifier":
+            from workers.verifier import serve
+        else:
+            from functools import partial
+
+            from workers.drafter import serve as serve_drafter
+
+            config.drafter(args.name)
+            serve = partial(serve_drafter, name=args.name)
+        return run_role(args.command, config, serve)
+
+    drafters = args.drafters.split(",") if getattr(args, "drafters", None) else list(config.demo.drafters)
+    for name in drafters:
+        config.drafter(name)
+    if args.command == "up":
+        return _up(config, args.config, overrides, drafters)
+    if args.command == "demo":
+        from pipeline.demo import demo
+        from pipeline.logs import configure_logging
+
+        configure_logging(config.log.format, "warning" if args.json else config.log.level)
+        return demo(
+            config, args.config, overrides,
+            sessions=args.sessions or config.demo.sessions,
+            max_new_tokens=args.max_new_tokens or config.demo.max_new_tokens,
+            drafters=drafters, as_json=args.json, verify=args.verify,
+        )
+    return args.handler(args, config) if hasattr(args, "handler") else 2
+
+
+def _up(config, config_path, overrides, drafters) -> int:
+    import signal
+
+    from pipeline.launcher import Stack
+    from pipeline.logs import configure_logging
+
+    configure_logging(config.log.format, config.log.level)
+
+    async def go() -> int:
+        stack = Stack(config, config_path, overrides, drafters)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stack.start()
+            print("SLED is up: broker", config.broker.frontend, "| drafters:",
+                  ", ".join(f"{n} at {config.drafter(n).client}" for n in drafters), file=sys.stderr)
+            died = asyncio.create_task(stack.wait_any_exit())
+            stopped = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait({died, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if died in done:
+                print(f"{died.result()} exited; stopping the stack", file=sys.stderr)
+                return 1
+            return 0
+        finally:
+            await stack.stop()
+
+    return asyncio.run(go())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

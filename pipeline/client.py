@@ -1,0 +1,135 @@
+"""Clients of a running stack: generate through a drafter, read figures from broker or drafter.
+
+Used by the demo, the tests and the gateway; it is also what an app on an edge device calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from pipeline.protocol import (
+    CLIENT_ACCEPTS,
+    Cancel,
+    ErrorReply,
+    Generate,
+    ProtocolError,
+    StatsReply,
+    StatsRequest,
+    Tokens,
+    decode,
+)
+from pipeline.sockets import make_socket, new_identity, send_now
+
+
+class GenerationError(Exception):
+    def __init__(self, code: str, message: str, retriable: bool = False):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.retriable = retriable
+
+
+@dataclass
+class Completion:
+    tokens: list[int]
+    finish_reason: str
+    stats: dict = field(default_factory=dict)
+
+
+class DrafterClient:
+    """One DEALER to one drafter; many concurrent requests, each with its own reply queue."""
+
+    def __init__(self, endpoint: str, ctx: zmq.asyncio.Context | None = None, *, max_message_bytes: int = 1 << 20):
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.sock = make_socket(self.ctx, zmq.DEALER, connect=endpoint, identity=new_identity("client"),
+                                max_message_bytes=max_message_bytes)
+        self.max_bytes = max_message_bytes
+        self.pending: dict[str, asyncio.Queue] = {}
+        self.stats_waiters: list[asyncio.Future] = []
+        self._reader: asyncio.Task | None = None
+
+    def _ensure_reader(self) -> None:
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            frame = (await self.sock.recv_multipart())[-1]
+            try:
+                msg = decode(frame, CLIENT_ACCEPTS, self.max_bytes)
+            except ProtocolError:
+                continue  # nothing to answer a drafter's garbage with; drop it
+            if isinstance(msg, StatsReply):
+                while self.stats_waiters:
+                    fut = self.stats_waiters.pop(0)
+                    if not fut.done():
+                        fut.set_result(msg.stats)
+                        break
+                continue
+            queue = self.pending.get(msg.request_id)
+            if queue is not None:
+                queue.put_nowait(msg)
+
+    async def stream(self, prompt: list[int], max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
+                     seed: int = 0, stop_ids: list[int] | None = None, timeout: float = 600.0) -> AsyncIterator[Tokens]:
+        """Yield Tokens messages as verdicts arrive; the last one has ``done`` set."""
+        self._ensure_reader()
+        request_id = uuid.uuid4().hex
+        queue: asyncio.Queue = asyncio.Queue()
+        self.pending[request_id] = queue
+        request = Generate(request_id, list(prompt), max_new_tokens, temperature, top_p, seed, list(stop_ids or []))
+        send_now(self.sock, request.encode())
+        finished = False
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    msg = await queue.get()
+                    if isinstance(msg, ErrorReply):
+                        finished = True
+                        raise GenerationError(msg.code, msg.message, msg.retriable)
+                    yield msg
+                    if msg.done:
+                        finished = True
+                        return
+        finally:
+            self.pending.pop(request_id, None)
+            if not finished:  # the caller went away: free the session on the device and the server
+                send_now(self.sock, Cancel(request_id).encode())
+
+    async def complete(self, prompt: list[int], max_new_tokens: int, **kwargs) -> Completion:
+        tokens: list[int] = []
+        async for msg in self.stream(prompt, max_new_tokens, **kwargs):
+            tokens += msg.tokens
+            if msg.done:
+                return Completion(tokens, msg.finish_reason, msg.stats)
+        raise GenerationError("internal", "stream ended without a final message")
+
+    async def stats(self, timeout: float = 5.0) -> dict:
+        self._ensure_reader()
+        fut = asyncio.get_running_loop().create_future()
+        self.stats_waiters.append(fut)
+        send_now(self.sock, StatsRequest().encode())
+        return await asyncio.wait_for(fut, timeout)
+
+    def close(self) -> None:
+        if self._reader:
+            self._reader.cancel()
+        self.sock.close(0)
+
+
+async def broker_stats(endpoint: str, timeout: float = 2.0, ctx: zmq.asyncio.Context | None = None) -> dict:
+    """Ask the broker's frontend for its figures (and the verifiers' it relays)."""
+    ctx = ctx or zmq.asyncio.Context.instance()
+    sock = make_socket(ctx, zmq.DEALER, connect=endpoint, identity=new_identity("stats"), max_message_bytes=1 << 22)
+    try:
+        send_now(sock, StatsRequest().encode())
+        frame = (await asyncio.wait_for(sock.recv_multipart(), timeout))[-1]
+        msg = decode(frame, (StatsReply,))
+        return msg.stats
+    finally:
+        sock.close(0)

@@ -1,0 +1,143 @@
+"""Configuration: typed dataclasses read from ``config.toml``, then overridden by ``--set`` flags.
+
+Overrides are ``section.key=value`` (or ``drafters.NAME.key=value``) with the value parsed as a
+TOML value when it parses (``10``, ``true``, ``"x"``, ``[1, 2]``) and taken as a bare string
+otherwise, so the same names work in the file, on the command line and in launched children.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
+
+
+@dataclass
+class BrokerConfig:
+    frontend: str = "tcp://127.0.0.1:5555"  # drafters connect here
+    backend: str = "tcp://127.0.0.1:5556"  # verifiers connect here
+    max_wait_ms: float = 5.0  # deadline from the first arrival of a batch
+    max_batch_sessions: int = 32
+    max_batch_tokens: int = 256
+    max_queue: int = 256  # proposals queued per verifier before "overloaded"
+    heartbeat_ms: int = 500
+    liveness: int = 6  # a peer silent for heartbeat_ms * liveness is dead
+
+
+@dataclass
+class VerifierConfig:
+    name: str = "verifier-0"
+    target: str = "smollm2"
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_sessions: int = 512  # KV caches kept; least recently used are evicted beyond this
+    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+
+
+@dataclass
+class DrafterConfig:
+    kind: str = "model"  # "model" (any causal LM sharing the target's tokenizer) or "ngram"
+    model: str = ""
+    client: str = "tcp://127.0.0.1:5600"  # where local clients (demo, gateway) send Generate
+    gamma: int = 4  # most draft tokens per round
+    min_confidence: float = 0.0  # stop a draft early when the drafter's top probability drops below
+    top_k: int = 8  # sampling mode: size of the truncated draft distribution sent with each token
+    ngram_max: int = 4
+    max_sessions: int = 64
+    dtype: str = "float32"
+    threads: int = 1  # torch threads for drafting (an edge device has few cores)
+
+
+@dataclass
+class LimitsConfig:
+    max_message_bytes: int = 1 << 20
+    max_draft_tokens: int = 16
+    max_history_tokens: int = 4096
+    max_new_tokens: int = 2048
+    verdict_timeout_s: float = 30.0  # a drafter resends with its history after this long
+    request_timeout_s: float = 600.0
+
+
+@dataclass
+class LogConfig:
+    format: str = "console"  # "console" or "json"
+    level: str = "info"
+
+
+@dataclass
+class DemoConfig:
+    sessions: int = 8
+    max_new_tokens: int = 48
+    drafters: list[str] = field(default_factory=lambda: ["pi5", "ngram"])
+
+
+@dataclass
+class Config:
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    drafters: dict[str, DrafterConfig] = field(default_factory=dict)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+    def drafter(self, name: str) -> DrafterConfig:
+        if name not in self.drafters:
+            raise KeyError(f"no drafter {name!r} in the configuration (have: {', '.join(self.drafters)})")
+        return self.drafters[name]
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _apply(obj: Any, data: dict, where: str) -> None:
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        if key not in names:
+            raise ValueError(f"unknown setting {where}{key}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, f"{where}{key}.")
+        elif isinstance(current, dict):  # drafters.NAME tables
+            for name, table in value.items():
+                _apply(current.setdefault(name, DrafterConfig()), table, f"{where}{key}.{name}.")
+        else:
+            expected = type(current)
+            if expected is float and isinstance(value, int):
+                value = float(value)
+            if not isinstance(value, expected):
+                raise ValueError(f"{where}{key} must be {expected.__name__}, got {value!r}")
+            setattr(obj, key, value)
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    keys = dotted.split(".")
+    out: dict = {}
+    node = out
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    config = Config()
+    path = Path(path) if path else DEFAULT_CONFIG
+    if path.is_file():
+        with path.open("rb") as fh:
+            _apply(config, tomllib.load(fh), "")
+    elif path != DEFAULT_CONFIG:
+        raise FileNotFoundError(f"no configuration file at {path}")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        _apply(config, _nest(key.strip(), _parse_value(text.strip())), "")
+    return config

@@ -1,0 +1,40 @@
+"""One entry shape for every process role (broker, verifier, drafter, ...).
+
+configure logging -> build the role's object -> run it until a signal sets the shutdown event
+-> exit 0; any exception is logged as ``role_died`` and exits non-zero, so a launcher watching
+the child sees the death at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from pipeline.config import Config
+from pipeline.logs import configure_logging
+
+Serve = Callable[[Config, asyncio.Event], Awaitable[None]]
+
+
+def run_role(role: str, config: Config, serve: Serve) -> int:
+    configure_logging(config.log.format, config.log.level)
+    structlog.contextvars.bind_contextvars(role=role)
+    log = structlog.get_logger("sled.role")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(config, stop)
+
+    try:
+        asyncio.run(main())
+    except Exception:
+        log.exception("role_died")
+        return 1
+    log.info("role_stopped")
+    return 0

@@ -1,0 +1,66 @@
+"""The one place sockets are made: identity, linger, bounded queues and a size cap on every one.
+
+High-water marks are bounded on purpose (unlike vLLM's unbounded ones): a broker that cannot
+keep up must say "overloaded", not buffer without limit. ``max_message_bytes`` makes libzmq drop
+a peer that sends an oversized frame before it is ever read into Python.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import zmq
+import zmq.asyncio
+
+DEFAULT_HWM = 10_000
+
+
+def new_identity(prefix: str) -> bytes:
+    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}".encode()
+
+
+def make_socket(
+    ctx: zmq.asyncio.Context,
+    kind: int,
+    *,
+    max_message_bytes: int,
+    bind: str | None = None,
+    connect: str | None = None,
+    identity: bytes | None = None,
+    hwm: int = DEFAULT_HWM,
+) -> zmq.asyncio.Socket:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    if kind == zmq.ROUTER:
+        # Fail loudly (EHOSTUNREACH) on a reply to a peer that is gone, instead of dropping it silently.
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A peer that reconnects under the same identity (a restarted verifier) takes its name over.
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    if kind == zmq.DEALER:
+        # Reconnect with capped exponential back-off when the peer (broker) goes away.
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5_000)
+    if bind:
+        sock.bind(bind)
+    if connect:
+        sock.connect(connect)
+    return sock
+
+
+def send_now(sock: zmq.asyncio.Socket, *parts: bytes) -> bool:
+    """Send without ever waiting: a full or gone peer is reported (False), not waited on.
+
+    pyzmq resolves a NOBLOCK send on an asyncio socket at once, so this is safe to call from
+    callbacks; the caller counts the failure and the peer's own timeout covers the loss.
+    """
+    future = sock.send_multipart(list(parts), flags=zmq.NOBLOCK)
+    if not future.done():  # only if a blocking send were pending, which SLED never does
+        future.add_done_callback(lambda f: f.exception())
+        return True
+    return future.exception() is None

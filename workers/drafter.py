@@ -1,0 +1,309 @@
+"""The drafter process: the edge device's side of SLED.
+
+Local clients (the demo, the gateway, an app on the device) send Generate on the drafter's
+client socket. Each request becomes a session: draft up to gamma tokens (in a worker thread),
+send the proposal to the broker through a DEALER, wait on the session's own reply queue for
+the verdict, roll the draft cache back to the accepted prefix, append the target's token, and
+stream the new tokens to the client. The drafter keeps every session's full committed history,
+so whenever the verifier has lost the session (eviction, restart, another verifier) it resends
+it and the session continues where it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import structlog
+import torch
+import zmq
+import zmq.asyncio
+
+from pipeline.config import Config, DrafterConfig
+from pipeline.protocol import (
+    DRAFTER_CLIENT_ACCEPTS,
+    DRAFTER_UPSTREAM_ACCEPTS,
+    Cancel,
+    CloseSession,
+    ErrorCode,
+    ErrorReply,
+    Generate,
+    Propose,
+    ProtocolError,
+    Sampling,
+    StatsReply,
+    StatsRequest,
+    Tokens,
+    Verdict,
+    decode,
+    error_for,
+)
+from pipeline.sockets import make_socket, new_identity, send_now
+from workers.drafts import build_drafter
+
+log = structlog.get_logger("sled.drafter")
+MAX_BACKOFF_S = 2.0
+
+
+class SessionFailed(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class DrafterStats:
+    requests: int = 0
+    active: int = 0
+    rounds: int = 0
+    proposed: int = 0  # draft tokens sent
+    accepted: int = 0  # draft tokens the target accepted
+    generated: int = 0  # tokens delivered to clients
+    resyncs: int = 0
+    retries: int = 0
+    timeouts: int = 0
+    stale_replies: int = 0
+    failed: int = 0
+    rejected_frames: int = 0
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["acceptance_rate"] = self.accepted / self.proposed if self.proposed else 0.0
+        return out
+
+
+@dataclass
+class SessionRun:
+    session_id: str
+    request: Generate
+    client: bytes
+    replies: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=8))
+    task: asyncio.Task | None = None
+
+
+class DrafterService:
+    def __init__(self, config: Config, name: str, strategy, ctx: zmq.asyncio.Context):
+        self.config = config
+        self.name = name
+        self.cfg: DrafterConfig = config.drafter(name)
+        self.strategy = strategy
+        self.ctx = ctx
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft")  # the device's one model
+        self.sessions: dict[str, SessionRun] = {}
+        self.by_request: dict[tuple[bytes, str], SessionRun] = {}
+        self.stats = DrafterStats()
+        max_bytes = config.limits.max_message_bytes
+        self.upstream = make_socket(ctx, zmq.DEALER, connect=config.broker.frontend, identity=new_identity(name), max_message_bytes=max_bytes)
+        self.clients = make_socket(ctx, zmq.ROUTER, bind=self.cfg.client, max_message_bytes=max_bytes)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        log.info("drafter_started", drafter=self.name, kind=self.strategy.kind, client=self.cfg.client, gamma=self.cfg.gamma)
+        tasks = [asyncio.create_task(self._client_loop()), asyncio.create_task(self._upstream_loop())]
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper and task.exception():
+                    raise task.exception()
+        finally:
+            runs = [run.task for run in self.sessions.values() if run.task]
+            for task in [stopper, *tasks, *runs]:
+                task.cancel()
+            await asyncio.gather(*tasks, *runs, return_exceptions=True)
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.upstream.close(0)
+            self.clients.close(0)
+
+    # --- clients -------------------------------------------------------------------------
+
+    def _to_client(self, client: bytes, msg) -> None:
+        send_now(self.clients, client, msg.encode())
+
+    async def _client_loop(self) -> None:
+        while True:
+            parts = await self.clients.recv_multipart()
+            client, frame = parts[0], parts[-1]
+            try:
+                msg = decode(frame, DRAFTER_CLIENT_ACCEPTS, self.config.limits.max_message_bytes)
+            except ProtocolError as exc:
+                self.stats.rejected_frames += 1
+                self._to_client(client, error_for(exc))
+                continue
+            match msg:
+                case Generate():
+                    self._start(client, msg)
+                case Cancel():
+                    run = self.by_request.get((client, msg.request_id))
+                    if run and run.task:
+                        run.task.cancel()
+                case StatsRequest():
+                    self._to_client(client, StatsReply(self.snapshot()))
+
+    def _check_request(self, req: Generate) -> str | None:
+        lim = self.config.limits
+        if not req.request_id or len(req.request_id) > 128:
+            return "request_id must be 1..128 characters"
+        if not req.prompt:
+            return "prompt must hold at least one token"
+        if len(req.prompt) + req.max_new_tokens > lim.max_history_tokens:
+            return f"prompt + max_new_tokens exceeds {lim.max_history_tokens} tokens"
+        if not 1 <= req.max_new_tokens <= lim.max_new_tokens:
+            return f"max_new_tokens must be in 1..{lim.max_new_tokens}"
+        if not (req.temperature >= 0 and 0 < req.top_p <= 1):
+            return "temperature must be >= 0 and top_p in (0, 1]"
+        if any(t < 0 for t in [*req.prompt, *req.stop_ids]):
+            return "token ids must be non-negative"
+        return None
+
+    def _start(self, client: bytes, req: Generate) -> None:
+        problem = self._check_request(req)
+        if problem:
+            return self._to_client(client, ErrorReply(ErrorCode.INVALID, problem, request_id=req.request_id))
+        if (client, req.request_id) in self.by_request:
+            return self._to_client(client, ErrorReply(ErrorCode.INVALID, "request_id already running", request_id=req.request_id))
+        if len(self.sessions) >= self.cfg.max_sessions:
+            return self._to_client(
+                client, ErrorReply(ErrorCode.OVERLOADED, "drafter at its session limit", True, request_id=req.request_id)
+            )
+        run = SessionRun(f"{self.name}-{uuid.uuid4().hex[:12]}", req, client)
+        self.sessions[run.session_id] = run
+        self.by_request[(client, req.request_id)] = run
+        run.task = asyncio.create_task(self._run_session(run), name=run.session_id)
+
+    # --- upstream: the broker ------------------------------------------------------------
+
+    async def _upstream_loop(self) -> None:
+        while True:
+            frame = (await self.upstream.recv_multipart())[-1]
+            try:
+                msg = decode(frame, DRAFTER_UPSTREAM_ACCEPTS, self.config.limits.max_message_bytes)
+            except ProtocolError as exc:
+                self.stats.rejected_frames += 1
+                log.warning("frame_rejected", code=exc.code, reason=exc.message)
+                continue
+            run = self.sessions.get(msg.session_id)
+            if run is None:
+                self.stats.stale_replies += 1
+                if isinstance(msg, ErrorReply) and not msg.session_id:
+                    log.warning("broker_error", code=msg.code, reason=msg.message)
+                continue
+            try:
+                run.replies.put_nowait(msg)
+            except asyncio.QueueFull:
+                self.stats.stale_replies += 1
+
+    async def _exchange(self, run: SessionRun, proposal: Propose, committed: list[int]) -> Verdict:
+        """Send a proposal until a verdict for it comes back; resend the history when the
+        verifier lost the session, back off when the server is overloaded."""
+        backoff = 0.02
+        timeout = self.config.limits.verdict_timeout_s
+        while True:
+            send_now(self.upstream, proposal.encode())
+            try:
+                reply = await self._reply_for(run, proposal.round, timeout)
+            except TimeoutError:
+                self.stats.timeouts += 1
+                proposal = dataclasses.replace(proposal, history=list(committed))
+                continue
+            if isinstance(reply, Verdict):
+                return reply
+            if reply.code in ErrorCode.RESYNC or reply.code == ErrorCode.VERIFIER_LOST:
+                self.stats.resyncs += 1
+                proposal = dataclasses.replace(proposal, history=list(committed))
+            if reply.code in ErrorCode.RESYNC:
+                continue
+            if not reply.retriable:
+                raise SessionFailed(reply.code, reply.message)
+            self.stats.retries += 1
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    async def _reply_for(self, run: SessionRun, round_: int, timeout: float):
+        async with asyncio.timeout(timeout):
+            while True:
+                reply = await run.replies.get()
+                if reply.round == round_:
+                    return reply
+                self.stats.stale_replies += 1  # a verdict of an earlier, already retried round
+
+    async def _run_session(self, run: SessionRun) -> None:
+        req = run.request
+        loop = asyncio.get_running_loop()
+        sampling = Sampling(req.temperature, req.top_p, req.seed)
+        generator = torch.Generator().manual_seed(req.seed)
+        state = self.strategy.new_state()
+        committed = list(req.prompt)
+        stops = set(req.stop_ids)
+        figures = {"rounds": 0, "proposed": 0, "accepted": 0}
+        generated, round_, finish = 0, 0, "length"
+        self.stats.requests += 1
+        self.stats.active += 1
+        log.debug("session_opened", session_id=run.session_id, prompt_tokens=len(committed))
+        try:
+            while generated < req.max_new_tokens:
+                budget = req.max_new_tokens - generated
+                gamma = min(self.cfg.gamma, budget - 1)  # a verdict always adds one token of its own
+                draft = await loop.run_in_executor(
+                    self.executor, self.strategy.propose, state, committed, gamma, sampling, generator
+                )
+                proposal = Propose(
+                    run.session_id, round_, len(committed), draft.tokens, draft.q_ids, draft.q_probs,
+                    list(committed) if round_ == 0 else None, req.temperature, req.top_p, req.seed, self.strategy.kind,
+                )
+                verdict = await self._exchange(run, proposal, committed)
+                await loop.run_in_executor(self.executor, self.strategy.commit, state, len(committed), verdict.accepted)
+                new = [*draft.tokens[: verdict.accepted], verdict.token][:budget]
+                for i, token in enumerate(new):
+                    if token in stops:
+                        new, finish = new[: i + 1], "stop"
+                        break
+                committed += new
+                generated += len(new)
+                round_ += 1
+                figures["rounds"] += 1
+                figures["proposed"] += len(draft.tokens)
+                figures["accepted"] += verdict.accepted
+                self.stats.rounds += 1
+                self.stats.proposed += len(draft.tokens)
+                self.stats.accepted += verdict.accepted
+                self.stats.generated += len(new)
+                self._to_client(run.client, Tokens(req.request_id, new))
+                if finish == "stop":
+                    break
+            figures.update(generated=generated, drafter=self.name, drafter_kind=self.strategy.kind, session_id=run.session_id)
+            self._to_client(run.client, Tokens(req.request_id, [], True, finish, figures))
+        except SessionFailed as exc:
+            self.stats.failed += 1
+            log.warning("session_failed", session_id=run.session_id, code=exc.code, reason=str(exc))
+            self._to_client(run.client, ErrorReply(exc.code, str(exc), request_id=req.request_id))
+        except asyncio.CancelledError:
+            log.info("session_cancelled", session_id=run.session_id)
+        except Exception as exc:  # a bug must fail this session only, visibly
+            self.stats.failed += 1
+            log.exception("session_crashed", session_id=run.session_id)
+            self._to_client(run.client, ErrorReply(ErrorCode.INTERNAL, repr(exc), request_id=req.request_id))
+        finally:
+            self.stats.active -= 1
+            send_now(self.upstream, CloseSession(run.session_id).encode())  # free the verifier's cache
+            self.sessions.pop(run.session_id, None)
+            self.by_request.pop((run.client, req.request_id), None)
+
+    def snapshot(self) -> dict:
+        return {"drafter": self.name, "kind": self.strategy.kind, "gamma": self.cfg.gamma, **self.stats.as_dict()}
+
+
+async def serve(config: Config, stop: asyncio.Event, name: str) -> None:
+    cfg = config.drafter(name)
+    torch.set_num_threads(max(1, cfg.threads))
+    structlog.contextvars.bind_contextvars(drafter=name)
+    strategy = await asyncio.get_running_loop().run_in_executor(None, build_drafter, cfg, config.verifier.target)
+    ctx = zmq.asyncio.Context()
+    try:
+        await DrafterService(config, name, strategy, ctx).run(stop)
+    finally:
+        with contextlib.suppress(Exception):
+            ctx.term()

@@ -1,0 +1,139 @@
+"""Draft strategies: what an edge device runs to propose tokens. No sockets here.
+
+* ModelDrafter -- any causal LM sharing the target's tokenizer, with its own KV cache per session,
+  rolled back to the accepted prefix after each verdict.
+* NgramDrafter -- model-free prompt lookup for the weakest devices: find the latest earlier
+  occurrence of the longest recent n-gram and propose what followed it.
+
+Both are deterministic functions of the context in greedy mode, so the verifier needs only the
+token ids. In sampling mode the model drafter samples from its own top-k distribution and sends
+those k (id, probability) pairs; the n-gram drafter stays deterministic (see workers/acceptance.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from pipeline.protocol import Sampling
+
+
+@dataclass
+class Draft:
+    tokens: list[int]
+    q_ids: list[list[int]] = field(default_factory=list)
+    q_probs: list[list[float]] = field(default_factory=list)
+
+
+def crop_cache(cache: DynamicCache, length: int) -> None:
+    """Cut a cache back to its first ``length`` tokens (transformers 5.x takes the count to
+    remove, as a negative number; tested in tests/test_drafts.py)."""
+    excess = cache.get_seq_length() - length
+    if excess > 0:
+        cache.crop(-excess)
+
+
+@dataclass
+class ModelDraftState:
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    cached: int = 0  # committed tokens whose keys/values are in the cache
+    fed_drafts: int = 0  # draft tokens of the last proposal that went into the cache
+
+
+class ModelDrafter:
+    kind = "model"
+
+    def __init__(self, model, *, min_confidence: float = 0.0, top_k: int = 8):
+        self.model = model
+        self.min_confidence = min_confidence
+        self.top_k = top_k
+        self.device = next(model.parameters()).device
+
+    def new_state(self) -> ModelDraftState:
+        return ModelDraftState()
+
+    def _step(self, state: ModelDraftState, tokens: list[int]) -> torch.Tensor:
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, cache=state.cache, use_cache=True)
+        state.cache = out.cache
+        return out.logits[0, -1].float()
+
+    @torch.inference_mode()
+    def propose(self, state: ModelDraftState, committed: list[int], gamma: int, sampling: Sampling,
+                generator: torch.Generator) -> Draft:
+        draft = Draft([])
+        state.fed_drafts = 0
+        if gamma <= 0:
+            return draft
+        logits = self._step(state, committed[state.cached:])
+        state.cached = len(committed)
+        for k in range(gamma):
+            if sampling.greedy:
+                probs = torch.softmax(logits, dim=-1)
+                confidence, token = torch.max(probs, dim=-1)
+                token, confidence = int(token), float(confidence)
+            else:
+                top_p, top_ids = torch.topk(torch.softmax(logits / sampling.temperature, dim=-1), self.top_k)
+                q = top_p / top_p.sum()
+                pick = int(torch.multinomial(q, 1, generator=generator))
+                token, confidence = int(top_ids[pick]), float(top_p[0])
+                q_ids, q_probs = top_ids.tolist(), q.tolist()
+            if confidence < self.min_confidence:
+                break  # the drafter is unsure: let the target decide from here
+            draft.tokens.append(token)
+            if not sampling.greedy:
+                draft.q_ids.append(q_ids)
+                draft.q_probs.append(q_probs)
+            if k + 1 < gamma:
+                logits = self._step(state, [token])
+                state.fed_drafts += 1
+        return draft
+
+    def commit(self, state: ModelDraftState, position: int, accepted: int) -> None:
+        """The verifier accepted ``accepted`` draft tokens after ``position`` committed ones:
+        keep the cache for those that were fed, drop the rejected rest."""
+        state.cached = position + min(accepted, state.fed_drafts)
+        crop_cache(state.cache, state.cached)
+
+
+class NgramDrafter:
+    kind = "ngram"
+
+    def __init__(self, *, ngram_max: int = 4):
+        self.ngram_max = ngram_max
+
+    def new_state(self) -> None:
+        return None
+
+    def propose(self, state, committed: list[int], gamma: int, sampling: Sampling, generator) -> Draft:
+        if gamma <= 0:
+            return Draft([])
+        size = len(committed)
+        for n in range(min(self.ngram_max, size - 1), 0, -1):
+            suffix = committed[size - n:]
+            for start in range(size - n - 1, -1, -1):
+                if committed[start:start + n] == suffix:
+                    return Draft(committed[start + n:start + n + gamma])
+        return Draft([])
+
+    def commit(self, state, position: int, accepted: int) -> None:
+        pass
+
+
+def build_drafter(cfg, target_spec: str):
+    """Build the strategy a drafter config names (``cfg`` is a DrafterConfig)."""
+    if cfg.kind == "ngram":
+        return NgramDrafter(ngram_max=cfg.ngram_max)
+    if cfg.kind != "model":
+        raise ValueError(f"unknown drafter kind {cfg.kind!r} (model or ngram)")
+    if cfg.model.startswith("ladder:"):
+        from training.ladder import load_rung  # the trained drafter ladder (issue 4)
+
+        model = load_rung(cfg.model.removeprefix("ladder:"), target_spec=target_spec, dtype=cfg.dtype)
+    else:
+        from pipeline.models import load_causal_lm
+
+        model = load_causal_lm(cfg.model, dtype=cfg.dtype)
+    return ModelDrafter(model, min_confidence=cfg.min_confidence, top_k=cfg.top_k)

@@ -1,0 +1,257 @@
+"""The target model's side of verification: per-session KV caches and one batched forward.
+
+Each session's cache holds the keys/values of every committed token except the last one, which
+is fed together with the draft in the next round. A round therefore costs the target exactly
+``1 + len(draft)`` new tokens, whatever the history length (the KV-reuse property); rejected
+positions are cut off after the forward.
+
+Sessions of one batch have different cache lengths and draft lengths. They share one forward:
+caches are left-padded to the longest (masked out), new tokens right-padded (their outputs are
+ignored; causality keeps real rows from seeing them), and position ids given explicitly.
+Nothing here touches sockets or the event loop: the worker calls :meth:`verify_batch` in a
+thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from pipeline.config import LimitsConfig
+from pipeline.protocol import ErrorCode, Propose, Sampling, Verdict
+from workers.acceptance import target_probs, verify_greedy, verify_sampling
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [1, kv_heads, length, head_dim]
+MAX_TOP_K = 64
+
+
+class ItemError(Exception):
+    def __init__(self, code: str, detail: str):
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+@dataclass
+class SessionState:
+    session_id: str
+    committed: int  # tokens committed so far (the drafter's "position")
+    last_token: int  # committed, not yet in the cache
+    kv: KV | None  # None while the cache is empty (a one-token history)
+    sampling: Sampling
+    generator: torch.Generator | None
+    drafter_kind: str = ""
+
+    @property
+    def cached(self) -> int:
+        return 0 if self.kv is None else self.kv[0][0].shape[2]
+
+    def nbytes(self) -> int:
+        return 0 if self.kv is None else sum(k.nbytes + v.nbytes for k, v in self.kv)
+
+
+@dataclass
+class VerifierStats:
+    batches: int = 0
+    items: int = 0  # proposals verified = verify rounds
+    item_errors: int = 0
+    prefills: int = 0
+    prefill_tokens: int = 0
+    verify_tokens: int = 0  # real (unpadded) rows of verify forwards
+    padded_tokens: int = 0  # rows including padding
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    compute_s: float = 0.0
+    evictions: int = 0
+    closed: int = 0
+    sessions: int = 0
+    cache_bytes: int = 0
+    errors: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        out = dict(self.__dict__)
+        out["target_tokens"] = self.prefill_tokens + self.verify_tokens
+        return out
+
+
+class TargetVerifier:
+    def __init__(self, model, *, max_sessions: int, limits: LimitsConfig):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.vocab_size = model.config.vocab_size
+        self.max_sessions = max_sessions
+        self.limits = limits
+        self.sessions: OrderedDict[str, SessionState] = OrderedDict()  # LRU order
+        self.stats = VerifierStats()
+
+    # --- session bookkeeping -------------------------------------------------------------
+
+    def close(self, session_id: str) -> bool:
+        found = self.sessions.pop(session_id, None) is not None
+        self.stats.closed += found
+        self._refresh_stats()
+        return found
+
+    def _refresh_stats(self) -> None:
+        self.stats.sessions = len(self.sessions)
+        self.stats.cache_bytes = sum(s.nbytes() for s in self.sessions.values())
+
+    def _evict_to_fit(self) -> None:
+        while len(self.sessions) >= self.max_sessions:
+            self.sessions.popitem(last=False)
+            self.stats.evictions += 1
+
+    # --- validation ----------------------------------------------------------------------
+
+    def _check_ids(self, ids: list[int], what: str) -> None:
+        for t in ids:
+            if not 0 <= t < self.vocab_size:
+                raise ItemError(ErrorCode.INVALID, f"{what}: token id {t} outside [0, {self.vocab_size})")
+
+    def _validate(self, item: Propose) -> None:
+        lim = self.limits
+        if not item.session_id or len(item.session_id) > 128:
+            raise ItemError(ErrorCode.INVALID, "session_id must be 1..128 characters")
+        if len(item.draft) > lim.max_draft_tokens:
+            raise ItemError(ErrorCode.INVALID, f"draft of {len(item.draft)} tokens exceeds {lim.max_draft_tokens}")
+        self._check_ids(item.draft, "draft")
+        if item.history is not None:
+            if not 1 <= len(item.history) <= lim.max_history_tokens:
+                raise ItemError(ErrorCode.INVALID, f"history must hold 1..{lim.max_history_tokens} tokens")
+            if item.position != len(item.history):
+                raise ItemError(ErrorCode.INVALID, "position must equal the history's length")
+            self._check_ids(item.history, "history")
+        if item.position + len(item.draft) + 1 > lim.max_history_tokens:
+            raise ItemError(ErrorCode.INVALID, f"session would exceed {lim.max_history_tokens} tokens")
+        if not (item.temperature >= 0.0 and 0.0 < item.top_p <= 1.0):
+            raise ItemError(ErrorCode.INVALID, "temperature must be >= 0 and top_p in (0, 1]")
+        if item.q_ids or item.q_probs:
+            if len(item.q_ids) != len(item.draft) or len(item.q_probs) != len(item.draft):
+                raise ItemError(ErrorCode.INVALID, "q_ids/q_probs need one row per draft token")
+            for x, ids, probs in zip(item.draft, item.q_ids, item.q_probs):
+                if not 1 <= len(ids) <= MAX_TOP_K or len(ids) != len(probs):
+                    raise ItemError(ErrorCode.INVALID, f"each q row holds 1..{MAX_TOP_K} (id, probability) pairs")
+                self._check_ids(ids, "q_ids")
+                if any(not 0.0 <= p <= 1.0 for p in probs) or sum(probs) > 1.0 + 1e-3:
+                    raise ItemError(ErrorCode.INVALID, "q_probs must be probabilities summing to at most 1")
+                if x not in ids or probs[ids.index(x)] <= 0.0:
+                    raise ItemError(ErrorCode.INVALID, "each draft token must have positive draft probability")
+
+    # --- forward passes ------------------------------------------------------------------
+
+    def _open(self, item: Propose) -> SessionState:
+        """(Re)build a session from its full history: prefill all but the last token."""
+        self.sessions.pop(item.session_id, None)
+        self._evict_to_fit()
+        history = item.history
+        kv = None
+        if len(history) > 1:
+            ids = torch.tensor([history[:-1]], dtype=torch.long, device=self.device)
+            out = self.model(input_ids=ids, cache=DynamicCache(), use_cache=True)
+            kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+            self.stats.prefills += 1
+            self.stats.prefill_tokens += len(history) - 1
+        sampling = item.sampling
+        generator = None
+        if not sampling.greedy:
+            generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
+        state = SessionState(item.session_id, len(history), history[-1], kv, sampling, generator, item.drafter_kind)
+        self.sessions[item.session_id] = state
+        return state
+
+    def _state_for(self, item: Propose) -> SessionState:
+        if item.history is not None:
+            return self._open(item)
+        state = self.sessions.get(item.session_id)
+        if state is None:
+            raise ItemError(ErrorCode.UNKNOWN_SESSION, "session not held by this verifier; resend the history")
+        if state.committed != item.position:
+            raise ItemError(
+                ErrorCode.OUT_OF_SYNC, f"verifier is at position {state.committed}, proposal at {item.position}"
+            )
+        self.sessions.move_to_end(item.session_id)
+        return state
+
+    def _forward(self, states: list[SessionState], drafts: list[list[int]]) -> tuple[torch.Tensor, DynamicCache, int]:
+        batch = len(states)
+        lengths = [s.cached for s in states]
+        past = max(lengths)
+        rows = [1 + len(d) for d in drafts]
+        width = max(rows)
+        input_ids = torch.zeros((batch, width), dtype=torch.long)
+        mask = torch.zeros((batch, past + width), dtype=torch.long)
+        positions = torch.zeros((batch, width), dtype=torch.long)
+        for i, (state, draft) in enumerate(zip(states, drafts)):
+            input_ids[i, : rows[i]] = torch.tensor([state.last_token, *draft])
+            mask[i, past - lengths[i] : past + rows[i]] = 1
+            positions[i] = torch.arange(lengths[i], lengths[i] + width)
+        cache = DynamicCache()
+        if past > 0:
+            layers = []
+            reference = next(s.kv for s in states if s.kv is not None)
+            for layer, (ref_k, ref_v) in enumerate(reference):
+                keys = ref_k.new_zeros((batch, ref_k.shape[1], past, ref_k.shape[3]))
+                values = ref_v.new_zeros((batch, ref_v.shape[1], past, ref_v.shape[3]))
+                for i, state in enumerate(states):
+                    if lengths[i]:
+                        keys[i, :, past - lengths[i] :] = state.kv[layer][0][0]
+                        values[i, :, past - lengths[i] :] = state.kv[layer][1][0]
+                layers.append((keys, values))
+            cache = DynamicCache(ddp_cache_data=layers)
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            cache=cache,
+            use_cache=True,
+        )
+        self.stats.verify_tokens += sum(rows)
+        self.stats.padded_tokens += batch * width
+        return out.logits, out.cache, past
+
+    @torch.inference_mode()
+    def verify_batch(self, items: list[Propose]) -> list[Verdict]:
+        started = time.perf_counter()
+        verdicts: list[Verdict | None] = [None] * len(items)
+        ready: list[tuple[int, Propose, SessionState]] = []
+        for index, item in enumerate(items):
+            try:
+                self._validate(item)
+                if any(item.session_id == other.session_id for _, other, _ in ready):
+                    raise ItemError(ErrorCode.INVALID, "two proposals for one session in one batch")
+                ready.append((index, item, self._state_for(item)))
+            except ItemError as exc:
+                self.stats.item_errors += 1
+                self.stats.errors[exc.code] = self.stats.errors.get(exc.code, 0) + 1
+                verdicts[index] = Verdict(item.session_id, item.round, 0, 0, exc.code, exc.detail)
+        if ready:
+            states = [s for _, _, s in ready]
+            drafts = [item.draft for _, item, _ in ready]
+            logits, cache, past = self._forward(states, drafts)
+            for row, (index, item, state) in enumerate(ready):
+                rows = logits[row, : 1 + len(item.draft)]
+                if state.sampling.greedy:
+                    accepted, token = verify_greedy(rows, item.draft)
+                else:
+                    probs = target_probs(rows, state.sampling)
+                    accepted, token = verify_sampling(probs, item.draft, item.q_ids, item.q_probs, state.generator)
+                # keep the cache through the last committed token and the accepted draft tokens
+                start, stop = past - state.cached, past + 1 + accepted
+                state.kv = [
+                    (layer.keys[row : row + 1, :, start:stop].clone(), layer.values[row : row + 1, :, start:stop].clone())
+                    for layer in cache.layers
+                ]
+                state.committed += accepted + 1
+                state.last_token = token
+                self.stats.draft_tokens += len(item.draft)
+                self.stats.accepted_tokens += accepted
+                verdicts[index] = Verdict(item.session_id, item.round, accepted, token)
+        self.stats.batches += 1
+        self.stats.items += len(ready)
+        self.stats.compute_s += time.perf_counter() - started
+        self._refresh_stats()
+        return verdicts  # type: ignore[return-value]

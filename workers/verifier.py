@@ -1,0 +1,160 @@
+"""The verifier worker process: one per GPU (one CPU worker on a machine without one).
+
+The event loop only moves messages: batches are verified in a single worker thread (torch
+releases the GIL in its kernels), so heartbeats keep flowing during a forward pass. The worker
+pulls: it says Ready, receives one batch, answers it, and says Ready again. When the broker
+falls silent for ``heartbeat_ms * liveness`` the worker makes a new socket and announces itself
+again (the ZeroMQ guide's Paranoid Pirate worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import structlog
+import torch
+import zmq
+import zmq.asyncio
+
+from pipeline.config import Config
+from pipeline.models import load_causal_lm
+from pipeline.protocol import (
+    VERIFIER_ACCEPTS,
+    BatchVerdicts,
+    CloseSession,
+    Heartbeat,
+    ProtocolError,
+    Ready,
+    VerifyBatch,
+    decode,
+)
+from pipeline.sockets import make_socket, send_now
+from workers.target import TargetVerifier
+
+log = structlog.get_logger("sled.verifier")
+
+
+class VerifierWorker:
+    def __init__(self, config: Config, verifier: TargetVerifier, ctx: zmq.asyncio.Context):
+        self.config = config
+        self.verifier = verifier
+        self.ctx = ctx
+        self.identity = config.verifier.name.encode()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
+        self.batches: asyncio.Queue[VerifyBatch] = asyncio.Queue(maxsize=4)
+        self.busy = False
+        self.rejected_frames = 0
+        self.sock: zmq.asyncio.Socket | None = None
+        self.broker_seen = 0.0
+
+    def _connect(self) -> None:
+        if self.sock is not None:
+            self.sock.close(0)
+        self.sock = make_socket(
+            self.ctx,
+            zmq.DEALER,
+            connect=self.config.broker.backend,
+            identity=self.identity,
+            max_message_bytes=self.config.limits.max_message_bytes,
+        )
+        self.broker_seen = time.monotonic()
+        send_now(self.sock, Ready(self._stats()).encode())
+        log.info("verifier_connected", broker=self.config.broker.backend, verifier=self.config.verifier.name)
+
+    def _stats(self) -> dict:
+        stats = self.verifier.stats.as_dict()
+        stats["rejected_frames"] = self.rejected_frames
+        return stats
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._connect()
+        tasks = [
+            asyncio.create_task(self._receive_loop()),
+            asyncio.create_task(self._compute_loop()),
+            asyncio.create_task(self._heartbeat_loop()),
+        ]
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper and task.exception():
+                    raise task.exception()
+        finally:
+            for task in [stopper, *tasks]:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.sock.close(0)
+
+    async def _receive_loop(self) -> None:
+        while True:
+            sock = self.sock
+            try:
+                frame = (await sock.recv_multipart())[-1]
+            except zmq.ZMQError:
+                if sock is not self.sock:  # replaced by a reconnect while we waited
+                    continue
+                raise
+            self.broker_seen = time.monotonic()
+            try:
+                msg = decode(frame, VERIFIER_ACCEPTS, self.config.limits.max_message_bytes)
+            except ProtocolError as exc:
+                self.rejected_frames += 1
+                log.warning("frame_rejected", code=exc.code, reason=exc.message)
+                continue
+            match msg:
+                case VerifyBatch():
+                    try:
+                        self.batches.put_nowait(msg)
+                    except asyncio.QueueFull:  # the broker sends only after Ready; never expected
+                        log.error("batch_dropped", batch_id=msg.batch_id)
+                case CloseSession():
+                    # through the executor so it never races a forward pass over the same sessions
+                    asyncio.get_running_loop().run_in_executor(self.executor, self.verifier.close, msg.session_id)
+                case Heartbeat():
+                    pass
+
+    async def _compute_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self.batches.get()
+            self.busy = True
+            started = time.perf_counter()
+            with structlog.contextvars.bound_contextvars(batch_id=batch.batch_id):
+                verdicts = await loop.run_in_executor(self.executor, self.verifier.verify_batch, batch.items)
+                compute_ms = 1000 * (time.perf_counter() - started)
+                log.debug("batch_verified", size=len(batch.items), compute_ms=round(compute_ms, 2))
+            self.busy = False
+            send_now(self.sock, BatchVerdicts(batch.batch_id, verdicts, compute_ms).encode())
+            send_now(self.sock, Ready(self._stats()).encode())
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.config.broker.heartbeat_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            if time.monotonic() - self.broker_seen > interval * self.config.broker.liveness:
+                log.warning("broker_silent", seconds=round(time.monotonic() - self.broker_seen, 2))
+                self._connect()
+                continue
+            idle = not self.busy and self.batches.empty()
+            send_now(self.sock, Heartbeat(idle=idle, stats=self._stats()).encode())
+
+
+async def serve(config: Config, stop: asyncio.Event) -> None:
+    if config.verifier.threads > 0:
+        torch.set_num_threads(config.verifier.threads)
+    loop = asyncio.get_running_loop()
+    log.info("target_loading", target=config.verifier.target)
+    model = await loop.run_in_executor(
+        None, lambda: load_causal_lm(config.verifier.target, dtype=config.verifier.dtype, device=config.verifier.device)
+    )
+    verifier = TargetVerifier(model, max_sessions=config.verifier.max_sessions, limits=config.limits)
+    ctx = zmq.asyncio.Context()
+    try:
+        await VerifierWorker(config, verifier, ctx).run(stop)
+    finally:
+        with contextlib.suppress(Exception):
+            ctx.term()
