@@ -43,7 +43,7 @@ from pipeline.protocol import (
     error_for,
 )
 from pipeline.sockets import make_socket, new_identity, send_now
-from workers.drafts import build_drafter
+from workers.drafts import build_drafter, draft_generator
 
 log = structlog.get_logger("sled.drafter")
 MAX_BACKOFF_S = 2.0
@@ -234,7 +234,7 @@ class DrafterService:
         req = run.request
         loop = asyncio.get_running_loop()
         sampling = Sampling(req.temperature, req.top_p, req.seed)
-        generator = torch.Generator().manual_seed(req.seed)
+        generator = draft_generator(req.seed)
         state = self.strategy.new_state()
         committed = list(req.prompt)
         stops = set(req.stop_ids)

@@ -27,6 +27,14 @@ class Draft:
     q_probs: list[list[float]] = field(default_factory=list)
 
 
+def draft_generator(seed: int) -> torch.Generator:
+    """The drafter's random stream for a session. It must differ from the verifier's stream
+    (seeded with the same session seed): if the draft sample and the acceptance test drew the
+    same uniforms they would be correlated and the output biased (caught by
+    tests/test_target.py's distribution test)."""
+    return torch.Generator().manual_seed((seed * 6364136223846793005 + 1442695040888963407) % (1 << 63))
+
+
 def crop_cache(cache: DynamicCache, length: int) -> None:
     """Cut a cache back to its first ``length`` tokens (transformers 5.x takes the count to
     remove, as a negative number; tested in tests/test_drafts.py)."""

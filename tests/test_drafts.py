@@ -1,0 +1,61 @@
+"""Draft strategies: cache rollback equals a fresh computation, n-gram lookup, the cache API
+we rely on in the pinned transformers."""
+
+import torch
+from transformers import DynamicCache
+
+from pipeline.protocol import Sampling
+from tests.conftest import tiny_gpt2, tiny_llama
+from workers.drafts import ModelDrafter, NgramDrafter, crop_cache, draft_generator
+
+GREEDY = Sampling()
+
+
+def test_crop_cache_keeps_the_first_tokens():
+    model = tiny_llama(1)
+    cache = DynamicCache()
+    with torch.inference_mode():
+        model(input_ids=torch.arange(10)[None], cache=cache, use_cache=True)
+    keys = cache.layers[0].keys.clone()
+    crop_cache(cache, 6)
+    assert cache.get_seq_length() == 6
+    assert torch.equal(cache.layers[0].keys, keys[:, :, :6])
+    crop_cache(cache, 8)  # never grows
+    assert cache.get_seq_length() == 6
+
+
+def test_rolled_back_drafts_equal_fresh_drafts():
+    for model in (tiny_llama(2, layers=1, hidden=32), tiny_gpt2(3)):
+        drafter = ModelDrafter(model)
+        state = drafter.new_state()
+        committed = [5, 9, 13, 2]
+        gen = draft_generator(0)
+        for accepted, correction in [(1, 7), (0, 3), (4, 11), (2, 1)]:
+            draft = drafter.propose(state, committed, 4, GREEDY, gen)
+            fresh = drafter.propose(drafter.new_state(), committed, 4, GREEDY, gen)
+            assert draft.tokens == fresh.tokens
+            drafter.commit(state, len(committed), accepted)
+            committed = committed + draft.tokens[:accepted] + [correction]
+            assert state.cache.get_seq_length() == state.cached <= len(committed)
+
+
+def test_model_drafter_sends_its_top_k_distribution_when_sampling():
+    drafter = ModelDrafter(tiny_llama(2, layers=1, hidden=32), top_k=5)
+    draft = drafter.propose(drafter.new_state(), [1, 2, 3], 3, Sampling(0.8, 1.0, 7), draft_generator(7))
+    assert len(draft.tokens) == len(draft.q_ids) == len(draft.q_probs) == 3
+    for token, ids, probs in zip(draft.tokens, draft.q_ids, draft.q_probs):
+        assert len(ids) == 5 and token in ids and abs(sum(probs) - 1) < 1e-5
+
+
+def test_low_confidence_stops_the_draft_early():
+    drafter = ModelDrafter(tiny_llama(2, layers=1, hidden=32), min_confidence=0.99)
+    assert drafter.propose(drafter.new_state(), [1, 2, 3], 4, GREEDY, draft_generator(0)).tokens == []
+
+
+def test_ngram_proposes_what_followed_the_latest_match():
+    ngram = NgramDrafter(ngram_max=3)
+    history = [1, 2, 3, 4, 9, 9, 1, 2, 3, 5, 6, 1, 2, 3]
+    assert ngram.propose(None, history, 3, GREEDY, None).tokens == [5, 6, 1]
+    assert ngram.propose(None, [1, 2, 3], 3, GREEDY, None).tokens == []
+    assert ngram.propose(None, [7, 7], 4, GREEDY, None).tokens == [7]
+    assert ngram.propose(None, history, 0, GREEDY, None).tokens == []

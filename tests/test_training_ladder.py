@@ -1,0 +1,149 @@
+"""The drafter ladder: export round trip on a tiny target, the loss, α bookkeeping, committed files."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from training.acceptance import acceptance, accepted_lengths
+from training.distill_loss import candidate_distill_loss
+from training.drafter_net import LadderSpec, build_drafter_net
+from training.ladder import LADDER_DIR, RUNGS, load_rung
+from training.train_drafters import save_ladder
+
+SPEC = LadderSpec(rungs=("small", "medium", "big"), stem_layers=2, partition_layers=(1, 1, 2))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny_target():
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True, max_position_embeddings=128)
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+def draft_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy drafting one token at a time through the KV cache, as the drafter worker does."""
+    cache, ids, out = DynamicCache(), torch.tensor([prompt]), []
+    for _ in range(n):
+        step = model(input_ids=ids, cache=cache, use_cache=True)
+        cache = step.past_key_values
+        ids = step.logits[:, -1:].argmax(-1)
+        out.append(int(ids))
+    return out
+
+
+def test_exported_rungs_match_the_training_graph(tiny_target, tmp_path):
+    net, embed = build_drafter_net(tiny_target, SPEC, init_from_target=False, seed=1)
+    with torch.no_grad():  # the export is fp16: round the trained weights so both sides agree
+        for p in net.parameters():
+            if p.requires_grad:
+                p.copy_(p.half().float() + 0.0)
+    save_ladder(net, SPEC, tmp_path, {"target": "tiny"})
+    ids = torch.randint(0, 100, (1, 12))
+    for k, name in enumerate(SPEC.rungs):
+        model = load_rung(name, target=tiny_target, folder=tmp_path)
+        assert model.config.num_hidden_layers == SPEC.depth(k)
+        expected = net.eval().rung_outputs(ids, [k])[k] @ embed.T
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
+        # drafting through the cache agrees with a full forward over the drafted sequence
+        drafted = draft_greedy(model, ids[0].tolist(), 5)
+        full = model(input_ids=torch.tensor([ids[0].tolist() + drafted])).logits[0].argmax(-1)
+        assert drafted == full[ids.shape[1] - 1 : -1].tolist()
+
+
+def test_export_stores_only_what_training_changed(tiny_target, tmp_path):
+    net, _ = build_drafter_net(tiny_target, SPEC, seed=1)
+    save_ladder(net, SPEC, tmp_path, {"target": "tiny"})
+    with safe_open(str(tmp_path / "ladder.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in keys)
+    layers = {int(k.split(".")[1]) for k in keys if k.startswith("layers.")}
+    assert layers == set(range(SPEC.stem_layers, SPEC.stem_layers + SPEC.trained_layers()))  # no stem, each once
+    assert sum(k.startswith("norms.") for k in keys) == len(SPEC.rungs)
+    assert not any("embed" in k or "lm_head" in k for k in keys)
+
+
+def test_unknown_rung_is_refused(tiny_target, tmp_path):
+    net, _ = build_drafter_net(tiny_target, SPEC)
+    save_ladder(net, SPEC, tmp_path, {"target": "tiny"})
+    with pytest.raises(ValueError, match="unknown rung"):
+        load_rung("tpu-pod", target=tiny_target, folder=tmp_path)
+
+
+def test_candidate_loss_equals_full_softmax_when_candidates_cover_the_vocabulary():
+    torch.manual_seed(0)
+    vocab, dim = 30, 8
+    embed = torch.randn(vocab, dim)
+    hidden = torch.randn(2, 5, dim)
+    full_logits = torch.randn(2, 5, vocab)
+    top_logits, top_ids = full_logits.topk(4, dim=-1)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False  # padding is ignored
+    batch = {"mask": mask, "top_ids": top_ids, "top_logits": top_logits}
+    loss = candidate_distill_loss(hidden, batch, embed, top_k=4, random_negatives=5000)
+    log_probs = (hidden[mask] @ embed.T).log_softmax(-1)
+    picked = log_probs.gather(1, top_ids[mask])
+    expected = 0.5 * -(top_logits[mask].softmax(-1) * picked).sum(-1).mean() + 0.5 * -picked[:, 0].mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_accepted_lengths_walk_rounds_of_gamma():
+    assert accepted_lengths([True] * 11, 4) == [4, 4, 1]  # 4 accepted + 1 target token per round
+    assert accepted_lengths([False, True, True, False, True], 4) == [0, 2, 1]
+    assert accepted_lengths([], 4) == []
+
+
+def test_acceptance_counts_only_continuation_positions():
+    sequences = [([5, 6, 7, 8, 9], 2)]  # continuation 7 8 9, predicted from positions 1 2 3
+
+    def argmax(ids):  # right about 7 and 9, wrong about 8; the prompt position's guess does not count
+        return torch.tensor([[0, 7, 0, 9, 0]])
+
+    stats = acceptance(argmax, sequences, gamma=4)
+    assert stats["alpha"] == pytest.approx(2 / 3) and stats["positions"] == 3
+
+
+def test_committed_ladder_loads_and_every_rung_drafts():
+    """The committed weights (drafters/ladder) against the real default target."""
+    from pipeline.models import load_causal_lm
+
+    target = load_causal_lm("smollm2")
+    total = sum(p.stat().st_size for p in Path(LADDER_DIR).iterdir())
+    assert total <= 64 * 2**20
+    prompt = [1, 9690, 198, 2683, 314, 253, 5356, 30]
+    depths = []
+    for name in RUNGS:
+        model = load_rung(name, target=target)
+        assert model.config.vocab_size == target.config.vocab_size
+        assert torch.equal(model.get_output_embeddings().weight, target.get_input_embeddings().weight)
+        drafted = draft_greedy(model, prompt, 4)
+        assert all(0 <= t < target.config.vocab_size for t in drafted)
+        depths.append(model.config.num_hidden_layers)
+    assert depths == sorted(depths) and depths[-1] < target.config.num_hidden_layers
+
+
+def test_heldout_prompts_are_disjoint_from_training_prompts():
+    from pipeline.models import load_tokenizer
+    from training.acceptance import heldout_prompts
+    from training.prompts import build_prompts
+
+    tokenizer = load_tokenizer("smollm2")
+    heldout = heldout_prompts(tokenizer)
+    train = build_prompts(tokenizer, held_out=False, n_chat=1100, n_prose=1500)
+    assert len(heldout) == 48 and not set(heldout) & set(train)
+    # no held-out passage shares a 60-character span with a training prompt
+    train_text = "\n".join(train)
+    spans = [p[i : i + 60] for p in heldout for i in range(0, max(1, len(p) - 60), 60)]
+    shared = [s for s in spans if "<|im_start|>" not in s and "You are a helpful" not in s and s in train_text]
+    assert not shared
