@@ -30,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p = sub.add_parser("drafter", help="run a drafter (an edge device)")
     p.add_argument("name", help="a [drafters.NAME] table of the configuration")
-    p = sub.add_parser("up", help="run broker, verifier and drafters on this machine until interrupted")
+    p = sub.add_parser("up", help="run broker, verifier, drafters and the gateway on this machine until interrupted")
     p.add_argument("--drafters", help="comma-separated drafter names (default: demo.drafters)")
+    p.add_argument("--no-gateway", action="store_true", help="do not start the REST gateway")
     p.add_argument("--target")
     p = sub.add_parser("demo", help="start a local stack, run sessions, print text and figures")
     p.add_argument("--sessions", type=int)
@@ -40,11 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drafters", help="comma-separated drafter names (default: demo.drafters)")
     p.add_argument("--json", action="store_true", help="end with one JSON line of figures")
     p.add_argument("--verify", action="store_true", help="compare every output with the target decoding alone")
-    try:
-        from training.cli import register  # the incremental-training commands, when present
-    except ImportError:
-        pass
-    else:
+    # commands of other packages: the REST gateway (gateway, status) and incremental training
+    for module in ("gateway.cli", "training.cli"):
+        try:
+            register = __import__(module, fromlist=["register"]).register
+        except ImportError:
+            continue
         register(sub)
     return parser
 
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in drafters:
         config.drafter(name)
     if args.command == "up":
-        return _up(config, args.config, overrides, drafters)
+        return _up(config, args.config, overrides, drafters, gateway=not args.no_gateway)
     if args.command == "demo":
         from pipeline.demo import demo
         from pipeline.logs import configure_logging
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     return args.handler(args, config) if hasattr(args, "handler") else 2
 
 
-def _up(config, config_path, overrides, drafters) -> int:
+def _up(config, config_path, overrides, drafters, *, gateway: bool) -> int:
     import signal
 
     from pipeline.launcher import Stack
@@ -105,7 +107,7 @@ def _up(config, config_path, overrides, drafters) -> int:
     configure_logging(config.log.format, config.log.level)
 
     async def go() -> int:
-        stack = Stack(config, config_path, overrides, drafters)
+        stack = Stack(config, config_path, overrides, drafters, gateway=gateway)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -114,6 +116,8 @@ def _up(config, config_path, overrides, drafters) -> int:
             await stack.start()
             print("SLED is up: broker", config.broker.frontend, "| drafters:",
                   ", ".join(f"{n} at {config.drafter(n).client}" for n in drafters), file=sys.stderr)
+            if gateway:
+                print(f"gateway: http://{config.gateway.host}:{config.gateway.port}/", file=sys.stderr)
             died = asyncio.create_task(stack.wait_any_exit())
             stopped = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait({died, stopped}, return_when=asyncio.FIRST_COMPLETED)

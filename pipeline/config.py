@@ -69,6 +69,16 @@ class LogConfig:
 
 
 @dataclass
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    default_model: str = ""  # drafter used when a request names none; "" = the first of demo.drafters
+    api_keys: list[str] = field(default_factory=list)  # when set, "Authorization: Bearer KEY" is required
+    max_prompt_tokens: int = 2048
+    stats_interval_s: float = 1.0  # how often broker and drafter figures are collected
+
+
+@dataclass
 class DemoConfig:
     sessions: int = 8
     max_new_tokens: int = 48
@@ -83,6 +93,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
 
     def drafter(self, name: str) -> DrafterConfig:
         if name not in self.drafters:

@@ -30,13 +30,14 @@ class StackDied(Exception):
 
 class Stack:
     def __init__(self, config: Config, config_path: str | None, overrides: list[str], drafters: list[str],
-                 *, verifiers: int = 1, log_dir: str | Path | None = None):
+                 *, verifiers: int = 1, gateway: bool = False, log_dir: str | Path | None = None):
         self.config = config
         self.base_args = ["--config", str(config_path)] if config_path else []
         for item in overrides:
             self.base_args += ["--set", item]
         self.drafters = drafters
         self.verifiers = verifiers
+        self.gateway = gateway
         self.log_dir = Path(log_dir) if log_dir else None
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self._logs: list = []
@@ -61,6 +62,8 @@ class Stack:
             await self._spawn(name, "--set", f'verifier.name="{name}"', "verifier")
         for name in self.drafters:
             await self._spawn(f"drafter-{name}", "drafter", name)
+        if self.gateway:
+            await self._spawn("gateway", "gateway")
         await self.wait_ready(timeout)
 
     def check_alive(self) -> None:
@@ -90,10 +93,23 @@ class Stack:
                         pass
                     finally:
                         client.close()
-                if len(stats["verifiers"]) >= self.verifiers and not pending:
+                if len(stats["verifiers"]) >= self.verifiers and not pending and await self._gateway_up():
                     log.info("stack_ready", verifiers=len(stats["verifiers"]), drafters=self.drafters)
                     return
             await asyncio.sleep(0.3)
+
+    async def _gateway_up(self) -> bool:
+        if not self.gateway:
+            return True
+        import aiohttp
+
+        url = f"http://{self.config.gateway.host}:{self.config.gateway.port}/health"
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as http:
+                async with http.get(url) as response:
+                    return response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
 
     async def wait_any_exit(self) -> str:
         """Return the name of the first child to exit (for `sled up`)."""
@@ -105,7 +121,7 @@ class Stack:
 
     async def stop(self, grace: float = 10.0) -> None:
         # drafters first, so they can close their sessions while the broker still listens
-        order = sorted(self.procs, key=lambda n: (not n.startswith("drafter"), n == "broker"))
+        order = sorted(self.procs, key=lambda n: (n != "gateway", not n.startswith("drafter"), n == "broker"))
         for name in order:
             proc = self.procs[name]
             if proc.returncode is None:
