@@ -95,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             max_new_tokens=args.max_new_tokens or config.demo.max_new_tokens,
             drafters=drafters, as_json=args.json, verify=args.verify,
         )
-    return args.handler(args, config) if hasattr(args, "handler") else 2
+    # commands registered by other packages take the parsed args; the loaded Config rides along
+    args.sled_config = config
+    args.sled_overrides = overrides
+    return args.handler(args)
 
 
 def _up(config, config_path, overrides, drafters, *, gateway: bool) -> int:

@@ -91,6 +91,10 @@ def demo(config: Config, config_path: str | None, overrides: list[str], *, sessi
         for text, r in zip(texts, results):
             print(f"\n[{r.stats['drafter']}] {text}\n  -> {tokenizer.decode(r.tokens, skip_special_tokens=True).strip()}", file=out)
     if verify:
+        if config.verifier.threads > 0:  # the same thread budget as the verifier (see config.toml)
+            import torch
+
+            torch.set_num_threads(config.verifier.threads)
         model = load_causal_lm(config.verifier.target, dtype=config.verifier.dtype)
         mismatched = [
             i for i, (prompt, r) in enumerate(zip(prompts, results))

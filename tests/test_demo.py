@@ -1,0 +1,32 @@
+"""`sled demo` end to end on the real default target (SmolLM2-135M-Instruct from the packaged
+GGUF): separate processes, real sockets, every output checked against transformers' own greedy
+decoding of the target alone."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import free_ports
+
+
+def test_demo_is_lossless_and_batches_sessions():
+    front, back, pi5, ngram = free_ports(4)
+    overrides = [
+        f'broker.frontend="tcp://127.0.0.1:{front}"',
+        f'broker.backend="tcp://127.0.0.1:{back}"',
+        f'drafters.pi5.client="tcp://127.0.0.1:{pi5}"',
+        f'drafters.ngram.client="tcp://127.0.0.1:{ngram}"',
+    ]
+    args = [sys.executable, "-m", "pipeline"]
+    for item in overrides:
+        args += ["--set", item]
+    args += ["demo", "--sessions", "8", "--max-new-tokens", "48", "--json", "--verify"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["lossless"] is True and summary["mismatched_sessions"] == 0
+    assert summary["sessions"] == 8
+    assert summary["mean_batch_sessions"] > 1.5
+    assert set(summary["acceptance_by_drafter"]) == {"pi5", "ngram"}
+    # KV reuse: the target processes about (1 + draft) tokens per round, never the history again
+    assert summary["target_tokens_per_generated"] < 6
