@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="end with one JSON line of figures")
     p.add_argument("--verify", action="store_true", help="compare every output with the target decoding alone")
     # commands of other packages: the REST gateway (gateway, status) and incremental training
-    for module in ("gateway.cli", "training.cli"):
+    for module in ("gateway.cli", "training.cli", "workers.launch_cli"):
         try:
             register = __import__(module, fromlist=["register"]).register
         except ImportError:

@@ -1,5 +1,9 @@
 """Configuration: typed dataclasses read from ``config.toml``, then overridden by ``--set`` flags.
 
+Environment variables come between the file and the flags: ``SLED_BROKER__MAX_WAIT_MS=10`` is
+``broker.max_wait_ms=10`` (``__`` separates the parts, names are case-insensitive), which is how
+the compose stack configures its containers.
+
 Overrides are ``section.key=value`` (or ``drafters.NAME.key=value``) with the value parsed as a
 TOML value when it parses (``10``, ``true``, ``"x"``, ``[1, 2]``) and taken as a bare string
 otherwise, so the same names work in the file, on the command line and in launched children.
@@ -36,6 +40,10 @@ class VerifierConfig:
     dtype: str = "float32"
     max_sessions: int = 512  # KV caches kept; least recently used are evicted beyond this
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    # A target larger than one GPU: "auto" (or "balanced", ...) places its layers over every
+    # visible device with accelerate's device_map; "" keeps the whole model on ``device``.
+    device_map: str = ""
+    max_memory: dict = field(default_factory=dict)  # per-device caps for device_map, e.g. {"0": "20GiB"}
 
 
 @dataclass
@@ -116,7 +124,7 @@ def _apply(obj: Any, data: dict, where: str) -> None:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _apply(current, value, f"{where}{key}.")
-        elif isinstance(current, dict):  # drafters.NAME tables
+        elif isinstance(obj, Config) and key == "drafters":  # drafters.NAME tables
             for name, table in value.items():
                 _apply(current.setdefault(name, DrafterConfig()), table, f"{where}{key}.{name}.")
         else:
@@ -138,7 +146,24 @@ def _nest(dotted: str, value: Any) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+ENV_PREFIX = "SLED_"
+
+
+def env_overrides(environ: dict[str, str]) -> list[str]:
+    """``SLED_SECTION__KEY=value`` variables as ``section.key=value`` overrides."""
+    out = []
+    for name, value in sorted(environ.items()):
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            key = ".".join(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
+            out.append(f"{key}={value}")
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                environ: dict[str, str] | None = None) -> Config:
+    """File, then SLED_* environment variables, then overrides (each later one wins)."""
+    import os
+
     config = Config()
     path = Path(path) if path else DEFAULT_CONFIG
     if path.is_file():
@@ -146,7 +171,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             _apply(config, tomllib.load(fh), "")
     elif path != DEFAULT_CONFIG:
         raise FileNotFoundError(f"no configuration file at {path}")
-    for item in overrides:
+    for item in [*env_overrides(os.environ if environ is None else environ), *overrides]:
         key, sep, text = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r} is not key=value")

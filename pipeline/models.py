@@ -110,13 +110,23 @@ def local_dir(spec: str) -> str:
     return str(out)
 
 
-def load_causal_lm(spec: str, *, dtype: str = "float32", device: str = "cpu"):
-    """Load a causal LM for inference (eval mode, no grad bookkeeping)."""
+def load_causal_lm(spec: str, *, dtype: str = "float32", device: str = "cpu", device_map: str = "",
+                   max_memory: dict | None = None):
+    """Load a causal LM for inference (eval mode, no grad bookkeeping).
+
+    ``device_map`` (e.g. "auto") spreads the layers over several devices with accelerate, for a
+    target larger than one GPU; otherwise the whole model goes to ``device``."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(local_dir(spec), dtype=getattr(torch, dtype))
-    model.to(device)
+    kwargs = {}
+    if device_map:
+        kwargs["device_map"] = device_map
+        if max_memory:
+            kwargs["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in max_memory.items()}
+    model = AutoModelForCausalLM.from_pretrained(local_dir(spec), dtype=getattr(torch, dtype), **kwargs)
+    if not device_map:
+        model.to(device)
     model.eval()
     model.requires_grad_(False)
     return model

@@ -81,7 +81,8 @@ class VerifierStats:
 class TargetVerifier:
     def __init__(self, model, *, max_sessions: int, limits: LimitsConfig):
         self.model = model
-        self.device = next(model.parameters()).device
+        # with a device_map the inputs go where the embeddings are
+        self.device = model.get_input_embeddings().weight.device
         self.vocab_size = model.config.vocab_size
         self.max_sessions = max_sessions
         self.limits = limits

@@ -148,8 +148,9 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         torch.set_num_threads(config.verifier.threads)
     loop = asyncio.get_running_loop()
     log.info("target_loading", target=config.verifier.target)
+    v = config.verifier
     model = await loop.run_in_executor(
-        None, lambda: load_causal_lm(config.verifier.target, dtype=config.verifier.dtype, device=config.verifier.device)
+        None, lambda: load_causal_lm(v.target, dtype=v.dtype, device=v.device, device_map=v.device_map, max_memory=v.max_memory)
     )
     verifier = TargetVerifier(model, max_sessions=config.verifier.max_sessions, limits=config.limits)
     ctx = zmq.asyncio.Context()
