@@ -78,6 +78,7 @@ class BrokerStats:
     rejected: dict = field(default_factory=dict)
     undeliverable: int = 0
     verifiers_lost: int = 0
+    drafters_lost: int = 0
 
     def count_rejection(self, code: str) -> None:
         self.rejected[code] = self.rejected.get(code, 0) + 1
@@ -99,6 +100,8 @@ class Broker:
         self.verifiers: dict[bytes, VerifierHandle] = {}
         self.session_verifier: dict[str, bytes] = {}
         self.session_owner: dict[str, bytes] = {}
+        self.drafter_sessions: dict[bytes, set[str]] = {}
+        self.drafter_seen: dict[bytes, float] = {}
         self.stats = BrokerStats()
         self._batch_ids = itertools.count(1)
         self.frontend: zmq.asyncio.Socket | None = None
@@ -146,9 +149,13 @@ class Broker:
                 continue
             match msg:
                 case Propose():
+                    self.drafter_seen[identity] = self.clock.now()
                     self._on_propose(identity, msg)
                 case CloseSession():
                     self._on_close(identity, msg.session_id)
+                case Heartbeat():
+                    self.drafter_seen[identity] = self.clock.now()
+                    self._reply(identity, Heartbeat())
                 case StatsRequest():
                     self._reply(identity, StatsReply(self.snapshot()))
 
@@ -174,11 +181,17 @@ class Broker:
         handle = self._verifier_for(item.session_id)
         if handle is None:
             return self._reject(identity, item, ErrorCode.NO_VERIFIER, "no verifier is registered yet")
+        cap = self.config.broker.max_sessions
+        if item.session_id not in handle.sessions and cap and len(handle.sessions) >= cap:
+            # admission control: refuse new work at once so that running sessions keep their pace
+            return self._reject(identity, item, ErrorCode.OVERLOADED, f"verifier at its {cap}-session capacity")
         try:
             future = handle.batcher.submit(item, item.target_tokens)
         except QueueFull as exc:
             return self._reject(identity, item, ErrorCode.OVERLOADED, str(exc))
-        self.session_owner[item.session_id] = identity
+        if item.session_id not in self.session_owner:
+            self.session_owner[item.session_id] = identity
+            self.drafter_sessions.setdefault(identity, set()).add(item.session_id)
         if self.session_verifier.get(item.session_id) != handle.identity:
             self.session_verifier[item.session_id] = handle.identity
             handle.sessions.add(item.session_id)
@@ -201,7 +214,9 @@ class Broker:
         if self.session_owner.get(session_id) not in (None, identity):
             self.stats.count_rejection(ErrorCode.NOT_OWNER)
             return
-        self.session_owner.pop(session_id, None)
+        owner = self.session_owner.pop(session_id, None)
+        if owner is not None:
+            self.drafter_sessions.get(owner, set()).discard(session_id)
         verifier = self.session_verifier.pop(session_id, None)
         handle = self.verifiers.get(verifier) if verifier else None
         if handle is not None:
@@ -288,6 +303,19 @@ class Broker:
                     self._drop_verifier(handle)
                 else:
                     send_now(self.backend, handle.identity, Heartbeat().encode())
+            for identity, seen in list(self.drafter_seen.items()):
+                if seen < deadline:
+                    self._drop_drafter(identity)
+
+    def _drop_drafter(self, identity: bytes) -> None:
+        """A drafter fell silent: free its sessions' caches on the verifiers."""
+        del self.drafter_seen[identity]
+        sessions = self.drafter_sessions.pop(identity, set())
+        for session_id in list(sessions):
+            self._on_close(identity, session_id)
+        self.stats.drafters_lost += 1
+        if sessions:
+            log.warning("drafter_lost", drafter=identity.decode(errors="replace"), sessions=len(sessions))
 
     def _drop_verifier(self, handle: VerifierHandle) -> None:
         self.verifiers.pop(handle.identity, None)
@@ -317,6 +345,8 @@ class Broker:
             "rejected": dict(s.rejected),
             "undeliverable": s.undeliverable,
             "verifiers_lost": s.verifiers_lost,
+            "drafters_lost": s.drafters_lost,
+            "drafters": len(self.drafter_seen),
             "sessions": len(self.session_verifier),
             "verifiers": {
                 v.name: {"sessions": len(v.sessions), "queued": len(v.batcher), "busy": bool(v.inflight), **v.stats}

@@ -28,6 +28,7 @@ class BrokerConfig:
     max_batch_sessions: int = 32
     max_batch_tokens: int = 256
     max_queue: int = 256  # proposals queued per verifier before "overloaded"
+    max_sessions: int = 256  # sessions per verifier; a new one beyond this is refused "overloaded"
     heartbeat_ms: int = 500
     liveness: int = 6  # a peer silent for heartbeat_ms * liveness is dead
 
@@ -39,6 +40,7 @@ class VerifierConfig:
     device: str = "cpu"
     dtype: str = "float32"
     max_sessions: int = 512  # KV caches kept; least recently used are evicted beyond this
+    session_idle_s: float = 300.0  # a cache unused this long is freed (its drafter may be gone)
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
     # A target larger than one GPU: "auto" (or "balanced", ...) places its layers over every
     # visible device with accelerate's device_map; "" keeps the whole model on ``device``.

@@ -55,16 +55,30 @@ class Stack:
         )
         log.info("process_started", process=name, pid=self.procs[name].pid)
 
-    async def start(self, timeout: float = 180.0) -> None:
-        await self._spawn("broker", "broker")
+    def _role_args(self) -> dict[str, tuple[str, ...]]:
+        roles = {"broker": ("broker",)}
         for i in range(self.verifiers):
-            name = f"verifier-{i}"
-            await self._spawn(name, "--set", f'verifier.name="{name}"', "verifier")
+            roles[f"verifier-{i}"] = ("--set", f'verifier.name="verifier-{i}"', "verifier")
         for name in self.drafters:
-            await self._spawn(f"drafter-{name}", "drafter", name)
+            roles[f"drafter-{name}"] = ("drafter", name)
         if self.gateway:
-            await self._spawn("gateway", "gateway")
+            roles["gateway"] = ("gateway",)
+        return roles
+
+    async def start(self, timeout: float = 180.0) -> None:
+        for name, args in self._role_args().items():
+            await self._spawn(name, *args)
         await self.wait_ready(timeout)
+
+    async def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Kill one child (fault injection); it stays down until restart()."""
+        proc = self.procs[name]
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        await proc.wait()
+
+    async def restart(self, name: str) -> None:
+        await self._spawn(name, *self._role_args()[name])
 
     def check_alive(self) -> None:
         for name, proc in self.procs.items():

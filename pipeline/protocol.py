@@ -172,8 +172,8 @@ class Ready(Message):
 
 @dataclass(frozen=True)
 class Heartbeat(Message):
-    """Both ways between broker and verifier; ``idle`` lets a restarted broker learn that a
-    verifier is waiting for work without waiting for its next Ready."""
+    """Both ways between broker and verifiers, and between broker and drafters. ``idle`` lets a
+    restarted broker learn that a verifier is waiting for work without waiting for its Ready."""
 
     KIND: ClassVar[str] = "heartbeat"
     idle: bool = False
@@ -238,10 +238,10 @@ MESSAGES: dict[str, type[Message]] = {
 }
 
 # What each receiver accepts; anything else is answered with UNKNOWN_KIND.
-BROKER_FRONTEND_ACCEPTS = (Propose, CloseSession, StatsRequest)
+BROKER_FRONTEND_ACCEPTS = (Propose, CloseSession, StatsRequest, Heartbeat)
 BROKER_BACKEND_ACCEPTS = (Ready, Heartbeat, BatchVerdicts)
 VERIFIER_ACCEPTS = (VerifyBatch, CloseSession, Heartbeat)
-DRAFTER_UPSTREAM_ACCEPTS = (Verdict, ErrorReply)
+DRAFTER_UPSTREAM_ACCEPTS = (Verdict, ErrorReply, Heartbeat)
 DRAFTER_CLIENT_ACCEPTS = (Generate, Cancel, StatsRequest)
 CLIENT_ACCEPTS = (Tokens, ErrorReply, StatsReply)
 

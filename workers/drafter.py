@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from pipeline.protocol import (
     ErrorCode,
     ErrorReply,
     Generate,
+    Heartbeat,
     Propose,
     ProtocolError,
     Sampling,
@@ -47,12 +49,14 @@ from workers.drafts import build_drafter, draft_generator
 
 log = structlog.get_logger("sled.drafter")
 MAX_BACKOFF_S = 2.0
+RECONNECTED = object()  # put on every session's reply queue after a reconnect: resend now
 
 
 class SessionFailed(Exception):
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, retriable: bool = False):
         super().__init__(message)
         self.code = code
+        self.retriable = retriable
 
 
 @dataclass
@@ -69,6 +73,7 @@ class DrafterStats:
     stale_replies: int = 0
     failed: int = 0
     rejected_frames: int = 0
+    reconnects: int = 0
 
     def as_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -97,12 +102,27 @@ class DrafterService:
         self.by_request: dict[tuple[bytes, str], SessionRun] = {}
         self.stats = DrafterStats()
         max_bytes = config.limits.max_message_bytes
-        self.upstream = make_socket(ctx, zmq.DEALER, connect=config.broker.frontend, identity=new_identity(name), max_message_bytes=max_bytes)
+        # one identity for the process's life: the broker binds sessions to it, across reconnects
+        self.identity = new_identity(name)
+        self.upstream: zmq.asyncio.Socket | None = None
+        self.broker_seen = 0.0
+        self._connect()
         self.clients = make_socket(ctx, zmq.ROUTER, bind=self.cfg.client, max_message_bytes=max_bytes)
+
+    def _connect(self) -> None:
+        if self.upstream is not None:
+            self.upstream.close(0)
+        self.upstream = make_socket(self.ctx, zmq.DEALER, connect=self.config.broker.frontend, identity=self.identity,
+                                    max_message_bytes=self.config.limits.max_message_bytes)
+        self.broker_seen = time.monotonic()
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("drafter_started", drafter=self.name, kind=self.strategy.kind, client=self.cfg.client, gamma=self.cfg.gamma)
-        tasks = [asyncio.create_task(self._client_loop()), asyncio.create_task(self._upstream_loop())]
+        tasks = [
+            asyncio.create_task(self._client_loop()),
+            asyncio.create_task(self._upstream_loop()),
+            asyncio.create_task(self._heartbeat_loop()),
+        ]
         stopper = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -176,14 +196,40 @@ class DrafterService:
 
     # --- upstream: the broker ------------------------------------------------------------
 
+    async def _heartbeat_loop(self) -> None:
+        """Paranoid Pirate, client side: heartbeat the broker; when it falls silent, make a new
+        socket (same identity) and have every session resend at once with its history."""
+        interval = self.config.broker.heartbeat_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            if time.monotonic() - self.broker_seen > interval * self.config.broker.liveness:
+                log.warning("broker_silent", seconds=round(time.monotonic() - self.broker_seen, 2))
+                self.stats.reconnects += 1
+                self._connect()
+                for run in self.sessions.values():
+                    with contextlib.suppress(asyncio.QueueFull):
+                        run.replies.put_nowait(RECONNECTED)
+            send_now(self.upstream, Heartbeat().encode())
+
     async def _upstream_loop(self) -> None:
         while True:
-            frame = (await self.upstream.recv_multipart())[-1]
+            sock = self.upstream
+            try:
+                frame = (await sock.recv_multipart())[-1]
+            except (zmq.ZMQError, asyncio.CancelledError):
+                # closing a socket cancels its pending receive: carry on with the new socket after
+                # a reconnect, but never swallow a real cancellation of this task
+                if sock is not self.upstream and not asyncio.current_task().cancelling():
+                    continue
+                raise
+            self.broker_seen = time.monotonic()
             try:
                 msg = decode(frame, DRAFTER_UPSTREAM_ACCEPTS, self.config.limits.max_message_bytes)
             except ProtocolError as exc:
                 self.stats.rejected_frames += 1
                 log.warning("frame_rejected", code=exc.code, reason=exc.message)
+                continue
+            if isinstance(msg, Heartbeat):
                 continue
             run = self.sessions.get(msg.session_id)
             if run is None:
@@ -209,8 +255,14 @@ class DrafterService:
                 self.stats.timeouts += 1
                 proposal = dataclasses.replace(proposal, history=list(committed))
                 continue
+            if reply is RECONNECTED:
+                proposal = dataclasses.replace(proposal, history=list(committed))
+                continue
             if isinstance(reply, Verdict):
                 return reply
+            if reply.code == ErrorCode.OVERLOADED and proposal.round == 0:
+                # admission refused: tell the client now (gateway: 429) rather than queue new work
+                raise SessionFailed(reply.code, reply.message, retriable=True)
             if reply.code in ErrorCode.RESYNC or reply.code == ErrorCode.VERIFIER_LOST:
                 self.stats.resyncs += 1
                 proposal = dataclasses.replace(proposal, history=list(committed))
@@ -226,7 +278,7 @@ class DrafterService:
         async with asyncio.timeout(timeout):
             while True:
                 reply = await run.replies.get()
-                if reply.round == round_:
+                if reply is RECONNECTED or reply.round == round_:
                     return reply
                 self.stats.stale_replies += 1  # a verdict of an earlier, already retried round
 
@@ -279,7 +331,7 @@ class DrafterService:
         except SessionFailed as exc:
             self.stats.failed += 1
             log.warning("session_failed", session_id=run.session_id, code=exc.code, reason=str(exc))
-            self._to_client(run.client, ErrorReply(exc.code, str(exc), request_id=req.request_id))
+            self._to_client(run.client, ErrorReply(exc.code, str(exc), exc.retriable, request_id=req.request_id))
         except asyncio.CancelledError:
             log.info("session_cancelled", session_id=run.session_id)
         except Exception as exc:  # a bug must fail this session only, visibly

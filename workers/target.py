@@ -45,6 +45,7 @@ class SessionState:
     sampling: Sampling
     generator: torch.Generator | None
     drafter_kind: str = ""
+    last_used: float = field(default_factory=time.monotonic)
 
     @property
     def cached(self) -> int:
@@ -100,6 +101,17 @@ class TargetVerifier:
     def _refresh_stats(self) -> None:
         self.stats.sessions = len(self.sessions)
         self.stats.cache_bytes = sum(s.nbytes() for s in self.sessions.values())
+
+    def evict_idle(self, idle_s: float) -> int:
+        """Free caches unused for ``idle_s`` seconds (their drafter may be gone for good)."""
+        cutoff = time.monotonic() - idle_s
+        stale = [sid for sid, state in self.sessions.items() if state.last_used < cutoff]
+        for sid in stale:
+            del self.sessions[sid]
+        self.stats.evictions += len(stale)
+        if stale:
+            self._refresh_stats()
+        return len(stale)
 
     def _evict_to_fit(self) -> None:
         while len(self.sessions) >= self.max_sessions:
@@ -175,6 +187,7 @@ class TargetVerifier:
                 ErrorCode.OUT_OF_SYNC, f"verifier is at position {state.committed}, proposal at {item.position}"
             )
         self.sessions.move_to_end(item.session_id)
+        state.last_used = time.monotonic()
         return state
 
     def _forward(self, states: list[SessionState], drafts: list[list[int]]) -> tuple[torch.Tensor, DynamicCache, int]:

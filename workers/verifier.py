@@ -94,8 +94,10 @@ class VerifierWorker:
             sock = self.sock
             try:
                 frame = (await sock.recv_multipart())[-1]
-            except zmq.ZMQError:
-                if sock is not self.sock:  # replaced by a reconnect while we waited
+            except (zmq.ZMQError, asyncio.CancelledError):
+                # closing a socket cancels its pending receive: carry on with the new socket after
+                # a reconnect, but never swallow a real cancellation of this task
+                if sock is not self.sock and not asyncio.current_task().cancelling():
                     continue
                 raise
             self.broker_seen = time.monotonic()
@@ -141,6 +143,10 @@ class VerifierWorker:
                 continue
             idle = not self.busy and self.batches.empty()
             send_now(self.sock, Heartbeat(idle=idle, stats=self._stats()).encode())
+            if idle and self.verifier.sessions:
+                asyncio.get_running_loop().run_in_executor(
+                    self.executor, self.verifier.evict_idle, self.config.verifier.session_idle_s
+                )
 
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
