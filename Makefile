@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo up test clean
+.PHONY: setup system-deps demo up test clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,13 +16,22 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 setup: $(STAMP)
 
+# Debian tools the tests use: docker-compose (validates docker/compose.yaml; no engine needed)
+# and iproute2 (network namespaces for the multi-host test). Skipped when not root.
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  need=""; command -v docker-compose >/dev/null || need="$$need docker-compose"; \
+	  command -v ip >/dev/null || need="$$need iproute2"; \
+	  if [ -n "$$need" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends $$need; fi; fi
+
 demo: setup
 	$(VENV)/bin/sled demo --verify
 
 up: setup
 	$(VENV)/bin/sled up
 
-test: setup
+test: setup system-deps
 	$(PY) -m pytest
 
 clean:

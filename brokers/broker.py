@@ -42,6 +42,7 @@ from pipeline.protocol import (
     decode,
     error_for,
 )
+from pipeline.security import server_keys, start_authenticator
 from pipeline.sockets import make_socket, send_now
 
 log = structlog.get_logger("sled.broker")
@@ -104,15 +105,18 @@ class Broker:
         self.drafter_seen: dict[bytes, float] = {}
         self.stats = BrokerStats()
         self._batch_ids = itertools.count(1)
+        self.curve = config.security.curve
         self.frontend: zmq.asyncio.Socket | None = None
         self.backend: zmq.asyncio.Socket | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        self.frontend = make_socket(self.ctx, zmq.ROUTER, bind=self.config.broker.frontend, max_message_bytes=self.max_bytes)
-        self.backend = make_socket(self.ctx, zmq.ROUTER, bind=self.config.broker.backend, max_message_bytes=self.max_bytes)
-        log.info("broker_started", frontend=self.config.broker.frontend, backend=self.config.broker.backend)
+        keys = server_keys(self.config)
+        auth = start_authenticator(self.ctx, self.config) if keys else None
+        self.frontend = make_socket(self.ctx, zmq.ROUTER, bind=self.config.broker.frontend, max_message_bytes=self.max_bytes, curve=keys)
+        self.backend = make_socket(self.ctx, zmq.ROUTER, bind=self.config.broker.backend, max_message_bytes=self.max_bytes, curve=keys)
+        log.info("broker_started", frontend=self.config.broker.frontend, backend=self.config.broker.backend, curve=bool(keys))
         tasks = [
             asyncio.create_task(self._frontend_loop(), name="frontend"),
             asyncio.create_task(self._backend_loop(), name="backend"),
@@ -130,13 +134,18 @@ class Broker:
             await asyncio.gather(*tasks, return_exceptions=True)
             self.frontend.close(0)
             self.backend.close(0)
+            if auth is not None:
+                auth.stop()
 
     # --- frontend: drafters --------------------------------------------------------------
 
     async def _frontend_loop(self) -> None:
         while True:
-            parts = await self.frontend.recv_multipart()
-            identity, frame = parts[0], parts[-1]
+            frames = await self.frontend.recv_multipart(copy=False)
+            identity, frame = frames[0].bytes, frames[-1].bytes
+            # with CURVE a session belongs to the authenticated public key, else to the socket identity
+            principal = frames[-1].get("User-Id").encode() if self.curve else identity
+            parts = frames
             if len(parts) != 2:
                 self._reply(identity, ErrorReply(ErrorCode.BAD_FRAME, "expected exactly one frame per message"))
                 continue
@@ -150,9 +159,9 @@ class Broker:
             match msg:
                 case Propose():
                     self.drafter_seen[identity] = self.clock.now()
-                    self._on_propose(identity, msg)
+                    self._on_propose(identity, principal, msg)
                 case CloseSession():
-                    self._on_close(identity, msg.session_id)
+                    self._on_close(identity, principal, msg.session_id)
                 case Heartbeat():
                     self.drafter_seen[identity] = self.clock.now()
                     self._reply(identity, Heartbeat())
@@ -168,11 +177,11 @@ class Broker:
         retriable = code in ErrorCode.RETRIABLE
         self._reply(identity, ErrorReply(code, message, retriable, item.session_id, item.round))
 
-    def _on_propose(self, identity: bytes, item: Propose) -> None:
+    def _on_propose(self, identity: bytes, principal: bytes, item: Propose) -> None:
         self.stats.proposals += 1
         limits = self.config.limits
         owner = self.session_owner.get(item.session_id)
-        if owner is not None and owner != identity:
+        if owner is not None and owner != principal:
             return self._reject(identity, item, ErrorCode.NOT_OWNER, "session belongs to another peer")
         if len(item.draft) > limits.max_draft_tokens:
             return self._reject(identity, item, ErrorCode.INVALID, f"draft exceeds {limits.max_draft_tokens} tokens")
@@ -190,7 +199,7 @@ class Broker:
         except QueueFull as exc:
             return self._reject(identity, item, ErrorCode.OVERLOADED, str(exc))
         if item.session_id not in self.session_owner:
-            self.session_owner[item.session_id] = identity
+            self.session_owner[item.session_id] = principal
             self.drafter_sessions.setdefault(identity, set()).add(item.session_id)
         if self.session_verifier.get(item.session_id) != handle.identity:
             self.session_verifier[item.session_id] = handle.identity
@@ -210,13 +219,13 @@ class Broker:
         self.stats.verdicts += 1
         self._reply(identity, verdict)
 
-    def _on_close(self, identity: bytes, session_id: str) -> None:
-        if self.session_owner.get(session_id) not in (None, identity):
+    def _on_close(self, identity: bytes, principal: bytes | None, session_id: str) -> None:
+        """principal None: the broker itself closes (the owner is gone)."""
+        if principal is not None and self.session_owner.get(session_id) not in (None, principal):
             self.stats.count_rejection(ErrorCode.NOT_OWNER)
             return
-        owner = self.session_owner.pop(session_id, None)
-        if owner is not None:
-            self.drafter_sessions.get(owner, set()).discard(session_id)
+        self.session_owner.pop(session_id, None)
+        self.drafter_sessions.get(identity, set()).discard(session_id)
         verifier = self.session_verifier.pop(session_id, None)
         handle = self.verifiers.get(verifier) if verifier else None
         if handle is not None:
@@ -312,7 +321,7 @@ class Broker:
         del self.drafter_seen[identity]
         sessions = self.drafter_sessions.pop(identity, set())
         for session_id in list(sessions):
-            self._on_close(identity, session_id)
+            self._on_close(identity, None, session_id)
         self.stats.drafters_lost += 1
         if sessions:
             log.warning("drafter_lost", drafter=identity.decode(errors="replace"), sessions=len(sessions))

@@ -41,6 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drafters", help="comma-separated drafter names (default: demo.drafters)")
     p.add_argument("--json", action="store_true", help="end with one JSON line of figures")
     p.add_argument("--verify", action="store_true", help="compare every output with the target decoding alone")
+    p = sub.add_parser("keys", help="CurveZMQ keys: generate and list (security.keys_dir)")
+    keys = p.add_subparsers(dest="keys_command", required=True)
+    g = keys.add_parser("generate", help="make NAME.key / NAME.key_secret")
+    g.add_argument("names", nargs="+")
+    g.add_argument("--authorize", action="store_true", help="also put the public key on the allow-list")
+    g.set_defaults(handler=_keys)
+    ls = keys.add_parser("list", help="list key pairs and whether each is authorized")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(handler=_keys)
     # commands of other packages: the REST gateway (gateway, status) and incremental training
     for module in ("gateway.cli", "training.cli", "workers.launch_cli"):
         try:
@@ -99,6 +108,24 @@ def main(argv: list[str] | None = None) -> int:
     args.sled_config = config
     args.sled_overrides = overrides
     return args.handler(args)
+
+
+def _keys(args) -> int:
+    from pipeline import security
+
+    config = args.sled_config
+    if args.keys_command == "generate":
+        for path in security.generate(config, args.names, args.authorize):
+            print(f"{path}{'  (authorized)' if args.authorize else ''}")
+        return 0
+    rows = security.listing(config)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            flag = "authorized" if row["authorized"] else "-"
+            print(f"{row['name']:20s} {row['public_key']}  {flag}")
+    return 0
 
 
 def _up(config, config_path, overrides, drafters, *, gateway: bool) -> int:

@@ -122,10 +122,13 @@ class DrafterClient:
         self.sock.close(0)
 
 
-async def broker_stats(endpoint: str, timeout: float = 2.0, ctx: zmq.asyncio.Context | None = None) -> dict:
-    """Ask the broker's frontend for its figures (and the verifiers' it relays)."""
+async def broker_stats(endpoint: str, timeout: float = 2.0, ctx: zmq.asyncio.Context | None = None, curve=None) -> dict:
+    """Ask the broker's frontend for its figures (and the verifiers' it relays). ``curve``: the
+    operator's CurveKeys (pipeline.security.client_keys(config, config.security.admin_key))
+    when the broker requires CURVE."""
     ctx = ctx or zmq.asyncio.Context.instance()
-    sock = make_socket(ctx, zmq.DEALER, connect=endpoint, identity=new_identity("stats"), max_message_bytes=1 << 22)
+    sock = make_socket(ctx, zmq.DEALER, connect=endpoint, identity=new_identity("stats"), max_message_bytes=1 << 22,
+                       curve=curve)
     try:
         send_now(sock, StatsRequest().encode())
         frame = (await asyncio.wait_for(sock.recv_multipart(), timeout))[-1]

@@ -46,6 +46,7 @@ class VerifierConfig:
     # visible device with accelerate's device_map; "" keeps the whole model on ``device``.
     device_map: str = ""
     max_memory: dict = field(default_factory=dict)  # per-device caps for device_map, e.g. {"0": "20GiB"}
+    key: str = ""  # CURVE key pair name when security.curve is on; "" = the verifier's name
 
 
 @dataclass
@@ -60,6 +61,7 @@ class DrafterConfig:
     max_sessions: int = 64
     dtype: str = "float32"
     threads: int = 1  # torch threads for drafting (an edge device has few cores)
+    key: str = ""  # CURVE key pair name when security.curve is on; "" = the drafter's name
 
 
 @dataclass
@@ -89,6 +91,15 @@ class GatewayConfig:
 
 
 @dataclass
+class SecurityConfig:
+    curve: bool = False  # CurveZMQ on the broker's frontend and backend
+    keys_dir: str = "keys"  # NAME.key / NAME.key_secret pairs (`sled keys generate NAME`)
+    authorized_dir: str = ""  # public keys allowed to connect; "" = keys_dir/authorized
+    server_key: str = "broker"  # the broker's key pair
+    admin_key: str = "admin"  # operator tools (launcher, status, gateway) reading figures
+
+
+@dataclass
 class DemoConfig:
     sessions: int = 8
     max_new_tokens: int = 48
@@ -104,6 +115,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def drafter(self, name: str) -> DrafterConfig:
         if name not in self.drafters:

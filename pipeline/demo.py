@@ -13,6 +13,7 @@ import structlog
 
 from pipeline.client import DrafterClient, broker_stats
 from pipeline.config import Config
+from pipeline.security import client_keys
 from pipeline.launcher import Stack
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.prompts import SAMPLE_PROMPTS, chat_prompt_ids
@@ -81,7 +82,7 @@ def demo(config: Config, config_path: str | None, overrides: list[str], *, sessi
             async with stack:
                 results, elapsed = await run_sessions(config, drafters, prompts, max_new_tokens, stop_ids)
                 stack.check_alive()
-                figures = await broker_stats(config.broker.frontend)
+                figures = await broker_stats(config.broker.frontend, curve=client_keys(config, config.security.admin_key))
             return results, elapsed, figures
 
     results, elapsed, broker = asyncio.run(go())

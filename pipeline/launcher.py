@@ -20,6 +20,7 @@ import structlog
 
 from pipeline.client import DrafterClient, broker_stats
 from pipeline.config import Config
+from pipeline.security import client_keys
 
 log = structlog.get_logger("sled.launcher")
 
@@ -97,7 +98,8 @@ class Stack:
             if time.monotonic() > deadline:
                 raise StackDied(f"stack not ready after {timeout:.0f} s (waiting for drafters {sorted(pending)} or verifiers)")
             with contextlib.suppress(TimeoutError, OSError):
-                stats = await broker_stats(self.config.broker.frontend, timeout=1.0)
+                admin = client_keys(self.config, self.config.security.admin_key)
+                stats = await broker_stats(self.config.broker.frontend, timeout=1.0, curve=admin)
                 for name in list(pending):
                     client = DrafterClient(self.config.drafter(name).client)
                     try:

@@ -17,7 +17,8 @@ DEFAULT_HWM = 10_000
 
 
 def new_identity(prefix: str) -> bytes:
-    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}".encode()
+    # 128 random bits: a routing identity must not be guessable by another peer
+    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex}".encode()
 
 
 def make_socket(
@@ -29,8 +30,13 @@ def make_socket(
     connect: str | None = None,
     identity: bytes | None = None,
     hwm: int = DEFAULT_HWM,
+    curve=None,
 ) -> zmq.asyncio.Socket:
+    """``curve``: CurveKeys (pipeline/security.py); a bound socket serves CURVE, a connecting one
+    authenticates with it."""
     sock = ctx.socket(kind)
+    if curve is not None:
+        curve.apply(sock, server=bind is not None)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)

@@ -44,6 +44,7 @@ from pipeline.protocol import (
     decode,
     error_for,
 )
+from pipeline.security import client_keys
 from pipeline.sockets import make_socket, new_identity, send_now
 from workers.drafts import build_drafter, draft_generator
 
@@ -113,7 +114,8 @@ class DrafterService:
         if self.upstream is not None:
             self.upstream.close(0)
         self.upstream = make_socket(self.ctx, zmq.DEALER, connect=self.config.broker.frontend, identity=self.identity,
-                                    max_message_bytes=self.config.limits.max_message_bytes)
+                                    max_message_bytes=self.config.limits.max_message_bytes,
+                                    curve=client_keys(self.config, self.cfg.key or self.name))
         self.broker_seen = time.monotonic()
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -31,6 +31,7 @@ from pipeline.protocol import (
     VerifyBatch,
     decode,
 )
+from pipeline.security import client_keys
 from pipeline.sockets import make_socket, send_now
 from workers.target import TargetVerifier
 
@@ -59,6 +60,7 @@ class VerifierWorker:
             connect=self.config.broker.backend,
             identity=self.identity,
             max_message_bytes=self.config.limits.max_message_bytes,
+            curve=client_keys(self.config, self.config.verifier.key or self.config.verifier.name),
         )
         self.broker_seen = time.monotonic()
         send_now(self.sock, Ready(self._stats()).encode())
