@@ -96,7 +96,8 @@ def demo(config: Config, config_path: str | None, overrides: list[str], *, sessi
             import torch
 
             torch.set_num_threads(config.verifier.threads)
-        model = load_causal_lm(config.verifier.target, dtype=config.verifier.dtype)
+        # the target alone, on the verifier's own device and dtype
+        model = load_causal_lm(config.verifier.target, dtype=config.verifier.dtype, device=config.verifier.device)
         mismatched = [
             i for i, (prompt, r) in enumerate(zip(prompts, results))
             if greedy_reference(model, prompt, max_new_tokens, stop_ids) != r.tokens

@@ -8,7 +8,7 @@ import torch
 
 @torch.inference_mode()
 def greedy_reference(model, prompt: list[int], max_new_tokens: int, stop_ids: list[int] | None = None) -> list[int]:
-    ids = torch.tensor([prompt], dtype=torch.long, device=next(model.parameters()).device)
+    ids = torch.tensor([prompt], dtype=torch.long, device=model.get_input_embeddings().weight.device)
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
