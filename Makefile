@@ -16,12 +16,14 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 setup: $(STAMP)
 
-# Debian tools the tests use: docker-compose (validates docker/compose.yaml; no engine needed)
-# and iproute2 (network namespaces for the multi-host test). Skipped when not root.
+# Debian tools the tests use: docker-compose (validates docker/compose.yaml; no engine needed),
+# iproute2 (network namespaces for the multi-host and bad-link tests) and chromium (the status
+# page test). Skipped when not root.
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  need=""; command -v docker-compose >/dev/null || need="$$need docker-compose"; \
 	  command -v ip >/dev/null || need="$$need iproute2"; \
+	  command -v chromium >/dev/null || need="$$need chromium"; \
 	  if [ -n "$$need" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -qq --no-install-recommends $$need; fi; fi
 

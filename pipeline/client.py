@@ -114,7 +114,11 @@ class DrafterClient:
         fut = asyncio.get_running_loop().create_future()
         self.stats_waiters.append(fut)
         send_now(self.sock, StatsRequest().encode())
-        return await asyncio.wait_for(fut, timeout)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            if fut in self.stats_waiters:  # timed out: do not leave a dead waiter in line
+                self.stats_waiters.remove(fut)
 
     def close(self) -> None:
         if self._reader:

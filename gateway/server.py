@@ -1,0 +1,32 @@
+"""The gateway role's entry: load the target's tokenizer, serve the app until ``stop`` is set."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from aiohttp import web
+
+from gateway.app import create_app
+from pipeline.config import Config
+from pipeline.models import load_tokenizer
+
+log = structlog.get_logger("sled.gateway")
+
+SHUTDOWN_GRACE_S = 5.0  # open streams get this long at shutdown
+
+
+async def serve(config: Config, stop: asyncio.Event) -> None:
+    g = config.gateway
+    tokenizer = await asyncio.get_running_loop().run_in_executor(None, load_tokenizer, config.verifier.target)
+    app = create_app(config, tokenizer)
+    # handler_cancellation: a client that disconnects cancels its handler, which closes its session
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, g.host, g.port).start()
+        log.info("gateway_started", url=f"http://{g.host}:{g.port}/", target=config.verifier.target,
+                 drafters=list(config.drafters))
+        await stop.wait()
+    finally:
+        await asyncio.wait_for(runner.cleanup(), SHUTDOWN_GRACE_S * 3)

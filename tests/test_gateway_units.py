@@ -1,0 +1,198 @@
+"""The gateway's pure parts, without a stack: request validation, text deltas with stop strings,
+figures from the differences between polls, the Prometheus exposition, the `sled status` table.
+The tokenizer is the real target's."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.detokenize import TextAssembler
+from gateway.metrics import GatewayMetrics
+from gateway.openai_api import ApiError, Limits, parse_request
+from gateway.pipeline_stats import PipelineState, Sample, WeightedHistogram, _broker_totals, record_interval
+from gateway.status_cli import render
+from pipeline.config import load_config
+from pipeline.models import load_tokenizer
+
+LIMITS = Limits(max_prompt_tokens=64, max_new_tokens=100, max_history_tokens=120, vocab_size=49152)
+MODELS = {"pi5", "ngram", "smollm2", "sled"}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("smollm2")
+
+
+def parse(tok, endpoint: str, **body):
+    return parse_request(endpoint, body, tok, LIMITS, MODELS)
+
+
+def test_defaults_follow_openai(tok):
+    req = parse(tok, "completions", prompt="Hello")
+    assert (req.max_tokens, req.temperature, req.top_p, req.stream, req.stop) == (16, 1.0, 1.0, False, [])
+    assert req.prompt_ids == tok("Hello")["input_ids"]
+    assert 0 <= req.seed < 2**63 and req.seed != parse(tok, "completions", prompt="Hello").seed  # random when not given
+    chat = parse(tok, "chat", messages=[{"role": "user", "content": "Hi"}])
+    assert chat.max_tokens == min(LIMITS.max_new_tokens, LIMITS.max_history_tokens - len(chat.prompt_ids))
+
+
+def test_chat_template_roles_parts_and_limits(tok):
+    parts = [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]
+    a = parse(tok, "chat", messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": parts}],
+              max_completion_tokens=7, stop="x", seed=3, stream=True, stream_options={"include_usage": True})
+    b = parse(tok, "chat", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}])
+    assert a.prompt_ids == b.prompt_ids
+    assert (a.max_tokens, a.stop, a.seed, a.stream, a.include_usage) == (7, ["x"], 3, True, True)
+    assert parse(tok, "completions", prompt=[[5, 6, 7]], model="ngram").prompt_ids == [5, 6, 7]
+    with pytest.raises(ApiError) as info:
+        parse(tok, "completions", prompt="hi " * 40, max_tokens=100)  # fits the prompt, not prompt + output
+    assert info.value.param == "max_tokens" and "[1, " in info.value.message
+    with pytest.raises(ApiError) as info:
+        parse(tok, "chat", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
+    assert info.value.param == "messages[0].content[0]"
+
+
+def test_errors_are_openai_shaped(tok):
+    with pytest.raises(ApiError) as info:
+        parse(tok, "completions", prompt="hi", top_p=1.5)
+    assert info.value.status == 400
+    assert info.value.body() == {"error": {"message": info.value.message, "type": "invalid_request_error",
+                                           "param": "top_p", "code": "invalid_value"}}
+
+
+class CharTokenizer:
+    """One token per character: lets hypothesis cut text anywhere."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(i) for i in ids)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet="ab c\n", max_size=30), stops=st.lists(st.text(alphabet="ab c", min_size=1, max_size=3), max_size=3),
+       cuts=st.lists(st.integers(0, 30), max_size=6))
+def test_text_deltas_cut_at_the_first_stop_string_however_tokens_arrive(text, stops, cuts):
+    ids = [ord(c) for c in text]
+    rounds, start = [], 0
+    for cut in sorted(set(cuts)) + [len(ids)]:
+        rounds.append(ids[start:cut])
+        start = max(start, cut)
+    text_out = TextAssembler(CharTokenizer(), stops)
+    out = ""
+    for r in rounds:
+        out += text_out.feed(r)
+        if text_out.stopped:
+            break
+    out += text_out.finish()
+    first = min([text.find(s) for s in stops if s in text], default=-1)
+    assert out == (text[:first] if first >= 0 else text)
+    assert text_out.stopped == (first >= 0)
+
+
+def test_real_tokens_hold_back_incomplete_characters_and_skip_eos(tok):
+    ids = tok("naïve café ☃ done")["input_ids"]
+    text = TextAssembler(tok, stop=["done"], skip_ids={tok.eos_token_id})
+    deltas = [text.feed([t]) for t in ids] + [text.feed([tok.eos_token_id]), text.finish()]
+    assert "".join(deltas) == "naïve café ☃ "
+    assert all("\ufffd" not in d for d in deltas) and text.stopped
+
+
+def test_histograms_and_rates_from_the_difference_of_two_polls():
+    config = load_config(None, [])
+    state = PipelineState.for_config(config)
+    broker0 = {"proposals": 10, "verdicts": 10, "batches": 5, "mean_batch_sessions": 2.0, "mean_batch_tokens": 8.0,
+               "mean_queue_wait_ms": 1.0, "sessions": 2}
+    broker1 = {"proposals": 30, "verdicts": 28, "batches": 10, "mean_batch_sessions": 3.0, "mean_batch_tokens": 12.0,
+               "mean_queue_wait_ms": 2.0, "sessions": 3}
+    v0 = {"verifier-0": {"batches": 5, "compute_s": 1.0}}
+    v1 = {"verifier-0": {"batches": 10, "compute_s": 1.5}}
+    d0 = {"pi5": {"kind": "model", "requests": 1, "generated": 10, "proposed": 8, "accepted": 8, "active": 1}}
+    d1 = {"pi5": {"kind": "model", "requests": 2, "generated": 30, "proposed": 24, "accepted": 20, "active": 2}}
+    state.broker = broker1
+    record_interval(state, Sample(0.0, _broker_totals(broker0), d0, v0), Sample(2.0, _broker_totals(broker1), d1, v1))
+    point = state.history[-1]
+    assert state.proposals_per_s == 10 and state.tokens_per_s == 10
+    assert point["batch_sessions"] == pytest.approx((30 - 10) / 5)  # 5 batches carried 20 sessions
+    assert point["queue_wait_ms"] == pytest.approx((2.0 * 30 - 1.0 * 10) / 20)
+    assert point["kinds"] == {"model": [16, 12]} and point["verifiers"]["verifier-0"]["utilization"] == 0.25
+    assert state.batch_sessions.count == 5 and state.verify_batch["verifier-0"].sum == pytest.approx(0.5)
+    restarted = {**broker0, "proposals": 1, "batches": 1}
+    record_interval(state, Sample(2.0, _broker_totals(broker1), d1, v1), Sample(3.0, _broker_totals(restarted), d1, v1))
+    assert len(state.history) == 1  # a broker restart records nothing
+
+
+def test_weighted_histogram_buckets():
+    h = WeightedHistogram((1, 2, 4))
+    h.add(1, 3)
+    h.add(3, 2)
+    h.add(9)
+    assert h.cumulative() == [("1.0", 3), ("2.0", 3), ("4.0", 5), ("+Inf", 6)]
+    assert (h.count, h.sum) == (6, 3 + 6 + 9)
+
+
+def test_exposition_parses_before_and_after_figures_arrive():
+    config = load_config(None, [])
+    state = PipelineState.for_config(config)
+    metrics = GatewayMetrics(state)
+    names = {f.name for f in text_string_to_metric_families(metrics.exposition().decode())}
+    assert {"sled_broker_up", "sled_gateway_requests", "sled_batch_sessions", "sled_drafter_up"} <= names
+    state.broker_up = True
+    state.broker = {"proposals": 3, "rejected": {"overloaded": 2},
+                    "verifiers": {"verifier-0": {"sessions": 1, "batches": 2, "compute_s": 0.1}}}
+    state.drafters["pi5"].up = True
+    state.drafters["pi5"].stats = {"active": 1, "proposed": 4, "accepted": 3, "acceptance_rate": 0.75, "generated": 5}
+    state.verify_batch["verifier-0"] = WeightedHistogram((0.1, 1.0))
+    state.verify_batch["verifier-0"].add(0.05, 2)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(metrics.exposition().decode()) for s in f.samples}
+    assert samples[("sled_broker_rejected_total", (("code", "overloaded"),))] == 2
+    assert samples[("sled_acceptance_rate", (("kind", "model"),))] == 0.75
+    assert samples[("sled_verify_batch_seconds_count", (("verifier", "verifier-0"),))] == 2
+    assert samples[("sled_verifier_sessions", (("verifier", "verifier-0"),))] == 1
+
+
+def test_status_table_names_a_broker_that_does_not_answer():
+    config = load_config(None, [])
+    text = render(config, {"broker": None, "drafters": {"pi5": {"kind": "model", "gamma": 4, "active": 2, "requests": 3,
+                                                                 "generated": 40, "proposed": 10, "accepted": 5},
+                                                         "ngram": None}})
+    assert "NOT ANSWERING" in text
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
+    assert rows["pi5"][-1] == "50.0%" and rows["ngram"][3] == "down"
+
+
+async def test_app_without_a_pipeline_answers_health_auth_and_not_ready(tok):
+    """The app in-process, its broker and drafters absent: alive, not ready, keys enforced, 503 for a
+    drafter that does not answer, and the Prometheus page still parses."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from gateway.app import create_app
+    from tests.conftest import free_ports
+
+    ports = free_ports(3)
+    config = load_config(None, [f'broker.frontend="tcp://127.0.0.1:{ports[0]}"',
+                                f'drafters.pi5.client="tcp://127.0.0.1:{ports[1]}"',
+                                f'drafters.ngram.client="tcp://127.0.0.1:{ports[2]}"',
+                                'gateway.api_keys=["sekrit"]', "gateway.stats_interval_s=0.5"])
+    async with TestClient(TestServer(create_app(config, tok))) as client:
+        assert (await client.get("/health")).status == 200
+        r = await client.get("/ready")
+        assert r.status == 503 and r.headers["Retry-After"] and (await r.json())["broker"] is False
+        r = await client.post("/v1/completions", json={"prompt": "hi"})
+        assert r.status == 401 and (await r.json())["error"]["code"] == "invalid_api_key"
+        auth = {"Authorization": "Bearer sekrit"}
+        r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers=auth)
+        assert r.status == 503 and int(r.headers["Retry-After"]) >= 1
+        assert (await r.json())["error"]["code"] == "drafter_unavailable"
+        r = await client.post("/v1/chat/completions", json={"messages": "hi"}, headers=auth)
+        assert r.status == 400 and (await r.json())["error"]["param"] == "messages"
+        models = (await (await client.get("/v1/models", headers=auth)).json())["data"]
+        assert {m["id"] for m in models} >= {"smollm2", "pi5", "ngram"}
+        text = await (await client.get("/metrics")).text()
+        samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+        assert samples["sled_broker_up"] == 0
+        page = await client.get("/")
+        assert page.status == 200 and "status.js" in await page.text()
+        assert (await client.get("/static/status.js")).status == 200
