@@ -42,6 +42,7 @@ from pipeline.protocol import (
     decode,
     error_for,
 )
+from pipeline.roles import supervise
 from pipeline.security import server_keys, start_authenticator
 from pipeline.sockets import make_socket, send_now
 
@@ -117,21 +118,13 @@ class Broker:
         self.frontend = make_socket(self.ctx, zmq.ROUTER, bind=self.config.broker.frontend, max_message_bytes=self.max_bytes, curve=keys)
         self.backend = make_socket(self.ctx, zmq.ROUTER, bind=self.config.broker.backend, max_message_bytes=self.max_bytes, curve=keys)
         log.info("broker_started", frontend=self.config.broker.frontend, backend=self.config.broker.backend, curve=bool(keys))
-        tasks = [
-            asyncio.create_task(self._frontend_loop(), name="frontend"),
-            asyncio.create_task(self._backend_loop(), name="backend"),
-            asyncio.create_task(self._liveness_loop(), name="liveness"),
-        ]
-        stopper = asyncio.create_task(stop.wait())
         try:
-            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not stopper and task.exception():
-                    raise task.exception()
+            await supervise(stop, self._frontend_loop(), self._backend_loop(), self._liveness_loop())
         finally:
-            for task in [stopper, *tasks, *(v.dispatcher for v in self.verifiers.values() if v.dispatcher)]:
+            dispatchers = [v.dispatcher for v in self.verifiers.values() if v.dispatcher]
+            for task in dispatchers:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*dispatchers, return_exceptions=True)
             self.frontend.close(0)
             self.backend.close(0)
             if auth is not None:

@@ -19,6 +19,22 @@ from pipeline.logs import configure_logging
 Serve = Callable[[Config, asyncio.Event], Awaitable[None]]
 
 
+async def supervise(stop: asyncio.Event, *coros) -> None:
+    """Run a role's loops until ``stop`` is set or one of them fails (its exception propagates);
+    then cancel the rest and wait for them."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stopper and not task.cancelled() and task.exception():
+                raise task.exception()
+    finally:
+        for task in [stopper, *tasks]:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def run_role(role: str, config: Config, serve: Serve) -> int:
     configure_logging(config.log.format, config.log.level)
     structlog.contextvars.bind_contextvars(role=role)

@@ -7,7 +7,9 @@ a peer that sends an oversized frame before it is ever read into Python.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 import uuid
 
 import zmq
@@ -70,3 +72,53 @@ def send_now(sock: zmq.asyncio.Socket, *parts: bytes) -> bool:
         future.add_done_callback(lambda f: f.exception())
         return True
     return future.exception() is None
+
+
+class BrokerLink:
+    """A DEALER to the broker that can be replaced when the broker falls silent (the ZeroMQ
+    guide's Paranoid Pirate): same identity, fresh socket, and a receive that carries on across
+    the swap. Used by verifiers (backend) and drafters (frontend)."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, identity: bytes, *, max_message_bytes: int,
+                 curve=None):
+        self.ctx = ctx
+        self.endpoint = endpoint
+        self.identity = identity
+        self.max_message_bytes = max_message_bytes
+        self.curve = curve
+        self.sock: zmq.asyncio.Socket | None = None
+        self.last_seen = 0.0
+        self.reconnects = -1
+
+    def connect(self) -> None:
+        if self.sock is not None:
+            self.sock.close(0)
+        self.sock = make_socket(self.ctx, zmq.DEALER, connect=self.endpoint, identity=self.identity,
+                                max_message_bytes=self.max_message_bytes, curve=self.curve)
+        self.last_seen = time.monotonic()
+        self.reconnects += 1
+
+    def silent_for(self) -> float:
+        return time.monotonic() - self.last_seen
+
+    def send(self, payload: bytes) -> bool:
+        return send_now(self.sock, payload)
+
+    async def recv(self) -> bytes:
+        """The next frame from the broker, across reconnects."""
+        while True:
+            sock = self.sock
+            try:
+                frame = (await sock.recv_multipart())[-1]
+            except (zmq.ZMQError, asyncio.CancelledError):
+                # closing a socket cancels its pending receive: carry on with the new socket after
+                # a reconnect, but never swallow a real cancellation of this task
+                if sock is not self.sock and not asyncio.current_task().cancelling():
+                    continue
+                raise
+            self.last_seen = time.monotonic()
+            return frame
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(0)

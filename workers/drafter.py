@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,7 +44,8 @@ from pipeline.protocol import (
     error_for,
 )
 from pipeline.security import client_keys
-from pipeline.sockets import make_socket, new_identity, send_now
+from pipeline.roles import supervise
+from pipeline.sockets import BrokerLink, make_socket, new_identity, send_now
 from workers.drafts import build_drafter, draft_generator
 
 log = structlog.get_logger("sled.drafter")
@@ -104,40 +104,22 @@ class DrafterService:
         self.stats = DrafterStats()
         max_bytes = config.limits.max_message_bytes
         # one identity for the process's life: the broker binds sessions to it, across reconnects
-        self.identity = new_identity(name)
-        self.upstream: zmq.asyncio.Socket | None = None
-        self.broker_seen = 0.0
-        self._connect()
+        self.broker = BrokerLink(ctx, config.broker.frontend, new_identity(name), max_message_bytes=max_bytes,
+                                 curve=client_keys(config, self.cfg.key or name))
+        self.broker.connect()
         self.clients = make_socket(ctx, zmq.ROUTER, bind=self.cfg.client, max_message_bytes=max_bytes)
-
-    def _connect(self) -> None:
-        if self.upstream is not None:
-            self.upstream.close(0)
-        self.upstream = make_socket(self.ctx, zmq.DEALER, connect=self.config.broker.frontend, identity=self.identity,
-                                    max_message_bytes=self.config.limits.max_message_bytes,
-                                    curve=client_keys(self.config, self.cfg.key or self.name))
-        self.broker_seen = time.monotonic()
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("drafter_started", drafter=self.name, kind=self.strategy.kind, client=self.cfg.client, gamma=self.cfg.gamma)
-        tasks = [
-            asyncio.create_task(self._client_loop()),
-            asyncio.create_task(self._upstream_loop()),
-            asyncio.create_task(self._heartbeat_loop()),
-        ]
-        stopper = asyncio.create_task(stop.wait())
         try:
-            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not stopper and task.exception():
-                    raise task.exception()
+            await supervise(stop, self._client_loop(), self._upstream_loop(), self._heartbeat_loop())
         finally:
             runs = [run.task for run in self.sessions.values() if run.task]
-            for task in [stopper, *tasks, *runs]:
+            for task in runs:
                 task.cancel()
-            await asyncio.gather(*tasks, *runs, return_exceptions=True)
+            await asyncio.gather(*runs, return_exceptions=True)
             self.executor.shutdown(wait=True, cancel_futures=True)
-            self.upstream.close(0)
+            self.broker.close()
             self.clients.close(0)
 
     # --- clients -------------------------------------------------------------------------
@@ -204,27 +186,18 @@ class DrafterService:
         interval = self.config.broker.heartbeat_ms / 1000
         while True:
             await asyncio.sleep(interval)
-            if time.monotonic() - self.broker_seen > interval * self.config.broker.liveness:
-                log.warning("broker_silent", seconds=round(time.monotonic() - self.broker_seen, 2))
+            if self.broker.silent_for() > interval * self.config.broker.liveness:
+                log.warning("broker_silent", seconds=round(self.broker.silent_for(), 2))
                 self.stats.reconnects += 1
-                self._connect()
+                self.broker.connect()
                 for run in self.sessions.values():
                     with contextlib.suppress(asyncio.QueueFull):
                         run.replies.put_nowait(RECONNECTED)
-            send_now(self.upstream, Heartbeat().encode())
+            self.broker.send(Heartbeat().encode())
 
     async def _upstream_loop(self) -> None:
         while True:
-            sock = self.upstream
-            try:
-                frame = (await sock.recv_multipart())[-1]
-            except (zmq.ZMQError, asyncio.CancelledError):
-                # closing a socket cancels its pending receive: carry on with the new socket after
-                # a reconnect, but never swallow a real cancellation of this task
-                if sock is not self.upstream and not asyncio.current_task().cancelling():
-                    continue
-                raise
-            self.broker_seen = time.monotonic()
+            frame = await self.broker.recv()
             try:
                 msg = decode(frame, DRAFTER_UPSTREAM_ACCEPTS, self.config.limits.max_message_bytes)
             except ProtocolError as exc:
@@ -250,7 +223,7 @@ class DrafterService:
         backoff = 0.02
         timeout = self.config.limits.verdict_timeout_s
         while True:
-            send_now(self.upstream, proposal.encode())
+            self.broker.send(proposal.encode())
             try:
                 reply = await self._reply_for(run, proposal.round, timeout)
             except TimeoutError:
@@ -342,7 +315,7 @@ class DrafterService:
             self._to_client(run.client, ErrorReply(ErrorCode.INTERNAL, repr(exc), request_id=req.request_id))
         finally:
             self.stats.active -= 1
-            send_now(self.upstream, CloseSession(run.session_id).encode())  # free the verifier's cache
+            self.broker.send(CloseSession(run.session_id).encode())  # free the verifier's cache
             self.sessions.pop(run.session_id, None)
             self.by_request.pop((run.client, req.request_id), None)
 

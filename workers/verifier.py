@@ -32,7 +32,8 @@ from pipeline.protocol import (
     decode,
 )
 from pipeline.security import client_keys
-from pipeline.sockets import make_socket, send_now
+from pipeline.roles import supervise
+from pipeline.sockets import BrokerLink
 from workers.target import TargetVerifier
 
 log = structlog.get_logger("sled.verifier")
@@ -48,22 +49,14 @@ class VerifierWorker:
         self.batches: asyncio.Queue[VerifyBatch] = asyncio.Queue(maxsize=4)
         self.busy = False
         self.rejected_frames = 0
-        self.sock: zmq.asyncio.Socket | None = None
-        self.broker_seen = 0.0
+        self.broker = BrokerLink(
+            ctx, config.broker.backend, self.identity, max_message_bytes=config.limits.max_message_bytes,
+            curve=client_keys(config, config.verifier.key or config.verifier.name),
+        )
 
     def _connect(self) -> None:
-        if self.sock is not None:
-            self.sock.close(0)
-        self.sock = make_socket(
-            self.ctx,
-            zmq.DEALER,
-            connect=self.config.broker.backend,
-            identity=self.identity,
-            max_message_bytes=self.config.limits.max_message_bytes,
-            curve=client_keys(self.config, self.config.verifier.key or self.config.verifier.name),
-        )
-        self.broker_seen = time.monotonic()
-        send_now(self.sock, Ready(self._stats()).encode())
+        self.broker.connect()
+        self.broker.send(Ready(self._stats()).encode())
         log.info("verifier_connected", broker=self.config.broker.backend, verifier=self.config.verifier.name)
 
     def _stats(self) -> dict:
@@ -73,36 +66,15 @@ class VerifierWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._connect()
-        tasks = [
-            asyncio.create_task(self._receive_loop()),
-            asyncio.create_task(self._compute_loop()),
-            asyncio.create_task(self._heartbeat_loop()),
-        ]
-        stopper = asyncio.create_task(stop.wait())
         try:
-            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not stopper and task.exception():
-                    raise task.exception()
+            await supervise(stop, self._receive_loop(), self._compute_loop(), self._heartbeat_loop())
         finally:
-            for task in [stopper, *tasks]:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             self.executor.shutdown(wait=True, cancel_futures=True)
-            self.sock.close(0)
+            self.broker.close()
 
     async def _receive_loop(self) -> None:
         while True:
-            sock = self.sock
-            try:
-                frame = (await sock.recv_multipart())[-1]
-            except (zmq.ZMQError, asyncio.CancelledError):
-                # closing a socket cancels its pending receive: carry on with the new socket after
-                # a reconnect, but never swallow a real cancellation of this task
-                if sock is not self.sock and not asyncio.current_task().cancelling():
-                    continue
-                raise
-            self.broker_seen = time.monotonic()
+            frame = await self.broker.recv()
             try:
                 msg = decode(frame, VERIFIER_ACCEPTS, self.config.limits.max_message_bytes)
             except ProtocolError as exc:
@@ -132,19 +104,19 @@ class VerifierWorker:
                 compute_ms = 1000 * (time.perf_counter() - started)
                 log.debug("batch_verified", size=len(batch.items), compute_ms=round(compute_ms, 2))
             self.busy = False
-            send_now(self.sock, BatchVerdicts(batch.batch_id, verdicts, compute_ms).encode())
-            send_now(self.sock, Ready(self._stats()).encode())
+            self.broker.send(BatchVerdicts(batch.batch_id, verdicts, compute_ms).encode())
+            self.broker.send(Ready(self._stats()).encode())
 
     async def _heartbeat_loop(self) -> None:
         interval = self.config.broker.heartbeat_ms / 1000
         while True:
             await asyncio.sleep(interval)
-            if time.monotonic() - self.broker_seen > interval * self.config.broker.liveness:
-                log.warning("broker_silent", seconds=round(time.monotonic() - self.broker_seen, 2))
+            if self.broker.silent_for() > interval * self.config.broker.liveness:
+                log.warning("broker_silent", seconds=round(self.broker.silent_for(), 2))
                 self._connect()
                 continue
             idle = not self.busy and self.batches.empty()
-            send_now(self.sock, Heartbeat(idle=idle, stats=self._stats()).encode())
+            self.broker.send(Heartbeat(idle=idle, stats=self._stats()).encode())
             if idle and self.verifier.sessions:
                 asyncio.get_running_loop().run_in_executor(
                     self.executor, self.verifier.evict_idle, self.config.verifier.session_idle_s
