@@ -12,6 +12,7 @@ run that was killed can be found and removed by the next one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -143,3 +144,24 @@ def existing() -> list[str]:
     """Namespaces of this module's naming scheme that exist now."""
     return [line.split(" ")[0] for line in _ip("netns", "list", check=False).stdout.splitlines()
             if line.startswith(f"{PREFIX}-")]
+
+
+@contextlib.contextmanager
+def network(hosts: list[str]):
+    """A Network with these hosts, up for the block and always torn down; pytest-skips where
+    namespaces cannot be made (not root, no `ip`)."""
+    import pytest
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    remove_stale()
+    net = Network()
+    for name in hosts:
+        net.add_host(name)
+    try:
+        net.up()
+        yield net
+    finally:
+        left = net.down()
+        assert not left, f"namespaces left behind: {left}"

@@ -36,18 +36,8 @@ asyncio.run(main())
 
 @pytest.fixture
 def network():
-    reason = netns.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    netns.remove_stale()
-    net = netns.Network()
-    for name in ("server", "edge"):
-        net.add_host(name)
-    try:
-        net.up()
+    with netns.network(["server", "edge"]) as net:
         yield net
-    finally:
-        assert not net.down()
 
 
 @pytest.mark.timeout(300)

@@ -3,7 +3,6 @@ vanish. Every session must finish with output token-identical to the target alon
 the departed left behind must be freed."""
 
 import asyncio
-import os
 import random
 import time
 

@@ -48,19 +48,8 @@ asyncio.run(main())
 
 @pytest.fixture
 def network():
-    reason = netns.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    netns.remove_stale()
-    net = netns.Network()
-    for name in HOSTS:
-        net.add_host(name)
-    try:
-        net.up()
+    with netns.network(HOSTS) as net:
         yield net
-    finally:
-        left = net.down()
-        assert not left, f"namespaces left behind: {left}"
 
 
 def service(name: str) -> dict:
