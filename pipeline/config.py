@@ -103,7 +103,7 @@ class SecurityConfig:
 class DemoConfig:
     sessions: int = 8
     max_new_tokens: int = 48
-    drafters: list[str] = field(default_factory=lambda: ["pi5", "ngram"])
+    drafters: list[str] = field(default_factory=lambda: ["pi5", "orin", "large", "ngram"])
 
 
 @dataclass
