@@ -25,7 +25,10 @@ from pipeline.config import LimitsConfig
 from pipeline.protocol import ErrorCode, Propose, Sampling, Verdict
 from workers.acceptance import target_probs, verify_greedy, verify_sampling
 
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [1, kv_heads, length, head_dim]
+# One tensor per session: [layers, 2 (keys, values), kv_heads, length, head_dim]. One tensor, not
+# one per layer, so that gathering B sessions into a batch and scattering them back costs O(B)
+# copies instead of O(B x layers) -- on a GPU those small copies dominated the forward pass.
+KV = torch.Tensor
 MAX_TOP_K = 64
 
 
@@ -49,10 +52,10 @@ class SessionState:
 
     @property
     def cached(self) -> int:
-        return 0 if self.kv is None else self.kv[0][0].shape[2]
+        return 0 if self.kv is None else self.kv.shape[3]
 
     def nbytes(self) -> int:
-        return 0 if self.kv is None else sum(k.nbytes + v.nbytes for k, v in self.kv)
+        return 0 if self.kv is None else self.kv.nbytes
 
 
 @dataclass
@@ -165,7 +168,7 @@ class TargetVerifier:
         if len(history) > 1:
             ids = torch.tensor([history[:-1]], dtype=torch.long, device=self.device)
             out = self.model(input_ids=ids, cache=DynamicCache(), use_cache=True)
-            kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+            kv = torch.stack([torch.stack((layer.keys[0], layer.values[0])) for layer in out.cache.layers])
             self.stats.prefills += 1
             self.stats.prefill_tokens += len(history) - 1
         sampling = item.sampling
@@ -205,17 +208,13 @@ class TargetVerifier:
             positions[i] = torch.arange(lengths[i], lengths[i] + width)
         cache = DynamicCache()
         if past > 0:
-            layers = []
             reference = next(s.kv for s in states if s.kv is not None)
-            for layer, (ref_k, ref_v) in enumerate(reference):
-                keys = ref_k.new_zeros((batch, ref_k.shape[1], past, ref_k.shape[3]))
-                values = ref_v.new_zeros((batch, ref_v.shape[1], past, ref_v.shape[3]))
-                for i, state in enumerate(states):
-                    if lengths[i]:
-                        keys[i, :, past - lengths[i] :] = state.kv[layer][0][0]
-                        values[i, :, past - lengths[i] :] = state.kv[layer][1][0]
-                layers.append((keys, values))
-            cache = DynamicCache(ddp_cache_data=layers)
+            layers, _, heads, _, dim = reference.shape
+            stacked = reference.new_zeros((layers, 2, batch, heads, past, dim))
+            for i, state in enumerate(states):
+                if lengths[i]:  # left-padded: each session's cache ends where the new tokens start
+                    stacked[:, :, i, :, past - lengths[i] :] = state.kv
+            cache = DynamicCache(ddp_cache_data=[(stacked[layer, 0], stacked[layer, 1]) for layer in range(layers)])
         out = self.model(
             input_ids=input_ids.to(self.device),
             attention_mask=mask.to(self.device),
@@ -246,6 +245,8 @@ class TargetVerifier:
             states = [s for _, _, s in ready]
             drafts = [item.draft for _, item, _ in ready]
             logits, cache, past = self._forward(states, drafts)
+            keys = torch.stack([layer.keys for layer in cache.layers])  # [layers, batch, heads, len, dim]
+            values = torch.stack([layer.values for layer in cache.layers])
             for row, (index, item, state) in enumerate(ready):
                 rows = logits[row, : 1 + len(item.draft)]
                 if state.sampling.greedy:
@@ -255,10 +256,7 @@ class TargetVerifier:
                     accepted, token = verify_sampling(probs, item.draft, item.q_ids, item.q_probs, state.generator)
                 # keep the cache through the last committed token and the accepted draft tokens
                 start, stop = past - state.cached, past + 1 + accepted
-                state.kv = [
-                    (layer.keys[row : row + 1, :, start:stop].clone(), layer.values[row : row + 1, :, start:stop].clone())
-                    for layer in cache.layers
-                ]
+                state.kv = torch.stack((keys[:, row, :, start:stop], values[:, row, :, start:stop]), dim=1)
                 state.committed += accepted + 1
                 state.last_token = token
                 self.stats.draft_tokens += len(item.draft)
