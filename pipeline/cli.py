@@ -104,7 +104,12 @@ def main(argv: list[str] | None = None) -> int:
             max_new_tokens=args.max_new_tokens or config.demo.max_new_tokens,
             drafters=drafters, as_json=args.json, verify=args.verify,
         )
-    # commands registered by other packages take the parsed args; the loaded Config rides along
+    # commands registered by other packages take the parsed args; the loaded Config rides along.
+    # Logs go to stderr, so that a command's --json output stays alone on stdout.
+    if args.command not in ("gateway",):
+        from pipeline.logs import configure_logging
+
+        configure_logging(config.log.format, config.log.level)
     args.sled_config = config
     args.sled_overrides = overrides
     return args.handler(args)

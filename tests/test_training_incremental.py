@@ -146,3 +146,13 @@ def test_rung_parameters_count_shared_modules_once():
 )
 def test_smallest_sufficient_partition(accs, reference, tol, expected):
     assert smallest_sufficient(accs, reference, tol) == expected
+
+
+def test_stage_lengths_may_differ_per_stage():
+    from training.train_cnn import stage_lengths
+
+    assert stage_lengths(100, 4, None) == [25, 25, 25, 25]
+    assert stage_lengths(100, 3, 0.6) == [20, 20, 60]
+    x, y = blobs()
+    history = make_trainer(tiny_net(), x, y, init="random", stage_steps=[5, 15, 0], total_steps=30).run()
+    assert [j["step"] for j in history.joins] == [5, 20]

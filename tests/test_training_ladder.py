@@ -147,3 +147,47 @@ def test_heldout_prompts_are_disjoint_from_training_prompts():
     spans = [p[i : i + 60] for p in heldout for i in range(0, max(1, len(p) - 60), 60)]
     shared = [s for s in spans if "<|im_start|>" not in s and "You are a helpful" not in s and s in train_text]
     assert not shared
+
+
+def fake_record(n: int, k: int = 4) -> dict:
+    return {"ids": torch.arange(n, dtype=torch.int32), "prompt_len": 1,
+            "top_ids": torch.zeros(n, k, dtype=torch.int32), "top_logits": torch.zeros(n, k, dtype=torch.float16)}
+
+
+def test_distill_batches_respect_the_token_budget_and_reload_new_shards():
+    from training.distill_dataset import endless_batches
+
+    pool = [fake_record(n) for n in (5, 6, 7, 30)]
+    it = endless_batches(lambda: list(pool), tokens_per_batch=21, top_k=4, seed=0)
+    first_epoch = [next(it)[1] for _ in range(2)]
+    assert sorted(int(b["mask"].sum()) for b in first_epoch) == [18, 30]  # 5+6+7 together, 30 alone
+    assert all(b["ids"].numel() <= 30 for b in first_epoch)  # padded size within budget (or one sequence)
+    pool.append(fake_record(3))  # a shard written while training runs joins at the next epoch
+    second_epoch = [next(it)[1] for _ in range(3)]  # [3 5 6], [7], [30]
+    assert sum(int(b["mask"].sum()) for b in second_epoch) == 5 + 6 + 7 + 3 + 30
+
+
+def test_continuation_only_masks_prompt_positions():
+    from training.distill_dataset import collate
+
+    record = fake_record(6)
+    record["prompt_len"] = 4
+    assert collate([record], 4)["mask"][0].tolist() == [True] * 6
+    # position 3 (the prompt's last token) predicts the first generated token, so it stays
+    assert collate([record], 4, continuation_only=True)["mask"][0].tolist() == [False] * 3 + [True] * 3
+
+
+def test_full_vocabulary_term_penalises_tokens_outside_the_candidates():
+    torch.manual_seed(0)
+    embed = torch.randn(40, 8)
+    hidden = torch.randn(1, 6, 8)
+    top_logits, top_ids = torch.randn(1, 6, 40).topk(2, dim=-1)
+    batch = {"mask": torch.ones(1, 6, dtype=torch.bool), "top_ids": top_ids, "top_logits": top_logits}
+    base = candidate_distill_loss(hidden, batch, embed, top_k=2, random_negatives=0)
+    # push up a token that is never a candidate: only the full-vocabulary term can notice
+    outsider = next(t for t in range(40) if t not in top_ids)
+    boosted = embed.clone()
+    boosted[outsider] = hidden[0].mean(0) * 50
+    assert candidate_distill_loss(hidden, batch, boosted, top_k=2, random_negatives=0) == pytest.approx(float(base))
+    with_full = candidate_distill_loss(hidden, batch, boosted, top_k=2, random_negatives=0, full_vocab_positions=6)
+    assert with_full > base + 1.0

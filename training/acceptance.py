@@ -1,0 +1,96 @@
+"""Held-out acceptance: how often a drafter's greedy token equals the target's.
+
+α (greedy, γ = 4) is measured teacher-forced on the target's own greedy continuation of each
+held-out prompt: the fraction of continuation positions where the drafter's argmax equals the
+target's token. Mean accepted length simulates rounds of γ drafts: from each position the run of
+agreeing drafts (at most γ) is accepted, the target supplies one more token, and the next round
+starts after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+import torch
+
+from training.prompts import build_prompts
+
+# The held-out prompts as committed text, so α is measured on the same prompts everywhere even
+# without the corpus packages installed; rebuilt from the corpora when absent.
+HELDOUT_FILE = Path(__file__).resolve().parent.parent / "drafters" / "heldout-prompts.json"
+
+log = structlog.get_logger(__name__)
+
+HELDOUT_CHAT = 24
+HELDOUT_PROSE = 24
+HELDOUT_NEW_TOKENS = 64
+
+
+def heldout_sequences(target: str = "smollm2", *, n_chat: int = HELDOUT_CHAT, n_prose: int = HELDOUT_PROSE,
+                      new_tokens: int = HELDOUT_NEW_TOKENS, model=None, tokenizer=None) -> list[tuple[list[int], int]]:
+    """(prompt + target's greedy continuation, prompt length) per held-out prompt, cached on disk
+    (generating them costs a minute of CPU and they never change for a given target)."""
+    from pipeline.models import cache_root, load_causal_lm, load_tokenizer
+
+    from training.distill_data import greedy_continuations
+
+    tokenizer = tokenizer or load_tokenizer(target)
+    prompts = heldout_prompts(tokenizer, n_chat=n_chat, n_prose=n_prose)
+    key = hashlib.sha256(json.dumps([target, new_tokens, prompts]).encode()).hexdigest()[:16]
+    path = cache_root() / "heldout" / f"{key}.pt"
+    if path.is_file():
+        return torch.load(path)
+    model = model or load_causal_lm(target)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    sequences = []
+    for first in range(0, len(prompts), 16):
+        sequences += greedy_continuations(model, tokenizer, prompts[first : first + 16], new_tokens)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sequences, path)
+    log.info("heldout_generated", prompts=len(prompts), path=str(path))
+    return sequences
+
+
+def heldout_prompts(tokenizer, *, n_chat: int = HELDOUT_CHAT, n_prose: int = HELDOUT_PROSE) -> list[str]:
+    if HELDOUT_FILE.is_file():
+        stored = json.loads(HELDOUT_FILE.read_text())
+        if stored["n_chat"] == n_chat and stored["n_prose"] == n_prose:
+            return stored["prompts"]
+    return build_prompts(tokenizer, held_out=True, n_chat=n_chat, n_prose=n_prose)
+
+
+def accepted_lengths(agree: list[bool], gamma: int) -> list[int]:
+    """Accepted drafts per round when rounds of `gamma` drafts walk through `agree`."""
+    rounds, pos = [], 0
+    while pos < len(agree):
+        n = 0
+        while n < gamma and pos + n < len(agree) and agree[pos + n]:
+            n += 1
+        rounds.append(n)
+        pos += n + 1  # the target's own token follows the accepted run
+    return rounds
+
+
+@torch.no_grad()
+def acceptance(argmax_fn: Callable[[torch.Tensor], torch.Tensor], sequences: list[tuple[list[int], int]],
+               gamma: int = 4) -> dict:
+    """α and mean accepted length; `argmax_fn(ids [1, T]) -> [1, T]` next-token argmax."""
+    matched, total, rounds = 0, 0, []
+    for ids, prompt_len in sequences:
+        if len(ids) <= prompt_len:
+            continue
+        pred = argmax_fn(torch.tensor([ids]))[0]
+        agree = (pred[prompt_len - 1 : -1] == torch.tensor(ids[prompt_len:])).tolist()
+        matched += sum(agree)
+        total += len(agree)
+        rounds += accepted_lengths(agree, gamma)
+    return {
+        "alpha": matched / max(1, total),
+        "mean_accepted": sum(rounds) / max(1, len(rounds)),
+        "positions": total,
+    }

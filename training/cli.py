@@ -1,0 +1,153 @@
+"""`sled train …` and `sled eval …`: register(subparsers) adds them to the main `sled` parser."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    """Add `train` (cnn, drafters) and `eval` (drafters) to an argparse subparsers object."""
+    train = subparsers.add_parser("train", help="incremental training: CNN experiments, drafter ladder")
+    what = train.add_subparsers(dest="train_what", required=True)
+
+    cnn = what.add_parser("cnn", help="baseline vs incremental (random / look-ahead) on ResNet-20 and VGG-11-BN")
+    cnn.add_argument("--networks", nargs="+", default=["resnet20", "vgg11"], choices=["resnet20", "vgg11"])
+    cnn.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "cifar10"])
+    cnn.add_argument("--cifar-dir", type=Path, help="a cifar-10-batches-py folder (for --dataset cifar10)")
+    cnn.add_argument("--fashion-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"),
+                     help="folder of the Fashion-MNIST idx files (Debian dataset-fashion-mnist)")
+    cnn.add_argument("--steps", type=int, default=1200)
+    cnn.add_argument("--width", type=float, default=0.5, help="channel multiplier (1.0 = published widths)")
+    cnn.add_argument("--batch-size", type=int, default=64)
+    cnn.add_argument("--lr", type=float, default=2e-3)
+    cnn.add_argument("--lookahead-steps", type=int, default=40)
+    cnn.add_argument("--tolerance", type=float, default=0.005, help="accuracy tolerance (0.005 = 0.5 points)")
+    cnn.add_argument("--test-samples", type=int, default=5000)
+    cnn.add_argument("--seed", type=int, default=0)
+    cnn.add_argument("--final-fraction", type=float, default=None,
+                     help="share of steps for the last stage (default: equal stages)")
+    cnn.add_argument("--tag", default="", help="suffix for result and plot file names")
+    cnn.add_argument("--replot", action="store_true", help="only redraw plots and the table from saved runs")
+    cnn.add_argument("--out", type=Path, default=Path("out/cnn"))
+    cnn.add_argument("--img-dir", type=Path, default=Path("docs/img"))
+    cnn.add_argument("--threads", type=int, default=1)
+    cnn.set_defaults(handler=_train_cnn)
+
+    # Defaults reproduce the committed ladder (drafters/ladder) from seed 0.
+    dr = what.add_parser("drafters", help="distil the drafter ladder for the default target")
+    dr.add_argument("--target", default="smollm2")
+    dr.add_argument("--data", type=Path, default=Path("out/distill"), help="distillation shards folder")
+    dr.add_argument("--generate", action="store_true", help="generate (or resume) the distillation data first")
+    dr.add_argument("--generate-budget-s", type=float, default=2700.0)
+    dr.add_argument("--generate-shards", type=int, default=17, help="shards of 48 prompts (17 made the committed ladder)")
+    dr.add_argument("--steps", type=int, default=480)
+    dr.add_argument("--lookahead-steps", type=int, default=15)
+    dr.add_argument("--init", choices=["lookahead", "random"], default="lookahead")
+    dr.add_argument("--random-layers", action="store_true", help="trained layers from random init, not target copies")
+    dr.add_argument("--stem-layers", type=int, default=6)
+    dr.add_argument("--partition-layers", type=int, nargs="+", default=[2, 3, 3])
+    dr.add_argument("--tokens-per-batch", type=int, default=2048)
+    dr.add_argument("--lr", type=float, default=8e-4)
+    dr.add_argument("--seed", type=int, default=0)
+    dr.add_argument("--out", type=Path, default=None, help="default: drafters/ladder (the committed ladder)")
+    dr.add_argument("--no-save", action="store_true")
+    dr.add_argument("--summary", type=Path, default=None, help="JSON of the run (config, curves, wall time)")
+    dr.add_argument("--plot", type=Path, default=None, help="PNG of the run's curves")
+    dr.add_argument("--compare-init", action="store_true",
+                    help="run random and look-ahead joins with these settings (nothing saved) and plot both")
+    dr.add_argument("--eval-prompts", type=int, default=16, help="held-out chat and prose prompts each, for curves")
+    dr.add_argument("--continuation-only", action=argparse.BooleanOptionalAction, default=True,
+                    help="distil only on the target's generated positions, not on prompt positions")
+    dr.add_argument("--threads", type=int, default=1)
+    dr.set_defaults(handler=_train_drafters)
+
+    ev = subparsers.add_parser("eval", help="evaluate trained artefacts")
+    ev_what = ev.add_subparsers(dest="eval_what", required=True)
+    ed = ev_what.add_parser("drafters", help="per rung: params, draft tokens/s, held-out greedy α at γ=4")
+    ed.add_argument("--target", default="smollm2")
+    ed.add_argument("--rungs", nargs="+", default=None)
+    ed.add_argument("--gamma", type=int, default=4)
+    ed.add_argument("--json", action="store_true", help="print JSON (default: a table)")
+    ed.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ed.set_defaults(handler=_eval_drafters)
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _train_cnn(args: argparse.Namespace) -> int:
+    from training.train_cnn import replot, train_cnns
+
+    _threads(args.threads)
+    if args.replot:
+        replot(networks=tuple(args.networks), dataset=args.dataset, tag=args.tag, tolerance=args.tolerance,
+               out=args.out, img_dir=args.img_dir, title=f"({args.steps} steps of {args.batch_size})")
+        return 0
+    train_cnns(networks=tuple(args.networks), dataset=args.dataset, cifar_dir=args.cifar_dir,
+               fashion_dir=args.fashion_dir, steps=args.steps,
+               width=args.width, batch_size=args.batch_size, lr=args.lr, lookahead_steps=args.lookahead_steps,
+               tolerance=args.tolerance, test_samples=args.test_samples, seed=args.seed, out=args.out,
+               final_fraction=args.final_fraction, tag=args.tag,
+               img_dir=args.img_dir)
+    return 0
+
+
+def _train_drafters(args: argparse.Namespace) -> int:
+    from training.distill_data import generate_shards
+    from training.drafter_net import LadderSpec
+    from training.plots import plot_runs
+    from training.train_drafters import LADDER_DIR, train_ladder
+
+    _threads(args.threads)
+    if args.generate:
+        generate_shards(args.data, target=args.target, time_budget_s=args.generate_budget_s,
+                        max_shards=args.generate_shards, seed=args.seed)
+    spec = LadderSpec(stem_layers=args.stem_layers, partition_layers=tuple(args.partition_layers),
+                      rungs=tuple(("pi5", "orin-nano", "large", "xl")[: len(args.partition_layers)]))
+    common = dict(spec=spec, target=args.target, steps=args.steps, init_from_target=not args.random_layers,
+                  lookahead_steps=args.lookahead_steps, tokens_per_batch=args.tokens_per_batch, lr=args.lr,
+                  eval_prompts=args.eval_prompts, seed=args.seed,
+                  continuation_only=args.continuation_only)
+    out = args.out or LADDER_DIR
+    if args.compare_init:
+        runs = {init: train_ladder(args.data, out, init=init, save=False, name=f"drafters/{init}", **common)
+                for init in ("random", "lookahead")}
+        summary = {init: {k: v for k, v in run.items()} for init, run in runs.items()}
+        if args.plot:
+            plot_runs({f"incremental-{i}": r["history"] for i, r in runs.items()}, args.plot,
+                      f"drafter partitions {list(spec.partition_layers)} on a {spec.stem_layers}-layer target stem",
+                      metric_label="held-out α")
+        if args.summary:
+            args.summary.write_text(json.dumps(summary) + "\n")
+        for init, run in runs.items():
+            print(init, json.dumps(run["history"]["evals"][-1]["rungs"]))
+        return 0
+    summary = train_ladder(args.data, out, init=args.init, save=not args.no_save, name=f"drafters/{args.init}", **common)
+    if args.summary:
+        args.summary.write_text(json.dumps(summary) + "\n")
+    if args.plot:
+        plot_runs({args.init: summary["history"]}, args.plot, "drafter ladder", metric_label="held-out α")
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+    return 0
+
+
+def _eval_drafters(args: argparse.Namespace) -> int:
+    from training.eval_drafters import evaluate_ladder
+
+    _threads(args.threads)
+    report = evaluate_ladder(args.target, args.rungs, args.gamma)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"target {report['target']}: {report['target_tokens_per_s']} tokens/s, γ={report['gamma']}")
+        for r in report["rungs"]:
+            print(f"{r['name']:>10}  layers {r['layers']:>2}  params {r['params'] / 1e6:6.1f}M  "
+                  f"α {r['alpha']:.3f}  accepted/round {r['mean_accepted_per_round']:.2f}  "
+                  f"{r['draft_tokens_per_s']:.1f} tokens/s")
+    return 0

@@ -1,0 +1,60 @@
+"""`sled eval drafters`: per rung, parameters, draft tokens/s on this CPU and held-out α at γ = 4."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import torch
+from transformers import DynamicCache
+
+from training.acceptance import acceptance, heldout_sequences
+from training.ladder import RUNGS, load_rung
+
+
+@torch.no_grad()
+def draft_tokens_per_s(model, prompts: list[list[int]], new_tokens: int = 32) -> float:
+    """Batch-1 greedy drafting through the KV cache (what a drafter worker does per round);
+    the prompt's prefill is not timed. Median over prompts."""
+    rates = []
+    for prompt in prompts:
+        cache = DynamicCache()
+        step = model(input_ids=torch.tensor([prompt]), cache=cache, use_cache=True)
+        token = step.logits[:, -1:].argmax(-1)
+        started = time.perf_counter()
+        for _ in range(new_tokens):
+            step = model(input_ids=token, cache=step.past_key_values, use_cache=True)
+            token = step.logits[:, -1:].argmax(-1)
+        rates.append(new_tokens / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None, gamma: int = 4,
+                    speed_prompts: int = 3) -> dict:
+    from pipeline.models import load_causal_lm
+
+    target = load_causal_lm(target_spec)
+    sequences = heldout_sequences(target_spec, model=target)
+    prompts = [ids[:n] for ids, n in sequences[:: max(1, len(sequences) // speed_prompts)][:speed_prompts]]
+    embed_params = target.get_input_embeddings().weight.numel()
+    report = {
+        "target": target_spec, "gamma": gamma, "greedy": True,
+        "heldout": {"sequences": len(sequences), "positions": sum(len(i) - n for i, n in sequences)},
+        "cpu": {"machine": platform.machine(), "threads": torch.get_num_threads()},
+        "target_tokens_per_s": round(draft_tokens_per_s(target, prompts), 1),
+        "target_params": sum(p.numel() for p in target.parameters()),
+        "rungs": [],
+    }
+    for name in rungs or RUNGS:
+        model = load_rung(name, target_spec, target=target)
+        stats = acceptance(lambda ids: model(input_ids=ids).logits.argmax(-1), sequences, gamma)
+        params = sum(p.numel() for p in model.parameters())
+        report["rungs"].append({
+            "name": name, "layers": model.config.num_hidden_layers, "params": params,
+            "params_without_embeddings": params - embed_params,
+            "alpha": round(stats["alpha"], 4), "mean_accepted_per_round": round(stats["mean_accepted"], 3),
+            "tokens_per_round": round(stats["mean_accepted"] + 1, 3),
+            "draft_tokens_per_s": round(draft_tokens_per_s(model, prompts), 1),
+        })
+    return report

@@ -1,0 +1,122 @@
+"""Prompt sets for distilling drafters: a varied training set and a held-out set never trained on.
+
+Chat prompts are templated questions over topics; prose prompts are raw passages from the
+corpora in shared/MODELS.md (KJV Bible, Shakespeare). The held-out set uses templates, topics,
+Bible books and plays that the training set never touches, so α measured on it is not inflated
+by memorised prompts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import re
+from pathlib import Path
+
+TRAIN_TEMPLATES = [
+    "Explain {t} in simple terms.",
+    "What are the main benefits of {t}?",
+    "Write a short story about {t}.",
+    "Give me three tips about {t}.",
+    "How does {t} work?",
+    "Write a short poem about {t}.",
+    "Summarize the history of {t}.",
+    "What are common mistakes people make with {t}?",
+    "Describe {t} to a ten-year-old.",
+    "List five facts about {t}.",
+    "Why is {t} important?",
+    "Write an email to a friend about {t}.",
+    "What should a beginner know about {t}?",
+    "Compare {t} with something from everyday life.",
+]
+HELDOUT_TEMPLATES = [
+    "Can you tell me what you know about {t}?",
+    "I am curious: what makes {t} interesting?",
+    "Write a paragraph introducing {t}.",
+    "What questions do people often ask about {t}?",
+]
+TRAIN_TOPICS = [
+    "photosynthesis", "the water cycle", "machine learning", "climate change", "the Roman Empire",
+    "black holes", "healthy sleep", "gardening", "electric cars", "the stock market", "volcanoes",
+    "the human heart", "learning a language", "cooking pasta", "recycling", "the moon landing",
+    "bees", "the internet", "vaccines", "chess", "meditation", "solar panels", "dinosaurs",
+    "the French Revolution", "coffee", "rainforests", "jazz music", "public speaking", "budgeting",
+    "earthquakes", "the printing press", "friendship", "running a marathon", "cats", "dogs",
+    "the ocean", "time management", "video games", "democracy", "bread baking", "the brain",
+    "renewable energy", "ancient Egypt", "mountains", "photography", "the immune system",
+    "writing a resume", "the solar system", "electricity", "honey", "origami", "the Olympics",
+    "trains", "a rainy day", "a lost key", "a robot who learns to paint", "a lighthouse keeper",
+    "DNA", "gravity", "the speed of light", "Python programming", "databases", "encryption",
+    "the Renaissance", "Shakespeare", "the Bible", "knights and castles", "pirates", "winter",
+    "teamwork", "the periodic table", "antibiotics", "wind turbines", "the desert", "owls",
+    "tea ceremonies", "smartphones", "sorting algorithms", "the Great Wall of China", "forests",
+]
+HELDOUT_TOPICS = [
+    "glaciers", "the violin", "penguins", "nuclear fusion", "the Silk Road", "board games",
+    "lightning", "coral reefs", "the Industrial Revolution", "yoga", "submarines", "maps",
+]
+CHAT_SYSTEM = None  # the target's template adds its own default system prompt
+
+# Training prose comes from these; the held-out prose from the rest.
+HELDOUT_BIBLE_BOOKS = {"Revelation", "Ruth", "James", "Jonah"}
+HELDOUT_PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "tempest_gut.txt", "sonnets_gut.txt")
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"corpus package {name!r} is not installed (see requirements.txt)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def bible_passages(held_out: bool) -> list[str]:
+    """Runs of three consecutive verses, from training or held-out books."""
+    verses: dict[str, list[str]] = {}
+    with open(_package_dir("bible") / "data" / "kjv.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            verses.setdefault(row["book"], []).append(row["text"])
+    out = []
+    for book, texts in verses.items():
+        if (book in HELDOUT_BIBLE_BOOKS) != held_out:
+            continue
+        out += [" ".join(texts[i : i + 3]) for i in range(0, len(texts) - 2, 3)]
+    return out
+
+
+def shakespeare_passages(held_out: bool) -> list[str]:
+    """Paragraph-sized chunks (~300 characters) of the modern-spelling plays."""
+    texts = sorted((_package_dir("shksprdata") / "texts").glob("*_gut.txt"))
+    out = []
+    for path in texts:
+        if (path.name in HELDOUT_PLAYS) != held_out:
+            continue
+        body = re.sub(r"\n{2,}", "\n", path.read_text(errors="ignore"))
+        body = body[len(body) // 20 :]  # skip title page and cast list
+        out += [body[i : i + 300].strip() for i in range(0, len(body) - 300, 300)]
+    return [p for p in out if len(p) > 100]
+
+
+def _chat(tokenizer, question: str) -> str:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def build_prompts(tokenizer, *, held_out: bool, n_chat: int, n_prose: int, seed: int = 0) -> list[str]:
+    """Prompt strings, half chat (templated) and half prose (raw prefix or 'continue this')."""
+    rng = random.Random(seed + (1 if held_out else 0))
+    templates = HELDOUT_TEMPLATES if held_out else TRAIN_TEMPLATES
+    topics = HELDOUT_TOPICS if held_out else TRAIN_TOPICS
+    questions = [tpl.format(t=t) for tpl in templates for t in topics]
+    rng.shuffle(questions)
+    prompts = [_chat(tokenizer, q) for q in questions[:n_chat]]
+    prose = bible_passages(held_out) + shakespeare_passages(held_out)
+    for i, passage in enumerate(rng.sample(prose, min(n_prose, len(prose)))):
+        # Alternate raw continuation (a prose prefix) and an instruction to continue it.
+        if i % 2 == 0:
+            prompts.append(passage[: rng.randint(80, 300)])
+        else:
+            prompts.append(_chat(tokenizer, "Continue this text:\n\n" + passage[:250]))
+    return prompts

@@ -1,0 +1,137 @@
+"""`sled train drafters`: distil the drafter ladder from the target with the incremental trainer.
+
+Every rung keeps an exit loss ("all"), so a rung stays a valid drafter after deeper partitions
+join; joining partitions get a look-ahead window. The result is written as fp16 safetensors:
+trained layers once (rungs are nested, so they share them) and one norm per rung; the target's
+embeddings, stem layers and head are never stored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import structlog
+import torch
+from safetensors.torch import save_file
+
+from training.acceptance import heldout_sequences
+from training.distill_dataset import endless_batches, load_records
+from training.distill_loss import candidate_distill_loss
+from training.drafter_net import LadderSpec, build_drafter_net
+from training.incremental import IncrementalConfig, IncrementalTrainer
+
+log = structlog.get_logger(__name__)
+
+LADDER_DIR = Path(__file__).resolve().parent.parent / "drafters" / "ladder"
+
+
+def make_evaluate(embed_weight: torch.Tensor, sequences):
+    """Trainer callback, per rung: held-out α and the cross-entropy of the target's greedy
+    continuation tokens (the held-out loss), teacher-forced."""
+
+    def evaluate(rung_outputs, rungs):
+        metrics = {}
+        for k in rungs:
+            nll, matched, count = 0.0, 0, 0
+            for ids, n in sequences:
+                x = torch.tensor([ids])
+                logits = (rung_outputs(x, [k])[k] @ embed_weight.T)[0, n - 1 : -1]
+                truth = x[0, n:]
+                nll += float(torch.nn.functional.cross_entropy(logits, truth, reduction="sum"))
+                matched += int((logits.argmax(-1) == truth).sum())
+                count += len(truth)
+            metrics[k] = {"acc": matched / max(1, count), "loss": nll / max(1, count)}
+        return metrics
+
+    return evaluate
+
+
+def train_ladder(
+    data_dir: Path,
+    out_dir: Path = LADDER_DIR,
+    *,
+    spec: LadderSpec = LadderSpec(),
+    target: str = "smollm2",
+    steps: int = 1200,
+    init: str = "lookahead",
+    init_from_target: bool = True,
+    lookahead_steps: int = 60,
+    tokens_per_batch: int = 3072,
+    lr: float = 3e-4,
+    eval_prompts: int = 16,
+    head_top_k: int = 8,
+    head_positions: int | None = 1024,
+    continuation_only: bool = False,
+    full_vocab_positions: int = 128,
+    seed: int = 0,
+    save: bool = True,
+    name: str = "ladder",
+) -> dict:
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    started = time.monotonic()
+    torch.manual_seed(seed)
+    target_model = load_causal_lm(target)
+    tokenizer = load_tokenizer(target)
+    heldout = heldout_sequences(target, model=target_model, tokenizer=tokenizer)
+    net, embed_weight = build_drafter_net(target_model, spec, init_from_target=init_from_target, seed=seed)
+    seen: dict[str, int] = {}
+
+    def records_now() -> list[dict]:  # re-read each epoch: generation may still be adding shards
+        records = load_records(data_dir)
+        seen["records"], seen["tokens"] = len(records), sum(len(r["ids"]) for r in records)
+        log.info("distill_epoch_data", **seen)
+        return records
+
+    records = records_now()
+    n_tokens = seen["tokens"]
+    log.info("drafter_training_started", records=len(records), tokens=n_tokens, steps=steps, init=init)
+    del records  # the iterator reloads per epoch
+    stage_steps = (steps - lookahead_steps * (len(net) - 1)) // len(net)
+    config = IncrementalConfig(
+        total_steps=steps, lr=lr, init=init, lookahead_steps=lookahead_steps, schedule="steps",
+        stage_steps=stage_steps, exit_loss="all", eval_every=max(50, steps // 12), grad_clip=1.0, seed=seed,
+    )
+    trainer = IncrementalTrainer(
+        net, config, endless_batches(records_now, tokens_per_batch, top_k=16, seed=seed,
+                                        continuation_only=continuation_only),
+        loss_fn=lambda h, batch: candidate_distill_loss(h, batch, embed_weight, top_k=head_top_k,
+                                                        random_negatives=512, max_positions=head_positions,
+                                                        full_vocab_positions=full_vocab_positions),
+        evaluate=make_evaluate(embed_weight, heldout[:eval_prompts] + heldout[-eval_prompts:]),
+        name=name,
+    )
+    history = trainer.run()
+    wall = time.monotonic() - started
+    summary = {"spec": asdict(spec), "target": target, "steps": steps, "init": init,
+               "init_from_target": init_from_target, "train_tokens_at_start": n_tokens,
+               "train_tokens_at_end": seen["tokens"], "records_at_end": seen["records"],
+               "tokens_per_batch": tokens_per_batch, "head_top_k": head_top_k, "head_positions": head_positions,
+               "continuation_only": continuation_only, "full_vocab_positions": full_vocab_positions,
+               "lr": lr, "seed": seed, "wall_s": round(wall, 1),
+               "history": history.to_dict()}
+    if save:
+        save_ladder(net, spec, out_dir, summary)
+    log.info("drafter_training_finished", wall_s=round(wall), final=history.final())
+    return summary
+
+
+def save_ladder(net, spec: LadderSpec, out_dir: Path, summary: dict) -> None:
+    """fp16 safetensors of what training changed: trained layers (once) and per-rung norms."""
+    tensors, depth = {}, spec.stem_layers
+    for k, part in enumerate(net.partitions):
+        trained = list(part.layers)[spec.stem_layers:] if k == 0 else list(part.layers)
+        for layer in trained:
+            for key, value in layer.state_dict().items():
+                tensors[f"layers.{depth}.{key}"] = value.detach().to(torch.float16).contiguous()
+            depth += 1
+        tensors[f"norms.{k}.weight"] = net.heads[k].norm.weight.detach().to(torch.float16).contiguous()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "ladder.safetensors"), metadata={"format": "pt"})
+    meta = {"rungs": list(spec.rungs), "stem_layers": spec.stem_layers,
+            "partition_layers": list(spec.partition_layers), "target": summary["target"]}
+    (out_dir / "ladder.json").write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("ladder_saved", out=str(out_dir), tensors=len(tensors))
