@@ -27,6 +27,7 @@ def test_demo_is_lossless_and_batches_sessions():
     assert summary["sessions"] == 8
     assert summary["mean_batch_sessions"] > 1.5
     assert set(summary["acceptance_by_drafter"]) == set(drafters)
-    assert summary["acceptance_by_drafter"]["pi5"] > 0  # the trained ladder really drafts
+    ladder = [d for d in summary["drafters"].values() if d["kind"] == "model"]
+    assert sum(d["accepted"] for d in ladder) > 0  # the trained ladder's drafts are really accepted
     # KV reuse: the target processes about (1 + draft) tokens per round, never the history again
     assert summary["target_tokens_per_generated"] < 6
