@@ -42,7 +42,7 @@ from pipeline.protocol import (
     decode,
     error_for,
 )
-from pipeline.roles import supervise
+from pipeline.roles import cancel_and_wait, supervise
 from pipeline.security import server_keys, start_authenticator
 from pipeline.sockets import make_socket, send_now
 
@@ -121,10 +121,7 @@ class Broker:
         try:
             await supervise(stop, self._frontend_loop(), self._backend_loop(), self._liveness_loop())
         finally:
-            dispatchers = [v.dispatcher for v in self.verifiers.values() if v.dispatcher]
-            for task in dispatchers:
-                task.cancel()
-            await asyncio.gather(*dispatchers, return_exceptions=True)
+            await cancel_and_wait([v.dispatcher for v in self.verifiers.values()])
             self.frontend.close(0)
             self.backend.close(0)
             if auth is not None:

@@ -19,6 +19,13 @@ from pipeline.logs import configure_logging
 Serve = Callable[[Config, asyncio.Event], Awaitable[None]]
 
 
+async def cancel_and_wait(tasks) -> None:
+    tasks = [t for t in tasks if t is not None]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def supervise(stop: asyncio.Event, *coros) -> None:
     """Run a role's loops until ``stop`` is set or one of them fails (its exception propagates);
     then cancel the rest and wait for them."""
@@ -30,9 +37,7 @@ async def supervise(stop: asyncio.Event, *coros) -> None:
             if task is not stopper and not task.cancelled() and task.exception():
                 raise task.exception()
     finally:
-        for task in [stopper, *tasks]:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait([stopper, *tasks])
 
 
 def run_role(role: str, config: Config, serve: Serve) -> int:

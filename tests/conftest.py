@@ -17,6 +17,15 @@ from pipeline.launcher import Stack
 TINY_VOCAB = 256
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models run fastest single-threaded; restore the setting for other tests."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     try:

@@ -5,18 +5,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from tests.test_training_data import write_idx
 from training.cli import register
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def parse(argv):

@@ -9,13 +9,7 @@ from torch import nn
 from training.incremental import IncrementalConfig, IncrementalNet, IncrementalTrainer, count_macs, smallest_sufficient
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded; restore the setting for other tests."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_net(seed: int = 0, width: int = 16, n: int = 3) -> IncrementalNet:

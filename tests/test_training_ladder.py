@@ -16,12 +16,7 @@ from training.train_drafters import save_ladder
 SPEC = LadderSpec(rungs=("small", "medium", "big"), stem_layers=2, partition_layers=(1, 1, 2))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

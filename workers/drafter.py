@@ -44,7 +44,7 @@ from pipeline.protocol import (
     error_for,
 )
 from pipeline.security import client_keys
-from pipeline.roles import supervise
+from pipeline.roles import cancel_and_wait, supervise
 from pipeline.sockets import BrokerLink, make_socket, new_identity, send_now
 from workers.drafts import build_drafter, draft_generator
 
@@ -114,10 +114,7 @@ class DrafterService:
         try:
             await supervise(stop, self._client_loop(), self._upstream_loop(), self._heartbeat_loop())
         finally:
-            runs = [run.task for run in self.sessions.values() if run.task]
-            for task in runs:
-                task.cancel()
-            await asyncio.gather(*runs, return_exceptions=True)
+            await cancel_and_wait([run.task for run in self.sessions.values()])
             self.executor.shutdown(wait=True, cancel_futures=True)
             self.broker.close()
             self.clients.close(0)
