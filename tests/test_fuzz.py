@@ -144,7 +144,7 @@ async def test_broker_and_drafter_survive_fuzzing_while_a_session_runs(stack, ti
     collect = given(frame=frames())(settings(max_examples=500, deadline=None, derandomize=True)(lambda frame: examples.append(frame)))
     collect()
     # beyond max_message_bytes libzmq drops the sending peer: sent from a socket of their own
-    oversized = [b"\x00" * 70000, msgpack.packb([PROTOCOL_VERSION, "propose", "s", 0, 1, list(range(20000))])]
+    oversized = [b"\x00" * 70000, msgpack.packb([PROTOCOL_VERSION, "propose", "s", 0, 1, list(range(40000))])]  # both > 64 KiB
     client = DrafterClient(stack.config.drafter("small").client)
     try:
         prompt = [5, 4, 3, 2, 1]
