@@ -20,7 +20,7 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from brokers.batcher import Batch, BatchPolicy, DeadlineBatcher, QueueFull
+from brokers.batcher import Batch, BatchPolicy, DeadlineBatcher, PreciseClock, QueueFull
 from brokers.clock import MonotonicClock
 from pipeline.config import Config
 from pipeline.protocol import (
@@ -44,9 +44,10 @@ from pipeline.protocol import (
 )
 from pipeline.roles import cancel_and_wait, supervise
 from pipeline.security import server_keys, start_authenticator
-from pipeline.sockets import make_socket, send_now
+from pipeline.sockets import LoopSocket, make_socket
 
 log = structlog.get_logger("sled.broker")
+FAIR_SHARE = 64  # frontend messages handled before the receive loop yields to the other tasks
 
 
 class VerifierLost(Exception):
@@ -91,6 +92,7 @@ class Broker:
         self.config = config
         self.ctx = ctx
         self.clock = clock or MonotonicClock()
+        self._injected_clock = clock is not None  # a test's clock drives the batchers too
         b = config.broker
         self.policy = BatchPolicy(
             max_sessions=b.max_batch_sessions,
@@ -109,6 +111,9 @@ class Broker:
         self.curve = config.security.curve
         self.frontend: zmq.asyncio.Socket | None = None
         self.backend: zmq.asyncio.Socket | None = None
+        # every send and receive goes through these (no Future per message; pipeline/sockets.py)
+        self._front: LoopSocket | None = None
+        self._back: LoopSocket | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -117,11 +122,16 @@ class Broker:
         auth = start_authenticator(self.ctx, self.config) if keys else None
         self.frontend = make_socket(self.ctx, zmq.ROUTER, bind=self.config.broker.frontend, max_message_bytes=self.max_bytes, curve=keys)
         self.backend = make_socket(self.ctx, zmq.ROUTER, bind=self.config.broker.backend, max_message_bytes=self.max_bytes, curve=keys)
+        self._front, self._back = LoopSocket(self.frontend), LoopSocket(self.backend)
         log.info("broker_started", frontend=self.config.broker.frontend, backend=self.config.broker.backend, curve=bool(keys))
         try:
             await supervise(stop, self._frontend_loop(), self._backend_loop(), self._liveness_loop())
         finally:
             await cancel_and_wait([v.dispatcher for v in self.verifiers.values()])
+            for handle in self.verifiers.values():
+                handle.batcher.close()
+            self._front.close()
+            self._back.close()
             self.frontend.close(0)
             self.backend.close(0)
             if auth is not None:
@@ -130,11 +140,19 @@ class Broker:
     # --- frontend: drafters --------------------------------------------------------------
 
     async def _frontend_loop(self) -> None:
+        received = 0
         while True:
-            frames = await self.frontend.recv_multipart(copy=False)
-            identity, frame = frames[0].bytes, frames[-1].bytes
-            # with CURVE a session belongs to the authenticated public key, else to the socket identity
-            principal = frames[-1].get("User-Id").encode() if self.curve else identity
+            received += 1
+            if received % FAIR_SHARE == 0:
+                await asyncio.sleep(0)  # a steady stream of proposals must not starve the dispatchers
+            if self.curve:  # a session belongs to the authenticated public key (zero-copy frames carry it)
+                frames = await self._front.recv_multipart(copy=False)
+                identity, frame = frames[0].bytes, frames[-1].bytes
+                principal = frames[-1].get("User-Id").encode()
+            else:  # else to the socket identity; small frames are cheaper copied
+                frames = await self._front.recv_multipart()
+                identity, frame = frames[0], frames[-1]
+                principal = identity
             parts = frames
             if len(parts) != 2:
                 self._reply(identity, ErrorReply(ErrorCode.BAD_FRAME, "expected exactly one frame per message"))
@@ -159,7 +177,7 @@ class Broker:
                     self._reply(identity, StatsReply(self.snapshot()))
 
     def _reply(self, identity: bytes, msg: Message) -> None:
-        if not send_now(self.frontend, identity, msg.encode()):
+        if not self._front.send(identity, msg.encode()):
             self.stats.undeliverable += 1
 
     def _reject(self, identity: bytes, item: Propose, code: str, message: str) -> None:
@@ -220,7 +238,7 @@ class Broker:
         handle = self.verifiers.get(verifier) if verifier else None
         if handle is not None:
             handle.sessions.discard(session_id)
-            send_now(self.backend, handle.identity, CloseSession(session_id).encode())
+            self._back.send(handle.identity, CloseSession(session_id).encode())
 
     def _verifier_for(self, session_id: str) -> VerifierHandle | None:
         current = self.session_verifier.get(session_id)
@@ -234,7 +252,7 @@ class Broker:
 
     async def _backend_loop(self) -> None:
         while True:
-            parts = await self.backend.recv_multipart()
+            parts = await self._back.recv_multipart()
             identity, frame = parts[0], parts[-1]
             try:
                 msg = decode(frame, BROKER_BACKEND_ACCEPTS, self.max_bytes)
@@ -257,7 +275,9 @@ class Broker:
                     self._on_verdicts(handle, msg)
 
     def _register(self, identity: bytes) -> VerifierHandle:
-        handle = VerifierHandle(identity, DeadlineBatcher(self.policy, self.clock), self.clock.now())
+        # each batcher gets its own PreciseClock: deadlines on time, not up to 1 ms late (batcher.py)
+        batch_clock = self.clock if self._injected_clock else PreciseClock()
+        handle = VerifierHandle(identity, DeadlineBatcher(self.policy, batch_clock), self.clock.now())
         handle.dispatcher = asyncio.create_task(self._dispatch_loop(handle), name=f"dispatch-{handle.name}")
         self.verifiers[identity] = handle
         log.info("verifier_registered", verifier=handle.name, verifiers=len(self.verifiers))
@@ -276,7 +296,7 @@ class Broker:
             self.stats.batch_tokens += batch.tokens
             self.stats.queue_wait_s += sum(batch.sent - item.arrived for item in batch.items)
             log.debug("batch_dispatched", batch_id=batch.batch_id, verifier=handle.name, size=len(batch.items), reason=batch.reason)
-            if not send_now(self.backend, handle.identity, payload):
+            if not self._back.send(handle.identity, payload):
                 handle.inflight.pop(batch.batch_id, None)
                 batch.fail(VerifierLost(f"verifier {handle.name} unreachable"))
 
@@ -301,7 +321,7 @@ class Broker:
                 if handle.last_seen < deadline:
                     self._drop_verifier(handle)
                 else:
-                    send_now(self.backend, handle.identity, Heartbeat().encode())
+                    self._back.send(handle.identity, Heartbeat().encode())
             for identity, seen in list(self.drafter_seen.items()):
                 if seen < deadline:
                     self._drop_drafter(identity)
@@ -325,6 +345,7 @@ class Broker:
         for batch in handle.inflight.values():
             batch.fail(lost)
         queued = handle.batcher.fail_all(lost)
+        handle.batcher.close()
         for session_id in handle.sessions:
             if self.session_verifier.get(session_id) == handle.identity:
                 del self.session_verifier[session_id]

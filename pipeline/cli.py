@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(handler=_keys)
     # commands of other packages: the REST gateway (gateway, status) and incremental training
-    for module in ("gateway.cli", "training.cli", "workers.launch_cli"):
+    for module in ("gateway.cli", "training.cli", "workers.launch_cli", "bench.cli"):
         try:
             register = __import__(module, fromlist=["register"]).register
         except ImportError:

@@ -61,6 +61,11 @@ class DrafterConfig:
     max_sessions: int = 64
     dtype: str = "float32"
     threads: int = 1  # torch threads for drafting (an edge device has few cores)
+    # Benchmarks (bench/): emulate a slower device -- hold each draft until this many times its
+    # measured compute time has passed (0 = off) -- and replay a recorded draft trace instead
+    # of computing drafts ("" = off; see bench/traces.py).
+    emulate_slowdown: float = 0.0
+    replay: str = ""
     key: str = ""  # CURVE key pair name when security.curve is on; "" = the drafter's name
 
 

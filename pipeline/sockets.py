@@ -16,6 +16,8 @@ import zmq
 import zmq.asyncio
 
 DEFAULT_HWM = 10_000
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
 def new_identity(prefix: str) -> bytes:
@@ -72,6 +74,69 @@ def send_now(sock: zmq.asyncio.Socket, *parts: bytes) -> bool:
         future.add_done_callback(lambda f: f.exception())
         return True
     return future.exception() is None
+
+
+class LoopSocket:
+    """Non-blocking sends and receives on a socket, driven by the event loop with no Future per message.
+
+    pyzmq's asyncio socket builds a Future, timers and event bookkeeping for every send and
+    receive: most of a broker's time at tens of thousands of messages a second. This drives the
+    same socket (through a shadow, so the zmq.asyncio socket still owns and closes it) with plain
+    NOBLOCK calls and one loop reader on its ZMQ_FD.
+
+    ZMQ_FD is edge-triggered: it signals that the socket's state may have changed, and any call
+    into the socket (a send included) may consume that signal. So after every send, a check of
+    ZMQ_EVENTS is scheduled (once per loop iteration), and a receiver that found nothing checks
+    ZMQ_EVENTS again before it sleeps: a message that arrives during a send is never left unread.
+    """
+
+    def __init__(self, sock: zmq.asyncio.Socket):
+        self._sock = zmq.Socket.shadow(sock.underlying)
+        self._loop = asyncio.get_running_loop()
+        self._readable = asyncio.Event()
+        self._fd = self._sock.getsockopt(zmq.FD)
+        self._loop.add_reader(self._fd, self._readable.set)
+        self._recheck_scheduled = False
+        self._closed = False
+
+    def send(self, *parts: bytes) -> bool:
+        """Send now, never wait: False when the peer is gone or its queue is full (as send_now)."""
+        send = self._sock.send
+        try:
+            # part by part with plain int flags: send_multipart's enum flag arithmetic costs more
+            # than the sends. Only the first part can fail (gone peer, full queue); then none left.
+            for part in parts[:-1]:
+                send(part, _MORE)
+            send(parts[-1], _NOBLOCK)
+            ok = True
+        except zmq.ZMQError:
+            ok = False
+        if not self._recheck_scheduled:
+            self._recheck_scheduled = True
+            self._loop.call_soon(self._recheck)
+        return ok
+
+    def _recheck(self) -> None:
+        self._recheck_scheduled = False
+        if not self._closed and self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._readable.set()
+
+    async def recv_multipart(self, copy: bool = True) -> list:
+        """The next message; returns at once (without yielding to the loop) when one is queued."""
+        while True:
+            try:
+                return self._sock.recv_multipart(zmq.NOBLOCK, copy=copy)
+            except zmq.Again:
+                pass
+            self._readable.clear()
+            if not self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                await self._readable.wait()
+
+    def close(self) -> None:
+        """Stop watching the socket (before the owner closes it)."""
+        if not self._closed:
+            self._closed = True
+            self._loop.remove_reader(self._fd)
 
 
 class BrokerLink:

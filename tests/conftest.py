@@ -4,13 +4,13 @@ helper that starts a real multi-process stack on them."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from bench.fleet import free_ports  # noqa: F401 - tests import it from here
 from pipeline.config import load_config
 from pipeline.launcher import Stack
 
@@ -24,17 +24,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def tiny_llama(seed: int, layers: int = 2, hidden: int = 64) -> LlamaForCausalLM:

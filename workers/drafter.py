@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ class DrafterStats:
     failed: int = 0
     rejected_frames: int = 0
     reconnects: int = 0
+    draft_s: float = 0.0  # device time spent drafting (emulated device time when emulate_slowdown is set)
 
     def as_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -254,6 +256,30 @@ class DrafterService:
                     return reply
                 self.stats.stale_replies += 1  # a verdict of an earlier, already retried round
 
+    def _timed_propose(self, state, committed: list[int], gamma: int, sampling: Sampling, generator):
+        started = time.thread_time()  # CPU time of this thread: robust when the host's cores are shared
+        draft = self.strategy.propose(state, committed, gamma, sampling, generator)
+        if not draft.compute_s:
+            draft.compute_s = time.thread_time() - started
+        return draft
+
+    async def _draft(self, state, committed: list[int], gamma: int, sampling: Sampling, generator):
+        """Draft in the worker thread. With ``emulate_slowdown`` (benchmarks), hold the draft until
+        the emulated device would have finished it: its compute time times the slowdown. The wait
+        is an asyncio sleep, so sessions (each one emulated device) wait in parallel."""
+        started = time.perf_counter()
+        draft = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self._timed_propose, state, committed, gamma, sampling, generator
+        )
+        slowdown = self.cfg.emulate_slowdown
+        if slowdown > 0:
+            device_s = draft.compute_s * slowdown
+            await asyncio.sleep(max(0.0, device_s - (time.perf_counter() - started)))
+            self.stats.draft_s += device_s
+        else:
+            self.stats.draft_s += time.perf_counter() - started
+        return draft
+
     async def _run_session(self, run: SessionRun) -> None:
         req = run.request
         loop = asyncio.get_running_loop()
@@ -271,9 +297,7 @@ class DrafterService:
             while generated < req.max_new_tokens:
                 budget = req.max_new_tokens - generated
                 gamma = min(self.cfg.gamma, budget - 1)  # a verdict always adds one token of its own
-                draft = await loop.run_in_executor(
-                    self.executor, self.strategy.propose, state, committed, gamma, sampling, generator
-                )
+                draft = await self._draft(state, committed, gamma, sampling, generator)
                 proposal = Propose(
                     run.session_id, round_, len(committed), draft.tokens, draft.q_ids, draft.q_probs,
                     list(committed) if round_ == 0 else None, req.temperature, req.top_p, req.seed, self.strategy.kind,

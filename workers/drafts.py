@@ -4,6 +4,9 @@
   rolled back to the accepted prefix after each verdict.
 * NgramDrafter -- model-free prompt lookup for the weakest devices: find the latest earlier
   occurrence of the longest recent n-gram and propose what followed it.
+* ReplayDrafter -- benchmarks only: proposes drafts a real drafter made earlier for the same
+  contexts (bench/traces.py records them), with the compute time each took, so that a 2-core
+  machine can stand in for a fleet of devices drafting in parallel.
 
 Both are deterministic functions of the context in greedy mode, so the verifier needs only the
 token ids. In sampling mode the model drafter samples from its own top-k distribution and sends
@@ -12,8 +15,11 @@ those k (id, probability) pairs; the n-gram drafter stays deterministic (see wor
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from dataclasses import dataclass, field
 
+import msgpack
 import torch
 from transformers import DynamicCache
 
@@ -25,6 +31,7 @@ class Draft:
     tokens: list[int]
     q_ids: list[list[int]] = field(default_factory=list)
     q_probs: list[list[float]] = field(default_factory=list)
+    compute_s: float = 0.0  # CPU seconds drafting took (measured by the drafter service, or recorded)
 
 
 def draft_generator(seed: int) -> torch.Generator:
@@ -130,8 +137,50 @@ class NgramDrafter:
         pass
 
 
+def context_key(tokens: list[int]) -> str:
+    """A short fingerprint of a whole committed context (the replay lookup key)."""
+    return hashlib.blake2b(array("q", tokens).tobytes(), digest_size=12).hexdigest()
+
+
+class ReplayDrafter:
+    """Replays a recorded draft trace: ``{"kind": ..., "drafts": {context_key: [tokens, compute_s]}}``.
+
+    Under greedy decoding a drafter's proposal is a function of the committed context, and a
+    lossless verifier makes every session follow the recorded path, so each lookup hits. A miss
+    (the context was never recorded) proposes nothing and is counted: the session still ends
+    with the target's output, only slower.
+    """
+
+    def __init__(self, path: str):
+        with open(path, "rb") as fh:
+            trace = msgpack.unpackb(fh.read())
+        self.kind = trace["kind"]
+        self.drafts: dict[str, list] = trace["drafts"]
+        self.hits = 0
+        self.misses = 0
+
+    def new_state(self) -> None:
+        return None
+
+    def propose(self, state, committed: list[int], gamma: int, sampling: Sampling, generator) -> Draft:
+        if not sampling.greedy:
+            raise ValueError("a replayed drafter supports greedy decoding only")
+        entry = self.drafts.get(context_key(committed)) if gamma > 0 else None
+        if entry is None:
+            self.misses += gamma > 0
+            return Draft([])
+        self.hits += 1
+        tokens, compute_s = entry
+        return Draft(list(tokens[:gamma]), compute_s=compute_s)
+
+    def commit(self, state, position: int, accepted: int) -> None:
+        pass
+
+
 def build_drafter(cfg, target_spec: str):
     """Build the strategy a drafter config names (``cfg`` is a DrafterConfig)."""
+    if cfg.replay:
+        return ReplayDrafter(cfg.replay)
     if cfg.kind == "ngram":
         return NgramDrafter(ngram_max=cfg.ngram_max)
     if cfg.kind != "model":

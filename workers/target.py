@@ -65,6 +65,7 @@ class VerifierStats:
     item_errors: int = 0
     prefills: int = 0
     prefill_tokens: int = 0
+    prefill_cpu_s: float = 0.0  # process CPU time spent prefilling (to tell prefill from decode work)
     verify_tokens: int = 0  # real (unpadded) rows of verify forwards
     padded_tokens: int = 0  # rows including padding
     draft_tokens: int = 0
@@ -166,11 +167,13 @@ class TargetVerifier:
         history = item.history
         kv = None
         if len(history) > 1:
+            cpu = time.process_time()
             ids = torch.tensor([history[:-1]], dtype=torch.long, device=self.device)
             out = self.model(input_ids=ids, cache=DynamicCache(), use_cache=True)
             kv = torch.stack([torch.stack((layer.keys[0], layer.values[0])) for layer in out.cache.layers])
             self.stats.prefills += 1
             self.stats.prefill_tokens += len(history) - 1
+            self.stats.prefill_cpu_s += time.process_time() - cpu
         sampling = item.sampling
         generator = None
         if not sampling.greedy:
@@ -193,38 +196,12 @@ class TargetVerifier:
         state.last_used = time.monotonic()
         return state
 
-    def _forward(self, states: list[SessionState], drafts: list[list[int]]) -> tuple[torch.Tensor, DynamicCache, int]:
-        batch = len(states)
-        lengths = [s.cached for s in states]
-        past = max(lengths)
-        rows = [1 + len(d) for d in drafts]
-        width = max(rows)
-        input_ids = torch.zeros((batch, width), dtype=torch.long)
-        mask = torch.zeros((batch, past + width), dtype=torch.long)
-        positions = torch.zeros((batch, width), dtype=torch.long)
-        for i, (state, draft) in enumerate(zip(states, drafts)):
-            input_ids[i, : rows[i]] = torch.tensor([state.last_token, *draft])
-            mask[i, past - lengths[i] : past + rows[i]] = 1
-            positions[i] = torch.arange(lengths[i], lengths[i] + width)
-        cache = DynamicCache()
-        if past > 0:
-            reference = next(s.kv for s in states if s.kv is not None)
-            layers, _, heads, _, dim = reference.shape
-            stacked = reference.new_zeros((layers, 2, batch, heads, past, dim))
-            for i, state in enumerate(states):
-                if lengths[i]:  # left-padded: each session's cache ends where the new tokens start
-                    stacked[:, :, i, :, past - lengths[i] :] = state.kv
-            cache = DynamicCache(ddp_cache_data=[(stacked[layer, 0], stacked[layer, 1]) for layer in range(layers)])
-        out = self.model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            position_ids=positions.to(self.device),
-            cache=cache,
-            use_cache=True,
-        )
-        self.stats.verify_tokens += sum(rows)
-        self.stats.padded_tokens += batch * width
-        return out.logits, out.cache, past
+    def _forward(self, states: list[SessionState], drafts: list[list[int]]) -> tuple[torch.Tensor, tuple, int]:
+        rows = [[s.last_token, *d] for s, d in zip(states, drafts)]
+        logits, kv, past = ragged_forward(self.model, self.device, [s.kv for s in states], rows)
+        self.stats.verify_tokens += sum(map(len, rows))
+        self.stats.padded_tokens += len(rows) * max(map(len, rows))
+        return logits, kv, past
 
     @torch.inference_mode()
     def verify_batch(self, items: list[Propose]) -> list[Verdict]:
@@ -244,9 +221,7 @@ class TargetVerifier:
         if ready:
             states = [s for _, _, s in ready]
             drafts = [item.draft for _, item, _ in ready]
-            logits, cache, past = self._forward(states, drafts)
-            keys = torch.stack([layer.keys for layer in cache.layers])  # [layers, batch, heads, len, dim]
-            values = torch.stack([layer.values for layer in cache.layers])
+            logits, kv, past = self._forward(states, drafts)
             for row, (index, item, state) in enumerate(ready):
                 rows = logits[row, : 1 + len(item.draft)]
                 if state.sampling.greedy:
@@ -255,8 +230,7 @@ class TargetVerifier:
                     probs = target_probs(rows, state.sampling)
                     accepted, token = verify_sampling(probs, item.draft, item.q_ids, item.q_probs, state.generator)
                 # keep the cache through the last committed token and the accepted draft tokens
-                start, stop = past - state.cached, past + 1 + accepted
-                state.kv = torch.stack((keys[:, row, :, start:stop], values[:, row, :, start:stop]), dim=1)
+                state.kv = session_kv(kv, row, past - state.cached, past + 1 + accepted)
                 state.committed += accepted + 1
                 state.last_token = token
                 self.stats.draft_tokens += len(item.draft)
@@ -267,3 +241,53 @@ class TargetVerifier:
         self.stats.compute_s += time.perf_counter() - started
         self._refresh_stats()
         return verdicts  # type: ignore[return-value]
+
+
+def ragged_forward(model, device, kvs: list[KV | None], rows: list[list[int]]) -> tuple[torch.Tensor, tuple, int]:
+    """One forward over several sequences with different cached lengths and new-token counts.
+
+    ``kvs[i]`` caches sequence i's earlier tokens (None: nothing cached); ``rows[i]`` are its new
+    tokens (at least one). Caches are left-padded to the longest (masked out), new tokens
+    right-padded (their outputs are ignored; causality keeps real rows from seeing them), and
+    position ids given explicitly. Returns the logits ``[batch, width, vocab]``, the whole cache
+    after the forward as (keys, values), each ``[layers, batch, heads, past + width, dim]``, and ``past``,
+    the padded cache length (sequence i's new tokens sit at ``past .. past + len(rows[i])``).
+    Used by the verifier and by the server-side drafting baseline of the benchmarks.
+    """
+    batch = len(rows)
+    lengths = [0 if kv is None else kv.shape[3] for kv in kvs]
+    past = max(lengths)
+    width = max(map(len, rows))
+    input_ids = torch.zeros((batch, width), dtype=torch.long)
+    mask = torch.zeros((batch, past + width), dtype=torch.long)
+    positions = torch.zeros((batch, width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        mask[i, past - lengths[i] : past + len(row)] = 1
+        positions[i] = torch.arange(lengths[i], lengths[i] + width)
+    cache = DynamicCache()
+    if past > 0:
+        reference = next(kv for kv in kvs if kv is not None)
+        layers, _, heads, _, dim = reference.shape
+        stacked = reference.new_zeros((layers, 2, batch, heads, past, dim))
+        for i, kv in enumerate(kvs):
+            if lengths[i]:  # left-padded: each sequence's cache ends where the new tokens start
+                stacked[:, :, i, :, past - lengths[i] :] = kv
+        cache = DynamicCache(ddp_cache_data=[(stacked[layer, 0], stacked[layer, 1]) for layer in range(layers)])
+    out = model(
+        input_ids=input_ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        cache=cache,
+        use_cache=True,
+    )
+    keys = torch.stack([layer.keys for layer in out.cache.layers])  # [layers, batch, heads, len, dim]
+    values = torch.stack([layer.values for layer in out.cache.layers])
+    return out.logits, (keys, values), past
+
+
+def session_kv(kv: tuple[torch.Tensor, torch.Tensor], row: int, start: int, stop: int) -> KV:
+    """Sequence ``row``'s cache positions ``start:stop`` out of a ragged_forward cache, as one
+    tensor [layers, 2, heads, length, dim] (one copy)."""
+    keys, values = kv
+    return torch.stack((keys[:, row, :, start:stop], values[:, row, :, start:stop]), dim=1)

@@ -1,0 +1,88 @@
+"""Device classes of the emulated fleet, the two target/drafter setups, and the power figures the
+energy estimate uses. Sources and reasoning are in docs/benchmarks.md ("Device profiles").
+
+``slowdown`` is how many times longer the device takes to draft than one core of this machine
+running the same drafter (torch, fp32, one thread). The numbers are estimates from public
+figures, not measurements of the devices; change them with ``sled bench --profile pi5.slowdown=3``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    kind: str  # "model" or "ngram"
+    slowdown: float  # device draft time / this machine's one-core draft time
+    rtt_ms: float  # round trip added to the device's link (user-space delay proxy)
+    rate_mbit: float  # the link's bandwidth cap (tbf), both ways
+    power_w: float  # device power while drafting (for the energy estimate)
+    link: str = ""  # what the link stands for
+
+
+PROFILES: dict[str, DeviceProfile] = {
+    # Raspberry Pi 5: 4x Cortex-A76 at 2.4 GHz, LPDDR4X; home Wi-Fi to an edge server
+    "pi5": DeviceProfile("pi5", "model", slowdown=2.5, rtt_ms=20.0, rate_mbit=50.0, power_w=7.0, link="Wi-Fi, 20 ms RTT, 50 Mbit/s"),
+    # Jetson Orin Nano 8 GB: drafts on its 1024-core Ampere GPU; wired Ethernet to the edge server
+    "orin": DeviceProfile("orin", "model", slowdown=1.0, rtt_ms=5.0, rate_mbit=100.0, power_w=15.0, link="Ethernet, 5 ms RTT, 100 Mbit/s"),
+    # model-free class (a phone or microcontroller running n-gram lookup); cellular link
+    "ngram": DeviceProfile("ngram", "ngram", slowdown=4.0, rtt_ms=20.0, rate_mbit=20.0, power_w=3.0, link="LTE, 20 ms RTT, 20 Mbit/s"),
+}
+
+# The server the energy estimate assumes: a 32-core edge-server CPU with a 250 W TDP, so about
+# 7.8 W per fully busy core. An estimate for a CPU server; a GPU server is reported separately.
+SERVER_WATTS_PER_CORE = 250.0 / 32
+
+
+@dataclass(frozen=True)
+class DrafterChoice:
+    model: str  # "ladder:RUNG", a folder, or "ngram"
+    gamma: int
+    min_confidence: float = 0.0
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One target with the drafter each device class runs, and the server-side drafter."""
+
+    name: str
+    target: str
+    drafters: dict[str, DrafterChoice]  # device class -> its drafter
+    server_drafter: DrafterChoice  # server-side speculative decoding and assisted generation
+    prompts: str  # "chat" (pipeline/prompts.py) or "code" (bench/qwen.py)
+    # capacity objective: median time per output token. Default setup: 200 ms (5 tokens/s, reading
+    # speed). Qwen: 1000 ms -- the 1.5B target alone needs ~430 ms per token on one core here.
+    slo_tpot_ms: float = 200.0
+    fleet: list[str] = field(default_factory=lambda: ["pi5", "orin", "ngram"])
+
+
+DEFAULT = Setup(
+    name="default",
+    target="smollm2",
+    drafters={"pi5": DrafterChoice("ladder:pi5", 4, 0.5), "orin": DrafterChoice("ladder:orin-nano", 4, 0.5),
+              "ngram": DrafterChoice("ngram", 4)},
+    server_drafter=DrafterChoice("ladder:orin-nano", 4, 0.5),
+    prompts="chat",
+)
+
+
+def qwen_setup(paths: dict[str, str]) -> Setup:
+    """The Qwen2.5-Coder 1.5B target with the 0.5B drafter on every model device (bench/qwen.py)."""
+    drafter = DrafterChoice(paths["drafter"], 4)
+    return Setup(name="qwen", target=paths["target"], drafters={"pi5": drafter, "orin": drafter, "ngram": DrafterChoice("ngram", 4)},
+                 server_drafter=drafter, prompts="code", slo_tpot_ms=1000.0)
+
+
+def with_overrides(profiles: dict[str, DeviceProfile], items: list[str]) -> dict[str, DeviceProfile]:
+    """Apply ``CLASS.FIELD=VALUE`` overrides (``--profile pi5.slowdown=3``)."""
+    out = dict(profiles)
+    for item in items:
+        key, _, value = item.partition("=")
+        name, _, attr = key.partition(".")
+        if name not in out or attr not in {f.name for f in dataclasses.fields(DeviceProfile)} or attr in ("name", "kind"):
+            raise ValueError(f"--profile {item!r}: expected CLASS.FIELD=VALUE with CLASS in {sorted(out)}")
+        out[name] = dataclasses.replace(out[name], **{attr: type(getattr(out[name], attr))(value)})
+    return out

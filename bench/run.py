@@ -1,0 +1,265 @@
+"""`sled bench`: every method on the same target and prompts, at several concurrencies, in one run.
+
+For one setup (bench/profiles.py): the target decoding alone (transformers ``generate``) gives
+the reference outputs; every method's output is compared with them. Then, per concurrency
+level: centralized autoregressive serving, server-side speculative decoding, SLED on the
+emulated fleet (and, as a control, SLED over plain loopback), and transformers' assisted
+generation one session at a time. Then the broker microbenchmark. Figures are derived the same
+way for every method (``derive``); the result is one JSON document.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+import torch
+
+from bench.central import BatchedDrafter, run_assisted, run_central
+from bench.fleet import DeviceClass, Fleet
+from bench.profiles import PROFILES, SERVER_WATTS_PER_CORE, DeviceProfile, Setup
+from bench.sessions import SessionRecord, ideal_tokens_per_round, latency_figures, plan
+from bench.traces import record_trace
+from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.prompts import SAMPLE_PROMPTS, chat_prompt_ids
+from pipeline.reference import greedy_reference
+from workers.drafts import ModelDrafter, NgramDrafter
+
+log = structlog.get_logger("sled.bench")
+METHODS = ("ar", "server_sd", "sled", "sled_loopback", "assisted")
+
+
+@dataclass
+class BenchOptions:
+    levels: list[int] = field(default_factory=lambda: [1, 4, 16, 32])
+    max_new_tokens: int = 48
+    min_sessions: int = 4  # sessions per level at least (level 1 runs them one after another)
+    prompts: int = 12
+    slo_tpot_ms: float | None = None  # None: the setup's own (bench/profiles.py)
+    ratio_level: int = 16  # the concurrency the headline ratios compare at
+    loopback_levels: list[int] = field(default_factory=lambda: [16])
+    assisted_sessions: int = 4
+    network: str = "netns"  # "netns" or "loopback" (no namespaces: the fleet's links are not emulated)
+    profiles: dict[str, DeviceProfile] = field(default_factory=lambda: dict(PROFILES))
+    threads: int = 1  # torch threads of every server (the bench process's baselines and the SLED verifier)
+    broker_micro: bool = True
+    quick: bool = False
+    config_path: str | None = None
+    overrides: list[str] = field(default_factory=list)  # `sled --set` items, passed to the fleet's processes
+    workdir: Path | None = None
+
+
+def prompt_ids(setup: Setup, tokenizer, count: int) -> list[list[int]]:
+    if setup.prompts == "code":
+        from bench.qwen import CODE_PROMPTS as texts
+    else:
+        texts = SAMPLE_PROMPTS
+    return [chat_prompt_ids(tokenizer, texts[i % len(texts)]) for i in range(count)]
+
+
+def load_drafter_model(choice, target):
+    if choice.model.startswith("ladder:"):
+        from training.ladder import load_rung
+
+        return load_rung(choice.model.removeprefix("ladder:"), target=target)
+    return load_causal_lm(choice.model)
+
+
+def derive(method: str, records: list[SessionRecord], server: dict, *, weights_mb: float, profiles: dict) -> dict:
+    """The figures of one method at one level, from its session records and server counters."""
+    figures = latency_figures(records, server["elapsed_s"])
+    generated = max(1, figures["generated_tokens"])
+    cpu = server["server_cpu_s"]
+    figures.update({
+        "server_cpu_s": round(cpu, 3),
+        "server_cpu_ms_per_token": round(1000 * cpu / generated, 2),
+        # the same without prefilling the prompts, which every method pays alike
+        "decode_cpu_ms_per_token": round(1000 * (cpu - server["prefill_cpu_s"]) / generated, 2) if "prefill_cpu_s" in server else None,
+        "target_forwards_per_token": round(server.get("target_forwards", 0) / generated, 3) if "target_forwards" in server else None,
+        "draft_forwards_per_token": round(server.get("draft_forwards", 0) / generated, 3) if "draft_forwards" in server else None,
+        "target_tokens_per_token": round(server["target_tokens"] / generated, 3) if "target_tokens" in server else None,
+        "mean_batch_sessions": round(server["mean_batch_sessions"], 2) if "mean_batch_sessions" in server else None,
+        "server_weights_mb": round(weights_mb, 1),
+        "peak_kv_cache_mb": round(server["peak_kv_cache_mb"], 1) if server.get("peak_kv_cache_mb") is not None else None,
+    })
+    if "verifier_memory" in server:
+        figures["verifier_peak_rss_mb"] = server["verifier_memory"]["peak_rss_mb"]
+    server_j = cpu * SERVER_WATTS_PER_CORE
+    device_j = sum(d["draft_s"] * profiles[name].power_w for name, d in server.get("devices", {}).items())
+    figures["energy_j_per_token_estimate"] = {"server": round(server_j / generated, 4), "devices": round(device_j / generated, 4),
+                                              "total": round((server_j + device_j) / generated, 4)}
+    if server.get("link_bytes") is not None:
+        figures["network_bytes_per_token"] = round(server["link_bytes"] / generated, 1)
+    if figures["acceptance_rate"] is not None and figures["draft_tokens_per_round"]:
+        ideal = ideal_tokens_per_round(figures["acceptance_rate"], figures["draft_tokens_per_round"])
+        figures["ideal_tokens_per_round"] = round(ideal, 3)
+        figures["tokens_per_round_vs_ideal"] = round(figures["tokens_per_round"] / ideal, 3)
+    return figures
+
+
+def capacity(levels: dict[int, dict], slo_ms: float) -> dict:
+    """The most concurrent sessions whose median time per output token stays within the SLO: the
+    largest measured concurrency that meets it, interpolated linearly towards the next measured
+    concurrency (which misses it). ``lower_bound``: even the largest measured one meets it."""
+    points = sorted((n, f["tpot_p50_ms"]) for n, f in levels.items())
+    passing = [i for i, (_, t) in enumerate(points) if t <= slo_ms]
+    if not passing:
+        return {"sessions": 0.0, "lower_bound": False}
+    i = passing[-1]
+    n0, t0 = points[i]
+    if i + 1 == len(points):
+        return {"sessions": float(n0), "lower_bound": True}
+    n1, t1 = points[i + 1]
+    return {"sessions": round(n0 + (n1 - n0) * (slo_ms - t0) / (t1 - t0), 1), "lower_bound": False}
+
+
+def identical(records: list[SessionRecord], references: list[list[int]]) -> dict:
+    wrong = [r.index for r in records if r.tokens != references[r.index % len(references)]]
+    return {"sessions": len(records), "mismatched": len(wrong)}
+
+
+async def _sled_levels(setup: Setup, options: BenchOptions, classes: list[DeviceClass], mode: str, levels: list[int],
+                       prompts, references, stop_ids, workdir: Path, weights_mb: float, out: dict, check: dict) -> None:
+    async with Fleet(setup.target, classes, workdir / mode, mode=mode, config_path=options.config_path,
+                     extra_overrides=[f"verifier.threads={options.threads}", *options.overrides]) as fleet:
+        for n in levels:
+            records = plan(n, options.min_sessions, prompts, setup.fleet)
+            server = await fleet.run_level(records, n, options.max_new_tokens, stop_ids)
+            name = "sled" if mode == options.network else "sled_loopback"
+            out[name][n] = derive(name, records, server, weights_mb=weights_mb, profiles=options.profiles)
+            out[name][n]["by_device"] = _by_device(records)
+            check[f"{name}@{n}"] = identical(records, references)
+            log.info("level_done", method=name, concurrency=n, **{k: out[name][n][k] for k in ("throughput_tok_s", "tpot_p50_ms")})
+
+
+def _by_device(records: list[SessionRecord]) -> dict:
+    out: dict[str, dict] = {}
+    for r in records:
+        d = out.setdefault(r.device, {"sessions": 0, "proposed": 0, "accepted": 0, "rounds": 0, "tokens": 0})
+        d["sessions"] += 1
+        d["proposed"] += r.proposed
+        d["accepted"] += r.accepted
+        d["rounds"] += r.rounds
+        d["tokens"] += len(r.tokens)
+    for d in out.values():
+        d["acceptance_rate"] = round(d["accepted"] / d["proposed"], 4) if d["proposed"] else None
+        d["tokens_per_round"] = round(d["tokens"] / d["rounds"], 3) if d["rounds"] else None
+    return out
+
+
+def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | None = None,
+              stop_ids: list[int] | None = None) -> dict:
+    """Every method on ``setup``. ``prompts``/``stop_ids`` default to the setup's prompt set through
+    the target's chat template (tests pass token ids for models without a tokenizer)."""
+    started = time.perf_counter()
+    torch.set_num_threads(options.threads)  # the verifier's budget: the same for every method
+    target = load_causal_lm(setup.target)
+    weights_mb = sum(p.numel() * p.element_size() for p in target.parameters()) / 2**20
+    if prompts is None:
+        tokenizer = load_tokenizer(setup.target)
+        prompts = prompt_ids(setup, tokenizer, options.prompts)
+        stop_ids = [tokenizer.eos_token_id]
+    stop_ids = list(stop_ids or [])
+    log.info("references", setup=setup.name, prompts=len(prompts))
+    references = [greedy_reference(target, p, options.max_new_tokens, stop_ids) for p in prompts]
+    workdir = options.workdir or Path(tempfile.mkdtemp(prefix="sled-bench-"))
+
+    # --- record each device class's drafts on the sessions it will serve ------------------------
+    top = max([*options.levels, options.min_sessions])
+    drafter_models: dict[str, object] = {}
+    classes, recorded = [], {}
+    for k, name in enumerate(setup.fleet):
+        choice = setup.drafters[name]
+        mine = sorted({i % len(prompts) for i in range(top) if i % len(setup.fleet) == k})
+        if choice.model == "ngram":
+            strategy, kind = NgramDrafter(ngram_max=4), "ngram"
+        else:
+            if choice.model not in drafter_models:
+                drafter_models[choice.model] = load_drafter_model(choice, target)
+            strategy, kind = ModelDrafter(drafter_models[choice.model], min_confidence=choice.min_confidence), "model"
+        path = workdir / "traces" / f"{name}.msgpack"
+        recorded[name] = record_trace(strategy, kind, [prompts[i] for i in mine], [references[i] for i in mine],
+                                      choice.gamma, options.max_new_tokens, stop_ids, path)
+        recorded[name].update(drafter=choice.model, gamma=choice.gamma, min_confidence=choice.min_confidence)
+        classes.append(DeviceClass(options.profiles[name], path, choice.gamma))
+        log.info("trace_recorded", device=name, **{k: round(v, 3) if isinstance(v, float) else v for k, v in recorded[name].items()})
+
+    out: dict[str, dict] = {m: {} for m in METHODS}
+    check: dict[str, dict] = {}
+    sd_choice = setup.server_drafter
+    if sd_choice.model not in drafter_models:
+        drafter_models[sd_choice.model] = load_drafter_model(sd_choice, target)
+    sd_model = drafter_models[sd_choice.model]
+    sd_weights = sum(p.numel() * p.element_size() for p in sd_model.parameters()) / 2**20
+    for n in options.levels:
+        for method in ("ar", "server_sd"):
+            records = plan(n, options.min_sessions, prompts, [])
+            drafter = BatchedDrafter(sd_model, sd_choice.gamma, sd_choice.min_confidence) if method == "server_sd" else None
+            server = run_central(target, records, n, options.max_new_tokens, stop_ids, drafter)
+            out[method][n] = derive(method, records, server, weights_mb=weights_mb + (sd_weights if drafter else 0.0),
+                                    profiles=options.profiles)
+            check[f"{method}@{n}"] = identical(records, references)
+            log.info("level_done", method=method, concurrency=n, throughput=out[method][n]["throughput_tok_s"],
+                     tpot_p50_ms=out[method][n]["tpot_p50_ms"])
+    records = plan(1, options.assisted_sessions, prompts, [])
+    server = run_assisted(target, sd_model, records, options.max_new_tokens, stop_ids)
+    out["assisted"][1] = derive("assisted", records, server, weights_mb=weights_mb + sd_weights, profiles=options.profiles)
+    check["assisted@1"] = identical(records, references)
+    del target, drafter_models, sd_model, strategy, drafter  # the fleet's verifier loads its own copy
+    gc.collect()
+
+    asyncio.run(_sled_levels(setup, options, classes, options.network, options.levels, prompts, references, stop_ids,
+                             workdir, weights_mb, out, check))
+    if options.loopback_levels and options.network != "loopback":
+        asyncio.run(_sled_levels(setup, options, classes, "loopback", options.loopback_levels, prompts, references,
+                                 stop_ids, workdir, weights_mb, out, check))
+
+    slo = options.slo_tpot_ms or setup.slo_tpot_ms
+    result = {
+        "setup": setup.name, "slo_tpot_ms": slo, "target": setup.target,
+        "drafters": {name: recorded[name] for name in setup.fleet},
+        "server_drafter": {"model": sd_choice.model, "gamma": sd_choice.gamma, "min_confidence": sd_choice.min_confidence},
+        "profiles": {name: options.profiles[name].__dict__ for name in setup.fleet},
+        "options": {k: v for k, v in options.__dict__.items() if k not in ("profiles", "workdir")},
+        "machine": {"cpus": len(__import__("os").sched_getaffinity(0)), "platform": platform.platform(),
+                    "torch": torch.__version__, "torch_threads": options.threads},
+        "methods": {m: {str(n): f for n, f in levels.items()} for m, levels in out.items() if levels},
+        "capacity": {m: capacity(out[m], slo) for m in ("ar", "server_sd", "sled") if out[m]},
+        "identical_outputs": check,
+        "all_identical": all(c["mismatched"] == 0 for c in check.values()),
+        "weights_mb": {"target": round(weights_mb, 1), "server_drafter": round(sd_weights, 1)},
+        "elapsed_s": None,
+    }
+    result["headline"] = headline(result, options)
+    result["elapsed_s"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def headline(result: dict, options: BenchOptions) -> dict:
+    level = str(options.ratio_level)
+    methods = result["methods"]
+    ar, sd, sled = (methods.get(m, {}).get(level) for m in ("ar", "server_sd", "sled"))
+    out: dict = {"setup": result["setup"], "ratio_sessions": options.ratio_level, "slo_tpot_ms": result["slo_tpot_ms"]}
+    if ar and sled:
+        out["server_cost_ratio_vs_ar"] = round(sled["server_cpu_ms_per_token"] / ar["server_cpu_ms_per_token"], 3)
+        out["throughput_ratio_vs_ar"] = round(sled["throughput_tok_s"] / ar["throughput_tok_s"], 3)
+    if ar and sled:
+        out["decode_cost_ratio_vs_ar"] = round(sled["decode_cpu_ms_per_token"] / ar["decode_cpu_ms_per_token"], 3)
+    if sd and sled:
+        out["server_cost_ratio_vs_server_sd"] = round(sled["server_cpu_ms_per_token"] / sd["server_cpu_ms_per_token"], 3)
+        out["decode_cost_ratio_vs_server_sd"] = round(sled["decode_cpu_ms_per_token"] / sd["decode_cpu_ms_per_token"], 3)
+    caps = result["capacity"]
+    if caps.get("ar", {}).get("sessions") and "sled" in caps:
+        out["capacity_ratio_vs_ar"] = round(caps["sled"]["sessions"] / caps["ar"]["sessions"], 3)
+    if sled:
+        out["sled_tokens_per_round"] = sled["tokens_per_round"]
+        out["sled_acceptance_rate"] = sled["acceptance_rate"]
+        out["sled_tokens_per_round_vs_ideal"] = sled.get("tokens_per_round_vs_ideal")
+    out["all_outputs_identical"] = result["all_identical"]
+    return out

@@ -1,0 +1,111 @@
+"""The benchmark harness on real sockets and tiny models: its pieces measure what they claim, and
+a whole `sled bench` run finds every method's output identical to the target decoding alone."""
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from bench.central import BatchedDrafter
+from bench.linkproxy import DelayProxy
+from bench.netns import unavailable_reason
+from bench.profiles import PROFILES, DrafterChoice, Setup, with_overrides
+from bench.run import BenchOptions, capacity, run_setup
+from bench.sessions import SessionRecord, ideal_tokens_per_round
+from pipeline.models import load_causal_lm
+from pipeline.protocol import Sampling
+from workers.drafts import ModelDrafter, draft_generator
+
+
+async def test_delay_proxy_delays_each_chunk_once_and_counts_bytes():
+    async def echo(reader, writer):
+        while data := await reader.read(1024):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    upstream = await asyncio.start_server(echo, "127.0.0.1", 0)
+    proxy = DelayProxy(f"127.0.0.1:{upstream.sockets[0].getsockname()[1]}", 0.05)
+    server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+    started = time.perf_counter()
+    for i in range(5):  # five chunks in flight at once: a real link overlaps them
+        writer.write(b"x" * 100)
+        await writer.drain()
+        await asyncio.sleep(0.005)
+    got = b""
+    while len(got) < 500:
+        got += await asyncio.wait_for(reader.read(1024), 2)
+    elapsed = time.perf_counter() - started
+    writer.close()
+    server.close()
+    upstream.close()
+    assert 0.1 <= elapsed < 0.2, elapsed  # one round trip of 2 x 50 ms (+ the 20 ms of sending), not five
+    assert proxy.counts["bytes_up"] == 500 and proxy.counts["bytes_down"] == 500
+
+
+def test_capacity_interpolates_at_the_slo_and_flags_a_lower_bound():
+    assert capacity({1: {"tpot_p50_ms": 50}, 4: {"tpot_p50_ms": 100}, 16: {"tpot_p50_ms": 300}}, 200) == {"sessions": 10.0, "lower_bound": False}
+    assert capacity({1: {"tpot_p50_ms": 50}, 4: {"tpot_p50_ms": 100}}, 200) == {"sessions": 4.0, "lower_bound": True}
+    assert capacity({1: {"tpot_p50_ms": 250}}, 200)["sessions"] == 0.0
+    assert ideal_tokens_per_round(0.0, 4) == 1.0
+    assert ideal_tokens_per_round(1.0, 4) == 5.0
+    assert abs(ideal_tokens_per_round(0.5, 2) - 1.75) < 1e-9
+
+
+def test_profile_overrides_are_checked():
+    changed = with_overrides(PROFILES, ["pi5.slowdown=3", "orin.rtt_ms=10"])
+    assert changed["pi5"].slowdown == 3.0 and changed["orin"].rtt_ms == 10.0
+    with pytest.raises(ValueError):
+        with_overrides(PROFILES, ["tablet.slowdown=2"])
+
+
+def test_batched_server_drafts_equal_one_session_drafting(tiny_models):
+    """The server-SD baseline drafts for many sessions in one ragged forward: the drafts must be
+    the ones the drafter would make for each session alone, across rounds with rollbacks."""
+    model = load_causal_lm(str(tiny_models["small"]))
+    batched = BatchedDrafter(model, gamma=4)
+    sessions = [SessionRecord(i, [(7 * i + 3 * j) % 250 + 1 for j in range(3 + 2 * i)]) for i in range(3)]
+    single = [ModelDrafter(model) for _ in sessions]
+    states = [d.new_state() for d in single]
+    rng = torch.Generator().manual_seed(0)
+    for round_ in range(5):
+        budgets = [10 - round_] * len(sessions)
+        drafts = batched.propose(sessions, budgets)
+        for s, d, drafter, state, budget in zip(sessions, drafts, single, states, budgets):
+            committed = s.prompt + s.tokens
+            alone = drafter.propose(state, committed, min(4, budget - 1), Sampling(0.0, 1.0, 0), draft_generator(0))
+            assert d == alone.tokens
+            accepted = int(torch.randint(0, len(d) + 1, (1,), generator=rng))  # any verdict
+            batched.commit(s, len(committed), accepted)
+            drafter.commit(state, len(committed), accepted)
+            s.tokens += [*d[:accepted], 5]
+
+
+@pytest.mark.timeout(240)
+def test_bench_run_on_tiny_models_is_lossless_for_every_method(tiny_models, tmp_path):
+    small, copy = str(tiny_models["small"]), str(tiny_models["copy"])
+    setup = Setup("tiny", str(tiny_models["target"]),
+                  drafters={"pi5": DrafterChoice(small, 3), "orin": DrafterChoice(copy, 4), "ngram": DrafterChoice("ngram", 4)},
+                  server_drafter=DrafterChoice(copy, 4), prompts="chat")
+    network = "loopback" if unavailable_reason() else "netns"
+    options = BenchOptions(levels=[1, 3], max_new_tokens=12, min_sessions=3, assisted_sessions=2, ratio_level=3,
+                           loopback_levels=[3], network=network, workdir=tmp_path)
+    prompts = [[(5 * i + 7 * j) % 250 + 1 for j in range(4 + i)] for i in range(6)]
+    result = run_setup(setup, options, prompts=prompts, stop_ids=[])
+    assert result["all_identical"], result["identical_outputs"]
+    methods = result["methods"]
+    assert set(methods) == {"ar", "server_sd", "sled", "sled_loopback", "assisted"}
+    sled = methods["sled"]["3"]
+    # the replayed drafts are the real ones: the target's copy is accepted every time
+    assert sled["by_device"]["orin"]["acceptance_rate"] == 1.0
+    assert sled["by_device"]["orin"]["tokens_per_round"] > 2
+    assert methods["server_sd"]["3"]["acceptance_rate"] == 1.0
+    assert methods["ar"]["3"]["tokens_per_round"] == 1.0
+    for figures in (sled, methods["ar"]["3"], methods["server_sd"]["3"]):
+        assert figures["server_cpu_ms_per_token"] > 0 and figures["generated_tokens"] == 3 * 12
+    if network == "netns":
+        assert sled["network_bytes_per_token"] > 0
+    assert result["headline"]["all_outputs_identical"] is True
+    assert "server_cost_ratio_vs_ar" in result["headline"]
