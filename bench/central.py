@@ -123,9 +123,7 @@ def run_central(target, sessions: list[SessionRecord], concurrency: int, max_new
                     new = new[: i + 1]
                     break
             s.tokens += new
-            s.rounds += 1
-            s.proposed += len(d)
-            s.accepted += v.accepted
+            s.count_round(len(d), v.accepted)
             if s.first is None:
                 s.first = now
             if drafter:

@@ -105,7 +105,7 @@ class Fleet:
                     f'drafters.{c.name}.client="ipc://{self.workdir}/{c.name}.sock"', f"drafters.{c.name}.max_sessions=256"]
         return out + self.extra_overrides
 
-    async def __aenter__(self) -> "Fleet":
+    async def __aenter__(self) -> Fleet:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.overrides = self._overrides()
         self.config = load_config(self.config_path, self.overrides)
@@ -224,7 +224,9 @@ class Fleet:
                     s.tokens += msg.tokens
                     if msg.done:
                         s.end = now
-                        s.rounds, s.proposed, s.accepted = msg.stats["rounds"], msg.stats["proposed"], msg.stats["accepted"]
+                        st = msg.stats
+                        s.rounds, s.proposed, s.accepted = st["rounds"], st["proposed"], st["accepted"]
+                        s.rejected_rounds, s.draft_lengths = st["rejected_rounds"], list(st["draft_lengths"])
 
         before = await self._figures()
         started = time.perf_counter()

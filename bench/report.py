@@ -15,7 +15,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # no display on servers
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -67,11 +67,12 @@ def tables(result: dict) -> str:
         "|---|---|",
         *(f"| `{k}` | {v} |" for k, v in head.items() if k not in ("setup", "ratio_sessions")),
         "",
-        "Drafts per device class (recorded before the timed run; α = accepted ÷ proposed draft tokens):",
+        "Drafts per device class (recorded before the timed run; α per position = accepted ÷ (accepted + rounds with a rejection)):",
         "",
-        "| class | drafter | γ | min confidence | α | draft tokens/round | drafting ms/round (this machine, 1 thread) |",
-        "|---|---|---|---|---|---|---|",
+        "| class | drafter | γ | min confidence | accepted ÷ proposed | α per position | draft tokens/round | drafting ms/round (this machine, 1 thread) |",
+        "|---|---|---|---|---|---|---|---|",
         *(f"| {name} | `{Path(d['drafter']).name}` | {d['gamma']} | {d['min_confidence']} | {d['acceptance_rate']:.3f} "
+          f"| {_fmt(d.get('alpha_per_position'), 3)} "
           f"| {d['proposed'] / max(1, d['rounds']):.2f} | {1000 * d['draft_s_per_round']:.1f} |"
           for name, d in result["drafters"].items()),
         "",
@@ -81,7 +82,8 @@ def tables(result: dict) -> str:
     ]
     micro = result.get("broker_micro")
     if micro:
-        lines += ["", "Broker microbenchmark: " + ", ".join(f"`{k}` {v}" for k, v in micro.items() if not isinstance(v, (dict, list))) + "."]
+        shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in micro.items() if not isinstance(v, (dict, list))}
+        lines += ["", "Broker microbenchmark (same run): " + ", ".join(f"`{k}` {v}" for k, v in shown.items()) + "."]
     return "\n".join(lines)
 
 
@@ -121,10 +123,10 @@ def write_report(files: list[Path] | None = None) -> str:
         image = IMG / f"bench-{setup}.png"
         plot(result, image)
         block = f"<!-- bench:{setup}:start -->\n![{setup}](img/{image.name})\n\n{tables(result)}\n<!-- bench:{setup}:end -->"
-        pattern = re.compile(rf"<!-- bench:{setup}:start -->.*?<!-- bench:{setup}:end -->", re.S)
+        pattern = re.compile(rf"<!-- bench:{setup}:start -->.*?<!-- bench:{setup}:end -->", re.DOTALL)
         if not pattern.search(doc):
             raise SystemExit(f"docs/benchmarks.md has no block for setup {setup!r}")
-        doc = pattern.sub(lambda _: block, doc)
+        doc = pattern.sub(lambda _, block=block: block, doc)
         done.append(f"{setup}: {path.name} -> {image.relative_to(ROOT)}")
     DOC.write_text(doc)
     return "\n".join(done)

@@ -24,7 +24,7 @@ import torch
 from bench.central import BatchedDrafter, run_assisted, run_central
 from bench.fleet import DeviceClass, Fleet
 from bench.profiles import PROFILES, SERVER_WATTS_PER_CORE, DeviceProfile, Setup
-from bench.sessions import SessionRecord, ideal_tokens_per_round, latency_figures, plan
+from bench.sessions import SessionRecord, acceptance_model, latency_figures, plan
 from bench.traces import record_trace
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.prompts import SAMPLE_PROMPTS, chat_prompt_ids
@@ -96,10 +96,7 @@ def derive(method: str, records: list[SessionRecord], server: dict, *, weights_m
                                               "total": round((server_j + device_j) / generated, 4)}
     if server.get("link_bytes") is not None:
         figures["network_bytes_per_token"] = round(server["link_bytes"] / generated, 1)
-    if figures["acceptance_rate"] is not None and figures["draft_tokens_per_round"]:
-        ideal = ideal_tokens_per_round(figures["acceptance_rate"], figures["draft_tokens_per_round"])
-        figures["ideal_tokens_per_round"] = round(ideal, 3)
-        figures["tokens_per_round_vs_ideal"] = round(figures["tokens_per_round"] / ideal, 3)
+    figures.update(acceptance_model(records))
     return figures
 
 
@@ -127,7 +124,7 @@ def identical(records: list[SessionRecord], references: list[list[int]]) -> dict
 async def _sled_levels(setup: Setup, options: BenchOptions, classes: list[DeviceClass], mode: str, levels: list[int],
                        prompts, references, stop_ids, workdir: Path, weights_mb: float, out: dict, check: dict) -> None:
     async with Fleet(setup.target, classes, workdir / mode, mode=mode, config_path=options.config_path,
-                     extra_overrides=[f"verifier.threads={options.threads}", *options.overrides]) as fleet:
+                     extra_overrides=[f"verifier.threads={options.threads}", *setup.sled_overrides, *options.overrides]) as fleet:
         for n in levels:
             records = plan(n, options.min_sessions, prompts, setup.fleet)
             server = await fleet.run_level(records, n, options.max_new_tokens, stop_ids)
@@ -260,6 +257,7 @@ def headline(result: dict, options: BenchOptions) -> dict:
     if sled:
         out["sled_tokens_per_round"] = sled["tokens_per_round"]
         out["sled_acceptance_rate"] = sled["acceptance_rate"]
+        out["sled_alpha_per_position"] = sled.get("alpha_per_position")
         out["sled_tokens_per_round_vs_ideal"] = sled.get("tokens_per_round_vs_ideal")
     out["all_outputs_identical"] = result["all_identical"]
     return out

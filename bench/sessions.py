@@ -23,6 +23,17 @@ class SessionRecord:
     rounds: int = 0  # verify rounds (target forwards this session took part in)
     proposed: int = 0
     accepted: int = 0
+    rejected_rounds: int = 0  # rounds in which a draft token was rejected
+    draft_lengths: list[int] = field(default_factory=list)  # rounds per draft length
+
+    def count_round(self, drafted: int, accepted: int) -> None:
+        self.rounds += 1
+        self.proposed += drafted
+        self.accepted += accepted
+        self.rejected_rounds += accepted < drafted
+        if len(self.draft_lengths) <= drafted:
+            self.draft_lengths += [0] * (drafted + 1 - len(self.draft_lengths))
+        self.draft_lengths[drafted] += 1
 
     @property
     def ttft_s(self) -> float | None:
@@ -81,6 +92,26 @@ def ideal_tokens_per_round(alpha: float, gamma: float) -> float:
     if alpha >= 1.0:
         return gamma + 1
     return (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def acceptance_model(records: list[SessionRecord]) -> dict:
+    """The per-position acceptance probability a -- accepted ÷ (accepted + rejections): each draft
+    position reached is either accepted or the round's one rejection -- and the tokens per round
+    that a and the drafts' actual lengths predict, against the measured tokens per round."""
+    accepted = sum(r.accepted for r in records)
+    rejected = sum(r.rejected_rounds for r in records)
+    lengths = [0] * max((len(r.draft_lengths) for r in records), default=0)
+    for r in records:
+        for g, n in enumerate(r.draft_lengths):
+            lengths[g] += n
+    rounds = sum(lengths)
+    if not rounds or not accepted + rejected:
+        return {}
+    alpha = accepted / (accepted + rejected)
+    ideal = sum(n * ideal_tokens_per_round(alpha, g) for g, n in enumerate(lengths)) / rounds
+    measured = sum(len(r.tokens) for r in records) / sum(r.rounds for r in records)
+    return {"alpha_per_position": round(alpha, 4), "ideal_tokens_per_round": round(ideal, 3),
+            "tokens_per_round_vs_ideal": round(measured / ideal, 3)}
 
 
 def mean(values: list[float]) -> float:

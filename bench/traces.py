@@ -33,7 +33,7 @@ def record_session(strategy, prompt: list[int], reference: list[int], gamma: int
     generator = draft_generator(0)
     committed = list(prompt)
     stops = set(stop_ids)
-    generated = rounds = proposed = accepted_total = 0
+    generated = rounds = proposed = accepted_total = rejected_rounds = 0
     compute_s = 0.0
     while generated < max_new_tokens and generated < len(reference):
         budget = max_new_tokens - generated
@@ -56,11 +56,12 @@ def record_session(strategy, prompt: list[int], reference: list[int], gamma: int
         rounds += 1
         proposed += len(draft.tokens)
         accepted_total += accepted
+        rejected_rounds += accepted < len(draft.tokens)
         compute_s += spent
         if new and new[-1] in stops:
             break
-    return {"rounds": rounds, "proposed": proposed, "accepted": accepted_total, "compute_s": compute_s,
-            "generated": generated}
+    return {"rounds": rounds, "proposed": proposed, "accepted": accepted_total, "rejected_rounds": rejected_rounds,
+            "compute_s": compute_s, "generated": generated}
 
 
 @torch.inference_mode()
@@ -68,7 +69,7 @@ def record_trace(strategy, kind: str, prompts: list[list[int]], references: list
                  max_new_tokens: int, stop_ids: list[int], path: Path) -> dict:
     """Record every prompt for one device class into ``path``; returns the class's figures."""
     drafts: dict[str, list] = {}
-    totals = {"rounds": 0, "proposed": 0, "accepted": 0, "compute_s": 0.0, "generated": 0}
+    totals = {"rounds": 0, "proposed": 0, "accepted": 0, "rejected_rounds": 0, "compute_s": 0.0, "generated": 0}
     for prompt, reference in zip(prompts, references):
         figures = record_session(strategy, prompt, reference, gamma, max_new_tokens, stop_ids, drafts)
         for key in totals:
@@ -76,5 +77,7 @@ def record_trace(strategy, kind: str, prompts: list[list[int]], references: list
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(msgpack.packb({"kind": kind, "drafts": drafts}))
     totals["acceptance_rate"] = totals["accepted"] / totals["proposed"] if totals["proposed"] else 0.0
+    reached = totals["accepted"] + totals["rejected_rounds"]  # draft positions the verifier decided on
+    totals["alpha_per_position"] = totals["accepted"] / reached if reached else 0.0
     totals["draft_s_per_round"] = totals["compute_s"] / totals["rounds"] if totals["rounds"] else 0.0
     return totals

@@ -45,6 +45,7 @@ class Item(Generic[T]):
     tokens: int
     arrived: float
     future: asyncio.Future
+    key: object = None
 
 
 @dataclass
@@ -83,18 +84,34 @@ class DeadlineBatcher(Generic[T]):
         self.policy = policy
         self.clock = clock or MonotonicClock()
         self._queue: deque[Item[T]] = deque()
+        self._by_key: dict[object, Item[T]] = {}  # queued items that carry a key
         self._queued_tokens = 0
+        self.superseded = 0
         self._changed = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._queue)
 
-    def submit(self, payload: T, tokens: int = 1) -> asyncio.Future:
-        if len(self._queue) >= self.policy.max_queue:
-            raise QueueFull(f"{len(self._queue)} proposals already queued")
+    def submit(self, payload: T, tokens: int = 1, key: object = None) -> asyncio.Future:
+        """Queue ``payload``. An item with the same ``key`` still queued is superseded: the new
+        payload takes its place in line (and its deadline) and the old future is cancelled, so at
+        most one item per key waits (a session's resent or newer proposal replaces the one its
+        drafter no longer waits for; two of one session must never share a batch)."""
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(Item(payload, tokens, self.clock.now(), future))
-        self._queued_tokens += tokens
+        old = self._by_key.get(key) if key is not None else None
+        if old is not None:
+            old.future.cancel()
+            self._queued_tokens += tokens - old.tokens
+            old.payload, old.tokens, old.future = payload, tokens, future
+            self.superseded += 1
+        else:
+            if len(self._queue) >= self.policy.max_queue:
+                raise QueueFull(f"{len(self._queue)} proposals already queued")
+            item = Item(payload, tokens, self.clock.now(), future, key)
+            self._queue.append(item)
+            if key is not None:
+                self._by_key[key] = item
+            self._queued_tokens += tokens
         self._changed.set()
         return future
 
@@ -128,6 +145,7 @@ class DeadlineBatcher(Generic[T]):
             if items and tokens + nxt.tokens > self.policy.max_tokens:
                 break
             items.append(self._queue.popleft())
+            self._by_key.pop(nxt.key, None)
             tokens += nxt.tokens
         self._queued_tokens -= tokens
         now = self.clock.now()
@@ -146,6 +164,7 @@ class DeadlineBatcher(Generic[T]):
             item = self._queue.popleft()
             if not item.future.done():
                 item.future.set_exception(exc)
+        self._by_key.clear()
         self._queued_tokens = 0
         self._changed.set()
         return n

@@ -203,7 +203,8 @@ class Broker:
             # admission control: refuse new work at once so that running sessions keep their pace
             return self._reject(identity, item, ErrorCode.OVERLOADED, f"verifier at its {cap}-session capacity")
         try:
-            future = handle.batcher.submit(item, item.target_tokens)
+            # one queued proposal per session: a resent or newer one replaces it (batcher.submit)
+            future = handle.batcher.submit(item, item.target_tokens, key=item.session_id)
         except QueueFull as exc:
             return self._reject(identity, item, ErrorCode.OVERLOADED, str(exc))
         if item.session_id not in self.session_owner:
@@ -369,7 +370,8 @@ class Broker:
             "drafters": len(self.drafter_seen),
             "sessions": len(self.session_verifier),
             "verifiers": {
-                v.name: {"sessions": len(v.sessions), "queued": len(v.batcher), "busy": bool(v.inflight), **v.stats}
+                v.name: {"sessions": len(v.sessions), "queued": len(v.batcher), "superseded": v.batcher.superseded,
+                         "busy": bool(v.inflight), **v.stats}
                 for v in self.verifiers.values()
             },
         }

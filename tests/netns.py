@@ -4,7 +4,8 @@ import contextlib
 
 import pytest
 
-from bench.netns import ensure_debian_tool, existing, network as _network, NamespacesUnavailable  # noqa: F401
+from bench.netns import NamespacesUnavailable, ensure_debian_tool, existing  # noqa: F401
+from bench.netns import network as _network
 
 
 @contextlib.contextmanager

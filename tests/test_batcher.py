@@ -97,3 +97,19 @@ async def test_fail_all_empties_the_queue():
 def test_zero_or_negative_limits_are_rejected():
     with pytest.raises(ValueError):
         BatchPolicy(max_sessions=0)
+
+
+async def test_a_newer_item_with_the_same_key_supersedes_the_queued_one():
+    batcher, clock = make(max_sessions=10)
+    first = batcher.submit("s1-round3", 2, key="s1")
+    other = batcher.submit("s2", 1, key="s2")
+    await clock.advance(0.004)
+    newer = batcher.submit("s1-round3-resent", 5, key="s1")  # a drafter's timeout resend
+    assert first.cancelled() and not newer.done()  # the replaced one gets no reply
+    task = asyncio.create_task(batcher.next_batch())
+    await clock.advance(0.0061)  # the deadline is still the first arrival's
+    batch = await asyncio.wait_for(task, 1)
+    assert batch.payloads == ["s1-round3-resent", "s2"] and batch.tokens == 6
+    assert batcher.superseded == 1
+    again = batcher.submit("s1-round4", 1, key="s1")  # after dispatch a key queues anew
+    assert len(batcher) == 1 and not again.done()

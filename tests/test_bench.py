@@ -12,7 +12,7 @@ from bench.linkproxy import DelayProxy
 from bench.netns import unavailable_reason
 from bench.profiles import PROFILES, DrafterChoice, Setup, with_overrides
 from bench.run import BenchOptions, capacity, run_setup
-from bench.sessions import SessionRecord, ideal_tokens_per_round
+from bench.sessions import SessionRecord, acceptance_model, ideal_tokens_per_round
 from pipeline.models import load_causal_lm
 from pipeline.protocol import Sampling
 from workers.drafts import ModelDrafter, draft_generator
@@ -52,6 +52,15 @@ def test_capacity_interpolates_at_the_slo_and_flags_a_lower_bound():
     assert ideal_tokens_per_round(0.0, 4) == 1.0
     assert ideal_tokens_per_round(1.0, 4) == 5.0
     assert abs(ideal_tokens_per_round(0.5, 2) - 1.75) < 1e-9
+    # two rounds of 2-token drafts: one all accepted (3 tokens), one rejected at once (1 token)
+    record = SessionRecord(0, [1], tokens=[1, 2, 3, 4])
+    record.count_round(2, 2)
+    record.count_round(2, 0)
+    model = acceptance_model([record])
+    assert model["alpha_per_position"] == round(2 / 3, 4)  # 2 accepted, 1 rejection
+    a = 2 / 3
+    assert model["ideal_tokens_per_round"] == round(1 + a + a * a, 3)
+    assert model["tokens_per_round_vs_ideal"] == round(2 / (1 + a + a * a), 3)
 
 
 def test_profile_overrides_are_checked():
@@ -103,6 +112,8 @@ def test_bench_run_on_tiny_models_is_lossless_for_every_method(tiny_models, tmp_
     assert sled["by_device"]["orin"]["tokens_per_round"] > 2
     assert methods["server_sd"]["3"]["acceptance_rate"] == 1.0
     assert methods["ar"]["3"]["tokens_per_round"] == 1.0
+    assert "alpha_per_position" in sled
+    assert 0 < sled["tokens_per_round_vs_ideal"]
     for figures in (sled, methods["ar"]["3"], methods["server_sd"]["3"]):
         assert figures["server_cpu_ms_per_token"] > 0 and figures["generated_tokens"] == 3 * 12
     if network == "netns":

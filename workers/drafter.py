@@ -288,7 +288,9 @@ class DrafterService:
         state = self.strategy.new_state()
         committed = list(req.prompt)
         stops = set(req.stop_ids)
-        figures = {"rounds": 0, "proposed": 0, "accepted": 0}
+        # per session: rounds with a rejected draft token and rounds per draft length, from which
+        # the per-position acceptance probability and the expected tokens per round follow
+        figures = {"rounds": 0, "proposed": 0, "accepted": 0, "rejected_rounds": 0, "draft_lengths": [0] * (self.cfg.gamma + 1)}
         generated, round_, finish = 0, 0, "length"
         self.stats.requests += 1
         self.stats.active += 1
@@ -315,6 +317,8 @@ class DrafterService:
                 figures["rounds"] += 1
                 figures["proposed"] += len(draft.tokens)
                 figures["accepted"] += verdict.accepted
+                figures["rejected_rounds"] += verdict.accepted < len(draft.tokens)
+                figures["draft_lengths"][min(len(draft.tokens), self.cfg.gamma)] += 1
                 self.stats.rounds += 1
                 self.stats.proposed += len(draft.tokens)
                 self.stats.accepted += verdict.accepted
