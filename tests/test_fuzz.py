@@ -26,10 +26,14 @@ from pipeline.protocol import (
     MESSAGES,
     PROTOCOL_VERSION,
     VERIFIER_ACCEPTS,
+    BatchVerdicts,
     ErrorReply,
+    Generate,
     Propose,
     ProtocolError,
+    Tokens,
     Verdict,
+    VerifyBatch,
     decode,
 )
 from pipeline.reference import greedy_reference
@@ -221,3 +225,55 @@ async def test_drafter_ignores_replayed_and_out_of_order_verdicts(tmp_path, tiny
         broker.close(0)
     assert result.tokens == greedy_reference(target, [7, 7, 1, 2], 40)
     assert len(sent_history) == result.stats["rounds"]
+
+
+VALID = [
+    Propose("s", 3, 7, [1, 2], [[1, 5], [2]], [[0.5, 0.25], [1.0]], [4, 5, 6], 0.7, 0.9, 11, "model"),
+    Propose("s", 0, 1, [], history=[9]),
+    Verdict("s", 2, 1, 42),
+    VerifyBatch(4, [Propose("a", 1, 2, [3])]),
+    BatchVerdicts(4, [Verdict("a", 1, 0, 3)], 2.5),
+    Tokens("r", [1, 2], True, "stop", {"rounds": 3}),
+    Generate("r", [1, 2, 3], 16, 0.0, 1.0, 0, [2]),
+    ErrorReply("invalid", "no", False, "s", 3),
+]
+
+
+@st.composite
+def message_fields(draw):
+    """A message class and near-valid field values: a valid message's fields with a few of them
+    replaced by random values (or dropped), so both paths see accepted and refused frames."""
+    msg = draw(st.sampled_from(VALID))
+    fields = msgpack.unpackb(msg.encode())[2:]
+    for _ in range(draw(st.integers(0, 2))):
+        i = draw(st.integers(0, len(fields) - 1))
+        fields[i] = draw(values)
+    return type(msg), fields[: draw(st.integers(0, len(fields)))]
+
+
+accepted_fast: list[bool] = []
+
+
+@given(case=message_fields())
+@settings(max_examples=600, deadline=None, derandomize=True)
+def test_fast_decode_path_agrees_with_the_checked_one(case):
+    """decode's compiled validators are a second implementation of _check: wherever they accept a
+    frame they must build exactly what the checked path builds (never accept what it refuses)."""
+    from pipeline.protocol import _BAD, _build_checked, _fast_build
+
+    cls, fields = case
+    fast = _fast_build(cls, list(fields))
+    accepted_fast.append(fast is not _BAD)
+    if fast is _BAD:
+        return
+    try:
+        checked = _build_checked(cls, list(fields), "")
+    except ProtocolError as exc:
+        raise AssertionError(f"fast path accepted what the checked one refuses: {exc}") from exc
+    assert fast == checked
+
+
+def test_the_agreement_test_saw_both_outcomes():
+    """Guard against a vacuous comparison: the cases above hit the fast path and its fallback."""
+    test_fast_decode_path_agrees_with_the_checked_one()
+    assert any(accepted_fast) and not all(accepted_fast)
