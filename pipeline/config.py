@@ -51,7 +51,7 @@ class VerifierConfig:
 
 @dataclass
 class DrafterConfig:
-    kind: str = "model"  # "model" (any causal LM sharing the target's tokenizer) or "ngram"
+    kind: str = "model"  # "model" (any causal LM sharing the target's tokenizer), "feature" or "ngram"
     model: str = ""
     client: str = "tcp://127.0.0.1:5600"  # where local clients (demo, gateway) send Generate
     gamma: int = 4  # most draft tokens per round
