@@ -10,6 +10,7 @@ from aiohttp import web
 from gateway.app import create_app
 from pipeline.config import Config
 from pipeline.models import load_tokenizer
+from pipeline.security import check_gateway
 
 log = structlog.get_logger("sled.gateway")
 
@@ -18,6 +19,7 @@ SHUTDOWN_GRACE_S = 5.0  # open streams get this long at shutdown
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
     g = config.gateway
+    check_gateway(config)  # off loopback only with API keys (or security.allow_insecure)
     tokenizer = await asyncio.get_running_loop().run_in_executor(None, load_tokenizer, config.verifier.target)
     app = create_app(config, tokenizer)
     # handler_cancellation: a client that disconnects cancels its handler, which closes its session

@@ -97,9 +97,12 @@ class GatewayConfig:
 
 @dataclass
 class SecurityConfig:
-    curve: bool = False  # CurveZMQ on the broker's frontend and backend
+    curve: bool = False  # CurveZMQ on the broker's frontend and backend (and off-loopback drafter client sockets)
+    # Without CURVE no ZeroMQ socket is bound off loopback and the gateway needs api_keys off
+    # loopback; true overrides both checks (warned about at every start).
+    allow_insecure: bool = False
     keys_dir: str = "keys"  # NAME.key / NAME.key_secret pairs (`sled keys generate NAME`)
-    authorized_dir: str = ""  # public keys allowed to connect; "" = keys_dir/authorized
+    authorized_dir: str = ""  # allow-lists, one folder per role (drafter/, verifier/, admin/, client/); "" = keys_dir/authorized
     server_key: str = "broker"  # the broker's key pair
     admin_key: str = "admin"  # operator tools (launcher, status, gateway) reading figures
 
