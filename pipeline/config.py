@@ -91,6 +91,7 @@ class GatewayConfig:
     port: int = 8000
     default_model: str = ""  # drafter used when a request names none; "" = the first of demo.drafters
     api_keys: list[str] = field(default_factory=list)  # when set, "Authorization: Bearer KEY" is required
+    api_keys_file: str = ""  # more API keys, one a line (the compose keys service writes one)
     max_prompt_tokens: int = 2048
     stats_interval_s: float = 1.0  # how often broker and drafter figures are collected
 
