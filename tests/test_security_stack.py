@@ -16,7 +16,12 @@ import zmq
 import zmq.asyncio
 import zmq.auth
 
-from pipeline.client import DrafterClient, broker_stats
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.metrics import GatewayMetrics
+from gateway.pipeline_stats import PipelineState
+from gateway.status_cli import collect, render
+from pipeline.client import DrafterClient
 from pipeline.models import load_causal_lm
 from pipeline.protocol import BatchVerdicts, CloseSession, Heartbeat, Ready, StatsRequest, Verdict, VerifyBatch, decode
 from pipeline.reference import greedy_reference
@@ -126,12 +131,8 @@ async def test_with_curve_a_drafter_key_never_becomes_a_verifier(tmp_path, tiny_
             ngram_public = zmq.auth.load_certificate(f"{keys_dir}/ngram.key")[0]
             assert await silent(ctx, f"tcp://127.0.0.1:{client_port}", StatsRequest().encode(),
                                 CurveKeys(*drafter_pair, ngram_public))
-            figures = await broker_stats(config.broker.frontend, curve=client_keys(config, "admin"))
-            client = DrafterClient(config.drafter("ngram").client, curve=drafter_keys_for_client(config, "ngram"))
-            try:
-                drafter_figures = await client.stats()
-            finally:
-                client.close()
+            collected = await collect(config, 2.0)  # what `sled status` reads, with the admin key
+            figures, drafter_figures = collected["broker"], collected["drafters"]["ngram"]
         finally:
             await rogue.close()
             ctx.term()
@@ -141,6 +142,15 @@ async def test_with_curve_a_drafter_key_never_becomes_a_verifier(tmp_path, tiny_
     assert set(figures["verifiers"]) == {"verifier-0"}  # the verifier key works as before
     assert figures["refused"]["wrong_role"] >= 1 and figures["refused"]["unauthorised"] >= 1
     assert drafter_figures["refused"]["wrong_role"] >= 1 and drafter_figures["refused"]["unauthorised"] >= 1
+    status = render(config, collected)  # `sled status`
+    assert "refused handshakes: unauthorised" in status and "wrong_role" in status
+    state = PipelineState.for_config(config)  # the gateway's /metrics
+    state.broker_up, state.broker = True, figures
+    state.drafters["ngram"].up, state.drafters["ngram"].stats = True, drafter_figures
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(GatewayMetrics(state).exposition().decode()) for s in f.samples}
+    assert samples[("sled_broker_refused_total", (("reason", "wrong_role"),))] == figures["refused"]["wrong_role"]
+    assert samples[("sled_drafter_refused_total", (("drafter", "ngram"), ("kind", "ngram"), ("reason", "wrong_role")))] >= 1
     log = (tmp_path / "logs" / "broker.log").read_text()
     refusals = [line for line in log.splitlines() if "peer_refused" in line and "socket=backend" in line]
     assert any("key=pi5" in line and "reason=wrong_role" in line for line in refusals), log[-3000:]
