@@ -247,3 +247,23 @@ def test_bundles_hold_what_each_host_needs_and_no_other_secret(secured, tmp_path
     shutil.rmtree(tmp_path / "b")
     assert names(bundle(config, "verifier", "verifier-0", tmp_path / "b")) == [
         "broker.key", "verifier-0.key", "verifier-0.key_secret"]
+
+
+def test_allow_insecure_starts_the_broker_and_warns_at_every_start():
+    front, back = free_ports(2)
+    argv = [sys.executable, "-m", "pipeline", "--set", f'broker.frontend="tcp://0.0.0.0:{front}"',
+            "--set", f'broker.backend="tcp://127.0.0.1:{back}"', "--set", "security.allow_insecure=true", "broker"]
+    for _ in range(2):
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            lines = []
+            while not any("broker_started" in line for line in lines):
+                line = proc.stderr.readline()
+                assert line, "".join(lines)
+                lines.append(line)
+        finally:
+            proc.terminate()
+            rest = proc.communicate(timeout=10)[1]
+        assert proc.returncode == 0, rest
+        warned = [line for line in lines if "insecure_bind" in line]
+        assert len(warned) == 1 and "broker.frontend" in warned[0]
