@@ -169,13 +169,15 @@ def drafter_client_curve(config: Config, name: str, *, warn: bool = True) -> Cur
     return CurveKeys(*_load(config, cfg.key or name), domain=CLIENT)
 
 
-def drafter_keys_for_client(config: Config, name: str, endpoint: str | None = None) -> CurveKeys | None:
+def drafter_keys_for_client(config: Config, name: str, endpoint: str | None = None,
+                            key: str | None = None) -> CurveKeys | None:
     """An app's (or operator tool's) keys for drafter NAME's client socket, when it serves CURVE.
-    ``endpoint``: the drafter's bind endpoint (default: drafters.NAME.client as configured here)."""
+    ``endpoint``: the drafter's bind endpoint (default: drafters.NAME.client as configured here);
+    ``key``: the caller's pair, of the admin or client role (default: security.admin_key)."""
     cfg = config.drafter(name)
     if not config.security.curve or is_local(endpoint or cfg.client):
         return None
-    return CurveKeys(*_load(config, config.security.admin_key), _public(config, cfg.key or name))
+    return CurveKeys(*_load(config, key or config.security.admin_key), _public(config, cfg.key or name))
 
 
 # --- allow-lists ---------------------------------------------------------------------------
