@@ -44,7 +44,7 @@ from pipeline.protocol import (
     decode,
     error_for,
 )
-from pipeline.security import client_keys
+from pipeline.security import CLIENT, HandshakeWatch, client_keys, drafter_client_curve, start_authenticator
 from pipeline.roles import cancel_and_wait, supervise
 from pipeline.sockets import BrokerLink, make_socket, new_identity, send_now
 from workers.drafts import build_drafter, draft_generator
@@ -112,13 +112,22 @@ class DrafterService:
         self.broker = BrokerLink(ctx, config.broker.frontend, new_identity(name), max_message_bytes=max_bytes,
                                  curve=client_keys(config, self.cfg.key or name))
         self.broker.connect()
-        self.clients = make_socket(ctx, zmq.ROUTER, bind=self.cfg.client, max_message_bytes=max_bytes)
+        # local by design: plain on loopback or ipc; elsewhere CURVE admitting admin and client keys only
+        client_curve = drafter_client_curve(config, name)
+        self.auth, self.allow = start_authenticator(ctx, config, (CLIENT,)) if client_curve else (None, None)
+        self.clients = make_socket(ctx, zmq.ROUTER, bind=self.cfg.client, max_message_bytes=max_bytes, curve=client_curve)
+        self.watch = HandshakeWatch(self.clients, CLIENT, self.allow) if client_curve else None
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("drafter_started", drafter=self.name, kind=self.strategy.kind, client=self.cfg.client, gamma=self.cfg.gamma)
         try:
-            await supervise(stop, self._client_loop(), self._upstream_loop(), self._heartbeat_loop())
+            await supervise(stop, self._client_loop(), self._upstream_loop(), self._heartbeat_loop(),
+                            *([self.watch.run()] if self.watch else []))
         finally:
+            if self.watch:
+                self.watch.close()
+            if self.auth:
+                self.auth.stop()
             await cancel_and_wait([run.task for run in self.sessions.values()])
             self.executor.shutdown(wait=True, cancel_futures=True)
             self.broker.close()
@@ -358,11 +367,13 @@ class DrafterService:
             self.by_request.pop((run.client, req.request_id), None)
 
     def snapshot(self) -> dict:
-        return {"drafter": self.name, "kind": self.strategy.kind, "gamma": self.cfg.gamma, **self.stats.as_dict()}
+        return {"drafter": self.name, "kind": self.strategy.kind, "gamma": self.cfg.gamma, **self.stats.as_dict(),
+                "refused": dict(self.allow.refused) if self.allow else {}}  # client-socket handshakes, by reason
 
 
 async def serve(config: Config, stop: asyncio.Event, name: str) -> None:
     cfg = config.drafter(name)
+    drafter_client_curve(config, name, warn=False)  # refuse an unauthenticated client socket before loading a model
     torch.set_num_threads(max(1, cfg.threads))
     structlog.contextvars.bind_contextvars(drafter=name)
     strategy = await asyncio.get_running_loop().run_in_executor(None, build_drafter, cfg, config.verifier.target)
