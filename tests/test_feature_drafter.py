@@ -127,3 +127,35 @@ async def test_a_killed_verifier_mid_generation_with_a_feature_drafter(tmp_path,
     assert [r.tokens for r in results] == [greedy_reference(target, p, 80) for p in batch]
     assert figures["verifiers_lost"] == 1
     assert sum(r.stats["proposed"] for r in results) > 0
+
+
+def test_committed_drafter_weights_fit_the_budget():
+    """Ladder and feature head together at most 24 MB: a GPU device call carries the whole
+    tracked tree (64 MiB) and the wheels it needs must still fit."""
+    from training.ladder import LADDER_DIR
+    from workers.feature_head import FEATURE_DIR
+
+    files = [*LADDER_DIR.glob("*.safetensors"), *FEATURE_DIR.glob("*.safetensors")]
+    assert len(files) == 2
+    assert sum(f.stat().st_size for f in files) <= 24 * 10**6
+
+
+def test_committed_feature_head_drafts_what_the_target_would_say():
+    """The committed head on the real default target: it loads, and on a chat answer the
+    target itself wrote, its first drafts agree with the target far more often than chance."""
+    from pipeline.models import load_tokenizer
+    from pipeline.prompts import chat_prompt_ids
+    from training.feature_eval import evaluate_head
+    from workers.feature_head import load_head
+
+    torch.set_num_threads(1)
+    target = load_causal_lm("smollm2")
+    head = load_head(target)
+    assert head.spec.hidden == target.config.hidden_size
+    tokenizer = load_tokenizer("smollm2")
+    prompt = chat_prompt_ids(tokenizer, "Write two sentences about the moon.")
+    ids = prompt + greedy_reference(target, prompt, 24, [tokenizer.eos_token_id])
+    with torch.no_grad():
+        feats = target(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+    stats = evaluate_head(head, [(ids, len(prompt), feats)], gamma=4)
+    assert stats["alpha"] > 0.2 and stats["tokens_per_round"] > 1.2

@@ -63,8 +63,8 @@ def register(subparsers) -> None:
     dr.add_argument("--threads", type=int, default=1)
     dr.add_argument("--kind", choices=["ladder", "feature"], default="ladder",
                     help="ladder: the incremental ladder; feature: the feature-conditioned head (drafters/feature)")
-    dr.add_argument("--positions", type=int, default=None,
-                    help="feature head: train on the first this many positions of the data (a learning-curve point)")
+    dr.add_argument("--shards", type=int, default=None,
+                    help="train on the first this many data shards (a learning-curve point; default all)")
     dr.add_argument("--epochs", type=float, default=2.0, help="feature head: passes over the data")
     dr.add_argument("--vocab", type=int, default=8192, help="feature head: draft vocabulary (most frequent target tokens)")
     dr.add_argument("--levels", type=int, default=3, help="feature head: training-time-test unroll levels")
@@ -81,6 +81,8 @@ def register(subparsers) -> None:
     ed.add_argument("--gamma", type=int, default=4)
     ed.add_argument("--json", action="store_true", help="print JSON (default: a table)")
     ed.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ed.add_argument("--ladder-dir", type=Path, default=None, help="a ladder folder (default: the committed drafters/ladder)")
+    ed.add_argument("--feature-dir", type=Path, default=None, help="a feature head folder (default: drafters/feature)")
     ed.set_defaults(handler=_eval_drafters)
 
 
@@ -123,7 +125,7 @@ def _train_drafters(args: argparse.Namespace) -> int:
         from workers.feature_head import FEATURE_DIR
 
         summary = train_head(args.data, args.out or FEATURE_DIR, target=args.target,
-                             feature_layers=tuple(args.feature_layers), vocab=args.vocab, max_positions=args.positions,
+                             feature_layers=tuple(args.feature_layers), vocab=args.vocab, max_shards=args.shards,
                              epochs=args.epochs, lr=args.lr, levels=args.levels, seed=args.seed,
                              save=not args.no_save, time_budget_s=args.budget_s)
         if args.summary:
@@ -135,7 +137,7 @@ def _train_drafters(args: argparse.Namespace) -> int:
     common = dict(spec=spec, target=args.target, steps=args.steps, init_from_target=not args.random_layers,
                   lookahead_steps=args.lookahead_steps, tokens_per_batch=args.tokens_per_batch, lr=args.lr,
                   eval_prompts=args.eval_prompts, seed=args.seed,
-                  continuation_only=args.continuation_only)
+                  continuation_only=args.continuation_only, max_shards=args.shards)
     out = args.out or LADDER_DIR
     if args.compare_init:
         runs = {init: train_ladder(args.data, out, init=init, save=False, name=f"drafters/{init}", **common)
@@ -163,7 +165,8 @@ def _eval_drafters(args: argparse.Namespace) -> int:
     from training.eval_drafters import evaluate_ladder
 
     _threads(args.threads)
-    report = evaluate_ladder(args.target, args.rungs, args.gamma)
+    report = evaluate_ladder(args.target, args.rungs, args.gamma, feature_dir=args.feature_dir,
+                             ladder_dir=args.ladder_dir)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -34,7 +34,7 @@ def draft_tokens_per_s(model, prompts: list[list[int]], new_tokens: int = 32) ->
 
 
 def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None, gamma: int = 4,
-                    speed_prompts: int = 3, feature_dir=None) -> dict:
+                    speed_prompts: int = 3, feature_dir=None, ladder_dir=None) -> dict:
     from pipeline.models import load_causal_lm
 
     target = load_causal_lm(target_spec)
@@ -53,7 +53,7 @@ def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None
         if name == "feature":
             report["rungs"].append(_feature_rung(target, target_spec, gamma, feature_dir))
             continue
-        model = load_rung(name, target_spec, target=target)
+        model = load_rung(name, target_spec, target=target, **({"folder": ladder_dir} if ladder_dir else {}))
         stats = acceptance(lambda ids: model(input_ids=ids).logits.argmax(-1), sequences, gamma)
         params = sum(p.numel() for p in model.parameters())
         report["rungs"].append({

@@ -69,6 +69,7 @@ def train_ladder(
     seed: int = 0,
     save: bool = True,
     name: str = "ladder",
+    max_shards: int | None = None,
 ) -> dict:
     from pipeline.models import load_causal_lm, load_tokenizer
 
@@ -81,7 +82,9 @@ def train_ladder(
     seen: dict[str, int] = {}
 
     def records_now() -> list[dict]:  # re-read each epoch: generation may still be adding shards
-        records = load_records(data_dir)
+        records = load_records(data_dir, max_shards)
+        for r in records:  # the ladder reads tokens and top-k only; features would cost GBs of RAM
+            r.pop("features", None)
         seen["records"], seen["tokens"] = len(records), sum(len(r["ids"]) for r in records)
         log.info("distill_epoch_data", **seen)
         return records
@@ -111,7 +114,7 @@ def train_ladder(
                "train_tokens_at_end": seen["tokens"], "records_at_end": seen["records"],
                "tokens_per_batch": tokens_per_batch, "head_top_k": head_top_k, "head_positions": head_positions,
                "continuation_only": continuation_only, "full_vocab_positions": full_vocab_positions,
-               "lr": lr, "seed": seed, "wall_s": round(wall, 1),
+               "lr": lr, "seed": seed, "max_shards": max_shards, "wall_s": round(wall, 1),
                "history": history.to_dict()}
     if save:
         save_ladder(net, spec, out_dir, summary)

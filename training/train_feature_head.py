@@ -11,6 +11,7 @@ loss underfits). Gaussian noise on the input features makes the head robust to i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -21,26 +22,23 @@ import torch
 import torch.nn.functional as F
 
 from training.distill_dataset import length_batches
-from workers.feature_head import FEATURE_DIR, FeatureHead, build_head, draft_vocab, save_head, spec_for
+from workers.feature_head import FEATURE_DIR, FeatureHead, build_head, draft_vocab, residual_rms, save_head, spec_for
 
 log = structlog.get_logger(__name__)
 
 
-def load_feature_records(folder: Path, feature_layers: tuple[int, ...], max_positions: int | None = None,
+def load_feature_records(folder: Path, feature_layers: tuple[int, ...], max_shards: int | None = None,
                          seed: int = 0) -> list[dict]:
-    """Shard records with only the asked feature layers kept (fp16), shards in order until
-    ``max_positions`` (a learning-curve subset is a prefix of the same data)."""
-    records, total = [], 0
-    for path in sorted(Path(folder).glob("shard_*.pt")):
+    """Shard records with only the asked feature layers kept (fp16), the first ``max_shards``
+    shards (a learning-curve subset is a prefix of the same data, as for the ladder)."""
+    records = []
+    for path in sorted(Path(folder).glob("shard_*.pt"))[:max_shards]:
         for r in torch.load(path):
             if "features" not in r:
                 raise ValueError(f"{path} has no features: regenerate it (training/distill_data.py)")
             keep = [r["feature_layers"].index(i) for i in feature_layers]
             r["features"] = r["features"][:, keep].reshape(len(r["ids"]), -1)
             records.append(r)
-            total += len(r["ids"])
-        if max_positions and total >= max_positions:
-            break
     random.Random(seed).shuffle(records)
     return records
 
@@ -107,9 +105,9 @@ def train_head(
     target: str = "smollm2",
     feature_layers: tuple[int, ...] = (-1,),
     vocab: int = 8192,
-    max_positions: int | None = None,
+    max_shards: int | None = None,
     epochs: float = 2.0,
-    tokens_per_batch: int = 4096,
+    tokens_per_batch: int = 1024,
     lr: float = 1e-3,
     levels: int = 3,
     noise: float = 0.05,
@@ -125,12 +123,15 @@ def train_head(
     started = time.monotonic()
     torch.manual_seed(seed)
     model = load_causal_lm(target)
-    records = load_feature_records(data_dir, feature_layers, max_positions, seed)
+    records = load_feature_records(data_dir, feature_layers, max_shards, seed)
     positions = sum(len(r["ids"]) for r in records)
     vocab_ids = draft_vocab(vocab_counts(records, model.config.vocab_size), vocab)
     lookup = torch.full((model.config.vocab_size,), -1, dtype=torch.long)
     lookup[vocab_ids] = torch.arange(len(vocab_ids))
-    head = build_head(model, spec_for(model, feature_layers), vocab_ids)
+    spec = dataclasses.replace(spec_for(model, feature_layers),
+                               residual_scale=residual_rms(model, model.config.num_hidden_layers - 1,
+                                                           records[0]["ids"].tolist()[:256]))
+    head = build_head(model, spec, vocab_ids)
     params = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     batches_per_epoch = len(length_batches(records, tokens_per_batch, seed))

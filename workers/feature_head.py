@@ -37,6 +37,9 @@ class HeadSpec:
     eps: float = 1e-5
     feature_layers: tuple[int, ...] = (-1,)
     target_layer: int = 29  # the target layer the decoder layer starts from
+    # RMS of the target's residual stream entering target_layer: the fused entry is scaled to it,
+    # so the layer copied from the target sees inputs of the size it was trained on
+    residual_scale: float = 1.0
 
     @property
     def head_dim(self) -> int:
@@ -117,6 +120,10 @@ class FeatureHead(nn.Module):
         width = h * len(spec.feature_layers)
         # the true input fuses the asked layers; a predicted feature is already one hidden-wide
         self.fuse = nn.Linear(width, h, bias=False) if width != h else None
+        # features (RMS ~2 for the default target) and embeddings (RMS ~0.1) normed apart, so
+        # that neither drowns the other in fc
+        self.feature_norm = RMSNorm(h, spec.eps)
+        self.embed_norm = RMSNorm(h, spec.eps)
         self.fc = nn.Linear(2 * h, h, bias=True)
         self.layer = HeadLayer(spec)
         self.norm = RMSNorm(h, spec.eps)
@@ -131,7 +138,8 @@ class FeatureHead(nn.Module):
 
     def entry(self, feature: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         """Decoder input of entries: [fused feature at t, embedding of token t+1]."""
-        return self.fc(torch.cat((feature, self.embed[next_tokens]), -1))
+        joined = torch.cat((self.feature_norm(feature), self.embed_norm(self.embed[next_tokens])), -1)
+        return self.spec.residual_scale * self.fc(joined)
 
     def logits(self, predicted: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits [..., V'] of predicted (normed) features."""
@@ -208,6 +216,13 @@ class HeadCache:
 
 
 # --- weights -----------------------------------------------------------------------------------
+
+
+def residual_rms(target, layer: int, sample: list[int]) -> float:
+    """RMS of the target's residual stream entering decoder layer ``layer`` over ``sample``."""
+    with torch.no_grad():
+        hidden = target(input_ids=torch.tensor([sample]), output_hidden_states=True).hidden_states[layer]
+    return float(hidden.float().pow(2).mean().sqrt())
 
 
 def build_head(target, spec: HeadSpec, vocab_ids: torch.Tensor, *, init_from_target: bool = True) -> FeatureHead:
