@@ -34,6 +34,7 @@ from pipeline.protocol import (
 from pipeline.security import client_keys
 from pipeline.roles import supervise
 from pipeline.sockets import BrokerLink
+from workers.static_verifier import make_verifier
 from workers.target import TargetVerifier
 
 log = structlog.get_logger("sled.verifier")
@@ -132,7 +133,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     model = await loop.run_in_executor(
         None, lambda: load_causal_lm(v.target, dtype=v.dtype, device=v.device, device_map=v.device_map, max_memory=v.max_memory)
     )
-    verifier = TargetVerifier(model, max_sessions=config.verifier.max_sessions, limits=config.limits)
+    verifier = make_verifier(model, config)
     ctx = zmq.asyncio.Context()
     try:
         await VerifierWorker(config, verifier, ctx).run(stop)
