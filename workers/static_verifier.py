@@ -81,6 +81,8 @@ class StaticVerifier(TargetVerifier):
         self.net = StaticModel(model, self.kv)
         self.step = self.net
         if compile:
+            # one graph per (sessions, tokens, pages) bucket: more than dynamo's default 8
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
             self.step = torch.compile(self.net, mode="reduce-overhead", dynamic=False)
         self.compiled = compile
         self.busy: set[str] = set()  # sessions of the round being built: never evicted for pages

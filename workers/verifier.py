@@ -34,6 +34,7 @@ from pipeline.protocol import (
 from pipeline.security import client_keys
 from pipeline.roles import supervise
 from pipeline.sockets import BrokerLink
+from workers.forward_log import ForwardLog, verify_recorded
 from workers.static_verifier import make_verifier
 from workers.target import TargetVerifier
 
@@ -50,6 +51,7 @@ class VerifierWorker:
         self.batches: asyncio.Queue[VerifyBatch] = asyncio.Queue(maxsize=4)
         self.busy = False
         self.rejected_frames = 0
+        self.forwards = ForwardLog()  # (sessions, rows) of every forward, for `sled bench`'s GPU projection
         self.broker = BrokerLink(
             ctx, config.broker.backend, self.identity, max_message_bytes=config.limits.max_message_bytes,
             curve=client_keys(config, config.verifier.key or config.verifier.name),
@@ -63,6 +65,7 @@ class VerifierWorker:
     def _stats(self) -> dict:
         stats = self.verifier.stats.as_dict()
         stats["rejected_frames"] = self.rejected_frames
+        stats["forwards"] = self.forwards.as_dict()
         return stats
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -101,7 +104,7 @@ class VerifierWorker:
             self.busy = True
             started = time.perf_counter()
             with structlog.contextvars.bound_contextvars(batch_id=batch.batch_id):
-                verdicts = await loop.run_in_executor(self.executor, self.verifier.verify_batch, batch.items)
+                verdicts = await loop.run_in_executor(self.executor, verify_recorded, self.verifier, batch.items, self.forwards)
                 compute_ms = 1000 * (time.perf_counter() - started)
                 log.debug("batch_verified", size=len(batch.items), compute_ms=round(compute_ms, 2))
             self.busy = False
