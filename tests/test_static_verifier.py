@@ -146,3 +146,21 @@ def test_sampling_and_greedy_sessions_share_a_round():
     assert out[0].accepted == 4 and out[0].token == ref[4] and not out[1].error
     assert 0 <= out[1].accepted <= 2 and 0 <= out[1].token < TINY_VOCAB
     assert ver.sessions["s"].sampling == Sampling(0.8, 0.9, 3)
+
+
+def test_forward_log_records_each_backends_forwards_the_same():
+    from workers.forward_log import ForwardLog, delta, verify_recorded
+
+    model = tiny_llama(2)
+    logs = []
+    for ver in (static(model), TargetVerifier(model, max_sessions=8, limits=LimitsConfig())):
+        log = ForwardLog()
+        verify_recorded(ver, [Propose("a", 0, 3, [1, 2], history=[4, 5, 6]), Propose("b", 0, 1, [], history=[9]),
+                              Propose("ghost", 0, 2, [1])], log)
+        first = log.as_dict()
+        verify_recorded(ver, [Propose("b", 1, 2, [7, 7, 7])], log)
+        logs.append(log.as_dict())
+        # two sessions with 3 + 1 rows (the failed one is in no forward); one prefill (b had nothing to cache)
+        assert first == {"verify": [[2, 4, 1]], "draft": [], "prefill": {"forwards": 1, "tokens": 2}, "dropped": 0}
+        assert delta(first, log.as_dict())["verify"] == [[1, 4, 1]]
+    assert logs[0] == logs[1]

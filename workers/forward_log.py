@@ -12,21 +12,30 @@ from __future__ import annotations
 from collections import Counter
 
 
+MAX_SHAPES = 4096  # distinct shapes kept per kind; a long-running verifier's heartbeat stays small
+
+
 class ForwardLog:
     def __init__(self) -> None:
         self.verify: Counter[tuple[int, int]] = Counter()  # (sessions, token rows) -> forwards
         self.draft: Counter[tuple[int, int]] = Counter()  # server-side drafting (baseline only)
         self.prefill_forwards = 0
         self.prefill_tokens = 0
+        self.dropped = 0  # forwards of a new shape once MAX_SHAPES were held
 
     def add(self, kind: str, sessions: int, rows: int) -> None:
-        getattr(self, kind)[(sessions, rows)] += 1
+        counts = getattr(self, kind)
+        if (sessions, rows) in counts or len(counts) < MAX_SHAPES:
+            counts[(sessions, rows)] += 1
+        else:
+            self.dropped += 1
 
     def as_dict(self) -> dict:
         return {
             "verify": [[b, r, n] for (b, r), n in sorted(self.verify.items())],
             "draft": [[b, r, n] for (b, r), n in sorted(self.draft.items())],
             "prefill": {"forwards": self.prefill_forwards, "tokens": self.prefill_tokens},
+            "dropped": self.dropped,
         }
 
 

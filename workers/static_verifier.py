@@ -257,6 +257,8 @@ def make_verifier(model, config: Config) -> TargetVerifier:
     v = config.verifier
     if v.backend not in ("eager", "static"):
         raise ValueError(f"verifier.backend must be 'eager' or 'static', got {v.backend!r}")
+    if v.compile not in ("auto", "on", "off"):
+        raise ValueError(f"verifier.compile must be 'auto', 'on' or 'off', got {v.compile!r}")
     if v.backend == "static":
         reason = supports(model)
         if not reason:
