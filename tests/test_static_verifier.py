@@ -51,6 +51,10 @@ def test_forward_equals_transformers_at_every_layer_count(arch, layers):
     torch.testing.assert_close(torch.cat([first, rest], 1), ref.logits, atol=1e-5, rtol=1e-4)
     for row, index in enumerate(layers_asked):
         torch.testing.assert_close(hidden[row, 0], ref.hidden_states[index][0, 30:], atol=1e-5, rtol=1e-4)
+    kv.keys.zero_(), kv.values.zero_()
+    net(ids[:, :30], torch.tensor([0]), table, logits=False)
+    _, picked = net(ids[:, 30:], torch.tensor([30]), table, hidden_layers=(-1,), hidden_rows=torch.tensor([0, 4]))
+    torch.testing.assert_close(picked[0], ref.hidden_states[-1][0, [30, 34]], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", list(BUILDERS))

@@ -81,7 +81,8 @@ class StaticModel(nn.Module):
     """``forward(input_ids [B, T], lengths [B], block_table [B, P])``: row b's tokens sit at
     positions ``lengths[b] .. lengths[b] + T``; its keys/values are written to its pages, and it
     attends to every position up to its own. Returns logits ``[B, T, vocab]`` (or None) and the
-    hidden states asked for, ``[len(hidden_layers), B, T, hidden]`` (or None)."""
+    hidden states asked for, ``[len(hidden_layers), B, T, hidden]`` (or None), or with
+    ``hidden_rows`` (flat indices b * T + t) only those rows, ``[len(hidden_layers), rows, hidden]``."""
 
     def __init__(self, hf_model, kv: PagedKV):
         super().__init__()
@@ -91,7 +92,7 @@ class StaticModel(nn.Module):
         self.count = len(self.layers)
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor, block_table: torch.Tensor,
-                hidden_layers: tuple[int, ...] = (), logits: bool = True):
+                hidden_layers: tuple[int, ...] = (), logits: bool = True, hidden_rows: torch.Tensor | None = None):
         core = self.hf.model
         batch, width = input_ids.shape
         page = self.kv.page_size
@@ -115,6 +116,8 @@ class StaticModel(nn.Module):
         if self.count in wanted:
             kept[self.count] = x
         hidden = torch.stack([kept[i % (self.count + 1)] for i in hidden_layers]) if hidden_layers else None
+        if hidden is not None and hidden_rows is not None:
+            hidden = hidden.flatten(1, 2)[:, hidden_rows]
         return (self.hf.lm_head(x) if logits else None), hidden
 
     def _attention(self, index, layer, x, cos, sin, pages_at, offsets, block_table, mask):
