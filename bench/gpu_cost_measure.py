@@ -120,18 +120,22 @@ def measure(args) -> int:
         table["shapes"][shape] = {"model_type": c.model_type, "num_hidden_layers": c.num_hidden_layers,
                                   "hidden_size": c.hidden_size, "vocab_size": c.vocab_size}
         for backend in args.backends:
+            # one verifier per backend (a compiled one keeps its graphs across session counts)
+            context = args.prefix + (args.rounds + args.warmup + 3) * max(args.tokens) + 32
+            verifier = make(backend, model, max(args.sessions), context, args.compile)
             for sessions in args.sessions:
                 for tokens in args.tokens:
-                    verifier = make(backend, model, sessions, args.prefix + (args.rounds + 3) * tokens + 32, args.compile)
+                    for sid in list(verifier.sessions):
+                        verifier.close(sid)
                     group = Sessions(verifier, sessions, args.prefix, c.vocab_size, seed=sessions)
-                    times = sorted(group.round([tokens] * sessions, device) for _ in range(args.rounds + args.warmup))
-                    times = sorted(times[args.warmup:]) if len(times) > args.warmup else times
+                    times = [group.round([tokens] * sessions, device) for _ in range(args.rounds + args.warmup)]
+                    times = sorted(times[args.warmup:] or times)
                     row = {"shape": shape, "backend": backend, "sessions": sessions, "tokens_per_session": tokens,
                            "ms": round(1000 * times[len(times) // 2], 3)}
                     table["rows"].append(row)
                     print(json.dumps(row), flush=True)
                     out.write_text(json.dumps(table, indent=1) + "\n")
-                    del verifier, group
+            del verifier, group
         del model
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -157,15 +161,18 @@ def replay(args) -> int:
     run_backend = backend if backend != "table" else table.get("backend", "eager")
     prefix = table.get("prefix_tokens") or args.prefix
     measured = 0.0
-    for sessions, rows, count in forwards["verify"]:
+    shapes = forwards["verify"]
+    widest = max(max(spread(b, r)) for b, r, _ in shapes)
+    runs = args.max_per_shape
+    verifier = make(run_backend, model, max(b for b, _, _ in shapes), prefix + (runs + 3) * widest + 32, args.compile)
+    for sessions, rows, count in shapes:
+        for sid in list(verifier.sessions):
+            verifier.close(sid)
         per_session = spread(sessions, rows)
-        runs = min(count, args.max_per_shape)
-        verifier = make(run_backend, model, sessions, prefix + (runs + 3) * max(per_session) + 32, args.compile)
         group = Sessions(verifier, sessions, prefix, model.config.vocab_size, seed=rows)
         group.round(per_session, device)  # warm-up (and compile) outside the timing
-        times = sorted(group.round(per_session, device) for _ in range(runs))
+        times = sorted(group.round(per_session, device) for _ in range(min(count, runs)))
         measured += 1000 * times[len(times) // 2] * count
-        del verifier, group
     line = {"replay": args.replay, "method": args.method, "level": args.level, "shape": shape, "backend": run_backend,
             "table": str(table_path), "forwards": sum(n for _, _, n in forwards["verify"]),
             "measured_ms": round(measured, 1), "projected_ms": round(projected, 1),
