@@ -168,3 +168,18 @@ def test_forward_log_records_each_backends_forwards_the_same():
         assert first == {"verify": [[2, 4, 1]], "draft": [], "prefill": {"forwards": 1, "tokens": 2}, "dropped": 0}
         assert delta(first, log.as_dict())["verify"] == [[1, 4, 1]]
     assert logs[0] == logs[1]
+
+
+@torch.inference_mode()
+def test_forward_traces_as_one_graph_for_compile():
+    """torch.compile (CUDA graphs on a GPU) needs the forward without graph breaks; dynamo's
+    eager backend checks the trace here without a C++ compiler or a GPU."""
+    model = tiny_qwen2(4)
+    kv = PagedKV(model.config, pages=8, page_size=16, dtype=torch.float32, device="cpu")
+    net = StaticModel(model, kv)
+    compiled = torch.compile(net, backend="eager", fullgraph=True, dynamic=False)
+    ids, lengths, table = torch.randint(0, TINY_VOCAB, (2, 5)), torch.tensor([3, 17]), torch.tensor([[0, kv.spare], [2, 5]])
+    got, _ = compiled(ids, lengths, table)
+    kv.keys.zero_(), kv.values.zero_()
+    want, _ = net(ids, lengths, table)
+    torch.testing.assert_close(got, want)
