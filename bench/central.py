@@ -57,7 +57,7 @@ class BatchedDrafter:
             self.fed[keys[i]] = 0
         step = 0
         while live:
-            logits, kv, past = ragged_forward(self.model, self.device, [self.kv.get(keys[i]) for i in live],
+            logits, kv, past, _ = ragged_forward(self.model, self.device, [self.kv.get(keys[i]) for i in live],
                                               [rows[i] for i in live])
             self.forwards += 1
             self.log.add("draft", len(live), sum(len(rows[i]) for i in live))

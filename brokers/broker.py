@@ -43,7 +43,7 @@ from pipeline.protocol import (
     error_for,
 )
 from pipeline.roles import cancel_and_wait, supervise
-from pipeline.security import server_keys, start_authenticator
+from pipeline.security import BACKEND, FRONTEND, HandshakeWatch, check_bind, server_keys, start_authenticator, with_domain
 from pipeline.sockets import LoopSocket, make_socket
 
 log = structlog.get_logger("sled.broker")
@@ -109,6 +109,7 @@ class Broker:
         self.stats = BrokerStats()
         self._batch_ids = itertools.count(1)
         self.curve = config.security.curve
+        self.allow = None  # RoleAllowList with CURVE on: its refusal counts are figures
         self.frontend: zmq.asyncio.Socket | None = None
         self.backend: zmq.asyncio.Socket | None = None
         # every send and receive goes through these (no Future per message; pipeline/sockets.py)
@@ -118,15 +119,26 @@ class Broker:
     # --- lifecycle -----------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        b = self.config.broker
         keys = server_keys(self.config)
-        auth = start_authenticator(self.ctx, self.config) if keys else None
-        self.frontend = make_socket(self.ctx, zmq.ROUTER, bind=self.config.broker.frontend, max_message_bytes=self.max_bytes, curve=keys)
-        self.backend = make_socket(self.ctx, zmq.ROUTER, bind=self.config.broker.backend, max_message_bytes=self.max_bytes, curve=keys)
+        check_bind(self.config, b.frontend, "broker.frontend", curve=keys is not None)
+        check_bind(self.config, b.backend, "broker.backend", curve=keys is not None)
+        # each socket its own ZAP domain: the frontend admits drafter and admin keys, the backend verifier keys only
+        auth, self.allow = start_authenticator(self.ctx, self.config) if keys else (None, None)
+        self.frontend = make_socket(self.ctx, zmq.ROUTER, bind=b.frontend, max_message_bytes=self.max_bytes,
+                                    curve=with_domain(keys, FRONTEND))
+        self.backend = make_socket(self.ctx, zmq.ROUTER, bind=b.backend, max_message_bytes=self.max_bytes,
+                                   curve=with_domain(keys, BACKEND))
+        watches = [HandshakeWatch(self.frontend, FRONTEND, self.allow),
+                   HandshakeWatch(self.backend, BACKEND, self.allow)] if keys else []
         self._front, self._back = LoopSocket(self.frontend), LoopSocket(self.backend)
-        log.info("broker_started", frontend=self.config.broker.frontend, backend=self.config.broker.backend, curve=bool(keys))
+        log.info("broker_started", frontend=b.frontend, backend=b.backend, curve=bool(keys))
         try:
-            await supervise(stop, self._frontend_loop(), self._backend_loop(), self._liveness_loop())
+            await supervise(stop, self._frontend_loop(), self._backend_loop(), self._liveness_loop(),
+                            *(w.run() for w in watches))
         finally:
+            for watch in watches:
+                watch.close()
             await cancel_and_wait([v.dispatcher for v in self.verifiers.values()])
             for handle in self.verifiers.values():
                 handle.batcher.close()
@@ -364,6 +376,8 @@ class Broker:
             "mean_batch_tokens": s.batch_tokens / s.batches if s.batches else 0.0,
             "mean_queue_wait_ms": 1000 * s.queue_wait_s / s.batch_sessions if s.batch_sessions else 0.0,
             "rejected": dict(s.rejected),
+            # handshakes refused by reason (unauthorised, wrong_role); CURVE off: none are checked
+            "refused": dict(self.allow.refused) if self.allow else {},
             "undeliverable": s.undeliverable,
             "verifiers_lost": s.verifiers_lost,
             "drafters_lost": s.drafters_lost,

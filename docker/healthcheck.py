@@ -66,7 +66,10 @@ async def check(role: str, arg: str | None) -> str:
     if role == "drafter":
         if not arg:
             return "drafter needs its name"
-        client = DrafterClient(probe_endpoint(config.drafter(arg).client))
+        from pipeline.security import drafter_keys_for_client
+
+        # CURVE exactly when the drafter serves it: decided by its bind endpoint, not the probe's
+        client = DrafterClient(probe_endpoint(config.drafter(arg).client), curve=drafter_keys_for_client(config, arg))
         try:
             await client.stats(timeout=TIMEOUT_S)
         except TimeoutError:

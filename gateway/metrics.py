@@ -100,6 +100,12 @@ class PipelineCollector(Collector):
         for code, n in sorted(b.get("rejected", {}).items()):
             rejected.add_metric([code], n)
         yield rejected
+        refused = CounterMetricFamily("sled_broker_refused", "CURVE handshakes the broker refused, by reason "
+                                      "(unauthorised: no valid key; wrong_role: a key allowed on the other socket).",
+                                      labels=["reason"])
+        for reason, n in sorted(b.get("refused", {}).items()):
+            refused.add_metric([reason], n)
+        yield refused
         yield _histogram("sled_batch_sessions", "Sessions per verify batch (each poll's batches at its mean).",
                          st.batch_sessions)
         yield _histogram("sled_batch_tokens", "Target rows per verify batch (each poll's batches at its mean).",
@@ -140,6 +146,8 @@ class PipelineCollector(Collector):
         rate = GaugeMetricFamily("sled_drafter_acceptance_rate", "Accepted / proposed draft tokens, since start.",
                                  labels=labels)
         counters = {key: CounterMetricFamily(name, doc, labels=labels) for key, (name, doc) in DRAFTER_COUNTERS.items()}
+        refused = CounterMetricFamily("sled_drafter_refused", "CURVE handshakes a drafter's client socket refused, by "
+                                      "reason.", labels=[*labels, "reason"])
         for name, fig in sorted(self.state.drafters.items()):
             up.add_metric([name, fig.kind], int(fig.up))
             if not fig.stats:
@@ -148,7 +156,9 @@ class PipelineCollector(Collector):
             rate.add_metric([name, fig.kind], fig.stats.get("acceptance_rate", 0.0))
             for key, family in counters.items():
                 family.add_metric([name, fig.kind], fig.stats.get(key, 0))
-        yield from (up, active, rate, *counters.values())
+            for reason, n in sorted(fig.stats.get("refused", {}).items()):
+                refused.add_metric([name, fig.kind, reason], n)
+        yield from (up, active, rate, *counters.values(), refused)
         by_kind = GaugeMetricFamily("sled_acceptance_rate", "Accepted / proposed draft tokens per drafter kind.",
                                     labels=["kind"])
         for kind, k in sorted(self.state.acceptance_by_kind().items()):

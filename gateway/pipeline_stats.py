@@ -26,7 +26,7 @@ import zmq.asyncio
 
 from pipeline.client import DrafterClient, broker_stats
 from pipeline.config import Config
-from pipeline.security import client_keys
+from pipeline.security import client_keys, drafter_keys_for_client
 
 log = structlog.get_logger("sled.gateway.stats")
 
@@ -186,7 +186,8 @@ class StatsPoller:
         self.interval = max(0.1, config.gateway.stats_interval_s)
         self.timeout = min(2.0, max(0.5, self.interval))
         self.state = state
-        self.clients = {name: DrafterClient(d.client, ctx, max_message_bytes=config.limits.max_message_bytes)
+        self.clients = {name: DrafterClient(d.client, ctx, max_message_bytes=config.limits.max_message_bytes,
+                                            curve=drafter_keys_for_client(config, name))
                         for name, d in config.drafters.items()}
         self._last: Sample | None = None
 

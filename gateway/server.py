@@ -10,14 +10,24 @@ from aiohttp import web
 from gateway.app import create_app
 from pipeline.config import Config
 from pipeline.models import load_tokenizer
+from pipeline.security import check_gateway
 
 log = structlog.get_logger("sled.gateway")
 
 SHUTDOWN_GRACE_S = 5.0  # open streams get this long at shutdown
 
 
+def read_api_keys(path: str) -> list[str]:
+    """One API key a line; blank lines and # comments are skipped. A missing file is an error."""
+    with open(path, encoding="utf-8") as fh:
+        return [line.strip() for line in fh if line.strip() and not line.lstrip().startswith("#")]
+
+
 async def serve(config: Config, stop: asyncio.Event) -> None:
     g = config.gateway
+    if g.api_keys_file:
+        g.api_keys = [*g.api_keys, *read_api_keys(g.api_keys_file)]
+    check_gateway(config)  # off loopback only with API keys (or security.allow_insecure)
     tokenizer = await asyncio.get_running_loop().run_in_executor(None, load_tokenizer, config.verifier.target)
     app = create_app(config, tokenizer)
     # handler_cancellation: a client that disconnects cancels its handler, which closes its session

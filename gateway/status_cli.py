@@ -11,13 +11,13 @@ import sys
 import zmq.asyncio
 
 from pipeline.client import DrafterClient, broker_stats
-from pipeline.security import client_keys
+from pipeline.security import client_keys, drafter_keys_for_client
 from pipeline.config import Config
 
 
 async def collect(config: Config, timeout: float) -> dict:
     ctx = zmq.asyncio.Context()
-    clients = {n: DrafterClient(d.client, ctx) for n, d in config.drafters.items()}
+    clients = {n: DrafterClient(d.client, ctx, curve=drafter_keys_for_client(config, n)) for n, d in config.drafters.items()}
 
     async def broker() -> dict | None:
         try:
@@ -54,6 +54,13 @@ def _pct(num: float, den: float) -> str:
     return f"{100 * num / den:.1f}%" if den else "-"
 
 
+def _refused(counts: dict | None) -> str:
+    """Handshakes refused by reason (unauthorised, wrong_role); "CURVE off" when none are checked."""
+    if not counts:
+        return "CURVE off (local processes are trusted)"
+    return "  ".join(f"{reason} {n}" for reason, n in sorted(counts.items()))
+
+
 def render(config: Config, figures: dict) -> str:
     b = figures["broker"]
     out = []
@@ -64,6 +71,7 @@ def render(config: Config, figures: dict) -> str:
         out.append(f"broker {config.broker.frontend}: up  sessions {b['sessions']}  proposals {b['proposals']}  "
                    f"verdicts {b['verdicts']}  batches {b['batches']}  mean batch {b['mean_batch_sessions']:.2f} sessions"
                    f"  queue wait {b['mean_queue_wait_ms']:.2f} ms  rejected {rejected}")
+        out.append("refused handshakes: " + _refused(b.get("refused")))
         rows = [[name, v.get("sessions", 0), v.get("queued", 0), "yes" if v.get("busy") else "no", v.get("batches", 0),
                  _pct(v.get("accepted_tokens", 0), v.get("draft_tokens", 0)), f"{v.get('cache_bytes', 0) / 2**20:.1f} MB"]
                 for name, v in sorted(b.get("verifiers", {}).items())]
@@ -81,6 +89,9 @@ def render(config: Config, figures: dict) -> str:
         rows.append([name, d.get("kind", cfg.kind), d.get("gamma", cfg.gamma), "up", d.get("active", 0),
                      d.get("requests", 0), d.get("generated", 0), _pct(d.get("accepted", 0), d.get("proposed", 0))])
     out += ["", _table(["DRAFTER", "KIND", "GAMMA", "STATE", "ACTIVE", "REQUESTS", "GENERATED", "ACCEPTED"], rows)]
+    refused = {n: d["refused"] for n, d in figures["drafters"].items() if d and d.get("refused")}
+    if refused:
+        out += ["", "client sockets, refused handshakes: " + "; ".join(f"{n} {_refused(r)}" for n, r in sorted(refused.items()))]
     if kinds:
         out += ["", "acceptance by kind: " + "  ".join(f"{k} {_pct(a, p)}" for k, (p, a) in sorted(kinds.items()))]
     return "\n".join(out)

@@ -41,15 +41,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drafters", help="comma-separated drafter names (default: demo.drafters)")
     p.add_argument("--json", action="store_true", help="end with one JSON line of figures")
     p.add_argument("--verify", action="store_true", help="compare every output with the target decoding alone")
-    p = sub.add_parser("keys", help="CurveZMQ keys: generate and list (security.keys_dir)")
+    p = sub.add_parser("keys", help="CurveZMQ keys: generate, authorize for a role, list, bundle (security.keys_dir)")
     keys = p.add_subparsers(dest="keys_command", required=True)
+    roles = ["drafter", "verifier", "admin", "client"]
     g = keys.add_parser("generate", help="make NAME.key / NAME.key_secret")
     g.add_argument("names", nargs="+")
-    g.add_argument("--authorize", action="store_true", help="also put the public key on the allow-list")
+    g.add_argument("--authorize", action="store_true", help="also file the public key in --role's allow-list")
+    g.add_argument("--role", choices=roles, help="the role the key is authorized for (needed with --authorize)")
+    g.add_argument("--keep", action="store_true", help="leave pairs that exist already as they are")
     g.set_defaults(handler=_keys)
-    ls = keys.add_parser("list", help="list key pairs and whether each is authorized")
+    a = keys.add_parser("authorize", help="file an existing public key NAME.key in ROLE's allow-list")
+    a.add_argument("names", nargs="+")
+    a.add_argument("--role", choices=roles, required=True)
+    a.set_defaults(handler=_keys)
+    ls = keys.add_parser("list", help="list key pairs and the role each is authorized for")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(handler=_keys)
+    b = keys.add_parser("bundle", help="copy the key files one host needs into a folder (its security.keys_dir)")
+    b.add_argument("kind", choices=["broker", *roles], help="what runs on the host")
+    b.add_argument("name", nargs="?", default="", help="its key pair (broker: security.server_key)")
+    b.add_argument("out", help="folder to write (then copied to the host)")
+    b.add_argument("--with-admin", action="store_true", help="add the admin pair, for the host's health checks")
+    b.set_defaults(handler=_keys)
     # commands of other packages: the REST gateway (gateway, status) and incremental training
     for module in ("gateway.cli", "training.cli", "workers.launch_cli", "bench.cli"):
         try:
@@ -120,16 +133,30 @@ def _keys(args) -> int:
 
     config = args.sled_config
     if args.keys_command == "generate":
-        for path in security.generate(config, args.names, args.authorize):
-            print(f"{path}{'  (authorized)' if args.authorize else ''}")
+        if args.authorize and not args.role:
+            print("sled keys generate: --authorize needs --role drafter|verifier|admin|client", file=sys.stderr)
+            return 2
+        role = args.role if args.authorize else None
+        for path in security.generate(config, args.names, role, keep=args.keep):
+            print(f"{path}{f'  (authorized: {role})' if role else ''}")
+        return 0
+    if args.keys_command == "authorize":
+        for name in args.names:
+            print(security.authorize(config, name, args.role))
+        return 0
+    if args.keys_command == "bundle":
+        from pathlib import Path
+
+        for path in security.bundle(config, args.kind, args.name, Path(args.out), with_admin=args.with_admin):
+            print(path)
         return 0
     rows = security.listing(config)
     if args.json:
         print(json.dumps(rows))
     else:
         for row in rows:
-            flag = "authorized" if row["authorized"] else "-"
-            print(f"{row['name']:20s} {row['public_key']}  {flag}")
+            role = ",".join(row["roles"]) or ("UNFILED (sled keys authorize)" if row["unfiled"] else "-")
+            print(f"{row['name']:20s} {role:10s} {row['fingerprint']}  {row['public_key']}")
     return 0
 
 

@@ -44,10 +44,13 @@ class Completion:
 class DrafterClient:
     """One DEALER to one drafter; many concurrent requests, each with its own reply queue."""
 
-    def __init__(self, endpoint: str, ctx: zmq.asyncio.Context | None = None, *, max_message_bytes: int = 1 << 20):
+    def __init__(self, endpoint: str, ctx: zmq.asyncio.Context | None = None, *, max_message_bytes: int = 1 << 20,
+                 curve=None):
+        """``curve``: CurveKeys for a drafter whose client socket is bound off loopback (it then serves
+        CURVE to admin and client keys): pipeline.security.drafter_keys_for_client(config, name)."""
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.sock = make_socket(self.ctx, zmq.DEALER, connect=endpoint, identity=new_identity("client"),
-                                max_message_bytes=max_message_bytes)
+                                max_message_bytes=max_message_bytes, curve=curve)
         self.max_bytes = max_message_bytes
         self.pending: dict[str, asyncio.Queue] = {}
         self.stats_waiters: list[asyncio.Future] = []

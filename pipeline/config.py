@@ -57,7 +57,7 @@ class VerifierConfig:
 
 @dataclass
 class DrafterConfig:
-    kind: str = "model"  # "model" (any causal LM sharing the target's tokenizer) or "ngram"
+    kind: str = "model"  # "model" (any causal LM sharing the target's tokenizer), "feature" or "ngram"
     model: str = ""
     client: str = "tcp://127.0.0.1:5600"  # where local clients (demo, gateway) send Generate
     gamma: int = 4  # most draft tokens per round
@@ -97,15 +97,19 @@ class GatewayConfig:
     port: int = 8000
     default_model: str = ""  # drafter used when a request names none; "" = the first of demo.drafters
     api_keys: list[str] = field(default_factory=list)  # when set, "Authorization: Bearer KEY" is required
+    api_keys_file: str = ""  # more API keys, one a line (the compose keys service writes one)
     max_prompt_tokens: int = 2048
     stats_interval_s: float = 1.0  # how often broker and drafter figures are collected
 
 
 @dataclass
 class SecurityConfig:
-    curve: bool = False  # CurveZMQ on the broker's frontend and backend
+    curve: bool = False  # CurveZMQ on the broker's frontend and backend (and off-loopback drafter client sockets)
+    # Without CURVE no ZeroMQ socket is bound off loopback and the gateway needs api_keys off
+    # loopback; true overrides both checks (warned about at every start).
+    allow_insecure: bool = False
     keys_dir: str = "keys"  # NAME.key / NAME.key_secret pairs (`sled keys generate NAME`)
-    authorized_dir: str = ""  # public keys allowed to connect; "" = keys_dir/authorized
+    authorized_dir: str = ""  # allow-lists, one folder per role (drafter/, verifier/, admin/, client/); "" = keys_dir/authorized
     server_key: str = "broker"  # the broker's key pair
     admin_key: str = "admin"  # operator tools (launcher, status, gateway) reading figures
 

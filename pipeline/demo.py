@@ -41,9 +41,11 @@ def summarize(results, elapsed: float, broker: dict) -> dict:
     generated = sum(len(r.tokens) for r in results)
     by_drafter: dict[str, dict] = {}
     for r in results:
-        d = by_drafter.setdefault(r.stats["drafter"], {"kind": r.stats["drafter_kind"], "proposed": 0, "accepted": 0, "sessions": 0})
-        d["proposed"] += r.stats["proposed"]
-        d["accepted"] += r.stats["accepted"]
+        d = by_drafter.setdefault(r.stats["drafter"], {"kind": r.stats["drafter_kind"], "proposed": 0, "accepted": 0,
+                                                       "sessions": 0, "rounds": 0, "generated": 0, "wire_bytes": 0})
+        for key in ("proposed", "accepted", "rounds", "wire_bytes"):
+            d[key] += r.stats[key]
+        d["generated"] += len(r.tokens)
         d["sessions"] += 1
     proposed = sum(d["proposed"] for d in by_drafter.values())
     accepted = sum(d["accepted"] for d in by_drafter.values())
@@ -57,6 +59,11 @@ def summarize(results, elapsed: float, broker: dict) -> dict:
         "tokens_per_s": round(generated / elapsed, 2) if elapsed else 0.0,
         "acceptance_rate": round(accepted / proposed, 4) if proposed else 0.0,
         "acceptance_by_drafter": {n: round(d["accepted"] / d["proposed"], 4) if d["proposed"] else 0.0 for n, d in by_drafter.items()},
+        "tokens_per_round_by_drafter": {n: round(d["generated"] / d["rounds"], 3) if d["rounds"] else 0.0
+                                        for n, d in by_drafter.items()},
+        # proposal and verdict frames each class exchanged with the broker, per generated token
+        "wire_bytes_per_token_by_drafter": {n: round(d["wire_bytes"] / d["generated"], 1) if d["generated"] else 0.0
+                                            for n, d in by_drafter.items()},
         "drafters": by_drafter,
         "mean_batch_sessions": round(broker["mean_batch_sessions"], 3),
         "batches": broker["batches"],

@@ -20,7 +20,7 @@ import structlog
 
 from pipeline.client import DrafterClient, broker_stats
 from pipeline.config import Config
-from pipeline.security import client_keys
+from pipeline.security import client_keys, drafter_keys_for_client
 
 log = structlog.get_logger("sled.launcher")
 
@@ -101,7 +101,8 @@ class Stack:
                 admin = client_keys(self.config, self.config.security.admin_key)
                 stats = await broker_stats(self.config.broker.frontend, timeout=1.0, curve=admin)
                 for name in list(pending):
-                    client = DrafterClient(self.config.drafter(name).client)
+                    client = DrafterClient(self.config.drafter(name).client,
+                                           curve=drafter_keys_for_client(self.config, name))
                     try:
                         await client.stats(timeout=1.0)
                         pending.discard(name)

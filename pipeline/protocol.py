@@ -125,6 +125,10 @@ class Propose(Message):
     top_p: float = 1.0
     seed: int = 0
     drafter_kind: str = ""
+    # Feature-conditioned drafters (workers/feature_drafter.py) ask for the target's hidden
+    # states at these layers (transformers' output_hidden_states numbering; -1 = the final-norm
+    # output). Empty: none, and the verdict carries none.
+    feature_layers: list[int] = field(default_factory=list)
 
     @property
     def sampling(self) -> Sampling:
@@ -148,6 +152,12 @@ class Verdict(Message):
     token: int
     error: str = ""  # set by a verifier for one item of a batch; the broker turns it into ErrorReply
     detail: str = ""
+    # When the proposal asked for feature_layers: the target's hidden states, fp16 bytes,
+    # row-major [rows, layers x hidden], for the committed positions features_start,
+    # features_start + 1, ... that this round computed (the token fed first and each accepted
+    # draft token; after a (re)build, the history's positions too). Verification is unchanged.
+    features: bytes = b""
+    features_start: int = 0
 
 
 @dataclass(frozen=True)
@@ -329,6 +339,8 @@ def _check(value: Any, tp: Any, path: str) -> Any:
         value = float(value) if ok else value
     elif tp is str:
         ok = isinstance(value, str)
+    elif tp is bytes:
+        ok = isinstance(value, bytes)
     elif tp is dict or origin is dict:
         ok = isinstance(value, dict)
     elif dataclasses.is_dataclass(tp):
@@ -412,7 +424,7 @@ def _compile(tp: Any):
         return _fast_int
     if tp is float:
         return _fast_float
-    if tp in (bool, str):
+    if tp in (bool, str, bytes):
         return _exact(tp)
     if tp is dict or origin is dict:
         return _exact(dict)

@@ -2,7 +2,8 @@
 
 configure logging -> build the role's object -> run it until a signal sets the shutdown event
 -> exit 0; any exception is logged as ``role_died`` and exits non-zero, so a launcher watching
-the child sees the death at once.
+the child sees the death at once. A setting that would expose an unauthenticated socket
+(pipeline/security.py, InsecureConfig) is logged as ``role_refused`` and exits 2, before any work.
 """
 
 from __future__ import annotations
@@ -52,8 +53,13 @@ def run_role(role: str, config: Config, serve: Serve) -> int:
             loop.add_signal_handler(sig, stop.set)
         await serve(config, stop)
 
+    from pipeline.security import InsecureConfig
+
     try:
         asyncio.run(main())
+    except InsecureConfig as exc:
+        log.error("role_refused", error=str(exc))
+        return 2
     except Exception:
         log.exception("role_died")
         return 1

@@ -1,7 +1,8 @@
 """Multi-host on one machine: broker, two verifier servers, two edge devices and an app host,
 each in its own network namespace with its own address, configured exactly as the compose stack
 configures its containers (the services' SLED_* environment from docker/compose.yaml, hosts
-reached by service name). Sessions finish and equal the target decoding alone; the compose
+reached by service name), with CURVE on and each host holding only the keys the compose keys
+service gives its service. Sessions finish and equal the target decoding alone; the compose
 health checks pass in every namespace; every process stops cleanly."""
 
 import json
@@ -18,6 +19,7 @@ import yaml
 from pipeline.models import load_causal_lm
 from pipeline.reference import greedy_reference
 from tests import netns
+from tests.compose_keys import provision
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker" / "compose.yaml"
@@ -27,15 +29,17 @@ CLIENT = """
 import asyncio, json, sys
 from pipeline.client import DrafterClient, broker_stats
 from pipeline.config import load_config
+from pipeline.security import client_keys, drafter_keys_for_client
 
 async def main():
     config = load_config()  # the gateway container's configuration: drafters reached by name
     jobs = json.loads(sys.argv[1])
-    clients = {name: DrafterClient(config.drafter(name).client) for name, _, _ in jobs}
+    clients = {name: DrafterClient(config.drafter(name).client, curve=drafter_keys_for_client(config, name))
+               for name, _, _ in jobs}
     try:
         results = await asyncio.gather(*[clients[d].complete(p, n, stop_ids=[], timeout=120) for d, p, n in jobs])
         await asyncio.sleep(0.5)  # CloseSession reaches the verifiers
-        stats = await broker_stats(config.broker.frontend)
+        stats = await broker_stats(config.broker.frontend, curve=client_keys(config, config.security.admin_key))
     finally:
         for client in clients.values():
             client.close()
@@ -61,6 +65,7 @@ def service_env(name: str, tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLED_")}
     env.update({k: str(v) for k, v in service(name)["environment"].items()})
     env["SLED_CACHE"] = str(tmp_path / "cache")  # the compose volume's place
+    env["SLED_SECURITY__KEYS_DIR"] = str(tmp_path / "volumes" / f"keys-{name}")  # its keys volume
     env["PYTHONPATH"] = str(ROOT)
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -74,6 +79,7 @@ def test_stack_across_namespaces_is_lossless(network, tiny_models, tmp_path):
         flags += ["--set", item]
     logs = tmp_path / "logs"
     logs.mkdir()
+    provision(tmp_path / "volumes")  # the compose keys service: one keys folder per service
     procs: dict[str, subprocess.Popen] = {}
 
     def start(host: str, svc: str, command: list[str]) -> None:

@@ -69,7 +69,7 @@ def test_logits_equal_the_eager_backends_on_a_ragged_batch(arch):
     eager_states = [eager._open(Propose(f"s{i}", 0, len(h), [], history=h)) for i, h in enumerate(histories)]
     fast_states = [fast._open(Propose(f"s{i}", 0, len(h), [], history=h)) for i, h in enumerate(histories)]
     rows = [[h[-1], *d] for h, d in zip(histories, drafts)]
-    want, _, _ = ragged_forward(model, "cpu", [s.kv for s in eager_states], rows)
+    want = ragged_forward(model, "cpu", [s.kv for s in eager_states], rows)[0]
     x = fast._inputs(fast_states, [Propose(f"s{i}", 0, len(h), d) for i, (h, d) in enumerate(zip(histories, drafts))])
     got, _ = fast.net(x["ids"], x["lengths"], x["table"])
     for i, row in enumerate(rows):
@@ -183,3 +183,29 @@ def test_forward_traces_as_one_graph_for_compile():
     kv.keys.zero_(), kv.values.zero_()
     want, _ = net(ids, lengths, table)
     torch.testing.assert_close(got, want)
+
+
+def test_features_equal_the_eager_backends():
+    """Proposals asking for the target's hidden states get the same rows from either backend:
+    the history's on a (re)build, then the token fed first and each accepted draft token."""
+    import numpy as np
+
+    model = tiny_llama(7)
+    ref = greedy_reference(model, [3, 1, 4, 1, 5], 8)
+    rounds = [
+        [Propose("a", 0, 5, ref[:3], history=[3, 1, 4, 1, 5], feature_layers=[-1]),
+         Propose("b", 0, 2, [9, 9], history=[2, 7], feature_layers=[0, 2, -1]),
+         Propose("c", 0, 3, [5], history=[1, 2, 3])],
+    ]
+    out = {}
+    for name, ver in (("eager", TargetVerifier(model, max_sessions=8, limits=LimitsConfig())), ("static", static(model))):
+        first = ver.verify_batch(rounds[0])
+        pos = {v.session_id: it.position + v.accepted + 1 for v, it in zip(first, rounds[0])}
+        second = ver.verify_batch([Propose("a", 1, pos["a"], ref[4:6], feature_layers=[-1]),
+                                   Propose("b", 1, pos["b"], [1], feature_layers=[0, 2, -1])])
+        out[name] = first + second
+    for e, s in zip(out["eager"], out["static"]):
+        assert (e.accepted, e.token, e.features_start, len(e.features)) == (s.accepted, s.token, s.features_start, len(s.features))
+        np.testing.assert_allclose(np.frombuffer(s.features, np.float16), np.frombuffer(e.features, np.float16), atol=2e-3, rtol=2e-3)
+    assert out["static"][0].features and out["static"][1].features and not out["static"][2].features
+    assert out["static"][0].accepted == 3  # a's draft is the target's own: accepted rows carry features too

@@ -4,6 +4,7 @@ through real drafters keeps the target's sequence distribution."""
 
 import random
 
+import pytest
 import torch
 from scipy.stats import chisquare
 
@@ -13,6 +14,8 @@ from pipeline.reference import greedy_reference
 from tests.conftest import TINY_VOCAB, tiny_llama
 from workers.acceptance import target_probs
 from workers.drafts import ModelDrafter, NgramDrafter, draft_generator
+from workers.feature_drafter import FeatureDrafter
+from workers.feature_head import build_head, spec_for
 from workers.target import TargetVerifier
 
 
@@ -102,7 +105,8 @@ def test_least_recently_used_sessions_are_evicted_and_can_come_back():
     assert ver.close("b") and not ver.close("b")
 
 
-def test_sampling_through_drafters_keeps_the_sequence_distribution():
+@pytest.mark.parametrize("kind", ["model", "ngram", "feature"])
+def test_sampling_through_drafters_keeps_the_sequence_distribution(kind):
     """Two-token continuations sampled by SLED (model drafter sending top-k q, and the n-gram
     drafter sending ids only) against the exact joint distribution of the target."""
     vocab = 8
@@ -116,7 +120,14 @@ def test_sampling_through_drafters_keeps_the_sequence_distribution():
             target_probs(target(torch.tensor([prompt + [t]])).logits[0, -1], sampling) for t in range(vocab)
         ])
     joint = (first[:, None] * second).flatten()
-    for strategy in (ModelDrafter(drafter_model, top_k=4), NgramDrafter(ngram_max=2)):
+    torch.manual_seed(13)
+    strategies = {
+        "model": lambda: ModelDrafter(drafter_model, top_k=4),
+        "ngram": lambda: NgramDrafter(ngram_max=2),
+        # a random head over the target's features; it drafts the second token (round 0 has none)
+        "feature": lambda: FeatureDrafter(build_head(target, spec_for(target), torch.arange(vocab)), top_k=4),
+    }
+    for strategy in (strategies[kind](),):
         counts = _sample_pairs(target, strategy, prompt, sampling, vocab, sessions=2500)
         keep = joint > 0
         assert counts[~keep].sum() == 0
@@ -151,11 +162,12 @@ def _sample_pairs(target, strategy, prompt, sampling, vocab, sessions, batch=500
                     continue
                 draft = strategy.propose(state, hist, 2, smp, gen)
                 items.append((sid, draft, Propose(sid, rounds, len(hist), draft.tokens, draft.q_ids, draft.q_probs,
-                                                  list(hist) if rounds == 0 else None, smp.temperature, smp.top_p, smp.seed)))
+                                                  list(hist) if rounds == 0 else None, smp.temperature, smp.top_p, smp.seed,
+                                                  feature_layers=list(getattr(strategy, "feature_layers", [])))))
             for (sid, draft, item), verdict in zip(items, ver.verify_batch([i for _, _, i in items])):
                 assert not verdict.error, verdict
                 hist, state = runs[sid][0], runs[sid][1]
-                strategy.commit(state, len(hist), verdict.accepted)
+                strategy.commit(state, len(hist), verdict.accepted, verdict)
                 hist += draft.tokens[: verdict.accepted] + [verdict.token]
             rounds += 1
         for hist, *_ in runs.values():

@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from pipeline.int8_weights import pack, unpack
 from training.acceptance import acceptance, accepted_lengths
 from training.distill_loss import candidate_distill_loss
 from training.drafter_net import LadderSpec, build_drafter_net
@@ -40,10 +41,10 @@ def draft_greedy(model, prompt: list[int], n: int) -> list[int]:
 
 def test_exported_rungs_match_the_training_graph(tiny_target, tmp_path):
     net, embed = build_drafter_net(tiny_target, SPEC, init_from_target=False, seed=1)
-    with torch.no_grad():  # the export is fp16: round the trained weights so both sides agree
+    with torch.no_grad():  # the export is int8 rows / fp16: round the trained weights so both sides agree
         for p in net.parameters():
             if p.requires_grad:
-                p.copy_(p.half().float() + 0.0)
+                p.copy_(unpack(pack({"w": p}))["w"])
     save_ladder(net, SPEC, tmp_path, {"target": "tiny"})
     ids = torch.randint(0, 100, (1, 12))
     for k, name in enumerate(SPEC.rungs):
@@ -62,7 +63,8 @@ def test_export_stores_only_what_training_changed(tiny_target, tmp_path):
     save_ladder(net, SPEC, tmp_path, {"target": "tiny"})
     with safe_open(str(tmp_path / "ladder.safetensors"), "pt") as f:
         keys = list(f.keys())
-        assert all(f.get_tensor(k).dtype == torch.float16 for k in keys)
+        assert all(f.get_tensor(k).dtype == (torch.int8 if k.endswith(".q") else torch.float16) for k in keys)
+        assert any(k.endswith(".q") for k in keys)  # matrices are stored int8
     layers = {int(k.split(".")[1]) for k in keys if k.startswith("layers.")}
     assert layers == set(range(SPEC.stem_layers, SPEC.stem_layers + SPEC.trained_layers()))  # no stem, each once
     assert sum(k.startswith("norms.") for k in keys) == len(SPEC.rungs)

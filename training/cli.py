@@ -61,6 +61,16 @@ def register(subparsers) -> None:
     dr.add_argument("--continuation-only", action=argparse.BooleanOptionalAction, default=True,
                     help="distil only on the target's generated positions, not on prompt positions")
     dr.add_argument("--threads", type=int, default=1)
+    dr.add_argument("--kind", choices=["ladder", "feature"], default="ladder",
+                    help="ladder: the incremental ladder; feature: the feature-conditioned head (drafters/feature)")
+    dr.add_argument("--positions", type=int, default=None,
+                    help="feature head: train on the first this many positions of the data (a learning-curve point)")
+    dr.add_argument("--epochs", type=float, default=2.0, help="feature head: passes over the data")
+    dr.add_argument("--vocab", type=int, default=8192, help="feature head: draft vocabulary (most frequent target tokens)")
+    dr.add_argument("--levels", type=int, default=3, help="feature head: training-time-test unroll levels")
+    dr.add_argument("--feature-layers", type=int, nargs="+", default=[-1],
+                    help="feature head: target hidden-state indices it is conditioned on (-1 = final norm)")
+    dr.add_argument("--budget-s", type=float, default=None, help="feature head: stop training after this long")
     dr.set_defaults(handler=_train_drafters)
 
     ev = subparsers.add_parser("eval", help="evaluate trained artefacts")
@@ -108,6 +118,18 @@ def _train_drafters(args: argparse.Namespace) -> int:
     if args.generate:
         generate_shards(args.data, target=args.target, time_budget_s=args.generate_budget_s,
                         max_shards=args.generate_shards, seed=args.seed)
+    if args.kind == "feature":
+        from training.train_feature_head import train_head
+        from workers.feature_head import FEATURE_DIR
+
+        summary = train_head(args.data, args.out or FEATURE_DIR, target=args.target,
+                             feature_layers=tuple(args.feature_layers), vocab=args.vocab, max_positions=args.positions,
+                             epochs=args.epochs, lr=args.lr, levels=args.levels, seed=args.seed,
+                             save=not args.no_save, time_budget_s=args.budget_s)
+        if args.summary:
+            args.summary.write_text(json.dumps(summary) + "\n")
+        print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+        return 0
     spec = LadderSpec(stem_layers=args.stem_layers, partition_layers=tuple(args.partition_layers),
                       rungs=tuple(("pi5", "orin-nano", "large", "xl")[: len(args.partition_layers)]))
     common = dict(spec=spec, target=args.target, steps=args.steps, init_from_target=not args.random_layers,

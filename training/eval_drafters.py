@@ -1,4 +1,7 @@
-"""`sled eval drafters`: per rung, parameters, draft tokens/s on this CPU and held-out α at γ = 4."""
+"""`sled eval drafters`: per rung, parameters, draft tokens/s on this CPU and held-out α at γ = 4.
+
+The rungs are the ladder's (kind "model") and the feature-conditioned head (kind "feature",
+drafters/feature), measured on the same held-out sequences."""
 
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ def draft_tokens_per_s(model, prompts: list[list[int]], new_tokens: int = 32) ->
 
 
 def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None, gamma: int = 4,
-                    speed_prompts: int = 3) -> dict:
+                    speed_prompts: int = 3, feature_dir=None) -> dict:
     from pipeline.models import load_causal_lm
 
     target = load_causal_lm(target_spec)
@@ -46,15 +49,37 @@ def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None
         "target_params": sum(p.numel() for p in target.parameters()),
         "rungs": [],
     }
-    for name in rungs or RUNGS:
+    for name in rungs if rungs is not None else [*RUNGS, "feature"]:
+        if name == "feature":
+            report["rungs"].append(_feature_rung(target, target_spec, gamma, feature_dir))
+            continue
         model = load_rung(name, target_spec, target=target)
         stats = acceptance(lambda ids: model(input_ids=ids).logits.argmax(-1), sequences, gamma)
         params = sum(p.numel() for p in model.parameters())
         report["rungs"].append({
-            "name": name, "layers": model.config.num_hidden_layers, "params": params,
+            "name": name, "kind": "model", "layers": model.config.num_hidden_layers, "params": params,
             "params_without_embeddings": params - embed_params,
             "alpha": round(stats["alpha"], 4), "mean_accepted_per_round": round(stats["mean_accepted"], 3),
             "tokens_per_round": round(stats["mean_accepted"] + 1, 3),
             "draft_tokens_per_s": round(draft_tokens_per_s(model, prompts), 1),
         })
     return report
+
+
+def _feature_rung(target, target_spec: str, gamma: int, folder=None) -> dict:
+    """The feature head as a rung: its stored (trained) parameters, α of its first draft,
+    chained acceptance per draft position, tokens per round and draft speed."""
+    from training.feature_eval import evaluate_head, head_draft_tokens_per_s, heldout_features
+    from workers.feature_head import FEATURE_DIR, load_head
+
+    head = load_head(target, folder or FEATURE_DIR)
+    heldout = heldout_features(target_spec, model=target, feature_layers=head.spec.feature_layers)
+    stats = evaluate_head(head, heldout, gamma)
+    return {
+        "name": "feature", "kind": "feature", "layers": 1,
+        "params": sum(p.numel() for p in head.parameters()), "draft_vocab": int(head.vocab_ids.numel()),
+        "alpha": stats["alpha"], "alpha_by_position": stats["alpha_by_position"],
+        "mean_accepted_per_round": stats["mean_accepted_per_round"],
+        "tokens_per_round": stats["tokens_per_round"],
+        "draft_tokens_per_s": round(head_draft_tokens_per_s(head, heldout), 1),
+    }

@@ -23,8 +23,10 @@ RUNGS: list[str] = ["pi5", "orin-nano", "large"]
 def _ladder_files(folder: str) -> tuple[dict, dict]:
     from safetensors.torch import load_file
 
+    from pipeline.int8_weights import unpack
+
     meta = json.loads((Path(folder) / "ladder.json").read_text())
-    return meta, load_file(str(Path(folder) / "ladder.safetensors"))
+    return meta, unpack(load_file(str(Path(folder) / "ladder.safetensors")))
 
 
 def load_rung(name: str, target_spec: str = "smollm2", dtype: str = "float32", *, target=None,

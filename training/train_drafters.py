@@ -119,16 +119,20 @@ def train_ladder(
     return summary
 
 
-def save_ladder(net, spec: LadderSpec, out_dir: Path, summary: dict) -> None:
-    """fp16 safetensors of what training changed: trained layers (once) and per-rung norms."""
+def save_ladder(net, spec: LadderSpec, out_dir: Path, summary: dict, *, int8: bool = True) -> None:
+    """safetensors of what training changed: trained layers (once) and per-rung norms; matrices
+    int8 with per-row scales (pipeline/int8_weights.py), the rest fp16."""
+    from pipeline.int8_weights import pack
+
     tensors, depth = {}, spec.stem_layers
     for k, part in enumerate(net.partitions):
         trained = list(part.layers)[spec.stem_layers:] if k == 0 else list(part.layers)
         for layer in trained:
             for key, value in layer.state_dict().items():
-                tensors[f"layers.{depth}.{key}"] = value.detach().to(torch.float16).contiguous()
+                tensors[f"layers.{depth}.{key}"] = value
             depth += 1
-        tensors[f"norms.{k}.weight"] = net.heads[k].norm.weight.detach().to(torch.float16).contiguous()
+        tensors[f"norms.{k}.weight"] = net.heads[k].norm.weight
+    tensors = pack(tensors, int8=int8)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "ladder.safetensors"), metadata={"format": "pt"})
     meta = {"rungs": list(spec.rungs), "stem_layers": spec.stem_layers,

@@ -44,7 +44,7 @@ from pipeline.protocol import (
     decode,
     error_for,
 )
-from pipeline.security import client_keys
+from pipeline.security import CLIENT, HandshakeWatch, client_keys, drafter_client_curve, start_authenticator
 from pipeline.roles import cancel_and_wait, supervise
 from pipeline.sockets import BrokerLink, make_socket, new_identity, send_now
 from workers.drafts import build_drafter, draft_generator
@@ -76,6 +76,8 @@ class DrafterStats:
     failed: int = 0
     rejected_frames: int = 0
     reconnects: int = 0
+    bytes_sent: int = 0  # proposal frames to the broker (resends included)
+    bytes_received: int = 0  # verdict frames from the broker (features included)
     draft_s: float = 0.0  # device time spent drafting (emulated device time when emulate_slowdown is set)
 
     def as_dict(self) -> dict:
@@ -90,6 +92,7 @@ class SessionRun:
     request: Generate
     client: bytes
     replies: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=8))
+    wire_bytes: int = 0  # frames this session sent to and received from the broker
     task: asyncio.Task | None = None
 
 
@@ -109,13 +112,22 @@ class DrafterService:
         self.broker = BrokerLink(ctx, config.broker.frontend, new_identity(name), max_message_bytes=max_bytes,
                                  curve=client_keys(config, self.cfg.key or name))
         self.broker.connect()
-        self.clients = make_socket(ctx, zmq.ROUTER, bind=self.cfg.client, max_message_bytes=max_bytes)
+        # local by design: plain on loopback or ipc; elsewhere CURVE admitting admin and client keys only
+        client_curve = drafter_client_curve(config, name)
+        self.auth, self.allow = start_authenticator(ctx, config, (CLIENT,)) if client_curve else (None, None)
+        self.clients = make_socket(ctx, zmq.ROUTER, bind=self.cfg.client, max_message_bytes=max_bytes, curve=client_curve)
+        self.watch = HandshakeWatch(self.clients, CLIENT, self.allow) if client_curve else None
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("drafter_started", drafter=self.name, kind=self.strategy.kind, client=self.cfg.client, gamma=self.cfg.gamma)
         try:
-            await supervise(stop, self._client_loop(), self._upstream_loop(), self._heartbeat_loop())
+            await supervise(stop, self._client_loop(), self._upstream_loop(), self._heartbeat_loop(),
+                            *([self.watch.run()] if self.watch else []))
         finally:
+            if self.watch:
+                self.watch.close()
+            if self.auth:
+                self.auth.stop()
             await cancel_and_wait([run.task for run in self.sessions.values()])
             self.executor.shutdown(wait=True, cancel_futures=True)
             self.broker.close()
@@ -205,7 +217,10 @@ class DrafterService:
                 continue
             if isinstance(msg, Heartbeat):
                 continue
+            self.stats.bytes_received += len(frame)
             run = self.sessions.get(msg.session_id)
+            if run is not None:
+                run.wire_bytes += len(frame)
             if run is None:
                 self.stats.stale_replies += 1
                 if isinstance(msg, ErrorReply) and not msg.session_id:
@@ -222,7 +237,10 @@ class DrafterService:
         backoff = 0.02
         timeout = self.config.limits.verdict_timeout_s
         while True:
-            self.broker.send(proposal.encode())
+            frame = proposal.encode()
+            self.stats.bytes_sent += len(frame)
+            run.wire_bytes += len(frame)
+            self.broker.send(frame)
             try:
                 reply = await self._reply_for(run, proposal.round, timeout)
             except TimeoutError:
@@ -290,7 +308,9 @@ class DrafterService:
         stops = set(req.stop_ids)
         # per session: rounds with a rejected draft token and rounds per draft length, from which
         # the per-position acceptance probability and the expected tokens per round follow
-        figures = {"rounds": 0, "proposed": 0, "accepted": 0, "rejected_rounds": 0, "draft_lengths": [0] * (self.cfg.gamma + 1)}
+        figures = {"rounds": 0, "proposed": 0, "accepted": 0, "rejected_rounds": 0,
+                   "draft_lengths": [0] * (self.cfg.gamma + 1)}
+        feature_layers = list(getattr(self.strategy, "feature_layers", []))
         generated, round_, finish = 0, 0, "length"
         self.stats.requests += 1
         self.stats.active += 1
@@ -303,9 +323,11 @@ class DrafterService:
                 proposal = Propose(
                     run.session_id, round_, len(committed), draft.tokens, draft.q_ids, draft.q_probs,
                     list(committed) if round_ == 0 else None, req.temperature, req.top_p, req.seed, self.strategy.kind,
+                    feature_layers,
                 )
                 verdict = await self._exchange(run, proposal, committed)
-                await loop.run_in_executor(self.executor, self.strategy.commit, state, len(committed), verdict.accepted)
+                await loop.run_in_executor(self.executor, self.strategy.commit, state, len(committed),
+                                           verdict.accepted, verdict)
                 new = [*draft.tokens[: verdict.accepted], verdict.token][:budget]
                 for i, token in enumerate(new):
                     if token in stops:
@@ -326,7 +348,7 @@ class DrafterService:
                 self._to_client(run.client, Tokens(req.request_id, new))
                 if finish == "stop":
                     break
-            figures.update(generated=generated, drafter=self.name, drafter_kind=self.strategy.kind, session_id=run.session_id)
+            figures.update(wire_bytes=run.wire_bytes, generated=generated, drafter=self.name, drafter_kind=self.strategy.kind, session_id=run.session_id)
             self._to_client(run.client, Tokens(req.request_id, [], True, finish, figures))
         except SessionFailed as exc:
             self.stats.failed += 1
@@ -345,11 +367,13 @@ class DrafterService:
             self.by_request.pop((run.client, req.request_id), None)
 
     def snapshot(self) -> dict:
-        return {"drafter": self.name, "kind": self.strategy.kind, "gamma": self.cfg.gamma, **self.stats.as_dict()}
+        return {"drafter": self.name, "kind": self.strategy.kind, "gamma": self.cfg.gamma, **self.stats.as_dict(),
+                "refused": dict(self.allow.refused) if self.allow else {}}  # client-socket handshakes, by reason
 
 
 async def serve(config: Config, stop: asyncio.Event, name: str) -> None:
     cfg = config.drafter(name)
+    drafter_client_curve(config, name, warn=False)  # refuse an unauthenticated client socket before loading a model
     torch.set_num_threads(max(1, cfg.threads))
     structlog.contextvars.bind_contextvars(drafter=name)
     strategy = await asyncio.get_running_loop().run_in_executor(None, build_drafter, cfg, config.verifier.target)

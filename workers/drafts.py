@@ -2,6 +2,8 @@
 
 * ModelDrafter -- any causal LM sharing the target's tokenizer, with its own KV cache per session,
   rolled back to the accepted prefix after each verdict.
+* FeatureDrafter (workers/feature_drafter.py) -- a small head conditioned on the target's own
+  hidden states, which the verifier returns with each verdict (EAGLE-style).
 * NgramDrafter -- model-free prompt lookup for the weakest devices: find the latest earlier
   occurrence of the longest recent n-gram and propose what followed it.
 * ReplayDrafter -- benchmarks only: proposes drafts a real drafter made earlier for the same
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import msgpack
@@ -106,7 +109,7 @@ class ModelDrafter:
                 state.fed_drafts += 1
         return draft
 
-    def commit(self, state: ModelDraftState, position: int, accepted: int) -> None:
+    def commit(self, state: ModelDraftState, position: int, accepted: int, verdict=None) -> None:
         """The verifier accepted ``accepted`` draft tokens after ``position`` committed ones:
         keep the cache for those that were fed, drop the rejected rest."""
         state.cached = position + min(accepted, state.fed_drafts)
@@ -133,7 +136,7 @@ class NgramDrafter:
                     return Draft(committed[start + n:start + n + gamma])
         return Draft([])
 
-    def commit(self, state, position: int, accepted: int) -> None:
+    def commit(self, state, position: int, accepted: int, verdict=None) -> None:
         pass
 
 
@@ -173,7 +176,7 @@ class ReplayDrafter:
         tokens, compute_s = entry
         return Draft(list(tokens[:gamma]), compute_s=compute_s)
 
-    def commit(self, state, position: int, accepted: int) -> None:
+    def commit(self, state, position: int, accepted: int, verdict=None) -> None:
         pass
 
 
@@ -183,8 +186,18 @@ def build_drafter(cfg, target_spec: str):
         return ReplayDrafter(cfg.replay)
     if cfg.kind == "ngram":
         return NgramDrafter(ngram_max=cfg.ngram_max)
+    if cfg.kind == "feature":
+        from pipeline.models import load_causal_lm
+        from workers.feature_drafter import FeatureDrafter
+        from workers.feature_head import FEATURE_DIR, load_head
+
+        # the head's embeddings and vocabulary rows are the target's, read from its package
+        target = load_causal_lm(target_spec, dtype="float32")
+        head = load_head(target, Path(cfg.model) if cfg.model else FEATURE_DIR)
+        del target
+        return FeatureDrafter(head, min_confidence=cfg.min_confidence, top_k=cfg.top_k)
     if cfg.kind != "model":
-        raise ValueError(f"unknown drafter kind {cfg.kind!r} (model or ngram)")
+        raise ValueError(f"unknown drafter kind {cfg.kind!r} (model, feature or ngram)")
     if cfg.model.startswith("ladder:"):
         from training.ladder import load_rung  # the trained drafter ladder (issue 4)
 

@@ -30,7 +30,7 @@ from pipeline.config import Config, LimitsConfig
 from pipeline.protocol import ErrorCode, Propose, Verdict
 from workers.batch_acceptance import accept_batch
 from workers.static_model import PagedKV, StaticModel, supports
-from workers.target import ItemError, SessionState, TargetVerifier
+from workers.target import MAX_PREFILL_FEATURE_ROWS, ItemError, SessionState, TargetVerifier
 
 log = structlog.get_logger("sled.verifier")
 
@@ -152,9 +152,13 @@ class StaticVerifier(TargetVerifier):
             self._reserve(state, len(history) - 1)
             ids = torch.tensor([history[:-1]], dtype=torch.long)
             table = self._table([state.pages], self.kv.pages_for(len(history) - 1))
-            self.net(ids.to(self.device), torch.zeros(1, dtype=torch.long, device=self.device), table.to(self.device),
-                     logits=False)
+            _, hidden = self.net(ids.to(self.device), torch.zeros(1, dtype=torch.long, device=self.device),
+                                 table.to(self.device), hidden_layers=tuple(item.feature_layers), logits=False)
             state.length = len(history) - 1
+            if hidden is not None:  # [layers, 1, T, H] -> [T, layers x H], the latest rows
+                features = hidden[:, 0].permute(1, 0, 2).flatten(1)[-MAX_PREFILL_FEATURE_ROWS:]
+                state.prefill_features = features
+                state.prefill_features_start = len(history) - 1 - features.shape[0]
             self.stats.prefills += 1
             self.stats.prefill_tokens += len(history) - 1
             self.stats.prefill_cpu_s += time.process_time() - cpu
@@ -202,15 +206,19 @@ class StaticVerifier(TargetVerifier):
         out["sampling"] = not bool(greedy.all())
         return out
 
-    def forward_round(self, states: list[PagedSession], items: list[Propose]) -> list[tuple[int, int]]:
-        """One verify forward and acceptance for ``items``; the only host sync is the last line."""
+    def forward_round(self, states: list[PagedSession], items: list[Propose]) -> tuple[list[tuple[int, int]], dict]:
+        """One verify forward and acceptance for ``items``. The verdicts come back in one transfer;
+        hidden states, when a proposal asked for features, in one more (``{layer: [B, T, H]}`` on the host)."""
         x = self._inputs(states, items)
-        logits, _ = self.step(x["ids"], x["lengths"], x["table"])
+        layers = tuple(sorted({i for item in items for i in item.feature_layers}))
+        logits, hidden = self.step(x["ids"], x["lengths"], x["table"], hidden_layers=layers)
         verdicts = accept_batch(logits, x["draft"], x["n_draft"], x["greedy"], x["temperature"], x["top_p"],
                                 x["q_ids"], x["q_probs"], x["uniforms"], x["sampling"])
         self.stats.verify_tokens += sum(1 + len(item.draft) for item in items)
         self.stats.padded_tokens += x["ids"].numel()
-        return [tuple(v) for v in verdicts[: len(items)].tolist()]
+        results = [tuple(v) for v in verdicts[: len(items)].tolist()]
+        features = dict(zip(layers, hidden[:, : len(items)].cpu())) if layers else {}
+        return results, features
 
     @torch.inference_mode()
     def verify_batch(self, items: list[Propose]) -> list[Verdict]:
@@ -233,16 +241,21 @@ class StaticVerifier(TargetVerifier):
                 verdicts[index] = Verdict(item.session_id, item.round, 0, 0, exc.code, exc.detail)
         if ready:
             states = [s for _, _, s in ready]
-            results = self.forward_round(states, [item for _, item, _ in ready])
-            for (index, item, state), (accepted, token) in zip(ready, results):
+            results, hidden = self.forward_round(states, [item for _, item, _ in ready])
+            for row, ((index, item, state), (accepted, token)) in enumerate(zip(ready, results)):
                 # the pool holds the last committed token and the accepted draft tokens; the rest is cut
                 state.length += 1 + accepted
                 self.kv.shrink(state.pages, state.length)
+                features, start = b"", 0
+                if item.feature_layers:  # the token fed first and each accepted draft token
+                    rows = torch.cat([hidden[i][row, : 1 + accepted] for i in item.feature_layers], dim=-1)
+                    features, start = self._features(state, rows)
                 state.committed += accepted + 1
                 state.last_token = token
                 self.stats.draft_tokens += len(item.draft)
                 self.stats.accepted_tokens += accepted
-                verdicts[index] = Verdict(item.session_id, item.round, accepted, token)
+                verdicts[index] = Verdict(item.session_id, item.round, accepted, token, features=features,
+                                          features_start=start)
         self.busy = set()
         self.stats.batches += 1
         self.stats.items += len(ready)

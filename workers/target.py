@@ -30,6 +30,10 @@ from workers.acceptance import target_probs, verify_greedy, verify_sampling
 # copies instead of O(B x layers) -- on a GPU those small copies dominated the forward pass.
 KV = torch.Tensor
 MAX_TOP_K = 64
+# A (re)built session returns the features of at most this many history positions, the latest
+# ones: a feature drafter's head only needs recent context, and a frame stays well under
+# limits.max_message_bytes (256 rows x 576 x 2 bytes = 295 kB for the default target).
+MAX_PREFILL_FEATURE_ROWS = 256
 
 
 class ItemError(Exception):
@@ -49,6 +53,9 @@ class SessionState:
     generator: torch.Generator | None
     drafter_kind: str = ""
     last_used: float = field(default_factory=time.monotonic)
+    # features of history positions computed by a (re)build, sent with this round's verdict
+    prefill_features: torch.Tensor | None = None
+    prefill_features_start: int = 0
 
     @property
     def cached(self) -> int:
@@ -144,6 +151,9 @@ class TargetVerifier:
             self._check_ids(item.history, "history")
         if item.position + len(item.draft) + 1 > lim.max_history_tokens:
             raise ItemError(ErrorCode.INVALID, f"session would exceed {lim.max_history_tokens} tokens")
+        layers = self.model.config.num_hidden_layers
+        if len(item.feature_layers) > 4 or any(not -1 <= i <= layers for i in item.feature_layers):
+            raise ItemError(ErrorCode.INVALID, f"feature_layers: at most 4 indices in -1..{layers}")
         if not (item.temperature >= 0.0 and 0.0 < item.top_p <= 1.0):
             raise ItemError(ErrorCode.INVALID, "temperature must be >= 0 and top_p in (0, 1]")
         if item.q_ids or item.q_probs:
@@ -165,12 +175,15 @@ class TargetVerifier:
         self.sessions.pop(item.session_id, None)
         self._evict_to_fit()
         history = item.history
-        kv = None
+        kv = features = None
         if len(history) > 1:
             cpu = time.process_time()
             ids = torch.tensor([history[:-1]], dtype=torch.long, device=self.device)
-            out = self.model(input_ids=ids, cache=DynamicCache(), use_cache=True)
+            want = bool(item.feature_layers)
+            out = self.model(input_ids=ids, cache=DynamicCache(), use_cache=True, output_hidden_states=want)
             kv = torch.stack([torch.stack((layer.keys[0], layer.values[0])) for layer in out.cache.layers])
+            if want:
+                features = pick_hidden(out.hidden_states, item.feature_layers)[0, -MAX_PREFILL_FEATURE_ROWS:]
             self.stats.prefills += 1
             self.stats.prefill_tokens += len(history) - 1
             self.stats.prefill_cpu_s += time.process_time() - cpu
@@ -179,6 +192,9 @@ class TargetVerifier:
         if not sampling.greedy:
             generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
         state = SessionState(item.session_id, len(history), history[-1], kv, sampling, generator, item.drafter_kind)
+        if features is not None:
+            state.prefill_features = features
+            state.prefill_features_start = len(history) - 1 - features.shape[0]
         self.sessions[item.session_id] = state
         return state
 
@@ -196,12 +212,12 @@ class TargetVerifier:
         state.last_used = time.monotonic()
         return state
 
-    def _forward(self, states: list[SessionState], drafts: list[list[int]]) -> tuple[torch.Tensor, tuple, int]:
+    def _forward(self, states: list[SessionState], drafts: list[list[int]], hidden: bool):
         rows = [[s.last_token, *d] for s, d in zip(states, drafts)]
-        logits, kv, past = ragged_forward(self.model, self.device, [s.kv for s in states], rows)
+        out = ragged_forward(self.model, self.device, [s.kv for s in states], rows, hidden=hidden)
         self.stats.verify_tokens += sum(map(len, rows))
         self.stats.padded_tokens += len(rows) * max(map(len, rows))
-        return logits, kv, past
+        return out
 
     @torch.inference_mode()
     def verify_batch(self, items: list[Propose]) -> list[Verdict]:
@@ -221,7 +237,7 @@ class TargetVerifier:
         if ready:
             states = [s for _, _, s in ready]
             drafts = [item.draft for _, item, _ in ready]
-            logits, kv, past = self._forward(states, drafts)
+            logits, kv, past, hidden = self._forward(states, drafts, any(item.feature_layers for _, item, _ in ready))
             for row, (index, item, state) in enumerate(ready):
                 rows = logits[row, : 1 + len(item.draft)]
                 if state.sampling.greedy:
@@ -231,11 +247,15 @@ class TargetVerifier:
                     accepted, token = verify_sampling(probs, item.draft, item.q_ids, item.q_probs, state.generator)
                 # keep the cache through the last committed token and the accepted draft tokens
                 state.kv = session_kv(kv, row, past - state.cached, past + 1 + accepted)
+                features, start = b"", 0
+                if item.feature_layers:
+                    features, start = self._features(state, pick_hidden(hidden, item.feature_layers)[row, : 1 + accepted])
                 state.committed += accepted + 1
                 state.last_token = token
                 self.stats.draft_tokens += len(item.draft)
                 self.stats.accepted_tokens += accepted
-                verdicts[index] = Verdict(item.session_id, item.round, accepted, token)
+                verdicts[index] = Verdict(item.session_id, item.round, accepted, token, features=features,
+                                          features_start=start)
         self.stats.batches += 1
         self.stats.items += len(ready)
         self.stats.compute_s += time.perf_counter() - started
@@ -243,15 +263,32 @@ class TargetVerifier:
         return verdicts  # type: ignore[return-value]
 
 
-def ragged_forward(model, device, kvs: list[KV | None], rows: list[list[int]]) -> tuple[torch.Tensor, tuple, int]:
+    def _features(self, state: SessionState, rows: torch.Tensor) -> tuple[bytes, int]:
+        """fp16 bytes of this round's feature rows (the token fed first, at position
+        committed - 1, and the accepted drafts), after any history features of a rebuild."""
+        start = state.committed - 1
+        if state.prefill_features is not None:
+            rows = torch.cat((state.prefill_features, rows))
+            start = state.prefill_features_start
+            state.prefill_features = None
+        return rows.to(torch.float16).cpu().numpy().tobytes(), start
+
+
+def pick_hidden(hidden_states, layers: list[int]) -> torch.Tensor:
+    """[batch, tokens, len(layers) x hidden] from transformers' output_hidden_states tuple."""
+    return torch.cat([hidden_states[i] for i in layers], dim=-1)
+
+
+def ragged_forward(model, device, kvs: list[KV | None], rows: list[list[int]], *, hidden: bool = False):
     """One forward over several sequences with different cached lengths and new-token counts.
 
     ``kvs[i]`` caches sequence i's earlier tokens (None: nothing cached); ``rows[i]`` are its new
     tokens (at least one). Caches are left-padded to the longest (masked out), new tokens
     right-padded (their outputs are ignored; causality keeps real rows from seeing them), and
     position ids given explicitly. Returns the logits ``[batch, width, vocab]``, the whole cache
-    after the forward as (keys, values), each ``[layers, batch, heads, past + width, dim]``, and ``past``,
-    the padded cache length (sequence i's new tokens sit at ``past .. past + len(rows[i])``).
+    after the forward as (keys, values), each ``[layers, batch, heads, past + width, dim]``, ``past``,
+    the padded cache length (sequence i's new tokens sit at ``past .. past + len(rows[i])``), and
+    with ``hidden`` transformers' output_hidden_states tuple (else None).
     Used by the verifier and by the server-side drafting baseline of the benchmarks.
     """
     batch = len(rows)
@@ -280,10 +317,11 @@ def ragged_forward(model, device, kvs: list[KV | None], rows: list[list[int]]) -
         position_ids=positions.to(device),
         cache=cache,
         use_cache=True,
+        output_hidden_states=hidden,
     )
     keys = torch.stack([layer.keys for layer in out.cache.layers])  # [layers, batch, heads, len, dim]
     values = torch.stack([layer.values for layer in out.cache.layers])
-    return out.logits, (keys, values), past
+    return out.logits, (keys, values), past, out.hidden_states if hidden else None
 
 
 def session_kv(kv: tuple[torch.Tensor, torch.Tensor], row: int, start: int, stop: int) -> KV:

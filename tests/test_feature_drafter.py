@@ -1,0 +1,129 @@
+"""The feature-conditioned drafter (`kind = "feature"`): the verifier returns the target's hidden
+states with each verdict, a small head drafts from them, and SLED stays lossless.
+
+The head here is random (seeded) over the tiny target: these tests are about the wire, the
+bookkeeping and losslessness, not about acceptance (training/feature_eval.py measures that)."""
+
+import asyncio
+import random
+
+import numpy as np
+import pytest
+import torch
+import zmq
+import zmq.asyncio
+
+from pipeline.client import DrafterClient, broker_stats
+from pipeline.models import load_causal_lm
+from pipeline.protocol import DRAFTER_UPSTREAM_ACCEPTS, Propose, Verdict, decode
+from pipeline.reference import greedy_reference
+from pipeline.sockets import make_socket
+from tests.conftest import TINY_VOCAB, make_stack
+from workers.feature_head import build_head, save_head, spec_for
+
+
+@pytest.fixture(scope="module")
+def feature_head_dir(tiny_models, tmp_path_factory):
+    """A seeded random head over the tiny target, saved like the committed one (int8), with a
+    draft vocabulary smaller than the target's so the id mapping is exercised."""
+    torch.manual_seed(5)
+    target = load_causal_lm(str(tiny_models["target"]))
+    head = build_head(target, spec_for(target), torch.arange(0, TINY_VOCAB, 1)[: TINY_VOCAB - 40])
+    with torch.no_grad():  # sharpen it so that drafts pass min_confidence = 0 with some agreement
+        head.fc.weight.mul_(1.5)
+    folder = tmp_path_factory.mktemp("feature-head")
+    save_head(head, folder, {"target": str(tiny_models["target"])})
+    return folder
+
+
+def prompts(n, seed):
+    rng = random.Random(seed)
+    return [[rng.randrange(TINY_VOCAB) for _ in range(rng.randint(2, 16))] for _ in range(n)]
+
+
+async def generate_all(stack, batch, new_tokens, **kwargs):
+    names = stack.drafters
+    clients = {n: DrafterClient(stack.config.drafter(n).client) for n in names}
+    try:
+        return await asyncio.gather(*[
+            clients[names[i % len(names)]].complete(p, new_tokens, timeout=60, **kwargs) for i, p in enumerate(batch)
+        ])
+    finally:
+        for c in clients.values():
+            c.close()
+
+
+async def test_features_on_the_wire_equal_the_target_hidden_states(tmp_path, tiny_models):
+    """A raw drafter peer asks for two layers; the verdicts' bytes are the target's own
+    output_hidden_states at every committed position, prefill and rounds alike."""
+    stack = make_stack(tmp_path, tiny_models["target"], {})
+    target = load_causal_lm(str(tiny_models["target"]))
+    layers = [1, -1]
+    history = [5, 17, 99, 3, 42, 7]
+    ctx = zmq.asyncio.Context()
+    peer = make_socket(ctx, zmq.DEALER, connect=stack.config.broker.frontend, max_message_bytes=1 << 20)
+    received: dict[int, np.ndarray] = {}
+    try:
+        async with stack:
+            committed, round_ = list(history), 0
+            for draft in ([], [11, 12], [13]):
+                item = Propose("wire", round_, len(committed), draft, history=list(committed) if round_ == 0 else None,
+                               feature_layers=layers)
+                await peer.send(item.encode())
+                async with asyncio.timeout(10):
+                    while True:
+                        reply = decode(await peer.recv(), DRAFTER_UPSTREAM_ACCEPTS)
+                        if isinstance(reply, Verdict):
+                            break
+                rows = np.frombuffer(reply.features, dtype=np.float16).reshape(-1, 2 * target.config.hidden_size)
+                for i, row in enumerate(rows):
+                    received[reply.features_start + i] = row
+                committed += [*draft[: reply.accepted], reply.token]
+                round_ += 1
+    finally:
+        peer.close(0)
+        ctx.term()
+    # every committed position but the last has its feature, each exactly once
+    assert sorted(received) == list(range(len(committed) - 1))
+    with torch.no_grad():
+        hidden = target(input_ids=torch.tensor([committed]), output_hidden_states=True).hidden_states
+    expected = torch.cat([hidden[i][0] for i in layers], -1)
+    got = torch.tensor(np.stack([received[p] for p in sorted(received)])).float()
+    assert torch.allclose(got, expected[: len(committed) - 1], atol=2e-3, rtol=2e-3)
+
+
+def feature_drafters(tiny_models, feature_head_dir):
+    return {"feat": {"kind": "feature", "model": str(feature_head_dir), "gamma": 3},
+            "small": {"kind": "model", "model": str(tiny_models["small"]), "gamma": 3}}
+
+
+async def test_feature_drafter_is_token_identical_to_the_target_alone(tmp_path, tiny_models, feature_head_dir):
+    batch = prompts(6, 3)
+    stack = make_stack(tmp_path, tiny_models["target"], feature_drafters(tiny_models, feature_head_dir))
+    async with stack:
+        results = await generate_all(stack, batch, 40)
+    target = load_causal_lm(str(tiny_models["target"]))
+    assert [r.tokens for r in results] == [greedy_reference(target, p, 40) for p in batch]
+    feat = [r.stats for r in results if r.stats["drafter"] == "feat"]
+    assert sum(s["proposed"] for s in feat) > 0, "the feature head never drafted"
+    assert all(s["wire_bytes"] > 0 for s in feat)
+
+
+async def test_a_killed_verifier_mid_generation_with_a_feature_drafter(tmp_path, tiny_models, feature_head_dir):
+    """Its sessions resync on the other verifier, which returns the history's features."""
+    batch = prompts(6, 4)
+    stack = make_stack(tmp_path, tiny_models["target"], {"feat": {"kind": "feature", "model": str(feature_head_dir),
+                                                                  "gamma": 3}},
+                       verifiers=2, broker__heartbeat_ms=100, broker__liveness=5, broker__max_wait_ms=40.0,
+                       limits__verdict_timeout_s=2.0)
+    async with stack:
+        run = asyncio.create_task(generate_all(stack, batch, 80))
+        await asyncio.sleep(1.0)
+        assert not run.done(), "generation finished before the fault; slow it down"
+        await stack.kill("verifier-1")
+        results = await asyncio.wait_for(run, 60)
+        figures = await broker_stats(stack.config.broker.frontend)
+    target = load_causal_lm(str(tiny_models["target"]))
+    assert [r.tokens for r in results] == [greedy_reference(target, p, 80) for p in batch]
+    assert figures["verifiers_lost"] == 1
+    assert sum(r.stats["proposed"] for r in results) > 0

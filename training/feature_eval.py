@@ -1,0 +1,118 @@
+"""Held-out figures of the feature head, measured like the ladder's (training/acceptance.py).
+
+The held-out sequences are the same (the target's greedy continuations of the held-out
+prompts). A round starts at position p with tokens 0..p-1 committed and the target's features
+known for positions 0..p-2 (what a verdict has delivered); the head drafts up to γ tokens
+chained on its own predicted features, the run agreeing with the target's tokens is accepted,
+the target supplies one more, and the next round starts after it. That is exactly what the
+device does in SLED, apart from a session's first round, which drafts nothing because no
+feature has arrived yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+
+import torch
+
+from training.acceptance import accepted_lengths, heldout_sequences
+from workers.feature_head import FeatureHead, HeadCache
+
+
+def heldout_features(target: str = "smollm2", *, model=None, feature_layers=(-1,)) -> list[tuple]:
+    """(ids, prompt_len, features [T, width]) per held-out sequence, cached on disk."""
+    from pipeline.models import cache_root, load_causal_lm
+
+    model = model or load_causal_lm(target)
+    sequences = heldout_sequences(target, model=model)
+    key = hashlib.sha256(json.dumps([target, list(feature_layers), sequences]).encode()).hexdigest()[:16]
+    path = cache_root() / "heldout" / f"features-{key}.pt"
+    if path.is_file():
+        return torch.load(path)
+    out = []
+    with torch.no_grad():
+        for ids, n in sequences:
+            hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+            feats = torch.cat([hs[i][0] for i in feature_layers], -1).to(torch.float16)
+            out.append((ids, n, feats))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, path)
+    return out
+
+
+@torch.no_grad()
+def evaluate_head(head: FeatureHead, heldout: list[tuple], gamma: int = 4) -> dict:
+    """α (first draft, teacher-forced on true features: comparable with the ladder's α), the
+    acceptance rate of every chained draft position, and mean tokens per round at γ."""
+    first_hits = first_total = 0
+    rounds: list[int] = []
+    position_hits = [0] * gamma
+    position_tries = [0] * gamma
+    for ids, prompt_len, feats in heldout:
+        n = len(ids)
+        if n <= prompt_len or prompt_len < 2:
+            continue
+        tokens = torch.tensor([ids])
+        entries = head.entry(head.fused(feats[None, :-1].float()), tokens[:, 1:])  # entry t: (f_t, x_{t+1})
+        positions = torch.arange(n - 1)
+        q, k, v = head.layer.qkv(entries, positions)
+        level0 = head.norm(head.layer.finish(entries, q, k, v, None))  # prediction of f_{t+1}
+        first = head.vocab_ids[head.logits(level0[0]).argmax(-1)]  # entry t drafts token t+2
+        agree = (first[prompt_len - 2 : n - 2] == tokens[0, prompt_len:]).tolist()
+        first_hits += sum(agree)
+        first_total += len(agree)
+        p = prompt_len
+        while p < n:
+            accepted = 0
+            if first[p - 2] == ids[p]:  # draft 1 from entry p-2 (true feature f_{p-2}, token p-1)
+                accepted = 1
+                cache = HeadCache()
+                cache.k, cache.v = k[:, :, : p - 1], v[:, :, : p - 1]
+                predicted, last = level0[:, p - 2 : p - 1], ids[p]
+                while accepted < gamma and p + accepted < n:
+                    predicted = head.extend(cache, head.entry(predicted, torch.tensor([[last]])), p - 2 + accepted)
+                    token = int(head.vocab_ids[head.logits(predicted[0, -1]).argmax()])
+                    position_tries[accepted] += 1
+                    if token != ids[p + accepted]:
+                        break
+                    position_hits[accepted] += 1
+                    last = token
+                    accepted += 1
+            position_tries[0] += 1
+            position_hits[0] += accepted > 0
+            rounds.append(accepted)
+            p += accepted + 1
+    return {
+        "alpha": round(first_hits / max(1, first_total), 4),
+        "alpha_by_position": [round(h / max(1, t), 4) for h, t in zip(position_hits, position_tries)],
+        "mean_accepted_per_round": round(sum(rounds) / max(1, len(rounds)), 3),
+        "tokens_per_round": round(sum(rounds) / max(1, len(rounds)) + 1, 3),
+        "positions": first_total,
+    }
+
+
+@torch.no_grad()
+def head_draft_tokens_per_s(head: FeatureHead, heldout: list[tuple], new_tokens: int = 32, prompts: int = 3) -> float:
+    """Batch-1 chained drafting through the head's cache, as the device drafts; median over
+    prompts, the prompt's entries not timed."""
+    rates = []
+    for ids, n, feats in heldout[:: max(1, len(heldout) // prompts)][:prompts]:
+        cache = HeadCache()
+        predicted = head.extend(cache, head.entry(head.fused(feats[None, : n - 1].float()), torch.tensor([ids[1:n]])), 0)
+        predicted = predicted[:, -1:]
+        token = int(head.vocab_ids[head.logits(predicted[0, -1]).argmax()])
+        started = time.perf_counter()
+        for i in range(new_tokens):
+            predicted = head.extend(cache, head.entry(predicted, torch.tensor([[token]])), n - 1 + i)
+            token = int(head.vocab_ids[head.logits(predicted[0, -1]).argmax()])
+        rates.append(new_tokens / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def simulate_rounds(agree: list[bool], gamma: int) -> float:
+    """Tokens per round of a drafter whose chained drafts agree as `agree` (ladder helper)."""
+    rounds = accepted_lengths(agree, gamma)
+    return sum(rounds) / max(1, len(rounds)) + 1

@@ -1,0 +1,174 @@
+"""`sled train drafters --kind feature`: distil the feature-conditioned head (workers/feature_head.py).
+
+Teacher-forced, EAGLE-style, on the distillation shards (training/distill_data.py stores the
+target's features and top-k logits at every position). The loss is a soft cross-entropy
+against the target's top-k distribution at every unroll level (EAGLE-3's "training-time test":
+level j feeds the head its own predicted features, as draft step j + 1 does), weighted
+0.8^j, plus a small smooth-L1 pull of the level-0 prediction towards the true next feature
+(EAGLE-1's regression term, kept small: the probe in shared/MODELS.md found a regression-heavy
+loss underfits). Gaussian noise on the input features makes the head robust to its own errors.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import structlog
+import torch
+import torch.nn.functional as F
+
+from training.distill_dataset import length_batches
+from workers.feature_head import FEATURE_DIR, FeatureHead, build_head, draft_vocab, save_head, spec_for
+
+log = structlog.get_logger(__name__)
+
+
+def load_feature_records(folder: Path, feature_layers: tuple[int, ...], max_positions: int | None = None,
+                         seed: int = 0) -> list[dict]:
+    """Shard records with only the asked feature layers kept (fp16), shards in order until
+    ``max_positions`` (a learning-curve subset is a prefix of the same data)."""
+    records, total = [], 0
+    for path in sorted(Path(folder).glob("shard_*.pt")):
+        for r in torch.load(path):
+            if "features" not in r:
+                raise ValueError(f"{path} has no features: regenerate it (training/distill_data.py)")
+            keep = [r["feature_layers"].index(i) for i in feature_layers]
+            r["features"] = r["features"][:, keep].reshape(len(r["ids"]), -1)
+            records.append(r)
+            total += len(r["ids"])
+        if max_positions and total >= max_positions:
+            break
+    random.Random(seed).shuffle(records)
+    return records
+
+
+def vocab_counts(records: list[dict], vocab_size: int) -> torch.Tensor:
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for r in records:
+        counts += torch.bincount(r["top_ids"][:, 0].long(), minlength=vocab_size)
+    return counts
+
+
+def collate(records: list[dict], lookup: torch.Tensor) -> dict:
+    """Right-padded batch: features [B, W, width], tokens [B, W], the target's top-k at each
+    position mapped into the draft vocabulary (-1: outside it), and real lengths."""
+    width = max(len(r["ids"]) for r in records)
+    b, feat = len(records), records[0]["features"].shape[-1]
+    k = records[0]["top_ids"].shape[-1]
+    out = {
+        "features": torch.zeros(b, width, feat), "tokens": torch.zeros(b, width, dtype=torch.long),
+        "top_ids": torch.full((b, width, k), -1, dtype=torch.long), "top_logits": torch.zeros(b, width, k),
+        "lengths": torch.tensor([len(r["ids"]) for r in records]),
+    }
+    for i, r in enumerate(records):
+        n = len(r["ids"])
+        out["features"][i, :n] = r["features"].float()
+        out["tokens"][i, :n] = r["ids"].long()
+        out["top_ids"][i, :n] = lookup[r["top_ids"].long()]
+        out["top_logits"][i, :n] = r["top_logits"].float()
+    return out
+
+
+def head_loss(head: FeatureHead, batch: dict, levels: int, noise: float, reg_weight: float) -> tuple[torch.Tensor, dict]:
+    feats, tokens = batch["features"], batch["tokens"]
+    outs = head.unrolled(feats, tokens, levels, noise=noise)
+    t1 = tokens.shape[1] - 1
+    # entry t predicts the token at t+2 from the target's distribution at position t+1
+    top_ids, top_logits = batch["top_ids"][:, 1:], batch["top_logits"][:, 1:]
+    in_vocab = top_ids >= 0
+    target = torch.softmax(top_logits.masked_fill(~in_vocab, -1e4), -1)
+    valid = torch.arange(t1)[None] < (batch["lengths"][:, None] - 1)
+    valid &= in_vocab.any(-1)
+    total, figures = 0.0, {}
+    for j, pred in enumerate(outs):
+        mask = valid & (torch.arange(t1)[None] >= j)
+        logp = torch.log_softmax(head.logits(pred), -1)
+        picked = logp.gather(-1, top_ids.clamp(min=0)) * in_vocab
+        ce = -(target * picked).sum(-1)
+        level_loss = (ce * mask).sum() / mask.sum().clamp(min=1)
+        total = total + 0.8**j * level_loss
+        with torch.no_grad():  # the head's greedy token is the target's (both in draft-vocabulary indices)
+            hit = logp.argmax(-1) == top_ids[..., 0]
+            figures[f"acc{j}"] = float((hit & mask).sum() / mask.sum().clamp(min=1))
+    if reg_weight:
+        true_next = (feats[:, 1:] if head.fuse is None else feats[:, 1:, -head.spec.hidden:])
+        reg = F.smooth_l1_loss(outs[0], true_next, reduction="none").mean(-1)
+        total = total + reg_weight * (reg * valid).sum() / valid.sum().clamp(min=1)
+    return total, figures
+
+
+def train_head(
+    data_dir: Path,
+    out_dir: Path = FEATURE_DIR,
+    *,
+    target: str = "smollm2",
+    feature_layers: tuple[int, ...] = (-1,),
+    vocab: int = 8192,
+    max_positions: int | None = None,
+    epochs: float = 2.0,
+    tokens_per_batch: int = 4096,
+    lr: float = 1e-3,
+    levels: int = 3,
+    noise: float = 0.05,
+    reg_weight: float = 0.1,
+    seed: int = 0,
+    save: bool = True,
+    time_budget_s: float | None = None,
+) -> dict:
+    from pipeline.models import load_causal_lm
+
+    from training.feature_eval import evaluate_head, heldout_features
+
+    started = time.monotonic()
+    torch.manual_seed(seed)
+    model = load_causal_lm(target)
+    records = load_feature_records(data_dir, feature_layers, max_positions, seed)
+    positions = sum(len(r["ids"]) for r in records)
+    vocab_ids = draft_vocab(vocab_counts(records, model.config.vocab_size), vocab)
+    lookup = torch.full((model.config.vocab_size,), -1, dtype=torch.long)
+    lookup[vocab_ids] = torch.arange(len(vocab_ids))
+    head = build_head(model, spec_for(model, feature_layers), vocab_ids)
+    params = [p for p in head.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    batches_per_epoch = len(length_batches(records, tokens_per_batch, seed))
+    steps = max(1, int(batches_per_epoch * epochs))
+    warmup = min(50, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    log.info("feature_head_training_started", positions=positions, records=len(records), steps=steps,
+             vocab=len(vocab_ids), levels=levels)
+    step, epoch, history = 0, 0, []
+    head.train()
+    while step < steps:
+        for group in length_batches(records, tokens_per_batch, seed + epoch):
+            if step >= steps or (time_budget_s and time.monotonic() - started > time_budget_s):
+                steps = step
+                break
+            loss, figures = head_loss(head, collate(group, lookup), levels, noise, reg_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if step % 50 == 0 or step == steps:
+                history.append({"step": step, "loss": round(float(loss), 4), **{k: round(v, 4) for k, v in figures.items()},
+                                "wall_s": round(time.monotonic() - started, 1)})
+                log.info("feature_head_step", **history[-1])
+        epoch += 1
+    head.eval()
+    heldout = heldout_features(target, model=model, feature_layers=feature_layers)
+    result = evaluate_head(head, heldout, gamma=4)
+    wall = time.monotonic() - started
+    summary = {"target": target, "positions": positions, "records": len(records), "steps": steps,
+               "epochs": epochs, "vocab": len(vocab_ids), "levels": levels, "noise": noise,
+               "reg_weight": reg_weight, "lr": lr, "tokens_per_batch": tokens_per_batch,
+               "feature_layers": list(feature_layers), "seed": seed, "wall_s": round(wall, 1),
+               "heldout": result, "history": history}
+    if save:
+        summary["file_bytes"] = save_head(head, out_dir, {k: v for k, v in summary.items() if k != "history"})
+    log.info("feature_head_training_finished", wall_s=round(wall), **result)
+    return summary

@@ -1,0 +1,113 @@
+"""FeatureDrafter: the device-side strategy of `kind = "feature"` (see workers/feature_head.py).
+
+Its proposals ask the verifier for the target's features; each verdict brings them back for
+the newly committed positions, and the head turns them into cache entries before it drafts
+again. A session's first round therefore drafts nothing (no feature has arrived yet); after
+that, entry t = (feature t, token t+1) exists for every committed position but the last, and
+draft step k chains on the head's own predicted feature. Drafted entries are dropped as soon
+as the proposal leaves: the verdict brings the true features of whatever was accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pipeline.protocol import Sampling, Verdict
+from workers.drafts import Draft
+from workers.feature_head import FeatureHead, HeadCache
+
+
+@dataclass
+class FeatureDraftState:
+    cache: HeadCache = field(default_factory=HeadCache)
+    first: int = 0  # position of the cache's first entry (a rebuild may send only recent features)
+    pending: torch.Tensor | None = None  # true features not yet in the cache, [n, width]
+    pending_start: int = 0  # position of pending's first row
+    predicted: torch.Tensor | None = None  # the head's prediction after the last true entry [1, 1, H]
+
+    @property
+    def next_entry(self) -> int:
+        return self.first + self.cache.length
+
+
+class FeatureDrafter:
+    kind = "feature"
+
+    def __init__(self, head: FeatureHead, *, min_confidence: float = 0.0, top_k: int = 8):
+        self.head = head
+        self.min_confidence = min_confidence
+        self.top_k = top_k
+        self.feature_layers = list(head.spec.feature_layers)
+        self.width = head.spec.hidden * len(self.feature_layers)
+
+    def new_state(self) -> FeatureDraftState:
+        return FeatureDraftState()
+
+    def _catch_up(self, state: FeatureDraftState, committed: list[int]) -> bool:
+        """Turn pending true features into entries up to position len(committed) - 2; False
+        when features for that are still missing (a session's first round)."""
+        last = len(committed) - 2  # the last committed token has no feature yet
+        if state.next_entry > last:
+            return state.predicted is not None
+        if state.pending is None or state.pending_start > state.next_entry:
+            return False
+        rows = state.pending[state.next_entry - state.pending_start : last + 1 - state.pending_start]
+        if state.next_entry + rows.shape[0] <= last:
+            return False
+        start = state.next_entry
+        tokens = torch.tensor([committed[start + 1 : last + 2]])
+        entries = self.head.entry(self.head.fused(rows[None]), tokens)
+        state.predicted = self.head.extend(state.cache, entries, start)[:, -1:]
+        return True
+
+    @torch.inference_mode()
+    def propose(self, state: FeatureDraftState, committed: list[int], gamma: int, sampling: Sampling,
+                generator: torch.Generator) -> Draft:
+        draft = Draft([])
+        if gamma <= 0 or len(committed) < 2 or not self._catch_up(state, committed):
+            return draft
+        true_entries = state.cache.length
+        predicted, position = state.predicted, len(committed) - 1
+        for k in range(gamma):
+            logits = self.head.logits(predicted[0, -1]).float()
+            if sampling.greedy:
+                probs = torch.softmax(logits, -1)
+                confidence, index = torch.max(probs, -1)
+                index, confidence = int(index), float(confidence)
+            else:
+                top_p, top_index = torch.topk(torch.softmax(logits / sampling.temperature, -1), self.top_k)
+                q = top_p / top_p.sum()
+                pick = int(torch.multinomial(q, 1, generator=generator))
+                index, confidence = int(top_index[pick]), float(top_p[0])
+            if confidence < self.min_confidence:
+                break
+            token = int(self.head.vocab_ids[index])
+            draft.tokens.append(token)
+            if not sampling.greedy:
+                draft.q_ids.append(self.head.vocab_ids[top_index].tolist())
+                draft.q_probs.append(q.tolist())
+            if k + 1 < gamma:
+                entry = self.head.entry(predicted[:, -1:], torch.tensor([[token]]))
+                predicted = self.head.extend(state.cache, entry, position - 1 + k + 1)
+        state.cache.crop(true_entries)  # drafted entries go; verified features replace them
+        return draft
+
+    def commit(self, state: FeatureDraftState, position: int, accepted: int, verdict: Verdict | None = None) -> None:
+        """Keep the verdict's true features for positions the cache does not hold yet."""
+        if verdict is None or not verdict.features:
+            return
+        rows = torch.from_numpy(np.frombuffer(verdict.features, dtype=np.float16).copy()).float()
+        rows = rows.view(-1, self.width)
+        start = verdict.features_start
+        if start > state.next_entry or (state.pending is None and state.cache.length == 0):
+            # a gap (a rebuild sent only recent features) or nothing held yet: restart from here
+            state.cache, state.first, state.predicted = HeadCache(), start, None
+        held_until = state.pending_start + (0 if state.pending is None else state.pending.shape[0])
+        if state.pending is not None and state.pending_start <= start <= held_until:
+            rows = torch.cat((state.pending[: start - state.pending_start], rows))
+            start = state.pending_start
+        skip = max(0, state.next_entry - start)
+        state.pending, state.pending_start = rows[skip:], start + skip
