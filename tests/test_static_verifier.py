@@ -91,9 +91,10 @@ def test_greedy_through_the_static_backend_equals_the_target_alone(arch):
         assert len(state.pages) == ver.kv.pages_for(state.length) and state.length == state.committed - 1
 
 
-def test_sampling_through_the_static_backend_keeps_the_sequence_distribution(monkeypatch):
+@pytest.mark.parametrize("kind", ["model", "ngram", "feature"])
+def test_sampling_through_the_static_backend_keeps_the_sequence_distribution(monkeypatch, kind):
     monkeypatch.setattr(target_tests, "verifier", lambda model, max_sessions=64: static(model, max_sessions, 2.0))
-    target_tests.test_sampling_through_drafters_keeps_the_sequence_distribution()
+    target_tests.test_sampling_through_drafters_keeps_the_sequence_distribution(kind)
 
 
 def test_pages_are_reused_and_a_full_pool_evicts_idle_sessions_first():
