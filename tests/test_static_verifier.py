@@ -3,6 +3,7 @@ at every layer count, its logits equal the eager backend's on a ragged batch, gr
 it is token-identical to the target alone (Llama and Qwen2), sampling keeps the target's
 distribution, and the page pool is reused, evicts and refuses as documented."""
 
+import asyncio
 import random
 
 import pytest
@@ -210,3 +211,30 @@ def test_features_equal_the_eager_backends():
         np.testing.assert_allclose(np.frombuffer(s.features, np.float16), np.frombuffer(e.features, np.float16), atol=2e-3, rtol=2e-3)
     assert out["static"][0].features and out["static"][1].features and not out["static"][2].features
     assert out["static"][0].accepted == 3  # a's draft is the target's own: accepted rows carry features too
+
+
+async def test_a_stack_with_the_static_backend_is_token_identical(tmp_path, tiny_models):
+    """Real processes: the verifier process builds the static backend from the configuration,
+    and its heartbeat statistics carry the forwards it ran."""
+    from pipeline.client import DrafterClient, broker_stats
+    from pipeline.models import load_causal_lm
+    from tests.conftest import make_stack
+
+    drafters = {"twin": {"kind": "model", "gamma": 4, "model": str(tiny_models["copy"])}, "ngram": {"kind": "ngram", "gamma": 3}}
+    stack = make_stack(tmp_path, tiny_models["target"], drafters, verifier__backend="static", verifier__kv_cache_mb=8.0)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(TINY_VOCAB) for _ in range(rng.randint(2, 16))] for _ in range(6)]
+    async with stack:
+        clients = {n: DrafterClient(stack.config.drafter(n).client) for n in drafters}
+        try:
+            results = await asyncio.gather(*[clients[("twin", "ngram")[i % 2]].complete(p, 24, stop_ids=[])
+                                             for i, p in enumerate(prompts)])
+            figures = await broker_stats(stack.config.broker.frontend)
+        finally:
+            for c in clients.values():
+                c.close()
+    target = load_causal_lm(str(tiny_models["target"]))
+    assert [r.tokens for r in results] == [greedy_reference(target, p, 24) for p in prompts]
+    verifier_stats = next(iter(figures["verifiers"].values()))
+    assert verifier_stats["backend"] == "static"
+    assert verifier_stats["forwards"]["verify"] and verifier_stats["forwards"]["prefill"]["forwards"] == 6

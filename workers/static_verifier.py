@@ -64,6 +64,8 @@ class PagedSession(SessionState):
 
 
 class StaticVerifier(TargetVerifier):
+    backend = "static"
+
     def __init__(self, model, *, max_sessions: int, limits: LimitsConfig, kv_cache_mb: float = 1024.0,
                  compile: bool = False):
         super().__init__(model, max_sessions=max_sessions, limits=limits)

@@ -66,6 +66,7 @@ class VerifierWorker:
         stats = self.verifier.stats.as_dict()
         stats["rejected_frames"] = self.rejected_frames
         stats["forwards"] = self.forwards.as_dict()
+        stats["backend"] = getattr(self.verifier, "backend", "eager")
         return stats
 
     async def run(self, stop: asyncio.Event) -> None:
