@@ -116,6 +116,16 @@ def test_pages_are_reused_and_a_full_pool_evicts_idle_sessions_first():
     assert ver.close("b") and len(ver.kv.free) == 2 and ver.stats.cache_bytes == 2 * ver.kv.page_bytes()
 
 
+def test_a_full_session_table_never_evicts_a_session_of_the_same_round():
+    model = tiny_llama(1)
+    ver = static(model, max_sessions=2)
+    ver.verify_batch([Propose("a", 0, 3, [], history=[1, 2, 3]), Propose("b", 0, 3, [], history=[4, 5, 6])])
+    out = ver.verify_batch([Propose("a", 1, 4, [7]), Propose("b", 1, 4, [8]), Propose("c", 0, 3, [1], history=[3, 2, 1])])
+    assert [v.error for v in out] == ["", "", ErrorCode.OVERLOADED] and set(ver.sessions) == {"a", "b"}
+    assert ver.verify_batch([Propose("c", 0, 3, [1], history=[3, 2, 1])])[0].error == ""  # later: a is evicted
+    assert set(ver.sessions) == {"b", "c"}
+
+
 def test_errors_and_resync_match_the_eager_backend():
     model = tiny_llama(1)
     ver = static(model)

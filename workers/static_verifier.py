@@ -116,8 +116,12 @@ class StaticVerifier(TargetVerifier):
         return len(stale)
 
     def _evict_to_fit(self) -> None:
+        # never a session of the round being built: its pages are about to be read and written
         while len(self.sessions) >= self.max_sessions:
-            self._drop(next(iter(self.sessions)))
+            victim = next((sid for sid in self.sessions if sid not in self.busy), None)
+            if victim is None:
+                raise ItemError(ErrorCode.OVERLOADED, f"all {self.max_sessions} sessions are in this round; retry")
+            self._drop(victim)
             self.stats.evictions += 1
 
     def _reserve(self, state: PagedSession, tokens: int) -> None:
