@@ -24,6 +24,7 @@ import torch
 from bench.sessions import SessionRecord
 from pipeline.config import LimitsConfig
 from pipeline.protocol import Propose
+from workers.forward_log import ForwardLog, verify_recorded
 from workers.target import TargetVerifier, ragged_forward, session_kv
 
 
@@ -39,6 +40,7 @@ class BatchedDrafter:
         self.cached: dict[int, int] = {}  # committed tokens whose keys/values are cached
         self.fed: dict[int, int] = {}  # draft tokens of the last round fed into the cache
         self.forwards = 0
+        self.log = ForwardLog()  # (sessions, rows) of each draft forward
 
     def close(self, key: int) -> None:
         for table in (self.kv, self.cached, self.fed):
@@ -58,6 +60,7 @@ class BatchedDrafter:
             logits, kv, past, _ = ragged_forward(self.model, self.device, [self.kv.get(keys[i]) for i in live],
                                               [rows[i] for i in live])
             self.forwards += 1
+            self.log.add("draft", len(live), sum(len(rows[i]) for i in live))
             still = []
             for row, i in enumerate(live):
                 key = keys[i]
@@ -89,9 +92,11 @@ class BatchedDrafter:
 
 
 def run_central(target, sessions: list[SessionRecord], concurrency: int, max_new_tokens: int, stop_ids: list[int],
-                drafter: BatchedDrafter | None = None, *, max_sessions: int = 512) -> dict:
-    """Serve ``sessions``, at most ``concurrency`` at once; fills each record, returns server figures."""
-    verifier = TargetVerifier(target, max_sessions=max_sessions, limits=LimitsConfig())
+                drafter: BatchedDrafter | None = None, *, max_sessions: int = 512, verifier=None) -> dict:
+    """Serve ``sessions``, at most ``concurrency`` at once; fills each record, returns server figures.
+    ``verifier``: the backend to serve with (default: the eager ``TargetVerifier``)."""
+    verifier = verifier or TargetVerifier(target, max_sessions=max_sessions, limits=LimitsConfig())
+    forwards = ForwardLog()
     stops = set(stop_ids)
     pending = deque(sessions)
     active: list[SessionRecord] = []
@@ -109,7 +114,7 @@ def run_central(target, sessions: list[SessionRecord], concurrency: int, max_new
                     drafter_kind="server")
             for s, d in zip(active, drafts)
         ]
-        verdicts = verifier.verify_batch(items)
+        verdicts = verify_recorded(verifier, items, forwards)
         peak_cache = max(peak_cache, verifier.stats.cache_bytes)
         now = time.perf_counter()
         finished = []
@@ -137,6 +142,8 @@ def run_central(target, sessions: list[SessionRecord], concurrency: int, max_new
             if drafter:
                 drafter.close(s.index)
     stats = verifier.stats
+    if drafter:
+        forwards.draft = drafter.log.draft
     return {
         "server_cpu_s": time.process_time() - cpu0,
         "elapsed_s": time.perf_counter() - wall0,
@@ -147,6 +154,7 @@ def run_central(target, sessions: list[SessionRecord], concurrency: int, max_new
         "prefill_cpu_s": stats.prefill_cpu_s,
         "mean_batch_sessions": stats.items / stats.batches if stats.batches else 0.0,
         "peak_kv_cache_mb": peak_cache / 2**20,
+        "forwards": forwards.as_dict(),
     }
 
 

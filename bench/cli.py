@@ -31,6 +31,8 @@ def register(sub) -> None:
     p.add_argument("--profile", action="append", default=[], metavar="CLASS.FIELD=VALUE",
                    help="change a device profile, e.g. pi5.slowdown=3 or orin.rtt_ms=10 (repeatable)")
     p.add_argument("--threads", type=int, help="torch threads of every server method (default 1, as verifier.threads)")
+    p.add_argument("--gpu-cost", type=Path, help="GPU cost table for the projected GPU server figures "
+                   "(default: the newest bench/results/gpu_cost_*.json)")
     p.add_argument("--no-broker-micro", action="store_true", help="skip the broker microbenchmark")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the result JSON")
     p.add_argument("--files", nargs="*", type=Path, help="report: result files (default: the latest of each setup)")
@@ -57,6 +59,10 @@ def options_from(args):
     if options.network == "netns" and reason:
         raise SystemExit(f"--network netns: {reason}")
     options.broker_micro = not args.no_broker_micro
+    if args.gpu_cost is not None:
+        if not args.gpu_cost.is_file():
+            raise SystemExit(f"--gpu-cost: no file at {args.gpu_cost}")
+        options.gpu_cost = str(args.gpu_cost)
     return options
 
 

@@ -39,6 +39,7 @@ from bench.sessions import SessionRecord
 from pipeline.client import DrafterClient, broker_stats
 from pipeline.config import load_config
 from pipeline.launcher import Stack
+from workers.forward_log import delta as forwards_delta
 
 log = structlog.get_logger("sled.bench.fleet")
 ROOT = Path(__file__).resolve().parent.parent
@@ -273,4 +274,5 @@ def _level_delta(before: dict, after: dict, elapsed: float) -> dict:
         "peak_kv_cache_mb": None,
         "devices": devices,
         "link_bytes": link_bytes if after["links"] else None,
+        "forwards": forwards_delta(v0.get("forwards"), v1.get("forwards")),
     }

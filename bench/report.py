@@ -40,8 +40,8 @@ def _fmt(value, digits: int = 1) -> str:
 
 def tables(result: dict) -> str:
     rows = ["| method | sessions | tok/s | TPOT p50 / p99 ms | TTFT p50 ms | server CPU ms/token (decode only) | target fwd/token "
-            "| tokens/round | acceptance | mean batch | bytes/token | energy J/token (server + devices) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| tokens/round | acceptance | mean batch | bytes/token | energy J/token (server + devices) | projected GPU server ms/token |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, levels in result["methods"].items():
         for n, f in sorted(levels.items(), key=lambda kv: int(kv[0])):
             energy = f["energy_j_per_token_estimate"]
@@ -50,7 +50,8 @@ def tables(result: dict) -> str:
                 f"| {_fmt(f['ttft_p50_ms'], 0)} | {_fmt(f['server_cpu_ms_per_token'])} ({_fmt(f.get('decode_cpu_ms_per_token'))}) | {_fmt(f['target_forwards_per_token'], 3)} "
                 f"| {_fmt(f['tokens_per_round'], 2) if f['tokens_per_round'] else '–'} | {_fmt(f['acceptance_rate'], 2)} "
                 f"| {_fmt(f['mean_batch_sessions'], 1)} | {_fmt(f.get('network_bytes_per_token'), 0)} "
-                f"| {energy['server']:.3f} + {energy['devices']:.3f} |")
+                f"| {energy['server']:.3f} + {energy['devices']:.3f} "
+                f"| {_fmt((f.get('gpu_projection') or {}).get('gpu_server_ms_per_token'), 2)} |")
     head = result["headline"]
     cap = result["capacity"]
     lines = [
@@ -66,6 +67,8 @@ def tables(result: dict) -> str:
         "| headline (at {0} sessions) | value |".format(head["ratio_sessions"]),
         "|---|---|",
         *(f"| `{k}` | {v} |" for k, v in head.items() if k not in ("setup", "ratio_sessions")),
+        "",
+        _gpu_line(result),
         "",
         "Drafts per device class (recorded before the timed run; α per position = accepted ÷ (accepted + rounds with a rejection)):",
         "",
@@ -85,6 +88,18 @@ def tables(result: dict) -> str:
         shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in micro.items() if not isinstance(v, (dict, list))}
         lines += ["", "Broker microbenchmark (same run): " + ", ".join(f"`{k}` {v}" for k, v in shown.items()) + "."]
     return "\n".join(lines)
+
+
+def _gpu_line(result: dict) -> str:
+    table = result.get("gpu_cost_table")
+    if not table:
+        return "No GPU projection in this result (it predates bench/gpu_cost.py)."
+    if table.get("error"):
+        return f"No GPU projection: {table['error']}."
+    return (f"*Projected* GPU server ms/token: the recorded forwards priced with `{table['file']}` ({table['card']}, "
+            f"{table['backend']} backend, {table['dtype']}, {table['prefix_tokens']}-token prefix; target shape "
+            f"{table.get('target_shape')}, server drafter {table.get('server_drafter_shape')}); projections, not measurements "
+            "(see \"GPU projection\" below).")
 
 
 def plot(result: dict, path: Path) -> None:

@@ -23,6 +23,7 @@ import torch
 
 from bench.central import BatchedDrafter, run_assisted, run_central
 from bench.fleet import DeviceClass, Fleet
+from bench.gpu_cost import cost_models, load_table, project, table_summary
 from bench.profiles import PROFILES, SERVER_WATTS_PER_CORE, DeviceProfile, Setup
 from bench.sessions import SessionRecord, acceptance_model, latency_figures, plan
 from bench.traces import record_trace
@@ -49,6 +50,7 @@ class BenchOptions:
     profiles: dict[str, DeviceProfile] = field(default_factory=lambda: dict(PROFILES))
     threads: int = 1  # torch threads of every server (the bench process's baselines and the SLED verifier)
     broker_micro: bool = True
+    gpu_cost: str | None = None  # GPU cost table for the projections; None: the newest bench/results/gpu_cost_*.json
     quick: bool = False
     config_path: str | None = None
     overrides: list[str] = field(default_factory=list)  # `sled --set` items, passed to the fleet's processes
@@ -71,8 +73,10 @@ def load_drafter_model(choice, target):
     return load_causal_lm(choice.model)
 
 
-def derive(method: str, records: list[SessionRecord], server: dict, *, weights_mb: float, profiles: dict) -> dict:
-    """The figures of one method at one level, from its session records and server counters."""
+def derive(method: str, records: list[SessionRecord], server: dict, *, weights_mb: float, profiles: dict,
+           gpu: dict | None = None) -> dict:
+    """The figures of one method at one level, from its session records and server counters.
+    ``gpu``: cost models (bench/gpu_cost.py) to project the recorded forwards onto a GPU server."""
     figures = latency_figures(records, server["elapsed_s"])
     generated = max(1, figures["generated_tokens"])
     cpu = server["server_cpu_s"]
@@ -97,6 +101,15 @@ def derive(method: str, records: list[SessionRecord], server: dict, *, weights_m
     if server.get("link_bytes") is not None:
         figures["network_bytes_per_token"] = round(server["link_bytes"] / generated, 1)
     figures.update(acceptance_model(records))
+    if server.get("forwards") is not None:
+        figures["forwards"] = server["forwards"]
+        projection = project(server["forwards"], gpu, generated) if gpu else None
+        if projection:
+            # the server's measured CPU time on the critical path replaced by the projected GPU time;
+            # everything else (device drafting, links, broker) kept as measured
+            elapsed = max(projection["gpu_server_ms"] / 1000, server["elapsed_s"] - cpu + projection["gpu_server_ms"] / 1000)
+            projection["projected_throughput_tok_s"] = round(generated / elapsed, 2) if elapsed > 0 else None
+            figures["gpu_projection"] = projection
     return figures
 
 
@@ -122,14 +135,15 @@ def identical(records: list[SessionRecord], references: list[list[int]]) -> dict
 
 
 async def _sled_levels(setup: Setup, options: BenchOptions, classes: list[DeviceClass], mode: str, levels: list[int],
-                       prompts, references, stop_ids, workdir: Path, weights_mb: float, out: dict, check: dict) -> None:
+                       prompts, references, stop_ids, workdir: Path, weights_mb: float, out: dict, check: dict,
+                       gpu: dict | None = None) -> None:
     async with Fleet(setup.target, classes, workdir / mode, mode=mode, config_path=options.config_path,
                      extra_overrides=[f"verifier.threads={options.threads}", *setup.sled_overrides, *options.overrides]) as fleet:
         for n in levels:
             records = plan(n, options.min_sessions, prompts, setup.fleet)
             server = await fleet.run_level(records, n, options.max_new_tokens, stop_ids)
             name = "sled" if mode == options.network else "sled_loopback"
-            out[name][n] = derive(name, records, server, weights_mb=weights_mb, profiles=options.profiles)
+            out[name][n] = derive(name, records, server, weights_mb=weights_mb, profiles=options.profiles, gpu=gpu)
             out[name][n]["by_device"] = _by_device(records)
             check[f"{name}@{n}"] = identical(records, references)
             log.info("level_done", method=name, concurrency=n, **{k: out[name][n][k] for k in ("throughput_tok_s", "tpot_p50_ms")})
@@ -194,13 +208,19 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
         drafter_models[sd_choice.model] = load_drafter_model(sd_choice, target)
     sd_model = drafter_models[sd_choice.model]
     sd_weights = sum(p.numel() * p.element_size() for p in sd_model.parameters()) / 2**20
+    table, table_path = load_table(options.gpu_cost)
+    gpu = cost_models(table, target.config, sd_model.config) if table else {"error": "no GPU cost table"}
+    gpu_table = table_summary(table, table_path, gpu) if table else {"error": "no bench/results/gpu_cost_*.json and no --gpu-cost"}
+    if "error" in gpu:
+        log.warning("gpu_projection_unavailable", reason=gpu["error"])
+        gpu = None
     for n in options.levels:
         for method in ("ar", "server_sd"):
             records = plan(n, options.min_sessions, prompts, [])
             drafter = BatchedDrafter(sd_model, sd_choice.gamma, sd_choice.min_confidence) if method == "server_sd" else None
             server = run_central(target, records, n, options.max_new_tokens, stop_ids, drafter)
             out[method][n] = derive(method, records, server, weights_mb=weights_mb + (sd_weights if drafter else 0.0),
-                                    profiles=options.profiles)
+                                    profiles=options.profiles, gpu=gpu)
             check[f"{method}@{n}"] = identical(records, references)
             log.info("level_done", method=method, concurrency=n, throughput=out[method][n]["throughput_tok_s"],
                      tpot_p50_ms=out[method][n]["tpot_p50_ms"])
@@ -212,10 +232,10 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
     gc.collect()
 
     asyncio.run(_sled_levels(setup, options, classes, options.network, options.levels, prompts, references, stop_ids,
-                             workdir, weights_mb, out, check))
+                             workdir, weights_mb, out, check, gpu))
     if options.loopback_levels and options.network != "loopback":
         asyncio.run(_sled_levels(setup, options, classes, "loopback", options.loopback_levels, prompts, references,
-                                 stop_ids, workdir, weights_mb, out, check))
+                                 stop_ids, workdir, weights_mb, out, check, gpu))
 
     slo = options.slo_tpot_ms or setup.slo_tpot_ms
     result = {
@@ -231,6 +251,7 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
         "identical_outputs": check,
         "all_identical": all(c["mismatched"] == 0 for c in check.values()),
         "weights_mb": {"target": round(weights_mb, 1), "server_drafter": round(sd_weights, 1)},
+        "gpu_cost_table": gpu_table,
         "elapsed_s": None,
     }
     result["headline"] = headline(result, options)
@@ -251,6 +272,21 @@ def headline(result: dict, options: BenchOptions) -> dict:
     if sd and sled:
         out["server_cost_ratio_vs_server_sd"] = round(sled["server_cpu_ms_per_token"] / sd["server_cpu_ms_per_token"], 3)
         out["decode_cost_ratio_vs_server_sd"] = round(sled["decode_cpu_ms_per_token"] / sd["decode_cpu_ms_per_token"], 3)
+    gpu = {m: (f or {}).get("gpu_projection") for m, f in (("ar", ar), ("server_sd", sd), ("sled", sled))}
+    if gpu["sled"]:
+        # projections for a GPU server (bench/gpu_cost.py), not measurements
+        table = result.get("gpu_cost_table", {})
+        out["gpu_cost_table"] = table.get("file")
+        out["gpu_cost_basis"] = (f"projection from {table.get('card')} {table.get('backend')}-backend timings of "
+                                 f"{table.get('target_shape')} ({table.get('dtype')}, {table.get('prefix_tokens')}-token prefix)")
+        if gpu["ar"]:
+            out["gpu_server_cost_ratio_vs_ar"] = round(gpu["sled"]["gpu_server_ms_per_token"] / gpu["ar"]["gpu_server_ms_per_token"], 3)
+            out["gpu_throughput_ratio_vs_ar"] = round(gpu["sled"]["projected_throughput_tok_s"] / gpu["ar"]["projected_throughput_tok_s"], 3)
+        if gpu["server_sd"]:
+            out["gpu_server_cost_ratio_vs_server_sd"] = round(
+                gpu["sled"]["gpu_server_ms_per_token"] / gpu["server_sd"]["gpu_server_ms_per_token"], 3)
+    elif result.get("gpu_cost_table", {}).get("error"):
+        out["gpu_projection_error"] = result["gpu_cost_table"]["error"]
     caps = result["capacity"]
     if caps.get("ar", {}).get("sessions") and "sled" in caps:
         out["capacity_ratio_vs_ar"] = round(caps["sled"]["sessions"] / caps["ar"]["sessions"], 3)

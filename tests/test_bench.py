@@ -2,6 +2,7 @@
 a whole `sled bench` run finds every method's output identical to the target decoding alone."""
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -99,8 +100,10 @@ def test_bench_run_on_tiny_models_is_lossless_for_every_method(tiny_models, tmp_
                   drafters={"pi5": DrafterChoice(small, 3), "orin": DrafterChoice(copy, 4), "ngram": DrafterChoice("ngram", 4)},
                   server_drafter=DrafterChoice(copy, 4), prompts="chat")
     network = "loopback" if unavailable_reason() else "netns"
+    table = tmp_path / "gpu_cost_test.json"  # a synthetic table for the tiny target's shape (and twice as deep)
+    table.write_text(json.dumps(_synthetic_table()))
     options = BenchOptions(levels=[1, 3], max_new_tokens=12, min_sessions=3, assisted_sessions=2, ratio_level=3,
-                           loopback_levels=[3], network=network, workdir=tmp_path)
+                           loopback_levels=[3], network=network, workdir=tmp_path, gpu_cost=str(table))
     prompts = [[(5 * i + 7 * j) % 250 + 1 for j in range(4 + i)] for i in range(6)]
     result = run_setup(setup, options, prompts=prompts, stop_ids=[])
     assert result["all_identical"], result["identical_outputs"]
@@ -120,3 +123,45 @@ def test_bench_run_on_tiny_models_is_lossless_for_every_method(tiny_models, tmp_
         assert sled["network_bytes_per_token"] > 0
     assert result["headline"]["all_outputs_identical"] is True
     assert "server_cost_ratio_vs_ar" in result["headline"]
+    # every forward was recorded, prefill apart, and priced with the table
+    for method in ("ar", "server_sd", "sled"):
+        figures = methods[method]["3"]
+        verify = figures["forwards"]["verify"]
+        forwards = sum(n for _, _, n in verify) + figures["forwards"]["prefill"]["forwards"]
+        assert abs(forwards - figures["target_forwards_per_token"] * 36) < 0.5
+        assert figures["forwards"]["prefill"]["forwards"] == 3
+        assert all(rows >= sessions for sessions, rows, _ in verify)
+        assert figures["gpu_projection"]["gpu_server_ms_per_token"] > 0
+    assert all(rows == sessions for sessions, rows, _ in methods["ar"]["3"]["forwards"]["verify"])
+    assert methods["server_sd"]["3"]["forwards"]["draft"] and methods["server_sd"]["3"]["gpu_projection"]["gpu_draft_ms"] > 0
+    head = result["headline"]
+    assert head["gpu_cost_table"] == str(table) and "gpu-test-card" in head["gpu_cost_basis"]
+    for key in ("gpu_server_cost_ratio_vs_ar", "gpu_server_cost_ratio_vs_server_sd", "gpu_throughput_ratio_vs_ar"):
+        assert head[key] > 0, key
+
+
+def _synthetic_table() -> dict:
+    # test data, not a measurement: cost = 10 ms + 1 ms per session + 0.5 ms per row
+    rows = [{"shape": shape, "backend": "eager", "sessions": b, "tokens_per_session": t, "ms": k * (10 + b + 0.5 * b * t)}
+            for shape, k in (("tiny", 1.0), ("tiny-deep", 2.0)) for b in (1, 4) for t in (1, 5)]
+    return {"card": "gpu-test-card", "measured": "test", "backend": "eager", "dtype": "float32", "prefix_tokens": 0,
+            "source": "synthetic", "rows": rows,
+            "shapes": {"tiny": {"num_hidden_layers": 2, "hidden_size": 64}, "tiny-deep": {"num_hidden_layers": 4, "hidden_size": 64}}}
+
+
+def test_gpu_cost_model_interpolates_in_sessions_and_rows():
+    from transformers import LlamaConfig
+
+    from bench.gpu_cost import cost_models, project
+
+    models = cost_models(_synthetic_table(), LlamaConfig(num_hidden_layers=2, hidden_size=64),
+                         LlamaConfig(num_hidden_layers=1, hidden_size=64))
+    target, draft = models["target"], models["draft"]
+    for sessions, rows in ((1, 1), (4, 20), (2, 6), (3, 3), (4, 12)):  # the synthetic cost is linear: exact everywhere
+        assert abs(target.ms(sessions, rows) - (10 + sessions + 0.5 * rows)) < 1e-9
+    assert abs(target.ms(8, 8) - 22) < 1e-9 and not target.inside(8, 8) and target.inside(2, 6)  # extrapolated
+    assert draft.ms(4, 4) == target.ms(4, 4) / 2 and "1 of 2 layers" in models["draft_basis"]
+    deeper = cost_models(_synthetic_table(), LlamaConfig(num_hidden_layers=2, hidden_size=64), LlamaConfig(num_hidden_layers=4, hidden_size=64))
+    assert deeper["draft_basis"] == "tiny-deep"
+    figures = project({"verify": [[4, 20, 2]], "draft": [[4, 4, 3]], "prefill": {"forwards": 4, "tokens": 80}}, models, 10)
+    assert figures["gpu_server_ms"] == 2 * 24 + 3 * 8 and figures["prefill_forwards_not_priced"] == 4

@@ -34,6 +34,8 @@ from pipeline.protocol import (
 from pipeline.security import client_keys
 from pipeline.roles import supervise
 from pipeline.sockets import BrokerLink
+from workers.forward_log import ForwardLog, verify_recorded
+from workers.static_verifier import make_verifier
 from workers.target import TargetVerifier
 
 log = structlog.get_logger("sled.verifier")
@@ -49,6 +51,7 @@ class VerifierWorker:
         self.batches: asyncio.Queue[VerifyBatch] = asyncio.Queue(maxsize=4)
         self.busy = False
         self.rejected_frames = 0
+        self.forwards = ForwardLog()  # (sessions, rows) of every forward, for `sled bench`'s GPU projection
         self.broker = BrokerLink(
             ctx, config.broker.backend, self.identity, max_message_bytes=config.limits.max_message_bytes,
             curve=client_keys(config, config.verifier.key or config.verifier.name),
@@ -62,6 +65,8 @@ class VerifierWorker:
     def _stats(self) -> dict:
         stats = self.verifier.stats.as_dict()
         stats["rejected_frames"] = self.rejected_frames
+        stats["forwards"] = self.forwards.as_dict()
+        stats["backend"] = getattr(self.verifier, "backend", "eager")
         return stats
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -100,7 +105,7 @@ class VerifierWorker:
             self.busy = True
             started = time.perf_counter()
             with structlog.contextvars.bound_contextvars(batch_id=batch.batch_id):
-                verdicts = await loop.run_in_executor(self.executor, self.verifier.verify_batch, batch.items)
+                verdicts = await loop.run_in_executor(self.executor, verify_recorded, self.verifier, batch.items, self.forwards)
                 compute_ms = 1000 * (time.perf_counter() - started)
                 log.debug("batch_verified", size=len(batch.items), compute_ms=round(compute_ms, 2))
             self.busy = False
@@ -132,7 +137,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     model = await loop.run_in_executor(
         None, lambda: load_causal_lm(v.target, dtype=v.dtype, device=v.device, device_map=v.device_map, max_memory=v.max_memory)
     )
-    verifier = TargetVerifier(model, max_sessions=config.verifier.max_sessions, limits=config.limits)
+    verifier = make_verifier(model, config)
     ctx = zmq.asyncio.Context()
     try:
         await VerifierWorker(config, verifier, ctx).run(stop)

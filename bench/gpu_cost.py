@@ -1,0 +1,144 @@
+"""Project a method's server time onto a GPU from the forwards it ran and a measured cost table.
+
+A cost table (``bench/results/gpu_cost_<card>.json``, written by bench/gpu_cost_measure.py on a
+GPU, or transcribed from earlier measurements with its source named) holds, per model shape and
+verifier backend, the milliseconds of one forward of ``sessions`` sessions with
+``tokens_per_session`` new tokens each over a cached prefix. ``sled bench`` records every
+forward a method ran as (sessions, token rows) (workers/forward_log.py); the projection prices
+each one and sums:
+
+* cost(sessions, rows) interpolates linearly in tokens per session (rows / sessions) between the
+  measured token counts of each measured session count, then linearly in sessions; outside the
+  measured range it extrapolates from the two nearest points (never below 0).
+* The target's shape is the table's shape with the same layer count and hidden size. A server
+  drafter (server-side SD) without its own shape in the table is priced as the target's forward
+  scaled by its share of the target's layers: eager GPU forwards at these sizes are bound by
+  per-layer launch overhead, so cost grows with depth; it is an estimate and says so.
+* Prefill is left out (every method prefills the same prompts); its forwards are counted.
+"""
+
+from __future__ import annotations
+
+import json
+from bisect import bisect_left
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def default_table() -> Path | None:
+    """The newest committed cost table: the latest ``measured`` date, then the file name."""
+    tables = []
+    for path in RESULTS.glob("gpu_cost_*.json"):
+        with path.open() as fh:
+            tables.append((json.load(fh).get("measured", ""), path.name, path))
+    return max(tables)[2] if tables else None
+
+
+def load_table(path: str | Path | None = None) -> tuple[dict, Path] | tuple[None, None]:
+    path = Path(path) if path else default_table()
+    if path is None:
+        return None, None
+    return json.loads(path.read_text()), path
+
+
+def _line(points: list[tuple[float, float]], x: float) -> float:
+    """Piecewise-linear through sorted points, extended linearly past both ends."""
+    if len(points) == 1:
+        return points[0][1]
+    i = min(max(bisect_left([p[0] for p in points], x), 1), len(points) - 1)
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+class CostModel:
+    """ms per forward of one shape under one backend."""
+
+    def __init__(self, table: dict, shape: str, backend: str, scale: float = 1.0):
+        rows = [r for r in table["rows"] if r["shape"] == shape and r["backend"] == backend]
+        if not rows:
+            raise KeyError(f"the cost table has no {shape!r} rows for backend {backend!r}")
+        self.shape, self.backend, self.scale = shape, backend, scale
+        self.grid: dict[int, list[tuple[float, float]]] = {}
+        for r in rows:
+            self.grid.setdefault(r["sessions"], []).append((r["tokens_per_session"], r["ms"]))
+        for points in self.grid.values():
+            points.sort()
+        self.sessions = sorted(self.grid)
+
+    def ms(self, sessions: int, rows: int) -> float:
+        per_session = rows / sessions
+        across = [(s, _line(self.grid[s], per_session)) for s in self.sessions]
+        return max(0.0, self.scale * _line(across, sessions))
+
+    def inside(self, sessions: int, rows: int) -> bool:
+        tokens = [t for points in self.grid.values() for t, _ in points]
+        return self.sessions[0] <= sessions <= self.sessions[-1] and min(tokens) <= rows / sessions <= max(tokens)
+
+
+def match_shape(table: dict, config) -> str | None:
+    for name, shape in table.get("shapes", {}).items():
+        if (shape["num_hidden_layers"], shape["hidden_size"]) == (config.num_hidden_layers, config.hidden_size):
+            return name
+    return None
+
+
+def cost_models(table: dict, target_config, drafter_config=None, backend: str | None = None) -> dict:
+    """The target's (and the server drafter's) cost models, or ``{"error": why}``."""
+    backend = backend or table.get("backend", "eager")
+    shape = match_shape(table, target_config)
+    if shape is None:
+        return {"error": f"no shape with {target_config.num_hidden_layers} layers and hidden size "
+                         f"{target_config.hidden_size} in the table ({', '.join(table.get('shapes', {}))})"}
+    out = {"target": CostModel(table, shape, backend)}
+    if drafter_config is not None:
+        own = match_shape(table, drafter_config)
+        if own is not None:
+            out["draft"] = CostModel(table, own, backend)
+            out["draft_basis"] = own
+        else:
+            share = drafter_config.num_hidden_layers / target_config.num_hidden_layers
+            out["draft"] = CostModel(table, shape, backend, scale=share)
+            out["draft_basis"] = f"{shape} x {share:.3f} ({drafter_config.num_hidden_layers} of {target_config.num_hidden_layers} layers)"
+    return out
+
+
+def project(forwards: dict | None, models: dict, generated: int) -> dict | None:
+    """GPU server ms per generated token for one method at one level (decode; prefill left out)."""
+    if not forwards or "error" in models:
+        return None
+    total, outside, count = 0.0, 0, 0
+    parts = {}
+    for kind, model in (("verify", models["target"]), ("draft", models.get("draft"))):
+        ms = 0.0
+        for sessions, rows, n in forwards.get(kind, []):
+            if model is None:
+                raise ValueError(f"{kind} forwards recorded but no cost model for them")
+            ms += n * model.ms(sessions, rows)
+            outside += n * (not model.inside(sessions, rows))
+            count += n
+        parts[kind] = ms
+        total += ms
+    generated = max(1, generated)
+    return {
+        "gpu_server_ms": round(total, 2),
+        "gpu_server_ms_per_token": round(total / generated, 4),
+        "gpu_verify_ms": round(parts["verify"], 2),
+        "gpu_draft_ms": round(parts["draft"], 2),
+        "forwards": count,
+        "forwards_outside_table": outside,
+        "prefill_forwards_not_priced": forwards.get("prefill", {}).get("forwards", 0),
+    }
+
+
+def table_summary(table: dict, path: Path, models: dict) -> dict:
+    out = {"file": str(path.relative_to(RESULTS.parent.parent)) if path.is_relative_to(RESULTS.parent.parent) else str(path),
+           "card": table.get("card"), "backend": table.get("backend"), "source": table.get("source"),
+           "prefix_tokens": table.get("prefix_tokens"), "dtype": table.get("dtype")}
+    if "error" in models:
+        out["error"] = models["error"]
+    else:
+        out["target_shape"] = models["target"].shape
+        if "draft_basis" in models:
+            out["server_drafter_shape"] = models["draft_basis"]
+    return out

@@ -1,0 +1,289 @@
+"""The static verifier backend (``verifier.backend = "static"``): a paged KV pool allocated once,
+one forward per round over padded bucket shapes, acceptance on the device.
+
+Same contract as workers/target.py's ``TargetVerifier`` (validation, sessions, LRU eviction,
+errors per item, statistics; it is a subclass), different model side:
+
+* KV memory: ``PagedKV`` (workers/static_model.py), ``verifier.kv_cache_mb`` of pages of
+  ``PAGE_SIZE`` tokens. A session holds the pages its length needs and keeps them across
+  rounds; accepting a prefix of the draft is a length update, pages past it go back to the pool.
+  A full pool evicts least recently used sessions that are not in the round.
+* Shapes: the batch is padded to (sessions, tokens, pages) buckets, so a compiled forward meets
+  few shapes and, on CUDA with ``verifier.compile``, replays a CUDA graph per bucket
+  (``torch.compile(mode="reduce-overhead")``).
+* No host syncs inside a round: the inputs go to the device, the forward and
+  workers/batch_acceptance.py run there, and one ``tolist()`` brings the verdicts back.
+
+Prefill (a new session's history) runs the same forward uncompiled, one session at a time.
+Architectures the static forward does not cover fall back to the eager backend (``make_verifier``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import structlog
+import torch
+
+from pipeline.config import Config, LimitsConfig
+from pipeline.protocol import ErrorCode, Propose, Verdict
+from workers.batch_acceptance import accept_batch
+from workers.static_model import PagedKV, StaticModel, supports
+from workers.target import MAX_PREFILL_FEATURE_ROWS, ItemError, SessionState, TargetVerifier
+
+log = structlog.get_logger("sled.verifier")
+
+PAGE_SIZE = 16
+SESSION_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+TOKEN_BUCKETS = (1, 2, 3, 5, 9, 17)  # 1 + gamma for gamma = 0, 1, 2, 4, 8, 16
+
+
+def bucket(n: int, sizes: tuple[int, ...]) -> int:
+    for size in sizes:
+        if n <= size:
+            return size
+    return n  # beyond the largest bucket: its own shape
+
+
+def pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@dataclass
+class PagedSession(SessionState):
+    pages: list[int] = field(default_factory=list)
+    length: int = 0  # tokens whose keys/values are in the pool
+
+    @property
+    def cached(self) -> int:
+        return self.length
+
+    def nbytes(self) -> int:
+        return 0  # the pool is counted once, in _refresh_stats
+
+
+class StaticVerifier(TargetVerifier):
+    backend = "static"
+
+    def __init__(self, model, *, max_sessions: int, limits: LimitsConfig, kv_cache_mb: float = 1024.0,
+                 compile: bool = False):
+        super().__init__(model, max_sessions=max_sessions, limits=limits)
+        config = model.config
+        dtype = model.get_input_embeddings().weight.dtype
+        heads = config.num_key_value_heads
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        page_bytes = 2 * config.num_hidden_layers * heads * PAGE_SIZE * dim * torch.finfo(dtype).bits // 8
+        pages = int(kv_cache_mb * 2**20 // page_bytes)
+        longest = limits.max_history_tokens + TOKEN_BUCKETS[-1]
+        if pages * PAGE_SIZE < longest:
+            raise ValueError(f"verifier.kv_cache_mb={kv_cache_mb} holds {pages * PAGE_SIZE} tokens, "
+                             f"less than one session of limits.max_history_tokens={limits.max_history_tokens}")
+        self.kv = PagedKV(config, pages=pages, page_size=PAGE_SIZE, dtype=dtype, device=self.device)
+        self.net = StaticModel(model, self.kv)
+        self.step = self.net
+        if compile:
+            # one graph per (sessions, tokens, pages) bucket: more than dynamo's default 8
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+            self.step = torch.compile(self.net, mode="reduce-overhead", dynamic=False)
+        self.compiled = compile
+        self.busy: set[str] = set()  # sessions of the round being built: never evicted for pages
+        log.info("static_backend", pages=pages, page_size=PAGE_SIZE, pool_mb=round(pages * page_bytes / 2**20, 1),
+                 compile=compile, device=str(self.device))
+
+    # --- pages ---------------------------------------------------------------------------
+
+    def _drop(self, session_id: str) -> bool:
+        state = self.sessions.pop(session_id, None)
+        if state is not None:
+            self.kv.shrink(state.pages, 0)
+        return state is not None
+
+    def close(self, session_id: str) -> bool:
+        found = self._drop(session_id)
+        self.stats.closed += found
+        self._refresh_stats()
+        return found
+
+    def evict_idle(self, idle_s: float) -> int:
+        cutoff = time.monotonic() - idle_s
+        stale = [sid for sid, state in self.sessions.items() if state.last_used < cutoff]
+        for sid in stale:
+            self._drop(sid)
+        self.stats.evictions += len(stale)
+        if stale:
+            self._refresh_stats()
+        return len(stale)
+
+    def _evict_to_fit(self) -> None:
+        # never a session of the round being built: its pages are about to be read and written
+        while len(self.sessions) >= self.max_sessions:
+            victim = next((sid for sid in self.sessions if sid not in self.busy), None)
+            if victim is None:
+                raise ItemError(ErrorCode.OVERLOADED, f"all {self.max_sessions} sessions are in this round; retry")
+            self._drop(victim)
+            self.stats.evictions += 1
+
+    def _reserve(self, state: PagedSession, tokens: int) -> None:
+        """Pages for ``tokens`` tokens, evicting idle-most sessions outside this round when short."""
+        while not self.kv.grow(state.pages, tokens):
+            victim = next((sid for sid in self.sessions if sid not in self.busy and sid != state.session_id), None)
+            if victim is None:
+                raise ItemError(ErrorCode.OVERLOADED, "the verifier's KV pool is full; retry")
+            self._drop(victim)
+            self.stats.evictions += 1
+
+    def _refresh_stats(self) -> None:
+        self.stats.sessions = len(self.sessions)
+        self.stats.cache_bytes = (self.kv.pages - len(self.kv.free)) * self.kv.page_bytes()
+
+    def _table(self, pages: list[list[int]], width: int) -> torch.Tensor:
+        table = torch.full((len(pages), width), self.kv.spare, dtype=torch.long)
+        for row, held in enumerate(pages):
+            table[row, : len(held)] = torch.tensor(held, dtype=torch.long)
+        return table
+
+    # --- forward passes ------------------------------------------------------------------
+
+    def _open(self, item: Propose) -> PagedSession:
+        self._drop(item.session_id)
+        self._evict_to_fit()
+        history = item.history
+        generator = None
+        if not item.sampling.greedy:
+            generator = torch.Generator(device="cpu").manual_seed(item.sampling.seed)
+        state = PagedSession(item.session_id, len(history), history[-1], None, item.sampling, generator, item.drafter_kind)
+        if len(history) > 1:
+            cpu = time.process_time()
+            self._reserve(state, len(history) - 1)
+            ids = torch.tensor([history[:-1]], dtype=torch.long)
+            table = self._table([state.pages], self.kv.pages_for(len(history) - 1))
+            _, hidden = self.net(ids.to(self.device), torch.zeros(1, dtype=torch.long, device=self.device),
+                                 table.to(self.device), hidden_layers=tuple(item.feature_layers), logits=False)
+            state.length = len(history) - 1
+            if hidden is not None:  # [layers, 1, T, H] -> [T, layers x H], the latest rows
+                features = hidden[:, 0].permute(1, 0, 2).flatten(1)[-MAX_PREFILL_FEATURE_ROWS:]
+                state.prefill_features = features
+                state.prefill_features_start = len(history) - 1 - features.shape[0]
+            self.stats.prefills += 1
+            self.stats.prefill_tokens += len(history) - 1
+            self.stats.prefill_cpu_s += time.process_time() - cpu
+        self.sessions[item.session_id] = state
+        return state
+
+    def _inputs(self, states: list[PagedSession], items: list[Propose]) -> dict:
+        batch = bucket(len(states), SESSION_BUCKETS)
+        width = bucket(1 + max(len(item.draft) for item in items), TOKEN_BUCKETS)
+        span = pow2(max(self.kv.pages_for(s.length + width) for s in states))
+        k = max([1, *(len(row) for item in items for row in item.q_ids)])
+        ids = torch.zeros((batch, width), dtype=torch.long)
+        lengths = torch.zeros(batch, dtype=torch.long)
+        draft = torch.zeros((batch, width - 1), dtype=torch.long)
+        n_draft = torch.zeros(batch, dtype=torch.long)
+        greedy = torch.ones(batch, dtype=torch.bool)
+        temperature = torch.ones(batch)
+        top_p = torch.ones(batch)
+        q_ids = torch.zeros((batch, width - 1, k), dtype=torch.long)
+        q_probs = torch.zeros((batch, width - 1, k))
+        uniforms = torch.zeros((batch, width))
+        for row, (state, item) in enumerate(zip(states, items)):
+            n = len(item.draft)
+            ids[row, : n + 1] = torch.tensor([state.last_token, *item.draft])
+            lengths[row] = state.length
+            draft[row, :n] = torch.tensor(item.draft, dtype=torch.long)
+            n_draft[row] = n
+            if state.sampling.greedy:
+                continue
+            greedy[row] = False
+            temperature[row] = state.sampling.temperature
+            top_p[row] = state.sampling.top_p
+            for i, x in enumerate(item.draft):
+                if item.q_ids:
+                    q_ids[row, i, : len(item.q_ids[i])] = torch.tensor(item.q_ids[i])
+                    q_probs[row, i, : len(item.q_probs[i])] = torch.tensor(item.q_probs[i])
+                else:  # ids only: q is a point mass on the draft token
+                    q_ids[row, i, 0], q_probs[row, i, 0] = x, 1.0
+            uniforms[row, :n] = torch.rand(n, generator=state.generator)
+            uniforms[row, -1] = torch.rand((), generator=state.generator)
+        table = self._table([s.pages for s in states] + [[]] * (batch - len(states)), span)
+        tensors = dict(ids=ids, lengths=lengths, table=table, draft=draft, n_draft=n_draft, greedy=greedy,
+                       temperature=temperature, top_p=top_p, q_ids=q_ids, q_probs=q_probs, uniforms=uniforms)
+        out = {name: t.to(self.device, non_blocking=True) for name, t in tensors.items()}
+        out["sampling"] = not bool(greedy.all())
+        return out
+
+    def forward_round(self, states: list[PagedSession], items: list[Propose]) -> tuple[list[tuple[int, int]], dict]:
+        """One verify forward and acceptance for ``items``. The verdicts come back in one transfer;
+        hidden states, when a proposal asked for features, in one more (``{layer: [B, T, H]}`` on the host)."""
+        x = self._inputs(states, items)
+        layers = tuple(sorted({i for item in items for i in item.feature_layers}))
+        logits, hidden = self.step(x["ids"], x["lengths"], x["table"], hidden_layers=layers)
+        verdicts = accept_batch(logits, x["draft"], x["n_draft"], x["greedy"], x["temperature"], x["top_p"],
+                                x["q_ids"], x["q_probs"], x["uniforms"], x["sampling"])
+        self.stats.verify_tokens += sum(1 + len(item.draft) for item in items)
+        self.stats.padded_tokens += x["ids"].numel()
+        results = [tuple(v) for v in verdicts[: len(items)].tolist()]
+        features = dict(zip(layers, hidden[:, : len(items)].cpu())) if layers else {}
+        return results, features
+
+    @torch.inference_mode()
+    def verify_batch(self, items: list[Propose]) -> list[Verdict]:
+        started = time.perf_counter()
+        verdicts: list[Verdict | None] = [None] * len(items)
+        ready: list[tuple[int, Propose, PagedSession]] = []
+        self.busy = set()
+        for index, item in enumerate(items):
+            try:
+                self._validate(item)
+                if item.session_id in self.busy:
+                    raise ItemError(ErrorCode.INVALID, "two proposals for one session in one batch")
+                state = self._state_for(item)
+                self.busy.add(item.session_id)
+                self._reserve(state, state.length + 1 + len(item.draft))
+                ready.append((index, item, state))
+            except ItemError as exc:
+                self.stats.item_errors += 1
+                self.stats.errors[exc.code] = self.stats.errors.get(exc.code, 0) + 1
+                verdicts[index] = Verdict(item.session_id, item.round, 0, 0, exc.code, exc.detail)
+        if ready:
+            states = [s for _, _, s in ready]
+            results, hidden = self.forward_round(states, [item for _, item, _ in ready])
+            for row, ((index, item, state), (accepted, token)) in enumerate(zip(ready, results)):
+                # the pool holds the last committed token and the accepted draft tokens; the rest is cut
+                state.length += 1 + accepted
+                self.kv.shrink(state.pages, state.length)
+                features, start = b"", 0
+                if item.feature_layers:  # the token fed first and each accepted draft token
+                    rows = torch.cat([hidden[i][row, : 1 + accepted] for i in item.feature_layers], dim=-1)
+                    features, start = self._features(state, rows)
+                state.committed += accepted + 1
+                state.last_token = token
+                self.stats.draft_tokens += len(item.draft)
+                self.stats.accepted_tokens += accepted
+                verdicts[index] = Verdict(item.session_id, item.round, accepted, token, features=features,
+                                          features_start=start)
+        self.busy = set()
+        self.stats.batches += 1
+        self.stats.items += len(ready)
+        self.stats.compute_s += time.perf_counter() - started
+        self._refresh_stats()
+        return verdicts  # type: ignore[return-value]
+
+
+def make_verifier(model, config: Config) -> TargetVerifier:
+    """The backend ``verifier.backend`` names; "static" falls back to "eager" (with a log line)
+    for a model the static forward does not cover."""
+    v = config.verifier
+    if v.backend not in ("eager", "static"):
+        raise ValueError(f"verifier.backend must be 'eager' or 'static', got {v.backend!r}")
+    if v.compile not in ("auto", "on", "off"):
+        raise ValueError(f"verifier.compile must be 'auto', 'on' or 'off', got {v.compile!r}")
+    if v.backend == "static":
+        reason = supports(model)
+        if not reason:
+            device = model.get_input_embeddings().weight.device
+            compile = v.compile == "on" or (v.compile == "auto" and device.type == "cuda")
+            return StaticVerifier(model, max_sessions=v.max_sessions, limits=config.limits,
+                                  kv_cache_mb=v.kv_cache_mb, compile=compile)
+        log.warning("static_backend_unavailable", reason=reason, fallback="eager", model_type=model.config.model_type)
+    return TargetVerifier(model, max_sessions=v.max_sessions, limits=config.limits)
