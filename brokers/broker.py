@@ -23,6 +23,7 @@ import zmq.asyncio
 from brokers.batcher import Batch, BatchPolicy, DeadlineBatcher, PreciseClock, QueueFull
 from brokers.clock import MonotonicClock
 from pipeline.config import Config
+from pipeline.figures import VerifierFigures
 from pipeline.protocol import (
     BROKER_BACKEND_ACCEPTS,
     BROKER_FRONTEND_ACCEPTS,
@@ -39,7 +40,6 @@ from pipeline.protocol import (
     StatsRequest,
     Verdict,
     VerifyBatch,
-    decode,
     error_for,
 )
 from pipeline.roles import cancel_and_wait, supervise
@@ -62,7 +62,7 @@ class VerifierHandle:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     sessions: set[str] = field(default_factory=set)
     inflight: dict[int, Batch[Propose]] = field(default_factory=dict)
-    stats: dict = field(default_factory=dict)
+    stats: VerifierFigures = field(default_factory=VerifierFigures)
     dispatcher: asyncio.Task | None = None
 
     @property
@@ -170,7 +170,7 @@ class Broker:
                 self._reply(identity, ErrorReply(ErrorCode.BAD_FRAME, "expected exactly one frame per message"))
                 continue
             try:
-                msg = decode(frame, BROKER_FRONTEND_ACCEPTS, self.max_bytes)
+                msg = BROKER_FRONTEND_ACCEPTS.decode(frame, self.max_bytes)
             except ProtocolError as exc:
                 self.stats.count_rejection(exc.code)
                 log.warning("frame_rejected", peer=identity.decode(errors="replace"), code=exc.code, reason=exc.message)
@@ -268,7 +268,7 @@ class Broker:
             parts = await self._back.recv_multipart()
             identity, frame = parts[0], parts[-1]
             try:
-                msg = decode(frame, BROKER_BACKEND_ACCEPTS, self.max_bytes)
+                msg = BROKER_BACKEND_ACCEPTS.decode(frame, self.max_bytes)
             except ProtocolError as exc:
                 self.stats.count_rejection(exc.code)
                 log.warning("verifier_frame_rejected", verifier=identity.decode(errors="replace"), code=exc.code)
@@ -277,11 +277,10 @@ class Broker:
             handle.last_seen = self.clock.now()
             match msg:
                 case Ready():
-                    handle.stats = msg.stats
+                    handle.stats = msg.stats or handle.stats
                     handle.ready.set()
                 case Heartbeat():
-                    if msg.stats:
-                        handle.stats = msg.stats
+                    handle.stats = msg.stats or handle.stats
                     if msg.idle and not handle.inflight:
                         handle.ready.set()  # a verifier idle since before we (re)started
                 case BatchVerdicts():
@@ -385,7 +384,7 @@ class Broker:
             "sessions": len(self.session_verifier),
             "verifiers": {
                 v.name: {"sessions": len(v.sessions), "queued": len(v.batcher), "superseded": v.batcher.superseded,
-                         "busy": bool(v.inflight), **v.stats}
+                         "busy": bool(v.inflight), **v.stats.as_dict()}
                 for v in self.verifiers.values()
             },
         }

@@ -20,6 +20,7 @@ import zmq
 import zmq.asyncio
 
 from pipeline.config import Config
+from pipeline.figures import VerifierFigures
 from pipeline.models import load_causal_lm
 from pipeline.protocol import (
     VERIFIER_ACCEPTS,
@@ -29,7 +30,6 @@ from pipeline.protocol import (
     ProtocolError,
     Ready,
     VerifyBatch,
-    decode,
 )
 from pipeline.security import client_keys
 from pipeline.roles import supervise
@@ -59,10 +59,8 @@ class VerifierWorker:
         self.broker.send(Ready(self._stats()).encode())
         log.info("verifier_connected", broker=self.config.broker.backend, verifier=self.config.verifier.name)
 
-    def _stats(self) -> dict:
-        stats = self.verifier.stats.as_dict()
-        stats["rejected_frames"] = self.rejected_frames
-        return stats
+    def _stats(self) -> VerifierFigures:
+        return VerifierFigures(**self.verifier.stats.as_dict(), rejected_frames=self.rejected_frames)
 
     async def run(self, stop: asyncio.Event) -> None:
         self._connect()
@@ -76,7 +74,7 @@ class VerifierWorker:
         while True:
             frame = await self.broker.recv()
             try:
-                msg = decode(frame, VERIFIER_ACCEPTS, self.config.limits.max_message_bytes)
+                msg = VERIFIER_ACCEPTS.decode(frame, self.config.limits.max_message_bytes)
             except ProtocolError as exc:
                 self.rejected_frames += 1
                 log.warning("frame_rejected", code=exc.code, reason=exc.message)
