@@ -29,6 +29,7 @@ from pipeline.protocol import (
     BROKER_FRONTEND_ACCEPTS,
     BatchVerdicts,
     CloseSession,
+    Dying,
     ErrorCode,
     ErrorReply,
     Heartbeat,
@@ -251,6 +252,7 @@ class Broker:
         handle = self.verifiers.get(verifier) if verifier else None
         if handle is not None:
             handle.sessions.discard(session_id)
+            handle.batcher.withdraw(session_id)  # a queued proposal must not rebuild the cache after the close
             self._back.send(handle.identity, CloseSession(session_id).encode())
 
     def _verifier_for(self, session_id: str) -> VerifierHandle | None:
@@ -285,6 +287,9 @@ class Broker:
                         handle.ready.set()  # a verifier idle since before we (re)started
                 case BatchVerdicts():
                     self._on_verdicts(handle, msg)
+                case Dying():
+                    log.warning("verifier_dying", verifier=handle.name, reason=msg.reason)
+                    self._drop_verifier(handle, f"verifier {handle.name} died: {msg.reason}")
 
     def _register(self, identity: bytes) -> VerifierHandle:
         # each batcher gets its own PreciseClock: deadlines on time, not up to 1 ms late (batcher.py)
@@ -348,12 +353,12 @@ class Broker:
         if sessions:
             log.warning("drafter_lost", drafter=identity.decode(errors="replace"), sessions=len(sessions))
 
-    def _drop_verifier(self, handle: VerifierHandle) -> None:
+    def _drop_verifier(self, handle: VerifierHandle, reason: str = "") -> None:
         self.verifiers.pop(handle.identity, None)
         self.stats.verifiers_lost += 1
         if handle.dispatcher:
             handle.dispatcher.cancel()
-        lost = VerifierLost(f"verifier {handle.name} stopped answering")
+        lost = VerifierLost(reason or f"verifier {handle.name} stopped answering")
         for batch in handle.inflight.values():
             batch.fail(lost)
         queued = handle.batcher.fail_all(lost)
