@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 from pipeline.config import LimitsConfig
 from pipeline.protocol import ErrorCode, Propose, Sampling, Verdict
-from workers.acceptance import target_probs, verify_greedy, verify_sampling
+from workers.acceptance import position_generator, target_probs, verify_greedy, verify_sampling
 
 # One tensor per session: [layers, 2 (keys, values), kv_heads, length, head_dim]. One tensor, not
 # one per layer, so that gathering B sessions into a batch and scattering them back costs O(B)
@@ -50,7 +50,6 @@ class SessionState:
     last_token: int  # committed, not yet in the cache
     kv: KV | None  # None while the cache is empty (a one-token history)
     sampling: Sampling
-    generator: torch.Generator | None
     drafter_kind: str = ""
     last_used: float = field(default_factory=time.monotonic)
     # features of history positions computed by a (re)build, sent with this round's verdict
@@ -187,11 +186,7 @@ class TargetVerifier:
             self.stats.prefills += 1
             self.stats.prefill_tokens += len(history) - 1
             self.stats.prefill_cpu_s += time.process_time() - cpu
-        sampling = item.sampling
-        generator = None
-        if not sampling.greedy:
-            generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
-        state = SessionState(item.session_id, len(history), history[-1], kv, sampling, generator, item.drafter_kind)
+        state = SessionState(item.session_id, len(history), history[-1], kv, item.sampling, item.drafter_kind)
         if features is not None:
             state.prefill_features = features
             state.prefill_features_start = len(history) - 1 - features.shape[0]
@@ -244,7 +239,9 @@ class TargetVerifier:
                     accepted, token = verify_greedy(rows, item.draft)
                 else:
                     probs = target_probs(rows, state.sampling)
-                    accepted, token = verify_sampling(probs, item.draft, item.q_ids, item.q_probs, state.generator)
+                    # draws derived from (seed, position): a resync continues the stream, never repeats it
+                    generator = position_generator(state.sampling.seed, state.committed)
+                    accepted, token = verify_sampling(probs, item.draft, item.q_ids, item.q_probs, generator)
                 # keep the cache through the last committed token and the accepted draft tokens
                 state.kv = session_kv(kv, row, past - state.cached, past + 1 + accepted)
                 features, start = b"", 0
