@@ -6,16 +6,16 @@ import msgspec
 
 
 class VerifierFigures(msgspec.Struct, omit_defaults=True):
-    """A verifier's counters (workers/target.py VerifierStats), carried by Ready and Heartbeat."""
+    """A verifier's counters, kept by workers/target.py and carried by Ready and Heartbeat."""
 
     batches: int = 0
     items: int = 0  # proposals verified = verify rounds
     item_errors: int = 0
     prefills: int = 0
     prefill_tokens: int = 0
-    prefill_cpu_s: float = 0.0
+    prefill_cpu_s: float = 0.0  # process CPU time spent prefilling (to tell prefill from decode work)
     verify_tokens: int = 0  # real (unpadded) rows of verify forwards
-    padded_tokens: int = 0
+    padded_tokens: int = 0  # rows including padding
     target_tokens: int = 0  # prefill + verify
     draft_tokens: int = 0
     accepted_tokens: int = 0
@@ -24,8 +24,8 @@ class VerifierFigures(msgspec.Struct, omit_defaults=True):
     closed: int = 0
     sessions: int = 0
     cache_bytes: int = 0
-    errors: dict[str, int] = {}
-    rejected_frames: int = 0
+    errors: dict[str, int] = {}  # item errors by code
+    rejected_frames: int = 0  # set by the worker (workers/verifier.py)
 
     def as_dict(self) -> dict:
         return msgspec.structs.asdict(self)

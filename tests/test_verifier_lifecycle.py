@@ -54,15 +54,18 @@ def dealer(ctx, endpoint: str) -> zmq.asyncio.Socket:
 
 @contextlib.asynccontextmanager
 async def running(config, target: TargetVerifier, broker: bool = True):
-    """The broker (optional) and one verifier worker as tasks of this loop."""
+    """The broker (optional) and one verifier worker as tasks of this loop; with the broker, a
+    drafter's DEALER once the verifier has had time to register."""
     ctx = zmq.asyncio.Context()
     stop = asyncio.Event()
     tasks = []
     if broker:
         tasks.append(asyncio.create_task(Broker(config, ctx).run(stop)))
     worker = asyncio.create_task(VerifierWorker(config, target, ctx).run(stop))
+    drafter = dealer(ctx, config.broker.frontend) if broker else None
+    await asyncio.sleep(0.5)  # the verifier registers
     try:
-        yield ctx, worker
+        yield ctx, worker, drafter
     finally:
         stop.set()
         for task in [*tasks, worker]:
@@ -81,9 +84,7 @@ async def test_a_close_in_round_0_at_the_broker_leaves_no_cache():
     # a long deadline keeps the first proposal queued at the broker when the close arrives
     config = config_for(**{"broker.max_wait_ms": 300.0})
     target = TargetVerifier(tiny_llama(1), max_sessions=8, limits=config.limits)
-    async with running(config, target) as (ctx, _):
-        drafter = dealer(ctx, config.broker.frontend)
-        await asyncio.sleep(0.5)  # the verifier registers
+    async with running(config, target) as (_, _, drafter):
         await drafter.send(Propose("s-0", 0, len(HISTORY), [1, 2], history=HISTORY).encode())
         await asyncio.sleep(0.05)
         await drafter.send(CloseSession("s-0").encode())  # the client cancelled during round 0
@@ -143,9 +144,7 @@ async def test_a_verifier_that_dies_mid_batch_is_failed_over_at_once():
     # liveness alone would notice only after 200 ms x 15 = 3 s
     config = config_for(**{"broker.max_wait_ms": 1.0})
     target = FailingTarget(tiny_llama(1), max_sessions=8, limits=config.limits)
-    async with running(config, target) as (ctx, worker):
-        drafter = dealer(ctx, config.broker.frontend)
-        await asyncio.sleep(0.5)  # the verifier registers
+    async with running(config, target) as (_, worker, drafter):
         started = time.monotonic()
         await drafter.send(Propose("s-0", 0, len(HISTORY), [1, 2], history=HISTORY).encode())
         reply = DRAFTER_UPSTREAM_ACCEPTS.decode(await asyncio.wait_for(drafter.recv(), 5))

@@ -14,13 +14,13 @@ import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import msgspec
 import structlog
 import torch
 import zmq
 import zmq.asyncio
 
 from pipeline.config import Config
-from pipeline.figures import VerifierFigures
 from pipeline.models import load_causal_lm
 from pipeline.protocol import (
     VERIFIER_ACCEPTS,
@@ -65,7 +65,7 @@ class VerifierWorker:
         log.info("verifier_connected", broker=self.config.broker.backend, verifier=self.config.verifier.name)
 
     def _stats(self) -> VerifierFigures:
-        return VerifierFigures(**self.verifier.stats.as_dict(), rejected_frames=self.rejected_frames)
+        return msgspec.structs.replace(self.verifier.stats, rejected_frames=self.rejected_frames)
 
     async def run(self, stop: asyncio.Event) -> None:
         self._connect()
