@@ -13,9 +13,8 @@ synchronous ZeroMQ poll loop (cheaper than asyncio, so the load side is not the 
   session closed-loop (its next ``Propose`` leaves when its ``Verdict`` is back), the first
   round carrying the history as the real drafter does, and a ``Heartbeat`` every interval.
 
-Frames are built and read with plain ``msgpack`` in the layout of ``pipeline/protocol.py``
-(``tests/test_broker_micro.py`` checks byte-for-byte equality with ``Message.encode``); the
-broker decodes and validates them with the real ``decode``.
+Frames are built and read with the Structs of ``pipeline/protocol.py`` (msgspec, as the broker
+itself does), each load-side socket with its role's Decoder.
 
 Figures
 -------
@@ -60,14 +59,27 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgpack
 import structlog
 import zmq
 
 from bench.fleet import free_ports
 from pipeline.config import load_config
 from pipeline.logs import configure_logging
-from pipeline.protocol import PROTOCOL_VERSION
+from pipeline.protocol import (
+    CLIENT_ACCEPTS,
+    DRAFTER_UPSTREAM_ACCEPTS,
+    VERIFIER_ACCEPTS,
+    BatchVerdicts,
+    CloseSession,
+    ErrorReply,
+    Heartbeat,
+    Propose,
+    Ready,
+    StatsReply,
+    StatsRequest,
+    Verdict,
+    VerifyBatch,
+)
 from pipeline.sockets import make_socket, new_identity
 
 log = structlog.get_logger("sled.bench.broker_micro")
@@ -84,31 +96,27 @@ class BenchError(Exception):
     pass
 
 
-# --- frames, in the layout of pipeline/protocol.py (checked against it by the test) ------------
+# --- frames: the protocol's own Structs --------------------------------------------------------
 
 
 def propose_frame(session_id: str, round_: int, position: int, history: list[int] | None) -> bytes:
-    """Propose(session_id, round, position, DRAFT, [], [], history, 0.0, 1.0, 0, "ngram").encode()"""
-    return msgpack.packb(
-        [PROTOCOL_VERSION, "propose", session_id, round_, position, DRAFT, [], [], history, 0.0, 1.0, 0, "ngram"],
-        use_bin_type=True,
-    )
+    return Propose(session_id, round_, position, DRAFT, history=history, drafter_kind="ngram").encode()
 
 
-def verdicts_frame(batch_id: int, items: list[list]) -> bytes:
-    """BatchVerdicts(batch_id, [Verdict(item.session_id, item.round, 0, VERDICT_TOKEN) ...]).encode()"""
-    verdicts = [[item[0], item[1], 0, VERDICT_TOKEN, "", ""] for item in items]
-    return msgpack.packb([PROTOCOL_VERSION, "verdicts", batch_id, verdicts, 0.0], use_bin_type=True)
+def verdicts_frame(batch: VerifyBatch) -> bytes:
+    """Each proposal: 0 tokens accepted, then VERDICT_TOKEN."""
+    verdicts = [Verdict(item.session_id, item.round, 0, VERDICT_TOKEN) for item in batch.items]
+    return BatchVerdicts(batch.batch_id, verdicts).encode()
 
 
-READY = msgpack.packb([PROTOCOL_VERSION, "ready", {}], use_bin_type=True)  # Ready().encode()
-IDLE_HEARTBEAT = msgpack.packb([PROTOCOL_VERSION, "heartbeat", True, {}], use_bin_type=True)  # Heartbeat(idle=True)
-HEARTBEAT = msgpack.packb([PROTOCOL_VERSION, "heartbeat", False, {}], use_bin_type=True)  # Heartbeat()
-STATS_REQUEST = msgpack.packb([PROTOCOL_VERSION, "stats_req"], use_bin_type=True)  # StatsRequest()
+READY = Ready().encode()
+IDLE_HEARTBEAT = Heartbeat(idle=True).encode()
+HEARTBEAT = Heartbeat().encode()
+STATS_REQUEST = StatsRequest().encode()
 
 
 def close_frame(session_id: str) -> bytes:
-    return msgpack.packb([PROTOCOL_VERSION, "close", session_id], use_bin_type=True)  # CloseSession(...)
+    return CloseSession(session_id).encode()
 
 
 # --- processes -----------------------------------------------------------------------------------
@@ -277,12 +285,11 @@ class Rig:
                 frame = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            msg = msgpack.unpackb(frame)
-            if msg[1] == "batch":
-                items = msg[3]
+            msg = VERIFIER_ACCEPTS.decode(frame)
+            if type(msg) is VerifyBatch:
                 self.batches += 1
-                self.batch_items += len(items)
-                sock.send(verdicts_frame(msg[2], items), zmq.NOBLOCK)
+                self.batch_items += len(msg.items)
+                sock.send(verdicts_frame(msg), zmq.NOBLOCK)
                 sock.send(READY, zmq.NOBLOCK)
             # "heartbeat" from the broker, "close": nothing to do
 
@@ -295,21 +302,20 @@ class Rig:
             except zmq.Again:
                 return
             now = time.perf_counter()
-            msg = msgpack.unpackb(frame)
-            kind = msg[1]
-            if kind == "verdict":
-                session = drafter.sessions.get(msg[2])
-                if session is None or msg[3] != session.round:
+            msg = DRAFTER_UPSTREAM_ACCEPTS.decode(frame)
+            if type(msg) is Verdict:
+                session = drafter.sessions.get(msg.session_id)
+                if session is None or msg.round != session.round:
                     self.errors["stray_verdict"] = self.errors.get("stray_verdict", 0) + 1
                     continue
                 self.verdicts += 1
                 session.round += 1
-                session.position += msg[4] + 1
+                session.position += msg.accepted + 1
                 if on_verdict is not None:
                     on_verdict(session, now)
-            elif kind == "error":
-                self.errors[msg[2]] = self.errors.get(msg[2], 0) + 1
-                raise BenchError(f"broker answered an error: {msg[2:]}")
+            elif type(msg) is ErrorReply:
+                self.errors[msg.code] = self.errors.get(msg.code, 0) + 1
+                raise BenchError(f"broker answered an error: {msg}")
             # "heartbeat": nothing to do
 
     def pump(self, timeout_ms: int = 50) -> None:
@@ -330,9 +336,9 @@ class Rig:
             while time.monotonic() < deadline:
                 self.pump(0)  # keep the verifier answering while we wait
                 if sock.poll(10):
-                    msg = msgpack.unpackb(sock.recv())
-                    if msg[1] == "stats":
-                        return msg[2]
+                    msg = CLIENT_ACCEPTS.decode(sock.recv())
+                    if type(msg) is StatsReply:
+                        return msg.stats
                 self.broker.check_alive()
             raise BenchError(f"no StatsReply from the broker within {timeout} s")
         finally:
@@ -405,7 +411,7 @@ def measure_throughput(rig: Rig, drafters: int, sessions: int, warmup_s: float, 
         cpu1, load1, v1 = rig.broker.cpu_seconds(), time.process_time(), rig.verdicts
         rig.broker.check_alive()
         wall = t1 - t0
-        batches = rig.batches - b0
+        batches, items = rig.batches - b0, rig.batch_items - i0
         # stop resending and let every session's last proposal come back: none may be lost
         rig.on_verdict = lambda s, now: None
         drained, drain_deadline = rig.verdicts, time.monotonic() + 10
@@ -426,7 +432,7 @@ def measure_throughput(rig: Rig, drafters: int, sessions: int, warmup_s: float, 
         "throughput_sessions": total,
         "throughput_drafters": drafters,
         "throughput_window_s": wall,
-        "throughput_mean_batch": (rig.batch_items - i0) / batches if batches else 0.0,
+        "throughput_mean_batch": items / batches if batches else 0.0,  # the window's, not the drain's
     }
 
 

@@ -115,6 +115,17 @@ class DeadlineBatcher(Generic[T]):
         self._changed.set()
         return future
 
+    def withdraw(self, key: object) -> bool:
+        """Drop the queued item of ``key`` (its session was closed) and cancel its future."""
+        item = self._by_key.pop(key, None)
+        if item is None:
+            return False
+        self._queue.remove(item)
+        self._queued_tokens -= item.tokens
+        item.future.cancel()
+        self._changed.set()
+        return True
+
     def _full(self) -> bool:
         return len(self._queue) >= self.policy.max_sessions or self._queued_tokens >= self.policy.max_tokens
 
@@ -133,7 +144,7 @@ class DeadlineBatcher(Generic[T]):
                 break
             self._changed.clear()
             await self.clock.wait(self._changed, remaining)
-            if not self._queue:  # drained by fail_all while we waited
+            if not self._queue:  # drained by fail_all or withdraw while we waited
                 return await self.next_batch()
         return self._take(reason)
 

@@ -23,11 +23,13 @@ import zmq.asyncio
 from brokers.batcher import Batch, BatchPolicy, DeadlineBatcher, PreciseClock, QueueFull
 from brokers.clock import MonotonicClock
 from pipeline.config import Config
+from pipeline.figures import VerifierFigures
 from pipeline.protocol import (
     BROKER_BACKEND_ACCEPTS,
     BROKER_FRONTEND_ACCEPTS,
     BatchVerdicts,
     CloseSession,
+    Dying,
     ErrorCode,
     ErrorReply,
     Heartbeat,
@@ -39,7 +41,6 @@ from pipeline.protocol import (
     StatsRequest,
     Verdict,
     VerifyBatch,
-    decode,
     error_for,
 )
 from pipeline.roles import cancel_and_wait, supervise
@@ -54,15 +55,21 @@ class VerifierLost(Exception):
     retriable = True
 
 
+@dataclass(frozen=True)
+class Owner:
+    principal: bytes  # who may use the session: its CURVE public key, else the socket identity
+    drafter: bytes  # the socket its proposals come from; its sessions close when it falls silent
+
+
 @dataclass
 class VerifierHandle:
     identity: bytes
     batcher: DeadlineBatcher[Propose]
     last_seen: float
     ready: asyncio.Event = field(default_factory=asyncio.Event)
-    sessions: set[str] = field(default_factory=set)
+    sessions: set[str] = field(default_factory=set)  # the sessions whose KV cache it holds (the only record)
     inflight: dict[int, Batch[Propose]] = field(default_factory=dict)
-    stats: dict = field(default_factory=dict)
+    stats: VerifierFigures = field(default_factory=VerifierFigures)
     dispatcher: asyncio.Task | None = None
 
     @property
@@ -102,9 +109,7 @@ class Broker:
         )
         self.max_bytes = config.limits.max_message_bytes
         self.verifiers: dict[bytes, VerifierHandle] = {}
-        self.session_verifier: dict[str, bytes] = {}
-        self.session_owner: dict[str, bytes] = {}
-        self.drafter_sessions: dict[bytes, set[str]] = {}
+        self.session_owner: dict[str, Owner] = {}
         self.drafter_seen: dict[bytes, float] = {}
         self.stats = BrokerStats()
         self._batch_ids = itertools.count(1)
@@ -170,7 +175,7 @@ class Broker:
                 self._reply(identity, ErrorReply(ErrorCode.BAD_FRAME, "expected exactly one frame per message"))
                 continue
             try:
-                msg = decode(frame, BROKER_FRONTEND_ACCEPTS, self.max_bytes)
+                msg = BROKER_FRONTEND_ACCEPTS.decode(frame, self.max_bytes)
             except ProtocolError as exc:
                 self.stats.count_rejection(exc.code)
                 log.warning("frame_rejected", peer=identity.decode(errors="replace"), code=exc.code, reason=exc.message)
@@ -201,7 +206,7 @@ class Broker:
         self.stats.proposals += 1
         limits = self.config.limits
         owner = self.session_owner.get(item.session_id)
-        if owner is not None and owner != principal:
+        if owner is not None and owner.principal != principal:
             return self._reject(identity, item, ErrorCode.NOT_OWNER, "session belongs to another peer")
         if len(item.draft) > limits.max_draft_tokens:
             return self._reject(identity, item, ErrorCode.INVALID, f"draft exceeds {limits.max_draft_tokens} tokens")
@@ -219,12 +224,9 @@ class Broker:
             future = handle.batcher.submit(item, item.target_tokens, key=item.session_id)
         except QueueFull as exc:
             return self._reject(identity, item, ErrorCode.OVERLOADED, str(exc))
-        if item.session_id not in self.session_owner:
-            self.session_owner[item.session_id] = principal
-            self.drafter_sessions.setdefault(identity, set()).add(item.session_id)
-        if self.session_verifier.get(item.session_id) != handle.identity:
-            self.session_verifier[item.session_id] = handle.identity
-            handle.sessions.add(item.session_id)
+        if owner is None:
+            self.session_owner[item.session_id] = Owner(principal, identity)
+        handle.sessions.add(item.session_id)
         future.add_done_callback(lambda f: self._deliver(identity, item, f))
 
     def _deliver(self, identity: bytes, item: Propose, future: asyncio.Future) -> None:
@@ -242,23 +244,28 @@ class Broker:
 
     def _on_close(self, identity: bytes, principal: bytes | None, session_id: str) -> None:
         """principal None: the broker itself closes (the owner is gone)."""
-        if principal is not None and self.session_owner.get(session_id) not in (None, principal):
+        owner = self.session_owner.get(session_id)
+        if principal is not None and owner is not None and owner.principal != principal:
             self.stats.count_rejection(ErrorCode.NOT_OWNER)
             return
         self.session_owner.pop(session_id, None)
-        self.drafter_sessions.get(identity, set()).discard(session_id)
-        verifier = self.session_verifier.pop(session_id, None)
-        handle = self.verifiers.get(verifier) if verifier else None
+        handle = self._holder(session_id)
         if handle is not None:
             handle.sessions.discard(session_id)
+            handle.batcher.withdraw(session_id)  # a queued proposal must not rebuild the cache after the close
             self._back.send(handle.identity, CloseSession(session_id).encode())
 
+    def _holder(self, session_id: str) -> VerifierHandle | None:
+        """The verifier holding the session's cache (a few verifiers: a scan beats a second index)."""
+        for handle in self.verifiers.values():
+            if session_id in handle.sessions:
+                return handle
+        return None
+
     def _verifier_for(self, session_id: str) -> VerifierHandle | None:
-        current = self.session_verifier.get(session_id)
-        if current in self.verifiers:
-            return self.verifiers[current]
-        if not self.verifiers:
-            return None
+        holder = self._holder(session_id)
+        if holder is not None or not self.verifiers:
+            return holder
         return min(self.verifiers.values(), key=lambda v: (len(v.sessions), len(v.batcher)))
 
     # --- backend: verifiers --------------------------------------------------------------
@@ -268,7 +275,7 @@ class Broker:
             parts = await self._back.recv_multipart()
             identity, frame = parts[0], parts[-1]
             try:
-                msg = decode(frame, BROKER_BACKEND_ACCEPTS, self.max_bytes)
+                msg = BROKER_BACKEND_ACCEPTS.decode(frame, self.max_bytes)
             except ProtocolError as exc:
                 self.stats.count_rejection(exc.code)
                 log.warning("verifier_frame_rejected", verifier=identity.decode(errors="replace"), code=exc.code)
@@ -277,15 +284,17 @@ class Broker:
             handle.last_seen = self.clock.now()
             match msg:
                 case Ready():
-                    handle.stats = msg.stats
+                    handle.stats = msg.stats or handle.stats
                     handle.ready.set()
                 case Heartbeat():
-                    if msg.stats:
-                        handle.stats = msg.stats
+                    handle.stats = msg.stats or handle.stats
                     if msg.idle and not handle.inflight:
                         handle.ready.set()  # a verifier idle since before we (re)started
                 case BatchVerdicts():
                     self._on_verdicts(handle, msg)
+                case Dying():
+                    log.warning("verifier_dying", verifier=handle.name, reason=msg.reason)
+                    self._drop_verifier(handle, f"verifier {handle.name} died: {msg.reason}")
 
     def _register(self, identity: bytes) -> VerifierHandle:
         # each batcher gets its own PreciseClock: deadlines on time, not up to 1 ms late (batcher.py)
@@ -342,26 +351,23 @@ class Broker:
     def _drop_drafter(self, identity: bytes) -> None:
         """A drafter fell silent: free its sessions' caches on the verifiers."""
         del self.drafter_seen[identity]
-        sessions = self.drafter_sessions.pop(identity, set())
-        for session_id in list(sessions):
+        sessions = [sid for sid, owner in self.session_owner.items() if owner.drafter == identity]
+        for session_id in sessions:
             self._on_close(identity, None, session_id)
         self.stats.drafters_lost += 1
         if sessions:
             log.warning("drafter_lost", drafter=identity.decode(errors="replace"), sessions=len(sessions))
 
-    def _drop_verifier(self, handle: VerifierHandle) -> None:
+    def _drop_verifier(self, handle: VerifierHandle, reason: str = "") -> None:
         self.verifiers.pop(handle.identity, None)
         self.stats.verifiers_lost += 1
         if handle.dispatcher:
             handle.dispatcher.cancel()
-        lost = VerifierLost(f"verifier {handle.name} stopped answering")
+        lost = VerifierLost(reason or f"verifier {handle.name} stopped answering")
         for batch in handle.inflight.values():
             batch.fail(lost)
         queued = handle.batcher.fail_all(lost)
         handle.batcher.close()
-        for session_id in handle.sessions:
-            if self.session_verifier.get(session_id) == handle.identity:
-                del self.session_verifier[session_id]
         log.warning("verifier_lost", verifier=handle.name, sessions=len(handle.sessions), queued=queued)
 
     # --- figures -------------------------------------------------------------------------
@@ -382,10 +388,10 @@ class Broker:
             "verifiers_lost": s.verifiers_lost,
             "drafters_lost": s.drafters_lost,
             "drafters": len(self.drafter_seen),
-            "sessions": len(self.session_verifier),
+            "sessions": sum(len(v.sessions) for v in self.verifiers.values()),
             "verifiers": {
                 v.name: {"sessions": len(v.sessions), "queued": len(v.batcher), "superseded": v.batcher.superseded,
-                         "busy": bool(v.inflight), **v.stats}
+                         "busy": bool(v.inflight), **v.stats.as_dict()}
                 for v in self.verifiers.values()
             },
         }

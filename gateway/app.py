@@ -252,7 +252,8 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    """Ready when the broker answers now and at least one verifier is registered with it."""
+    """Ready when a request without ``model`` would be served now: the broker answers, at least one
+    verifier is registered with it, and the default drafter answers."""
     gateway = request.app[GATEWAY]
     try:
         stats = await broker_stats(gateway.config.broker.frontend, timeout=READY_TIMEOUT_S, ctx=gateway.ctx,
@@ -260,10 +261,14 @@ async def ready(request: web.Request) -> web.Response:
     except (TimeoutError, OSError):
         stats = None
     verifiers = sorted(stats["verifiers"]) if stats else []
-    body = {"ready": bool(verifiers), "broker": stats is not None, "verifiers": verifiers,
+    default = gateway.default_drafter
+    # the same look a request takes (GatewayService.generation): the last poll, else a fresh probe
+    drafter_up = gateway.state.drafters[default].up or await gateway.poller.probe_drafter(default)
+    ok = bool(verifiers) and drafter_up
+    body = {"ready": ok, "broker": stats is not None, "verifiers": verifiers, "default_drafter": default,
             "drafters": {n: f.up for n, f in gateway.state.drafters.items()}}
-    headers = None if verifiers else {"Retry-After": str(int(RETRY_AFTER_UNAVAILABLE_S))}
-    return web.json_response(body, status=200 if verifiers else 503, headers=headers)
+    headers = None if ok else {"Retry-After": str(int(RETRY_AFTER_UNAVAILABLE_S))}
+    return web.json_response(body, status=200 if ok else 503, headers=headers)
 
 
 async def metrics(request: web.Request) -> web.Response:

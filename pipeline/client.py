@@ -15,6 +15,7 @@ import zmq.asyncio
 
 from pipeline.protocol import (
     CLIENT_ACCEPTS,
+    ErrorCode,
     Cancel,
     ErrorReply,
     Generate,
@@ -22,7 +23,6 @@ from pipeline.protocol import (
     StatsReply,
     StatsRequest,
     Tokens,
-    decode,
 )
 from pipeline.sockets import make_socket, new_identity, send_now
 
@@ -64,7 +64,7 @@ class DrafterClient:
         while True:
             frame = (await self.sock.recv_multipart())[-1]
             try:
-                msg = decode(frame, CLIENT_ACCEPTS, self.max_bytes)
+                msg = CLIENT_ACCEPTS.decode(frame, self.max_bytes)
             except ProtocolError:
                 continue  # nothing to answer a drafter's garbage with; drop it
             if isinstance(msg, StatsReply):
@@ -139,7 +139,9 @@ async def broker_stats(endpoint: str, timeout: float = 2.0, ctx: zmq.asyncio.Con
     try:
         send_now(sock, StatsRequest().encode())
         frame = (await asyncio.wait_for(sock.recv_multipart(), timeout))[-1]
-        msg = decode(frame, (StatsReply,))
+        msg = CLIENT_ACCEPTS.decode(frame)
+        if not isinstance(msg, StatsReply):
+            raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"expected stats, got {type(msg).__name__}")
         return msg.stats
     finally:
         sock.close(0)

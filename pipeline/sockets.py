@@ -184,6 +184,7 @@ class BrokerLink:
             self.last_seen = time.monotonic()
             return frame
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
+        """``linger_ms``: how long queued messages (a last Dying) may still take to leave."""
         if self.sock is not None:
-            self.sock.close(0)
+            self.sock.close(linger_ms)

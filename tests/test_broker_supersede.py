@@ -16,7 +16,6 @@ from pipeline.protocol import (
     Ready,
     Verdict,
     VerifyBatch,
-    decode,
 )
 from pipeline.sockets import make_socket, new_identity
 
@@ -30,7 +29,7 @@ def recv(sock: zmq.Socket, accepts, timeout_s: float = 5.0):
         left = deadline - time.monotonic()
         assert left > 0, "nothing arrived in time"
         if sock.poll(int(left * 1000)):
-            msg = decode(sock.recv_multipart()[-1], accepts)
+            msg = accepts.decode(sock.recv_multipart()[-1])
             if not isinstance(msg, Heartbeat):
                 return msg
 

@@ -12,7 +12,7 @@ import zmq.asyncio
 
 from pipeline.client import DrafterClient, broker_stats
 from pipeline.models import load_causal_lm
-from pipeline.protocol import Propose, Verdict, decode
+from pipeline.protocol import DRAFTER_UPSTREAM_ACCEPTS, Propose, Verdict
 from pipeline.reference import greedy_reference
 from tests.conftest import TINY_VOCAB, make_stack
 
@@ -100,7 +100,7 @@ async def abandon_sessions(endpoint, count, prompt_len, seed):
             history = [rng.randrange(TINY_VOCAB) for _ in range(prompt_len)]
             await sock.send(Propose(f"gone-{seed}-{i}", 0, len(history), [1, 2], history=history).encode())
         for _ in range(count):
-            reply = decode(await asyncio.wait_for(sock.recv(), 30), (Verdict,))
+            reply = DRAFTER_UPSTREAM_ACCEPTS.decode(await asyncio.wait_for(sock.recv(), 30))
             assert reply.accepted >= 0
     finally:
         sock.close(0)

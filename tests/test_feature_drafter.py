@@ -15,7 +15,7 @@ import zmq.asyncio
 
 from pipeline.client import DrafterClient, broker_stats
 from pipeline.models import load_causal_lm
-from pipeline.protocol import DRAFTER_UPSTREAM_ACCEPTS, Propose, Verdict, decode
+from pipeline.protocol import DRAFTER_UPSTREAM_ACCEPTS, Propose, Verdict
 from pipeline.reference import greedy_reference
 from pipeline.sockets import make_socket
 from tests.conftest import TINY_VOCAB, make_stack
@@ -72,7 +72,7 @@ async def test_features_on_the_wire_equal_the_target_hidden_states(tmp_path, tin
                 await peer.send(item.encode())
                 async with asyncio.timeout(10):
                     while True:
-                        reply = decode(await peer.recv(), DRAFTER_UPSTREAM_ACCEPTS)
+                        reply = DRAFTER_UPSTREAM_ACCEPTS.decode(await peer.recv())
                         if isinstance(reply, Verdict):
                             break
                 rows = np.frombuffer(reply.features, dtype=np.float16).reshape(-1, 2 * target.config.hidden_size)

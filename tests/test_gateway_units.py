@@ -196,3 +196,69 @@ async def test_app_without_a_pipeline_answers_health_auth_and_not_ready(tok):
         page = await client.get("/")
         assert page.status == 200 and "status.js" in await page.text()
         assert (await client.get("/static/status.js")).status == 200
+
+
+async def test_ready_means_a_request_without_model_would_be_served(tok):
+    """/ready turns 200 only once the default drafter answers too, not as soon as a verifier is
+    registered: on a fresh `sled up` the first request after /ready used to get 503
+    drafter_unavailable while the default drafter was still loading its model."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    import asyncio
+
+    import zmq
+    import zmq.asyncio
+
+    from brokers.broker import Broker
+    from gateway.app import GATEWAY, create_app
+    from pipeline.protocol import Ready, StatsReply
+    from tests.conftest import free_ports
+
+    ports = free_ports(4)
+    config = load_config(None, [f'broker.frontend="tcp://127.0.0.1:{ports[0]}"',
+                                f'broker.backend="tcp://127.0.0.1:{ports[1]}"',
+                                f'drafters.pi5.client="tcp://127.0.0.1:{ports[2]}"',
+                                f'drafters.ngram.client="tcp://127.0.0.1:{ports[3]}"', "gateway.stats_interval_s=0.2"])
+    ctx = zmq.asyncio.Context()
+    stop = asyncio.Event()
+    broker = asyncio.create_task(Broker(config, ctx).run(stop))
+    verifier = ctx.socket(zmq.DEALER)
+    verifier.linger = 0
+    verifier.connect(config.broker.backend)
+    await verifier.send(Ready().encode())  # a verifier is registered from here on
+    drafter = None
+    try:
+        async with TestClient(TestServer(create_app(config, tok))) as client:
+            default = client.server.app[GATEWAY].default_drafter
+            await asyncio.sleep(0.5)
+            r = await client.get("/ready")
+            body = await r.json()
+            assert body["verifiers"], body  # the broker and a verifier are there ...
+            assert r.status == 503 and r.headers["Retry-After"], body  # ... but the default drafter is not
+            # the default drafter comes up (a stand-in that answers its stats requests)
+            drafter = ctx.socket(zmq.ROUTER)
+            drafter.linger = 0
+            drafter.bind(config.drafter(default).client)
+
+            async def answer_stats():
+                while True:
+                    identity, *_ = await drafter.recv_multipart()
+                    await drafter.send_multipart([identity, StatsReply({"kind": "model", "gamma": 4}).encode()])
+
+            answering = asyncio.create_task(answer_stats())
+            try:
+                for _ in range(50):
+                    r = await client.get("/ready")
+                    if r.status == 200:
+                        break
+                    await asyncio.sleep(0.1)
+                assert r.status == 200, await r.json()
+            finally:
+                answering.cancel()
+    finally:
+        stop.set()
+        await asyncio.wait_for(broker, 5)
+        verifier.close(0)
+        if drafter is not None:
+            drafter.close(0)
+        ctx.term()

@@ -28,7 +28,7 @@ from pipeline.protocol import (
     StatsRequest,
     Verdict,
     VerifyBatch,
-    decode,
+    Inbox,
 )
 from pipeline.security import (
     CurveKeys,
@@ -79,7 +79,7 @@ async def answer(sock, timeout=3.0):
         frame = await asyncio.wait_for(sock.recv(), timeout)
     except TimeoutError:
         return None
-    return decode(frame, (ErrorReply, StatsReply, Verdict))
+    return Inbox(ErrorReply, StatsReply, Verdict).decode(frame)
 
 
 async def fake_verifier(sock):
@@ -91,7 +91,7 @@ async def fake_verifier(sock):
         except TimeoutError:
             await sock.send(Heartbeat().encode())
             continue
-        if not isinstance(batch := decode(frame, (VerifyBatch, Heartbeat)), VerifyBatch):
+        if not isinstance(batch := Inbox(VerifyBatch, Heartbeat).decode(frame), VerifyBatch):
             continue
         verdicts = [Verdict(i.session_id, i.round, 0, 7) for i in batch.items]
         await sock.send(BatchVerdicts(batch.batch_id, verdicts).encode())

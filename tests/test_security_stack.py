@@ -23,7 +23,7 @@ from gateway.pipeline_stats import PipelineState
 from gateway.status_cli import collect, render
 from pipeline.client import DrafterClient
 from pipeline.models import load_causal_lm
-from pipeline.protocol import BatchVerdicts, CloseSession, Heartbeat, Ready, StatsRequest, Verdict, VerifyBatch, decode
+from pipeline.protocol import BatchVerdicts, CloseSession, Heartbeat, Inbox, Ready, StatsRequest, Verdict, VerifyBatch
 from pipeline.reference import greedy_reference
 from pipeline.security import CurveKeys, client_keys, drafter_keys_for_client, fingerprint
 from tests.conftest import free_ports, make_stack
@@ -55,7 +55,7 @@ class RogueVerifier:
                 with contextlib.suppress(zmq.Again):
                     self.sock.send(Heartbeat().encode(), zmq.NOBLOCK)
                 continue
-            msg = decode(frame, (VerifyBatch, Heartbeat, CloseSession))
+            msg = Inbox(VerifyBatch, Heartbeat, CloseSession).decode(frame)
             if isinstance(msg, VerifyBatch):
                 self.batches.append(msg)
                 verdicts = [Verdict(i.session_id, i.round, 0, 7) for i in msg.items]

@@ -2,6 +2,7 @@
 decoding alone, KV caches are reused across rounds, errors fail one item only, and sampling
 through real drafters keeps the target's sequence distribution."""
 
+import math
 import random
 
 import pytest
@@ -12,7 +13,6 @@ from pipeline.config import LimitsConfig
 from pipeline.protocol import ErrorCode, Propose, Sampling
 from pipeline.reference import greedy_reference
 from tests.conftest import TINY_VOCAB, tiny_llama
-from workers.acceptance import target_probs
 from workers.drafts import ModelDrafter, NgramDrafter, draft_generator
 from workers.feature_drafter import FeatureDrafter
 from workers.feature_head import build_head, spec_for
@@ -114,10 +114,10 @@ def test_sampling_through_drafters_keeps_the_sequence_distribution(kind):
     drafter_model = _tiny_vocab_llama(vocab, seed=12)
     sampling = Sampling(temperature=1.0, top_p=0.9, seed=0)
     prompt = [1, 2, 3, 1, 2]
-    with torch.inference_mode():
-        first = target_probs(target(torch.tensor([prompt])).logits[0, -1], sampling)
-        second = torch.stack([
-            target_probs(target(torch.tensor([prompt + [t]])).logits[0, -1], sampling) for t in range(vocab)
+    with torch.inference_mode():  # the expected distribution from the logits, not from workers/acceptance.py
+        first = torch.tensor(reference_top_p(target(torch.tensor([prompt])).logits[0, -1].tolist(), 1.0, 0.9))
+        second = torch.tensor([
+            reference_top_p(target(torch.tensor([prompt + [t]])).logits[0, -1].tolist(), 1.0, 0.9) for t in range(vocab)
         ])
     joint = (first[:, None] * second).flatten()
     torch.manual_seed(13)
@@ -132,6 +132,28 @@ def test_sampling_through_drafters_keeps_the_sequence_distribution(kind):
         keep = joint > 0
         assert counts[~keep].sum() == 0
         assert chisquare(counts[keep], joint[keep] * counts.sum()).pvalue > 1e-3, type(strategy).__name__
+
+
+def reference_top_p(logits: list[float], temperature: float, top_p: float) -> list[float]:
+    """Top-p (nucleus) sampling's distribution written out in plain Python: softmax at the
+    temperature, then the most likely tokens until their mass reaches top_p, renormalised."""
+    top = max(logits)
+    weights = [math.exp((x - top) / temperature) for x in logits]
+    total = sum(weights)
+    probs = [w / total for w in weights]
+    kept, mass = set(), 0.0
+    for i in sorted(range(len(probs)), key=lambda i: -probs[i]):
+        if mass >= top_p:
+            break
+        kept.add(i)
+        mass += probs[i]
+    return [p / mass if i in kept else 0.0 for i, p in enumerate(probs)]
+
+
+def test_reference_top_p_keeps_the_smallest_prefix_reaching_p():
+    logits = [math.log(p) for p in (0.5, 0.3, 0.15, 0.05)]
+    assert reference_top_p(logits, 1.0, 0.75) == pytest.approx([0.625, 0.375, 0.0, 0.0])
+    assert reference_top_p(logits, 1.0, 1.0) == pytest.approx([0.5, 0.3, 0.15, 0.05])
 
 
 def _tiny_vocab_llama(vocab, seed):

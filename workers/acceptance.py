@@ -47,6 +47,17 @@ def verify_greedy(logits: torch.Tensor, draft: list[int]) -> tuple[int, int]:
     return accepted, best[accepted]
 
 
+def position_generator(seed: int, position: int) -> torch.Generator:
+    """The random stream of the round whose draft starts at ``position`` (tokens committed before
+    it), a function of (seed, position) alone: rebuilding a session (a resync, another verifier)
+    continues the session's stream where it was instead of restarting it from the seed, and the
+    same round verified twice draws the same numbers. SplitMix64 mixes the pair."""
+    x = (seed * 0x9E3779B97F4A7C15 + (position + 1) * 0xD1B54A32D192ED03) % (1 << 64)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % (1 << 64)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % (1 << 64)
+    return torch.Generator().manual_seed((x ^ (x >> 31)) % (1 << 63))
+
+
 def _sample(probs: torch.Tensor, generator: torch.Generator) -> int:
     return int(torch.multinomial(probs, 1, generator=generator).item())
 

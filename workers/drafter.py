@@ -19,6 +19,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import msgspec
 import structlog
 import torch
 import zmq
@@ -41,7 +42,6 @@ from pipeline.protocol import (
     StatsRequest,
     Tokens,
     Verdict,
-    decode,
     error_for,
 )
 from pipeline.security import CLIENT, HandshakeWatch, client_keys, drafter_client_curve, start_authenticator
@@ -143,7 +143,7 @@ class DrafterService:
             parts = await self.clients.recv_multipart()
             client, frame = parts[0], parts[-1]
             try:
-                msg = decode(frame, DRAFTER_CLIENT_ACCEPTS, self.config.limits.max_message_bytes)
+                msg = DRAFTER_CLIENT_ACCEPTS.decode(frame, self.config.limits.max_message_bytes)
             except ProtocolError as exc:
                 self.stats.rejected_frames += 1
                 self._to_client(client, error_for(exc))
@@ -210,7 +210,7 @@ class DrafterService:
         while True:
             frame = await self.broker.recv()
             try:
-                msg = decode(frame, DRAFTER_UPSTREAM_ACCEPTS, self.config.limits.max_message_bytes)
+                msg = DRAFTER_UPSTREAM_ACCEPTS.decode(frame, self.config.limits.max_message_bytes)
             except ProtocolError as exc:
                 self.stats.rejected_frames += 1
                 log.warning("frame_rejected", code=exc.code, reason=exc.message)
@@ -245,10 +245,10 @@ class DrafterService:
                 reply = await self._reply_for(run, proposal.round, timeout)
             except TimeoutError:
                 self.stats.timeouts += 1
-                proposal = dataclasses.replace(proposal, history=list(committed))
+                proposal = msgspec.structs.replace(proposal, history=list(committed))
                 continue
             if reply is RECONNECTED:
-                proposal = dataclasses.replace(proposal, history=list(committed))
+                proposal = msgspec.structs.replace(proposal, history=list(committed))
                 continue
             if isinstance(reply, Verdict):
                 return reply
@@ -257,7 +257,7 @@ class DrafterService:
                 raise SessionFailed(reply.code, reply.message, retriable=True)
             if reply.code in ErrorCode.RESYNC or reply.code == ErrorCode.VERIFIER_LOST:
                 self.stats.resyncs += 1
-                proposal = dataclasses.replace(proposal, history=list(committed))
+                proposal = msgspec.structs.replace(proposal, history=list(committed))
             if reply.code in ErrorCode.RESYNC:
                 continue
             if not reply.retriable:

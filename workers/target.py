@@ -22,8 +22,9 @@ import torch
 from transformers import DynamicCache
 
 from pipeline.config import LimitsConfig
+from pipeline.figures import VerifierFigures
 from pipeline.protocol import ErrorCode, Propose, Sampling, Verdict
-from workers.acceptance import target_probs, verify_greedy, verify_sampling
+from workers.acceptance import position_generator, target_probs, verify_greedy, verify_sampling
 
 # One tensor per session: [layers, 2 (keys, values), kv_heads, length, head_dim]. One tensor, not
 # one per layer, so that gathering B sessions into a batch and scattering them back costs O(B)
@@ -50,7 +51,6 @@ class SessionState:
     last_token: int  # committed, not yet in the cache
     kv: KV | None  # None while the cache is empty (a one-token history)
     sampling: Sampling
-    generator: torch.Generator | None
     drafter_kind: str = ""
     last_used: float = field(default_factory=time.monotonic)
     # features of history positions computed by a (re)build, sent with this round's verdict
@@ -65,29 +65,7 @@ class SessionState:
         return 0 if self.kv is None else self.kv.nbytes
 
 
-@dataclass
-class VerifierStats:
-    batches: int = 0
-    items: int = 0  # proposals verified = verify rounds
-    item_errors: int = 0
-    prefills: int = 0
-    prefill_tokens: int = 0
-    prefill_cpu_s: float = 0.0  # process CPU time spent prefilling (to tell prefill from decode work)
-    verify_tokens: int = 0  # real (unpadded) rows of verify forwards
-    padded_tokens: int = 0  # rows including padding
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
-    compute_s: float = 0.0
-    evictions: int = 0
-    closed: int = 0
-    sessions: int = 0
-    cache_bytes: int = 0
-    errors: dict = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        out = dict(self.__dict__)
-        out["target_tokens"] = self.prefill_tokens + self.verify_tokens
-        return out
+VerifierStats = VerifierFigures  # the counters are declared once, where they cross the wire
 
 
 class TargetVerifier:
@@ -186,12 +164,9 @@ class TargetVerifier:
                 features = pick_hidden(out.hidden_states, item.feature_layers)[0, -MAX_PREFILL_FEATURE_ROWS:]
             self.stats.prefills += 1
             self.stats.prefill_tokens += len(history) - 1
+            self.stats.target_tokens += len(history) - 1
             self.stats.prefill_cpu_s += time.process_time() - cpu
-        sampling = item.sampling
-        generator = None
-        if not sampling.greedy:
-            generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
-        state = SessionState(item.session_id, len(history), history[-1], kv, sampling, generator, item.drafter_kind)
+        state = SessionState(item.session_id, len(history), history[-1], kv, item.sampling, item.drafter_kind)
         if features is not None:
             state.prefill_features = features
             state.prefill_features_start = len(history) - 1 - features.shape[0]
@@ -216,6 +191,7 @@ class TargetVerifier:
         rows = [[s.last_token, *d] for s, d in zip(states, drafts)]
         out = ragged_forward(self.model, self.device, [s.kv for s in states], rows, hidden=hidden)
         self.stats.verify_tokens += sum(map(len, rows))
+        self.stats.target_tokens += sum(map(len, rows))
         self.stats.padded_tokens += len(rows) * max(map(len, rows))
         return out
 
@@ -244,7 +220,9 @@ class TargetVerifier:
                     accepted, token = verify_greedy(rows, item.draft)
                 else:
                     probs = target_probs(rows, state.sampling)
-                    accepted, token = verify_sampling(probs, item.draft, item.q_ids, item.q_probs, state.generator)
+                    # draws derived from (seed, position): a resync continues the stream, never repeats it
+                    generator = position_generator(state.sampling.seed, state.committed)
+                    accepted, token = verify_sampling(probs, item.draft, item.q_ids, item.q_probs, generator)
                 # keep the cache through the last committed token and the accepted draft tokens
                 state.kv = session_kv(kv, row, past - state.cached, past + 1 + accepted)
                 features, start = b"", 0

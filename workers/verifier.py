@@ -14,6 +14,7 @@ import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import msgspec
 import structlog
 import torch
 import zmq
@@ -25,11 +26,11 @@ from pipeline.protocol import (
     VERIFIER_ACCEPTS,
     BatchVerdicts,
     CloseSession,
+    Dying,
     Heartbeat,
     ProtocolError,
     Ready,
     VerifyBatch,
-    decode,
 )
 from pipeline.security import client_keys
 from pipeline.roles import supervise
@@ -52,6 +53,10 @@ class VerifierWorker:
         self.busy = False
         self.rejected_frames = 0
         self.forwards = ForwardLog()  # (sessions, rows) of every forward, for `sled bench`'s GPU projection
+        # sessions closed while a batch holding them was queued or computing here: the forward
+        # rebuilds their caches, so they are closed again once it is done
+        self.closing: set[str] = set()
+        self.pending: set[str] = set()  # sessions of the batches received and not answered yet
         self.broker = BrokerLink(
             ctx, config.broker.backend, self.identity, max_message_bytes=config.limits.max_message_bytes,
             curve=client_keys(config, config.verifier.key or config.verifier.name),
@@ -62,26 +67,32 @@ class VerifierWorker:
         self.broker.send(Ready(self._stats()).encode())
         log.info("verifier_connected", broker=self.config.broker.backend, verifier=self.config.verifier.name)
 
-    def _stats(self) -> dict:
-        stats = self.verifier.stats.as_dict()
-        stats["rejected_frames"] = self.rejected_frames
-        stats["forwards"] = self.forwards.as_dict()
-        stats["backend"] = getattr(self.verifier, "backend", "eager")
-        return stats
+    def _stats(self) -> VerifierFigures:
+        return msgspec.structs.replace(self.verifier.stats, rejected_frames=self.rejected_frames,
+                                       forwards=self.forwards.as_dict(),
+                                       backend=getattr(self.verifier, "backend", "eager"))
 
     async def run(self, stop: asyncio.Event) -> None:
         self._connect()
+        linger_ms = 0
         try:
             await supervise(stop, self._receive_loop(), self._compute_loop(), self._heartbeat_loop())
+        except Exception as exc:
+            # a fatal error (out of memory in the forward, say): tell the broker before we go, so
+            # that it fails our batches over now instead of after heartbeat_ms * liveness
+            self.broker.send(Dying(f"{type(exc).__name__}: {exc}"[:500]).encode())
+            log.error("verifier_dying", reason=repr(exc))
+            linger_ms = 1000
+            raise
         finally:
             self.executor.shutdown(wait=True, cancel_futures=True)
-            self.broker.close()
+            self.broker.close(linger_ms)
 
     async def _receive_loop(self) -> None:
         while True:
             frame = await self.broker.recv()
             try:
-                msg = decode(frame, VERIFIER_ACCEPTS, self.config.limits.max_message_bytes)
+                msg = VERIFIER_ACCEPTS.decode(frame, self.config.limits.max_message_bytes)
             except ProtocolError as exc:
                 self.rejected_frames += 1
                 log.warning("frame_rejected", code=exc.code, reason=exc.message)
@@ -90,9 +101,12 @@ class VerifierWorker:
                 case VerifyBatch():
                     try:
                         self.batches.put_nowait(msg)
+                        self.pending.update(item.session_id for item in msg.items)
                     except asyncio.QueueFull:  # the broker sends only after Ready; never expected
                         log.error("batch_dropped", batch_id=msg.batch_id)
                 case CloseSession():
+                    if msg.session_id in self.pending:
+                        self.closing.add(msg.session_id)
                     # through the executor so it never races a forward pass over the same sessions
                     asyncio.get_running_loop().run_in_executor(self.executor, self.verifier.close, msg.session_id)
                 case Heartbeat():
@@ -107,6 +121,11 @@ class VerifierWorker:
             with structlog.contextvars.bound_contextvars(batch_id=batch.batch_id):
                 verdicts = await loop.run_in_executor(self.executor, verify_recorded, self.verifier, batch.items, self.forwards)
                 compute_ms = 1000 * (time.perf_counter() - started)
+                for item in batch.items:
+                    self.pending.discard(item.session_id)
+                    if item.session_id in self.closing:  # closed meanwhile: drop what the forward rebuilt
+                        self.closing.discard(item.session_id)
+                        await loop.run_in_executor(self.executor, self.verifier.close, item.session_id)
                 log.debug("batch_verified", size=len(batch.items), compute_ms=round(compute_ms, 2))
             self.busy = False
             self.broker.send(BatchVerdicts(batch.batch_id, verdicts, compute_ms).encode())
