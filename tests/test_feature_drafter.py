@@ -159,3 +159,41 @@ def test_committed_feature_head_drafts_what_the_target_would_say():
         feats = target(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
     stats = evaluate_head(head, [(ids, len(prompt), feats)], gamma=4)
     assert stats["alpha"] > 0.2 and stats["tokens_per_round"] > 1.2
+
+
+def test_committed_feature_head_keeps_sled_lossless_on_the_real_target():
+    """Round by round through the real verifier (features on every verdict): token-identical to
+    the target alone, with the head's drafts really accepted."""
+    from pipeline.config import LimitsConfig
+    from pipeline.models import load_tokenizer
+    from pipeline.prompts import chat_prompt_ids
+    from pipeline.protocol import Sampling
+    from workers.drafts import draft_generator
+    from workers.feature_drafter import FeatureDrafter
+    from workers.feature_head import load_head
+    from workers.target import TargetVerifier
+
+    torch.set_num_threads(1)
+    target = load_causal_lm("smollm2")
+    tokenizer = load_tokenizer("smollm2")
+    drafter = FeatureDrafter(load_head(target))
+    verifier = TargetVerifier(target, max_sessions=4, limits=LimitsConfig())
+    prompt = chat_prompt_ids(tokenizer, "Name three rivers in Europe.")
+    stop, new_tokens = tokenizer.eos_token_id, 24
+    committed, state, accepted, round_ = list(prompt), drafter.new_state(), 0, 0
+    while len(committed) - len(prompt) < new_tokens and committed[-1] != stop:
+        budget = new_tokens - (len(committed) - len(prompt))
+        draft = drafter.propose(state, committed, min(4, budget - 1), Sampling(), draft_generator(0))
+        item = Propose("real", round_, len(committed), draft.tokens, history=list(committed) if round_ == 0 else None,
+                       feature_layers=drafter.feature_layers)
+        verdict = verifier.verify_batch([item])[0]
+        assert not verdict.error, verdict
+        drafter.commit(state, len(committed), verdict.accepted, verdict)
+        new = [*draft.tokens[: verdict.accepted], verdict.token][:budget]
+        if stop in new:
+            new = new[: new.index(stop) + 1]
+        committed += new
+        accepted += verdict.accepted
+        round_ += 1
+    assert committed[len(prompt):] == greedy_reference(target, prompt, new_tokens, [stop])
+    assert accepted > 0

@@ -7,8 +7,9 @@ Greedy rows: accept while the draft equals the argmax. Sampling rows: speculativ
 sampling with the target's tempered, top-p distribution p and the draft's distribution q (the
 drafter's top-k pairs, or a point mass for an ids-only draft): accept x when u < p(x) / q(x),
 then draw the next token from norm(max(0, p - q)) at the first rejection, or from p after a
-fully accepted draft. The uniforms ``u`` come from each session's own seeded generator on the
-host (drawn before the forward), so a session's samples depend only on its seed; the draw is
+fully accepted draft. The uniforms ``u`` come from a generator seeded by (session seed, position)
+on the host (drawn before the forward, workers/acceptance.py ``position_generator``), so a
+session's samples depend only on its seed and a rebuilt session continues its stream; the draw is
 by inverse CDF in float64.
 """
 

@@ -28,6 +28,7 @@ import torch
 
 from pipeline.config import Config, LimitsConfig
 from pipeline.protocol import ErrorCode, Propose, Verdict
+from workers.acceptance import position_generator
 from workers.batch_acceptance import accept_batch
 from workers.static_model import PagedKV, StaticModel, supports
 from workers.target import MAX_PREFILL_FEATURE_ROWS, ItemError, SessionState, TargetVerifier
@@ -203,8 +204,10 @@ class StaticVerifier(TargetVerifier):
                     q_probs[row, i, : len(item.q_probs[i])] = torch.tensor(item.q_probs[i])
                 else:  # ids only: q is a point mass on the draft token
                     q_ids[row, i, 0], q_probs[row, i, 0] = x, 1.0
-            uniforms[row, :n] = torch.rand(n, generator=state.generator)
-            uniforms[row, -1] = torch.rand((), generator=state.generator)
+            # the round's draws depend on (seed, position) alone, so a rebuilt session continues its stream
+            generator = position_generator(state.sampling.seed, state.committed)
+            uniforms[row, :n] = torch.rand(n, generator=generator)
+            uniforms[row, -1] = torch.rand((), generator=generator)
         table = self._table([s.pages for s in states] + [[]] * (batch - len(states)), span)
         tensors = dict(ids=ids, lengths=lengths, table=table, draft=draft, n_draft=n_draft, greedy=greedy,
                        temperature=temperature, top_p=top_p, q_ids=q_ids, q_probs=q_probs, uniforms=uniforms)
