@@ -27,16 +27,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from pipeline.config import LimitsConfig
 from pipeline.protocol import Propose
+from bench.gpu_verify import SHAPES as GPU_VERIFY_SHAPES
 from workers.static_verifier import StaticVerifier
 from workers.target import TargetVerifier
 
 SHAPES = {
-    "SmolLM2-135M": lambda: LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
-                                        max_position_embeddings=8192, rope_theta=100000.0),
-    "Qwen2.5-1.5B": lambda: Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                                        num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
-                                        max_position_embeddings=32768),
+    **GPU_VERIFY_SHAPES,  # the shapes bench/gpu_verify.py times, plus the 8B the cost table needs
     "Llama-3-8B": lambda: LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
                                       rope_theta=500000.0),

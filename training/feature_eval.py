@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from training.acceptance import accepted_lengths, heldout_sequences
+from training.acceptance import heldout_sequences
 from workers.feature_head import FeatureHead, HeadCache
 
 
@@ -111,8 +111,3 @@ def head_draft_tokens_per_s(head: FeatureHead, heldout: list[tuple], new_tokens:
         rates.append(new_tokens / (time.perf_counter() - started))
     return statistics.median(rates)
 
-
-def simulate_rounds(agree: list[bool], gamma: int) -> float:
-    """Tokens per round of a drafter whose chained drafts agree as `agree` (ladder helper)."""
-    rounds = accepted_lengths(agree, gamma)
-    return sum(rounds) / max(1, len(rounds)) + 1

@@ -100,22 +100,6 @@ class StaticVerifier(TargetVerifier):
             self.kv.shrink(state.pages, 0)
         return state is not None
 
-    def close(self, session_id: str) -> bool:
-        found = self._drop(session_id)
-        self.stats.closed += found
-        self._refresh_stats()
-        return found
-
-    def evict_idle(self, idle_s: float) -> int:
-        cutoff = time.monotonic() - idle_s
-        stale = [sid for sid, state in self.sessions.items() if state.last_used < cutoff]
-        for sid in stale:
-            self._drop(sid)
-        self.stats.evictions += len(stale)
-        if stale:
-            self._refresh_stats()
-        return len(stale)
-
     def _evict_to_fit(self) -> None:
         # never a session of the round being built: its pages are about to be read and written
         while len(self.sessions) >= self.max_sessions:

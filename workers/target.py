@@ -81,8 +81,12 @@ class TargetVerifier:
 
     # --- session bookkeeping -------------------------------------------------------------
 
+    def _drop(self, session_id: str) -> bool:
+        """Forget a session and free its cache (a backend with its own storage overrides this)."""
+        return self.sessions.pop(session_id, None) is not None
+
     def close(self, session_id: str) -> bool:
-        found = self.sessions.pop(session_id, None) is not None
+        found = self._drop(session_id)
         self.stats.closed += found
         self._refresh_stats()
         return found
@@ -96,7 +100,7 @@ class TargetVerifier:
         cutoff = time.monotonic() - idle_s
         stale = [sid for sid, state in self.sessions.items() if state.last_used < cutoff]
         for sid in stale:
-            del self.sessions[sid]
+            self._drop(sid)
         self.stats.evictions += len(stale)
         if stale:
             self._refresh_stats()
