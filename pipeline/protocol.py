@@ -87,7 +87,9 @@ class Propose(Message, tag="propose"):
 
 class Verdict(Message, tag="verdict"):
     """``accepted`` draft tokens, then ``token``. ``error``: this item failed (-> ErrorReply).
-    ``features``: fp16 hidden states [rows, layers x hidden] from position features_start on."""
+    ``features``: fp16 hidden states [rows, layers x hidden] from position features_start on.
+    ``row_cost_ms``: the broker's estimate of what one more verify row costs the server now (its
+    marginal cost at the current batch); a drafter weighs its next draft length against it."""
     session_id: str
     round: int
     accepted: int
@@ -96,6 +98,7 @@ class Verdict(Message, tag="verdict"):
     detail: str = ""
     features: bytes = b""
     features_start: int = 0
+    row_cost_ms: float = 0.0
 
 class CloseSession(Message, tag="close"):
     session_id: str
