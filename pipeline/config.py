@@ -31,6 +31,10 @@ class BrokerConfig:
     max_sessions: int = 256  # sessions per verifier; a new one beyond this is refused "overloaded"
     heartbeat_ms: int = 500
     liveness: int = 6  # a peer silent for heartbeat_ms * liveness is dead
+    # SLO-aware batching: when > 0, the broker may hold a free verifier's batch briefly for
+    # proposals it expects soon, never pushing a session past this time per output token;
+    # 0 dispatches as soon as the verifier is free
+    slo_tpot_ms: float = 0.0
 
 
 @dataclass
@@ -53,6 +57,9 @@ class VerifierConfig:
     backend: str = "eager"
     kv_cache_mb: float = 1024.0  # static backend: the KV pool, allocated once
     compile: str = "auto"  # static backend: torch.compile(mode="reduce-overhead"): "auto" (on CUDA), "on", "off"
+    # New sessions' histories are prefilled together, in chunks of at most this many tokens per
+    # forward, alongside running sessions' verify rows (0 = one session at a time, as before)
+    prefill_chunk_tokens: int = 512
 
 
 @dataclass
@@ -60,7 +67,9 @@ class DrafterConfig:
     kind: str = "model"  # "model" (any causal LM sharing the target's tokenizer), "feature" or "ngram"
     model: str = ""
     client: str = "tcp://127.0.0.1:5600"  # where local clients (demo, gateway) send Generate
-    gamma: int = 4  # most draft tokens per round
+    gamma: int = 4  # most draft tokens per round (the cap when ``adaptive``)
+    adaptive: bool = True  # draft length follows measured acceptance and the verdict's row_cost_ms
+    proactive: bool = False  # keep drafting past an outstanding proposal, assuming it is accepted
     min_confidence: float = 0.0  # stop a draft early when the drafter's top probability drops below
     top_k: int = 8  # sampling mode: size of the truncated draft distribution sent with each token
     ngram_max: int = 4
