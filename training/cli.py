@@ -71,6 +71,10 @@ def register(subparsers) -> None:
     dr.add_argument("--feature-layers", type=int, nargs="+", default=[-1],
                     help="feature head: target hidden-state indices it is conditioned on (-1 = final norm)")
     dr.add_argument("--budget-s", type=float, default=None, help="feature head: stop training after this long")
+    dr.add_argument("--init-from", type=Path, default=None,
+                    help="feature head: continue training this saved head (e.g. drafters/feature) on more data")
+    dr.add_argument("--first-shard", type=int, default=0,
+                    help="feature head: only shards numbered this or above (data a warm-started head has not seen)")
     dr.set_defaults(handler=_train_drafters)
 
     ev = subparsers.add_parser("eval", help="evaluate trained artefacts")
@@ -127,7 +131,8 @@ def _train_drafters(args: argparse.Namespace) -> int:
         summary = train_head(args.data, args.out or FEATURE_DIR, target=args.target,
                              feature_layers=tuple(args.feature_layers), vocab=args.vocab, max_shards=args.shards,
                              epochs=args.epochs, lr=args.lr, levels=args.levels, seed=args.seed,
-                             save=not args.no_save, time_budget_s=args.budget_s)
+                             save=not args.no_save, time_budget_s=args.budget_s, init_from=args.init_from,
+                             first_shard=args.first_shard)
         if args.summary:
             args.summary.write_text(json.dumps(summary) + "\n")
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))

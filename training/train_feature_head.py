@@ -22,17 +22,21 @@ import torch
 import torch.nn.functional as F
 
 from training.distill_dataset import length_batches
-from workers.feature_head import FEATURE_DIR, FeatureHead, build_head, draft_vocab, residual_rms, save_head, spec_for
+from workers.feature_head import (FEATURE_DIR, FeatureHead, build_head, draft_vocab, load_head, residual_rms, save_head,
+                                  spec_for)
 
 log = structlog.get_logger(__name__)
 
 
 def load_feature_records(folder: Path, feature_layers: tuple[int, ...], max_shards: int | None = None,
-                         seed: int = 0) -> list[dict]:
+                         seed: int = 0, first_shard: int = 0) -> list[dict]:
     """Shard records with only the asked feature layers kept (fp16), the first ``max_shards``
-    shards (a learning-curve subset is a prefix of the same data, as for the ladder)."""
+    shards (a learning-curve subset is a prefix of the same data, as for the ladder), numbered
+    ``first_shard`` or above (a warm-started run continues on shards the head has not seen;
+    workers write shard numbers out of order, so this is the number, not the rank)."""
     records = []
-    for path in sorted(Path(folder).glob("shard_*.pt"))[:max_shards]:
+    paths = [p for p in sorted(Path(folder).glob("shard_*.pt")) if int(p.stem.split("_")[1]) >= first_shard]
+    for path in paths[:max_shards]:
         for r in torch.load(path):
             if "features" not in r:
                 raise ValueError(f"{path} has no features: regenerate it (training/distill_data.py)")
@@ -115,7 +119,11 @@ def train_head(
     seed: int = 0,
     save: bool = True,
     time_budget_s: float | None = None,
+    init_from: Path | None = None,
+    first_shard: int = 0,
 ) -> dict:
+    """``init_from``: continue from a saved head (its vocabulary and shape; ``feature_layers``
+    must match) instead of starting from the target's last layer."""
     from pipeline.models import load_causal_lm
 
     from training.feature_eval import evaluate_head, heldout_features
@@ -123,15 +131,24 @@ def train_head(
     started = time.monotonic()
     torch.manual_seed(seed)
     model = load_causal_lm(target)
-    records = load_feature_records(data_dir, feature_layers, max_shards, seed)
+    records = load_feature_records(data_dir, feature_layers, max_shards, seed, first_shard)
+    if not records:
+        raise ValueError(f"no shards in {data_dir} from {first_shard} to {max_shards}")
     positions = sum(len(r["ids"]) for r in records)
-    vocab_ids = draft_vocab(vocab_counts(records, model.config.vocab_size), vocab)
+    if init_from is not None:
+        head = load_head(model, init_from)
+        if tuple(head.spec.feature_layers) != tuple(feature_layers):
+            raise ValueError(f"{init_from} is conditioned on layers {head.spec.feature_layers}, not {feature_layers}")
+        head.requires_grad_(True)
+        vocab_ids = head.vocab_ids
+    else:
+        vocab_ids = draft_vocab(vocab_counts(records, model.config.vocab_size), vocab)
+        spec = dataclasses.replace(spec_for(model, feature_layers),
+                                   residual_scale=residual_rms(model, model.config.num_hidden_layers - 1,
+                                                               records[0]["ids"].tolist()[:256]))
+        head = build_head(model, spec, vocab_ids)
     lookup = torch.full((model.config.vocab_size,), -1, dtype=torch.long)
     lookup[vocab_ids] = torch.arange(len(vocab_ids))
-    spec = dataclasses.replace(spec_for(model, feature_layers),
-                               residual_scale=residual_rms(model, model.config.num_hidden_layers - 1,
-                                                           records[0]["ids"].tolist()[:256]))
-    head = build_head(model, spec, vocab_ids)
     params = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     batches_per_epoch = len(length_batches(records, tokens_per_batch, seed))
@@ -168,6 +185,7 @@ def train_head(
                "epochs": epochs, "vocab": len(vocab_ids), "levels": levels, "noise": noise,
                "reg_weight": reg_weight, "lr": lr, "tokens_per_batch": tokens_per_batch,
                "feature_layers": list(feature_layers), "seed": seed, "wall_s": round(wall, 1),
+               "init_from": str(init_from) if init_from else None, "first_shard": first_shard,
                "heldout": result, "history": history}
     if save:
         summary["file_bytes"] = save_head(head, out_dir, {k: v for k, v in summary.items() if k != "history"})
