@@ -1,12 +1,19 @@
 """docs/configuration.md names every setting of pipeline/config.py with its current default, and
-docs/deployment.md covers what the deployment issue asks for."""
+docs/deployment.md's commands, variables and examples are real (parsed by the real CLI and
+configuration loader), besides covering what the deployment issue asks for."""
 
 import dataclasses
 import json
+import re
+import shlex
+import textwrap
+import tomllib
 from pathlib import Path
 
 from pipeline import config as config_module
-from pipeline.config import Config, DrafterConfig
+from pipeline.cli import build_parser
+from pipeline.config import Config, DrafterConfig, env_overrides, load_config
+from training.train_drafters import LADDER_DIR
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -50,6 +57,53 @@ def test_every_setting_is_documented_with_its_default():
     stale = sorted(set(rows) - set(expected))
     assert not stale, f"docs/configuration.md names settings that no longer exist: {stale}"
     assert config_module.ENV_PREFIX == "SLED_"  # the documented environment prefix
+
+
+def code_blocks(text: str, language: str) -> list[str]:
+    return [block.split("\n", 1)[1] for block in re.findall(r"```" + language + r"\n.*?(?=\s*```)", textwrap.dedent(text), re.S)]
+
+
+def shell_commands(text: str):
+    """(environment assignments, sled argv) of every `sled ...` line of the sh blocks; export
+    lines give assignments only."""
+    for block in code_blocks(text, "sh"):
+        for line in block.splitlines():
+            words = shlex.split(line.strip().rstrip("&"), comments=True)
+            if words[:1] == ["export"]:
+                words = words[1:]
+            env = {}
+            while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
+                name, value = words.pop(0).split("=", 1)
+                env[name] = value
+            sled = words and words[0].endswith("sled")
+            yield env, (words[1:] if sled else None)
+
+
+def test_deployment_guide_commands_and_settings_are_real():
+    """Every `sled` command line in docs/deployment.md parses with the real CLI, every SLED_*
+    variable names a real setting with a valid value, and every TOML example loads on top of
+    config.toml with the drafters it names resolvable (a renamed rung or setting fails here)."""
+    text = (DOCS / "deployment.md").read_text()
+    parser = build_parser()
+    commands = 0
+    for env, argv in shell_commands(text):
+        load_config(None, env_overrides(env))  # raises on an unknown setting or a wrong type
+        if argv is not None:
+            parser.parse_args(argv)  # exits (SystemExit) on an unknown command or flag
+            commands += 1
+    assert commands >= 10, commands
+    tomls = code_blocks(text, "toml")
+    assert len(tomls) >= 2
+    rungs = json.loads((LADDER_DIR / "ladder.json").read_text())["rungs"]
+    for snippet in tomls:
+        data = tomllib.loads(snippet)
+        overrides = [f"{section}.{key}={json.dumps(value) if not isinstance(value, dict) else toml_value(value)}"
+                     for section, table in data.items() if section != "drafters" for key, value in table.items()]
+        for name, table in data.get("drafters", {}).items():
+            overrides += [f"drafters.{name}.{key}={json.dumps(value)}" for key, value in table.items()]
+            if str(table.get("model", "")).startswith("ladder:"):
+                assert table["model"].removeprefix("ladder:") in rungs, (table["model"], rungs)
+        load_config(None, overrides)
 
 
 def test_deployment_guide_covers_the_cases():
