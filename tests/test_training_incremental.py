@@ -96,10 +96,15 @@ def test_plateau_schedule_joins_when_loss_stops_improving():
 
 
 def test_plateau_schedule_waits_while_loss_improves():
+    """The same schedule joins later while the loss still falls than when it cannot fall, and
+    it does join once learning levels off (a run without joins fails here)."""
     x, y = blobs()
-    history = make_trainer(tiny_net(), x, y, init="random", schedule="plateau", lr=3e-2,
-                           min_stage_steps=10, plateau_patience=3, plateau_min_delta=0.0, total_steps=40).run()
-    assert not history.joins or history.joins[0]["step"] > 10
+    settings = dict(init="random", schedule="plateau", min_stage_steps=10, plateau_patience=3,
+                    plateau_min_delta=0.0, lr_schedule="constant", total_steps=400)
+    flat = make_trainer(tiny_net(), x, y, lr=0.0, **settings).run()
+    learning = make_trainer(tiny_net(), x, y, lr=3e-2, **settings).run()
+    assert flat.joins and learning.joins
+    assert learning.joins[0]["step"] > flat.joins[0]["step"]
 
 
 def test_baseline_trains_full_network_without_joins():
