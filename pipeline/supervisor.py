@@ -3,8 +3,9 @@ launch`, the tests, the benchmarks) starts, watches and stops its children throu
 
 * spawn: a child is an argv, usually ``python -m pipeline <shared --config/--set flags> ROLE``
   (:meth:`Supervisor.role`), with extra environment, stdin closed, output to
-  ``log_dir/NAME.log`` (appended, so a restart keeps the earlier run) or inherited, and
-  PR_SET_PDEATHSIG so that the child gets SIGTERM when the supervisor dies, even by SIGKILL.
+  ``log_dir/NAME.log`` (appended, so a restart keeps the earlier run) or inherited, in a session
+  of its own (terminal signals reach the supervisor only), and PR_SET_PDEATHSIG so that the
+  child gets SIGTERM when the supervisor dies, even by SIGKILL.
 * readiness: :meth:`Supervisor.wait_ready` awaits a probe passed in (the stack's: the broker
   lists its verifiers, every drafter answers), failing at once when a child exits meanwhile.
 * restart: a child spawned with ``restart=True`` is started again after it exits, after a capped
@@ -156,8 +157,11 @@ class Supervisor:
             path.parent.mkdir(parents=True, exist_ok=True)
             out = err = open(path, "ab")  # noqa: SIM115 - the child holds its own descriptor; closed below
         try:
+            # a session of its own: a Ctrl-C in the terminal reaches the supervisor only, which then
+            # stops the children in order (and does not mistake their exits for deaths)
             child.proc = subprocess.Popen(spec.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                          env=self.environment(spec), cwd=self.cwd, preexec_fn=_die_with_parent)
+                                          env=self.environment(spec), cwd=self.cwd, start_new_session=True,
+                                          preexec_fn=_die_with_parent)
         finally:
             if path is not None:
                 out.close()
