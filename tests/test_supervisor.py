@@ -130,7 +130,8 @@ async def test_sled_up_takes_the_gateway_port_and_exits_1_when_a_child_dies(tmp_
                 assert time.monotonic() < deadline, "the gateway never answered on --port"
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                     async with http.get(f"http://127.0.0.1:{port}/health") as response:
-                        if response.status == 200:
+                        # the gateway on --port, and the whole stack ready
+                        if response.status == 200 and "SLED is up" in (tmp_path / "up.log").read_text():
                             break
                 await asyncio.sleep(0.5)
         children = _children(up.pid)
