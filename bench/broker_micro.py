@@ -48,11 +48,11 @@ Usage: ``python -m bench.broker_micro [--quick] [--json]``; the last stdout line
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -81,6 +81,7 @@ from pipeline.protocol import (
     VerifyBatch,
 )
 from pipeline.sockets import make_socket, new_identity
+from pipeline.supervisor import ChildDied, Supervisor
 
 log = structlog.get_logger("sled.bench.broker_micro")
 
@@ -132,7 +133,8 @@ def pick_cores() -> tuple[int | None, int | None]:
 
 @dataclass
 class BrokerProcess:
-    """``python -m pipeline --set ... broker`` on free ports, pinned to ``core``."""
+    """``python -m pipeline --set ... broker`` on free ports, pinned to ``core``; started and
+    stopped by the project's supervisor (pipeline/supervisor.py)."""
 
     deadline_ms: float
     core: int | None
@@ -141,6 +143,7 @@ class BrokerProcess:
     heartbeat_ms: int = 500
     proc: subprocess.Popen | None = None
     extra: list[str] = field(default_factory=list)
+    supervisor: Supervisor | None = None
 
     def start(self) -> None:
         front, back = free_ports(2)
@@ -152,18 +155,12 @@ class BrokerProcess:
             'log.level="warning"',
             *self.extra,
         ]
-        args = [sys.executable, "-m", "pipeline"]
-        for item in overrides:
-            args += ["--set", item]
-        core = self.core
-        self.proc = subprocess.Popen(
-            [*args, "broker"], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
+        self.supervisor = Supervisor([a for item in overrides for a in ("--set", item)], cwd=ROOT, grace_s=5.0, quiet=True)
+        self.proc = self.supervisor.spawn(self.supervisor.role("broker", "broker"))
         self.pin()  # still importing: its threads (ZeroMQ's I/O thread) start later and inherit this
         # the same file and overrides the child reads, so the heartbeat interval matches it
         self.heartbeat_ms = load_config(None, overrides).broker.heartbeat_ms
-        log.info("broker_started", pid=self.proc.pid, deadline_ms=self.deadline_ms, core=core, frontend=self.frontend)
+        log.info("broker_started", pid=self.proc.pid, deadline_ms=self.deadline_ms, core=self.core, frontend=self.frontend)
 
     def pin(self) -> None:
         """Every thread of the broker on its one core."""
@@ -180,22 +177,15 @@ class BrokerProcess:
         return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
 
     def check_alive(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise BenchError(f"broker exited with code {self.proc.returncode}")
+        if self.supervisor is not None:
+            try:
+                self.supervisor.check_alive()
+            except ChildDied as exc:
+                raise BenchError(str(exc)) from None
 
-    def stop(self, grace: float = 5.0) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            log.warning("broker_killed", pid=proc.pid)
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait(grace)
+    def stop(self) -> None:
+        if self.supervisor is not None:
+            asyncio.run(self.supervisor.stop())  # SIGTERM, its grace, then SIGKILL
 
 
 # --- the load side: a no-op verifier and closed-loop drafters in one poll loop -------------------

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import socket
 import sys
 import time
@@ -39,6 +38,7 @@ from bench.sessions import SessionRecord
 from pipeline.client import DrafterClient, broker_stats
 from pipeline.config import load_config
 from pipeline.launcher import Stack
+from pipeline.supervisor import ChildSpec
 from workers.forward_log import delta as forwards_delta
 
 log = structlog.get_logger("sled.bench.fleet")
@@ -92,7 +92,6 @@ class Fleet:
     mode: str = "netns"  # or "loopback"
     config_path: str | None = None
     extra_overrides: list[str] = field(default_factory=list)
-    procs: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
 
     def _overrides(self) -> list[str]:
         backend, front_port = free_ports(2)
@@ -131,37 +130,32 @@ class Fleet:
         for c in self.classes:
             netns.shape_link(self.net, c.profile.name, c.profile.rate_mbit)
 
-    async def _spawn(self, name: str, argv: list[str], host: str | None) -> None:
-        out = open(self.workdir / "logs" / f"{name}.log", "wb")  # noqa: SIM115 - the child keeps it
+    def _spawn(self, name: str, argv: list[str], host: str | None) -> None:
+        """One more child of the stack's supervisor (stopped before the broker and verifier)."""
         if host is not None:
             argv = self.net.command(host, argv)
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-        self.procs[name] = await asyncio.create_subprocess_exec(*argv, stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL,
-                                                                env=env, cwd=ROOT)
-        out.close()
+        self.stack.supervisor.spawn(ChildSpec(name, tuple(argv)))
 
     async def _start_drafters(self) -> None:
-        base = [sys.executable, "-m", "pipeline", *(["--config", self.config_path] if self.config_path else [])]
-        for item in self.overrides:
-            base += ["--set", item]
+        base = list(self.stack.supervisor.role_argv())
         gateway = self.net.hosts["edge-gw"].address if self.net else None
         for index, c in enumerate(self.classes):
             extra = []
             if self.net:
                 port = 7001 + index
-                await self._spawn(f"proxy-{c.profile.name}", [
+                self._spawn(f"proxy-{c.profile.name}", [
                     sys.executable, "-m", "bench.linkproxy", "--listen", f"{gateway}:{port}",
                     "--upstream", "unix:" + self.frontend.removeprefix("ipc://"),
                     "--delay-ms", str(c.profile.rtt_ms / 2), "--stats-file", str(self.workdir / f"link-{c.profile.name}.json"),
                 ], "edge-gw")
                 extra = ["--set", f'broker.frontend="tcp://{gateway}:{port}"']
-            await self._spawn(c.name, [*base, *extra, "drafter", c.name], c.profile.name if self.net else None)
+            self._spawn(c.name, [*base, *extra, "drafter", c.name], c.profile.name if self.net else None)
         deadline = time.monotonic() + 120
         for c in self.classes:
             client = DrafterClient(f"ipc://{self.workdir}/{c.name}.sock")
             try:
                 while True:
-                    self._check_alive()
+                    self.stack.check_alive()
                     with contextlib.suppress(TimeoutError):
                         await client.stats(timeout=1.0)
                         break
@@ -170,25 +164,8 @@ class Fleet:
             finally:
                 client.close()
 
-    def _check_alive(self) -> None:
-        self.stack.check_alive()
-        for name, proc in self.procs.items():
-            if proc.returncode is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode} (log: {self.workdir / 'logs' / (name + '.log')})")
-
     async def __aexit__(self, *exc) -> None:
-        for proc in self.procs.values():
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-        await self.stack.stop()
+        await self.stack.stop()  # drafters and proxies first: reverse start order
         if self.net is not None:
             left = self.net.down()
             if left:
@@ -238,7 +215,7 @@ class Fleet:
                 client.close()
         elapsed = time.perf_counter() - started
         await asyncio.sleep(0.3)  # the last CloseSession and stats reach the broker
-        self._check_alive()
+        self.stack.check_alive()
         after = await self._figures()
         return _level_delta(before, after, elapsed)
 

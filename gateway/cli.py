@@ -7,9 +7,10 @@ import argparse
 
 
 def register(subparsers) -> None:
+    from pipeline.cli import add_http_flags
+
     p = subparsers.add_parser("gateway", help="run the REST gateway: OpenAI-style API, /metrics, status page at /")
-    p.add_argument("--host", help="address to listen on (default: gateway.host)")
-    p.add_argument("--port", type=int, help="port to listen on (default: gateway.port)")
+    add_http_flags(p)  # the same as `sled up`'s; pipeline.cli.main applies them to the config
     p.set_defaults(handler=run_gateway)
     p = subparsers.add_parser("status", help="print verifiers, sessions, queue depth and acceptance of the running stack")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object instead")
@@ -21,12 +22,7 @@ def run_gateway(args: argparse.Namespace) -> int:
     from gateway.server import serve
     from pipeline.roles import run_role
 
-    config = args.sled_config
-    if args.host:
-        config.gateway.host = args.host
-    if args.port is not None:
-        config.gateway.port = args.port
-    return run_role("gateway", config, serve)
+    return run_role("gateway", args.sled_config, serve)
 
 
 def run_status(args: argparse.Namespace) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 
@@ -12,6 +11,14 @@ from pipeline.config import load_config
 
 def _quote(value: str) -> str:
     return json.dumps(value)  # a TOML basic string, so paths and names survive --set parsing
+
+
+def add_http_flags(parser: argparse.ArgumentParser) -> None:
+    """--host/--port of the REST gateway, the same for every command that serves HTTP; main()
+    turns them into gateway.host/gateway.port overrides, so the gateway child of `sled up` gets
+    them too."""
+    parser.add_argument("--host", help="address the gateway listens on (default: gateway.host)")
+    parser.add_argument("--port", type=int, help="port the gateway listens on (default: gateway.port)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drafters", help="comma-separated drafter names (default: demo.drafters)")
     p.add_argument("--no-gateway", action="store_true", help="do not start the REST gateway")
     p.add_argument("--target")
+    add_http_flags(p)
     p = sub.add_parser("demo", help="start a local stack, run sessions, print text and figures")
     p.add_argument("--sessions", type=int)
     p.add_argument("--max-new-tokens", type=int)
@@ -83,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     for flag, key in (("target", "verifier.target"), ("name", "verifier.name"), ("device", "verifier.device")):
         if getattr(args, flag, None):
             overrides.append(f"{key}={_quote(getattr(args, flag))}")
+    if getattr(args, "host", None):
+        overrides.append(f"gateway.host={_quote(args.host)}")
+    if getattr(args, "port", None) is not None:
+        overrides.append(f"gateway.port={int(args.port)}")
     config = load_config(args.config, overrides)
 
     if args.command in ("broker", "verifier", "drafter"):
@@ -105,7 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in drafters:
         config.drafter(name)
     if args.command == "up":
-        return _up(config, args.config, overrides, drafters, gateway=not args.no_gateway)
+        from functools import partial
+
+        from pipeline.launcher import serve_up
+        from pipeline.roles import run_role
+
+        return run_role("up", config, partial(serve_up, config_path=args.config, overrides=overrides,
+                                              drafters=drafters, gateway=not args.no_gateway))
     if args.command == "demo":
         from pipeline.demo import demo
         from pipeline.logs import configure_logging
@@ -118,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             drafters=drafters, as_json=args.json, verify=args.verify,
         )
     # commands registered by other packages take the parsed args; the loaded Config rides along.
-    # Logs go to stderr, so that a command's --json output stays alone on stdout.
-    if args.command not in ("gateway",):
+    # Logs go to stderr, so that a command's --json output stays alone on stdout. Commands that
+    # run until stopped configure logging in run_role.
+    if args.command not in ("gateway", "launch"):
         from pipeline.logs import configure_logging
 
         configure_logging(config.log.format, config.log.level)
@@ -158,39 +177,6 @@ def _keys(args) -> int:
             role = ",".join(row["roles"]) or ("UNFILED (sled keys authorize)" if row["unfiled"] else "-")
             print(f"{row['name']:20s} {role:10s} {row['fingerprint']}  {row['public_key']}")
     return 0
-
-
-def _up(config, config_path, overrides, drafters, *, gateway: bool) -> int:
-    import signal
-
-    from pipeline.launcher import Stack
-    from pipeline.logs import configure_logging
-
-    configure_logging(config.log.format, config.log.level)
-
-    async def go() -> int:
-        stack = Stack(config, config_path, overrides, drafters, gateway=gateway)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await stack.start()
-            print("SLED is up: broker", config.broker.frontend, "| drafters:",
-                  ", ".join(f"{n} at {config.drafter(n).client}" for n in drafters), file=sys.stderr)
-            if gateway:
-                print(f"gateway: http://{config.gateway.host}:{config.gateway.port}/", file=sys.stderr)
-            died = asyncio.create_task(stack.wait_any_exit())
-            stopped = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait({died, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if died in done:
-                print(f"{died.result()} exited; stopping the stack", file=sys.stderr)
-                return 1
-            return 0
-        finally:
-            await stack.stop()
-
-    return asyncio.run(go())
 
 
 if __name__ == "__main__":

@@ -1,19 +1,18 @@
 """Run a whole stack on this machine: broker, verifier and drafters as separate processes.
 
 Children are ordinary ``python -m pipeline ROLE`` processes (the same entry a user runs), given
-the same configuration file and overrides. The launcher watches them: a child that exits
-while the stack should be running is reported at once (StackDied), not discovered by a hang.
-On stop each child gets SIGTERM, a bounded grace period, then SIGKILL.
+the same configuration file and overrides, started and stopped by the one supervisor
+(pipeline/supervisor.py). A child that exits while the stack should be running is reported at
+once (ChildDied), not discovered by a hang. On stop each child gets SIGTERM in reverse start
+order, one bounded grace period, then SIGKILL. ``serve_up`` is `sled up`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import structlog
@@ -21,40 +20,27 @@ import structlog
 from pipeline.client import DrafterClient, broker_stats
 from pipeline.config import Config
 from pipeline.security import client_keys, drafter_keys_for_client
+from pipeline.supervisor import Supervisor
 
 log = structlog.get_logger("sled.launcher")
-
-
-class StackDied(Exception):
-    pass
 
 
 class Stack:
     def __init__(self, config: Config, config_path: str | None, overrides: list[str], drafters: list[str],
                  *, verifiers: int = 1, gateway: bool = False, log_dir: str | Path | None = None):
         self.config = config
-        self.base_args = ["--config", str(config_path)] if config_path else []
+        base_args = ["--config", str(config_path)] if config_path else []
         for item in overrides:
-            self.base_args += ["--set", item]
+            base_args += ["--set", item]
         self.drafters = drafters
         self.verifiers = verifiers
         self.gateway = gateway
         self.log_dir = Path(log_dir) if log_dir else None
-        self.procs: dict[str, asyncio.subprocess.Process] = {}
-        self._logs: list = []
+        self.supervisor = Supervisor(base_args, log_dir=self.log_dir)
 
-    async def _spawn(self, name: str, *role_args: str) -> None:
-        out = None
-        if self.log_dir:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            out = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
-            self._logs.append(out)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.procs[name] = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pipeline", *self.base_args, *role_args,
-            stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env,
-        )
-        log.info("process_started", process=name, pid=self.procs[name].pid)
+    @property
+    def procs(self):
+        return self.supervisor.procs
 
     def _role_args(self) -> dict[str, tuple[str, ...]]:
         roles = {"broker": ("broker",)}
@@ -67,36 +53,24 @@ class Stack:
         return roles
 
     async def start(self, timeout: float = 180.0) -> None:
-        for name, args in self._role_args().items():
-            await self._spawn(name, *args)
+        self.supervisor.start([self.supervisor.role(name, *args) for name, args in self._role_args().items()])
         await self.wait_ready(timeout)
 
     async def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Kill one child (fault injection); it stays down until restart()."""
-        proc = self.procs[name]
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
-        await proc.wait()
+        await self.supervisor.kill(name, sig)
 
     async def restart(self, name: str) -> None:
-        await self._spawn(name, *self._role_args()[name])
+        self.supervisor.spawn(self.supervisor.role(name, *self._role_args()[name]))
 
     def check_alive(self) -> None:
-        for name, proc in self.procs.items():
-            if proc.returncode is not None:
-                raise StackDied(f"{name} exited with code {proc.returncode}" + self._log_hint(name))
-
-    def _log_hint(self, name: str) -> str:
-        return f" (log: {self.log_dir / (name + '.log')})" if self.log_dir else ""
+        self.supervisor.check_alive()
 
     async def wait_ready(self, timeout: float) -> None:
         """Until the broker has every verifier registered and every drafter answers."""
-        deadline = time.monotonic() + timeout
         pending = set(self.drafters)
-        while True:
-            self.check_alive()
-            if time.monotonic() > deadline:
-                raise StackDied(f"stack not ready after {timeout:.0f} s (waiting for drafters {sorted(pending)} or verifiers)")
+
+        async def ready() -> bool:
             with contextlib.suppress(TimeoutError, OSError):
                 admin = client_keys(self.config, self.config.security.admin_key)
                 stats = await broker_stats(self.config.broker.frontend, timeout=1.0, curve=admin)
@@ -112,8 +86,10 @@ class Stack:
                         client.close()
                 if len(stats["verifiers"]) >= self.verifiers and not pending and await self._gateway_up():
                     log.info("stack_ready", verifiers=len(stats["verifiers"]), drafters=self.drafters)
-                    return
-            await asyncio.sleep(0.3)
+                    return True
+            return False
+
+        await self.supervisor.wait_ready(ready, timeout, what=f"drafters {sorted(pending)} or verifiers")
 
     async def _gateway_up(self) -> bool:
         if not self.gateway:
@@ -128,33 +104,17 @@ class Stack:
         except (aiohttp.ClientError, TimeoutError):
             return False
 
-    async def wait_any_exit(self) -> str:
-        """Return the name of the first child to exit (for `sled up`)."""
-        waits = {asyncio.create_task(proc.wait()): name for name, proc in self.procs.items()}
-        done, rest = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        for task in rest:
-            task.cancel()
-        return waits[next(iter(done))]
+    async def wait_any_exit(self, stop: asyncio.Event | None = None) -> str | None:
+        """The name of the first child to exit (for `sled up`); None once ``stop`` is set."""
+        return await self.supervisor.run(stop or asyncio.Event())
 
     async def stop(self, grace: float = 10.0) -> None:
-        # drafters first, so they can close their sessions while the broker still listens
-        order = sorted(self.procs, key=lambda n: (n != "gateway", not n.startswith("drafter"), n == "broker"))
-        for name in order:
-            proc = self.procs[name]
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-        for name in order:
-            proc = self.procs[name]
-            try:
-                await asyncio.wait_for(proc.wait(), grace)
-            except TimeoutError:
-                log.warning("process_killed", process=name)
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-        for fh in self._logs:
-            fh.close()
+        self.supervisor.grace_s = grace
+        await self.supervisor.stop()
+
+    @property
+    def exit_code(self) -> int:
+        return self.supervisor.exit_code
 
     async def __aenter__(self) -> "Stack":
         try:
@@ -166,3 +126,21 @@ class Stack:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+
+async def serve_up(config: Config, stop: asyncio.Event, *, config_path: str | None, overrides: list[str],
+                   drafters: list[str], gateway: bool) -> int:
+    """`sled up`: the stack until ``stop`` is set (exit 0) or a child dies (exit 1)."""
+    stack = Stack(config, config_path, overrides, drafters, gateway=gateway)
+    try:
+        await stack.start()
+        print("SLED is up: broker", config.broker.frontend, "| drafters:",
+              ", ".join(f"{n} at {config.drafter(n).client}" for n in drafters), file=sys.stderr)
+        if gateway:
+            print(f"gateway: http://{config.gateway.host}:{config.gateway.port}/", file=sys.stderr)
+        died = await stack.wait_any_exit(stop)
+        if died is not None:
+            print(f"{died} exited; stopping the stack", file=sys.stderr)
+    finally:
+        await stack.stop()
+    return stack.exit_code

@@ -1,7 +1,9 @@
-"""One entry shape for every process role (broker, verifier, drafter, ...).
+"""One entry shape for every command that runs until stopped: the roles (broker, verifier,
+drafter, gateway) and the launchers (`sled up`, `sled launch`). Signals are handled here only.
 
-configure logging -> build the role's object -> run it until a signal sets the shutdown event
--> exit 0; any exception is logged as ``role_died`` and exits non-zero, so a launcher watching
+configure logging -> build the role's object -> run it until SIGINT/SIGTERM sets the shutdown
+event -> exit with the code ``serve`` returns (None: 0; a launcher returns 1 when a child
+failed); any exception is logged as ``role_died`` and exits non-zero, so a launcher watching
 the child sees the death at once. A setting that would expose an unauthenticated socket
 (pipeline/security.py, InsecureConfig) is logged as ``role_refused`` and exits 2, before any work.
 """
@@ -17,7 +19,7 @@ import structlog
 from pipeline.config import Config
 from pipeline.logs import configure_logging
 
-Serve = Callable[[Config, asyncio.Event], Awaitable[None]]
+Serve = Callable[[Config, asyncio.Event], Awaitable[int | None]]
 
 
 async def cancel_and_wait(tasks) -> None:
@@ -46,22 +48,22 @@ def run_role(role: str, config: Config, serve: Serve) -> int:
     structlog.contextvars.bind_contextvars(role=role)
     log = structlog.get_logger("sled.role")
 
-    async def main() -> None:
+    async def main() -> int | None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve(config, stop)
+        return await serve(config, stop)
 
     from pipeline.security import InsecureConfig
 
     try:
-        asyncio.run(main())
+        code = asyncio.run(main()) or 0
     except InsecureConfig as exc:
         log.error("role_refused", error=str(exc))
         return 2
     except Exception:
         log.exception("role_died")
         return 1
-    log.info("role_stopped")
-    return 0
+    log.info("role_stopped", code=code)
+    return code

@@ -1,6 +1,7 @@
 """`sled launch`: one verifier per GPU, here CPU workers standing in for GPUs. Real processes:
 a broker, the supervisor and its workers; a worker killed with SIGKILL is started again and
-registers at the broker again; SIGTERM stops everything."""
+registers at the broker again; SIGTERM stops everything with exit 0; workers that cannot start
+are given up and the launch exits 1."""
 
 import asyncio
 import contextlib
@@ -16,7 +17,8 @@ import pytest
 from pipeline.client import broker_stats
 from pipeline.config import load_config
 from tests.conftest import stack_overrides
-from workers.launch import Backoff, LaunchError, Slot, Supervisor, plan_slots, visible_gpus, worker_overrides
+from pipeline.supervisor import Supervisor
+from workers.launch import Backoff, LaunchError, Slot, plan_slots, visible_gpus, worker_overrides, worker_spec
 
 
 HEALTHCHECK = Path(__file__).resolve().parent.parent / "docker" / "healthcheck.py"
@@ -51,10 +53,12 @@ def test_each_worker_is_pinned_and_named():
     gpu = Slot("verifier-gpu1", "1", True)
     assert worker_overrides(gpu, per_worker=1, device_map="") == ['verifier.name="verifier-gpu1"', 'verifier.device="cuda"']
     assert 'verifier.device_map="auto"' in worker_overrides(Slot("v", "0,1", True), per_worker=2, device_map="")
-    supervisor = Supervisor([gpu], ["--set", "x.y=1"])
-    assert supervisor.environment(gpu)["CUDA_VISIBLE_DEVICES"] == "1"
-    assert supervisor.command(gpu)[-1] == "verifier" and "x.y=1" in supervisor.command(gpu)
-    assert supervisor.environment(Slot("c", "", False))["CUDA_VISIBLE_DEVICES"] == ""  # CPU stand-ins see no GPU
+    supervisor = Supervisor(["--set", "x.y=1"])
+    spec = worker_spec(supervisor, gpu, per_worker=1, device_map="")
+    assert supervisor.environment(spec)["CUDA_VISIBLE_DEVICES"] == "1"
+    assert spec.argv[-1] == "verifier" and "x.y=1" in spec.argv and spec.restart
+    cpu = worker_spec(supervisor, Slot("c", "", False), per_worker=1, device_map="")
+    assert supervisor.environment(cpu)["CUDA_VISIBLE_DEVICES"] == ""  # CPU stand-ins see no GPU
 
 
 def test_backoff_doubles_up_to_its_cap():
@@ -97,7 +101,8 @@ async def test_workers_restart_after_a_crash_and_stop_on_sigterm(tmp_path, tiny_
         with open(sup_log, "wb") as out:
             launcher = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "pipeline", "--log-format", "json", *flags,
-                "launch", "--gpus", "cpu:2", "--grace", "10", "--log-dir", str(tmp_path / "workers"),
+                "launch", "--gpus", "cpu:2", "--grace", "10", "--healthy-after", "1",
+                "--log-dir", str(tmp_path / "workers"),
                 stdout=out, stderr=out)
         procs.append(launcher)
         names = {"verifier-cpu0", "verifier-cpu1"}
@@ -107,7 +112,7 @@ async def test_workers_restart_after_a_crash_and_stop_on_sigterm(tmp_path, tiny_
             return stats if names <= set(stats["verifiers"]) else None
 
         await _until("both workers registered", registered, 120, procs)
-        started = {e["worker"]: e["pid"] for e in _events(sup_log) if e.get("event") == "worker_started"}
+        started = {e["child"]: e["pid"] for e in _events(sup_log) if e.get("event") == "child_started"}
         assert set(started) == names
         # the compose stack's health checks, here against this broker
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLED_")} | {"SLED_BROKER__FRONTEND": frontend}
@@ -119,13 +124,13 @@ async def test_workers_restart_after_a_crash_and_stop_on_sigterm(tmp_path, tiny_
         os.kill(started["verifier-cpu0"], signal.SIGKILL)
 
         async def restarted():
-            again = [e for e in _events(sup_log) if e.get("event") == "worker_started" and e["worker"] == "verifier-cpu0"]
+            again = [e for e in _events(sup_log) if e.get("event") == "child_started" and e["child"] == "verifier-cpu0"]
             return again[-1]["pid"] if len(again) == 2 else None
 
         new_pid = await _until("the killed worker started again", restarted, 30, procs)
         assert new_pid != started["verifier-cpu0"]
-        exited = [e for e in _events(sup_log) if e.get("event") == "worker_exited"]
-        assert [(e["worker"], e["code"]) for e in exited] == [("verifier-cpu0", -signal.SIGKILL)]
+        exited = [e for e in _events(sup_log) if e.get("event") == "child_exited"]
+        assert [(e["child"], e["code"]) for e in exited] == [("verifier-cpu0", -signal.SIGKILL)]
 
         async def registered_again():  # the broker dropped the dead worker and took the new one
             stats = await registered()
@@ -133,10 +138,10 @@ async def test_workers_restart_after_a_crash_and_stop_on_sigterm(tmp_path, tiny_
 
         await _until("the restarted worker registered again", registered_again, 120, procs)
 
-        launcher.send_signal(signal.SIGTERM)
+        launcher.send_signal(signal.SIGTERM)  # the killed worker is healthy again: a clean stop
         assert await asyncio.wait_for(launcher.wait(), 30) == 0
-        stopped = [e for e in _events(sup_log) if e.get("event") == "workers_stopped"]
-        assert stopped and set(stopped[0]["codes"]) == names
+        stopped = [e for e in _events(sup_log) if e.get("event") == "children_stopped"]
+        assert stopped and set(stopped[0]["codes"]) == names and stopped[0]["failed"] == []
         assert all(code is not None for code in stopped[0]["codes"].values())
         for pid in (new_pid, started["verifier-cpu1"]):
             with pytest.raises(ProcessLookupError):
@@ -151,3 +156,25 @@ async def test_workers_restart_after_a_crash_and_stop_on_sigterm(tmp_path, tiny_
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+
+
+async def test_launch_exits_1_when_its_workers_cannot_start(tmp_path):
+    """A target that does not exist: each worker dies at load, is restarted once, is given up, and
+    the launch ends by itself with exit 1 (no broker needed: the worker dies before connecting)."""
+    overrides = stack_overrides(tmp_path / "no-such-model", {})
+    flags = [a for item in overrides for a in ("--set", item)]
+    sup_log = tmp_path / "launch.log"
+    with open(sup_log, "wb") as out:
+        launcher = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pipeline", "--log-format", "json", *flags,
+            "launch", "--gpus", "cpu:1", "--max-restarts", "1", "--backoff-max", "0.1",
+            "--log-dir", str(tmp_path / "workers"), stdout=out, stderr=out)
+    try:
+        assert await asyncio.wait_for(launcher.wait(), 180) == 1
+    finally:
+        if launcher.returncode is None:
+            launcher.kill()
+            await launcher.wait()
+    events = [e.get("event") for e in _events(sup_log)]
+    assert events.count("child_started") == 2 and events.count("child_exited") == 1
+    assert "child_given_up" in events

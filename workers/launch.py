@@ -6,32 +6,34 @@ that exits while the supervisor runs is started again after a capped exponential
 (reset once it has stayed up for a while); the broker meanwhile fails that worker's batches
 with ``verifier_lost`` and the drafters resend their histories to whichever worker takes the
 sessions, so nothing is lost. SIGINT/SIGTERM stop every child: SIGTERM, one bounded grace
-period for all, then SIGKILL.
+period for all, then SIGKILL. The supervision is the project's one supervisor
+(pipeline/supervisor.py); this module plans the slots and says what each child is.
+
+Exit code: 0 when every worker that ever exited on its own is healthy again at stop time
+(running and up ``Backoff.reset_after_s``, ``--healthy-after``); 1 when one is not, or when one
+was given up after more than ``--max-restarts`` failures in a row (the launch ends by itself
+with 1 once every worker is given up, e.g. a target that cannot load).
 
 On a machine without GPUs ``--gpus cpu:N`` starts N CPU workers standing in for GPUs (the
-tests do that). This module imports neither torch nor pyzmq at load time: the supervisor only
-needs the standard library and structlog.
+tests do that). This module imports no torch at load time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import structlog
 
-log = structlog.get_logger("sled.launch")
+from pipeline.supervisor import Backoff, ChildSpec, Supervisor
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+__all__ = ["Backoff", "LaunchError", "Slot", "plan_slots", "serve_workers", "visible_gpus", "worker_overrides",
+           "worker_spec"]
+
+log = structlog.get_logger("sled.launch")
 
 
 class LaunchError(Exception):
@@ -45,18 +47,6 @@ class Slot:
     name: str
     devices: str  # the child's CUDA_VISIBLE_DEVICES; "" hides every GPU (a CPU stand-in)
     cuda: bool
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Capped exponential back-off between restarts of one worker (the Paranoid Pirate's)."""
-
-    base_s: float = 1.0
-    cap_s: float = 30.0
-    reset_after_s: float = 60.0  # a worker up this long counts as healthy again
-
-    def delay(self, failures: int) -> float:
-        return min(self.cap_s, self.base_s * 2 ** min(failures, 30))
 
 
 def visible_gpus(environ: dict[str, str] | None = None) -> list[str]:
@@ -145,106 +135,22 @@ def worker_overrides(slot: Slot, *, per_worker: int, device_map: str) -> list[st
     return out
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: receive SIGTERM when the supervisor dies, even by SIGKILL."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def worker_spec(supervisor: Supervisor, slot: Slot, *, per_worker: int, device_map: str) -> ChildSpec:
+    """One slot's child: ``python -m pipeline <shared flags> --set <its settings> verifier``,
+    pinned to its GPUs, restarted after it exits."""
+    settings = [a for item in worker_overrides(slot, per_worker=per_worker, device_map=device_map) for a in ("--set", item)]
+    return supervisor.role(slot.name, *settings, "verifier", env={"CUDA_VISIBLE_DEVICES": slot.devices}, restart=True)
 
 
-@dataclass
-class Supervisor:
-    """Starts one child per slot, restarts each after it exits, stops all on ``stop``."""
-
-    slots: list[Slot]
-    base_args: Sequence[str] = ()  # --config/--set flags every child gets before its role
-    per_worker: int = 1
-    device_map: str = ""
-    backoff: Backoff = field(default_factory=Backoff)
-    grace_s: float = 10.0
-    log_dir: Path | None = None
-    procs: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
-    restarts: dict[str, int] = field(default_factory=dict)
-
-    def command(self, slot: Slot) -> list[str]:
-        args = [sys.executable, "-m", "pipeline", *self.base_args]
-        for item in worker_overrides(slot, per_worker=self.per_worker, device_map=self.device_map):
-            args += ["--set", item]
-        return [*args, "verifier"]
-
-    def environment(self, slot: Slot) -> dict[str, str]:
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=slot.devices, PYTHONUNBUFFERED="1")
-        # `python -m pipeline` must resolve from any working directory (an uninstalled checkout)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
-        return env
-
-    async def _spawn(self, slot: Slot) -> asyncio.subprocess.Process:
-        out = None
-        if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            out = open(self.log_dir / f"{slot.name}.log", "ab")  # noqa: SIM115 - the child holds it
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *self.command(slot), stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                env=self.environment(slot), preexec_fn=_die_with_parent,
-            )
-        finally:
-            if out is not None:
-                out.close()  # the child has its own descriptor now
-        self.procs[slot.name] = proc
-        log.info("worker_started", worker=slot.name, pid=proc.pid, devices=slot.devices or "cpu")
-        return proc
-
-    async def _keep_running(self, slot: Slot, stop: asyncio.Event) -> None:
-        failures = 0
-        while not stop.is_set():
-            proc = await self._spawn(slot)
-            started = time.monotonic()
-            exited = asyncio.create_task(proc.wait())
-            stopping = asyncio.create_task(stop.wait())
-            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            if not exited.done():  # shutting down: stop_all() ends the child
-                exited.cancel()
-                return
-            if time.monotonic() - started >= self.backoff.reset_after_s:
-                failures = 0
-            delay = self.backoff.delay(failures)
-            failures += 1
-            self.restarts[slot.name] = self.restarts.get(slot.name, 0) + 1
-            log.warning("worker_exited", worker=slot.name, pid=proc.pid, code=proc.returncode,
-                        restart_in_s=round(delay, 2), restarts=self.restarts[slot.name])
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-
-    async def stop_all(self) -> None:
-        """SIGTERM every child, one grace period for all of them together, then SIGKILL."""
-        live = {name: p for name, p in self.procs.items() if p.returncode is None}
-        for proc in live.values():
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-        waits = {asyncio.create_task(p.wait()): name for name, p in live.items()}
-        if waits:
-            _, late = await asyncio.wait(waits, timeout=self.grace_s)
-            for task in late:
-                name = waits[task]
-                log.warning("worker_killed", worker=name, grace_s=self.grace_s)
-                with contextlib.suppress(ProcessLookupError):
-                    live[name].kill()
-            if late:
-                await asyncio.wait(late)
-        log.info("workers_stopped", workers=len(self.procs),
-                 codes={name: p.returncode for name, p in self.procs.items()})
-
-    async def run(self, stop: asyncio.Event) -> None:
-        keepers = [asyncio.create_task(self._keep_running(slot, stop)) for slot in self.slots]
-        try:
-            await stop.wait()
-            await asyncio.gather(*keepers)  # each returns at once; none spawns after this
-        finally:
-            for task in keepers:
-                task.cancel()
-            await asyncio.gather(*keepers, return_exceptions=True)
-            await self.stop_all()
+async def serve_workers(config, stop: asyncio.Event, *, slots: list[Slot], supervisor: Supervisor,
+                        per_worker: int = 1) -> int:
+    """`sled launch` until ``stop`` is set: 1 when a worker failed (see Supervisor.failed), else 0."""
+    supervisor.start([worker_spec(supervisor, s, per_worker=per_worker, device_map=config.verifier.device_map)
+                      for s in slots])
+    try:
+        given_up = await supervisor.run(stop)  # returns early only when every worker was given up
+        if given_up is not None:
+            log.error("launch_failed", reason="every worker was given up", workers=[s.name for s in slots])
+    finally:
+        await supervisor.stop()
+    return supervisor.exit_code

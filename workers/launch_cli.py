@@ -4,9 +4,8 @@ module and calls :func:`register`."""
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
 import sys
+from functools import partial
 from pathlib import Path
 
 
@@ -23,16 +22,21 @@ def register(subparsers) -> None:
                    help="worker names are PREFIX-gpuN / PREFIX-cpuN; make it unique per server (default: verifier)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds the workers get to stop before SIGKILL")
     p.add_argument("--backoff-max", type=float, default=30.0, help="longest wait before a restart, in seconds")
+    p.add_argument("--healthy-after", type=float, default=60.0, metavar="S",
+                   help="a restarted worker up this long counts as healthy again (resets its back-off; default 60)")
+    p.add_argument("--max-restarts", type=int, default=10, metavar="N",
+                   help="give a worker up after N restarts in a row without a healthy spell (default 10); "
+                        "a given-up worker makes the exit code 1")
     p.add_argument("--log-dir", type=Path, help="write each worker's output to DIR/NAME.log instead of ours")
     p.set_defaults(handler=run_launch)
 
 
 def run_launch(args: argparse.Namespace) -> int:
-    from pipeline.logs import configure_logging
-    from workers.launch import Backoff, LaunchError, Supervisor, plan_slots
+    """Exit 2 for an impossible plan; else 0 or 1 as workers.launch describes."""
+    from pipeline.roles import run_role
+    from pipeline.supervisor import Backoff, Supervisor
+    from workers.launch import LaunchError, plan_slots, serve_workers
 
-    config = args.sled_config
-    configure_logging(config.log.format, config.log.level)
     try:
         slots = plan_slots(args.gpus, per_worker=args.per_worker, prefix=args.prefix)
     except LaunchError as exc:
@@ -41,17 +45,7 @@ def run_launch(args: argparse.Namespace) -> int:
     base_args = ["--config", str(args.config)] if args.config else []
     for item in args.sled_overrides:
         base_args += ["--set", item]
-    supervisor = Supervisor(
-        slots, base_args, per_worker=args.per_worker, device_map=config.verifier.device_map,
-        backoff=Backoff(cap_s=args.backoff_max), grace_s=args.grace, log_dir=args.log_dir,
-    )
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await supervisor.run(stop)
-
-    asyncio.run(main())
-    return 0
+    supervisor = Supervisor(base_args, log_dir=args.log_dir, grace_s=args.grace, max_restarts=args.max_restarts,
+                            backoff=Backoff(cap_s=args.backoff_max, reset_after_s=args.healthy_after))
+    return run_role("launch", args.sled_config,
+                    partial(serve_workers, slots=slots, supervisor=supervisor, per_worker=args.per_worker))
