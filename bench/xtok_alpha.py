@@ -32,8 +32,9 @@ from workers.drafts import ModelDrafter
 from workers.translating_drafter import TranslatingDrafter, tokenizers_to_translate
 
 
-def measure(target_spec: str, drafters: list[str], *, prompts: str, count: int, max_new_tokens: int, gamma: int) -> list[dict]:
-    target = load_causal_lm(target_spec)
+def measure(target_spec: str, drafters: list[str], *, prompts: str, count: int, max_new_tokens: int, gamma: int,
+            target_dtype: str = "float32") -> list[dict]:
+    target = load_causal_lm(target_spec, dtype=target_dtype)
     tokenizer = load_tokenizer(target_spec)
     setup = Setup(name="xtok", target=target_spec, drafters={}, server_drafter=DrafterChoice("ngram", gamma), prompts=prompts)
     ids = prompt_ids(setup, tokenizer, count)
@@ -41,6 +42,9 @@ def measure(target_spec: str, drafters: list[str], *, prompts: str, count: int, 
     started = time.perf_counter()
     references = [greedy_reference(target, p, max_new_tokens, stops) for p in ids]
     reference_s = time.perf_counter() - started
+    if target_dtype != "float32":  # only the references need the target: free it for the drafters
+        del target
+        target = None
     out = []
     for spec in drafters:
         model_spec, _, flag = spec.partition("@")
@@ -52,7 +56,7 @@ def measure(target_spec: str, drafters: list[str], *, prompts: str, count: int, 
         with tempfile.TemporaryDirectory() as tmp:
             figures = record_trace(strategy, "model", ids, references, gamma, max_new_tokens, stops, Path(tmp) / "t.msgpack")
         out.append({
-            "target": target_spec, "drafter": spec, "translating": bool(tokenizers), "prompts": f"{count} {prompts}",
+            "target": target_spec, "target_dtype": target_dtype, "drafter": spec, "translating": bool(tokenizers), "prompts": f"{count} {prompts}",
             "max_new_tokens": max_new_tokens, "gamma": gamma,
             "alpha_per_position": round(figures["alpha_per_position"], 3),
             "acceptance_rate": round(figures["acceptance_rate"], 3),
@@ -73,10 +77,11 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--gamma", type=int, default=4)
+    parser.add_argument("--target-dtype", default="float32", help="bfloat16 halves the target's memory (references only)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     measure(args.target, args.drafter, prompts=args.prompts, count=args.count, max_new_tokens=args.max_new_tokens,
-            gamma=args.gamma)
+            gamma=args.gamma, target_dtype=args.target_dtype)
 
 
 if __name__ == "__main__":
