@@ -214,3 +214,16 @@ def _sample_pairs(target, strategy, prompt, sampling, sessions, batch=500):
             rounds += 1
         pairs += [tuple(hist[len(prompt):len(prompt) + 2]) for hist, *_ in runs.values()]
     return pairs
+
+
+def test_the_bench_drafts_through_the_translation_for_a_class_of_another_family(xtok):
+    from bench.profiles import PROFILES, DrafterChoice, qwen_setup
+    from bench.run import model_strategy
+    from workers.drafts import ModelDrafter
+
+    target = str(xtok.paths["target"])
+    assert isinstance(model_strategy(DrafterChoice(str(xtok.paths["drafter"]), 4), xtok.drafter, target), TranslatingDrafter)
+    assert isinstance(model_strategy(DrafterChoice(target, 4), xtok.target, target), ModelDrafter)
+    setup = qwen_setup({"target": "t", "drafter": "d"})
+    assert "pi5-smollm2" in setup.fleet and setup.drafters["pi5-smollm2"].model == "smollm2"
+    assert all(name in PROFILES for name in setup.fleet)

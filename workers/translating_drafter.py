@@ -149,7 +149,6 @@ class TranslateState:
 
 class TranslatingDrafter:
     kind = "model"  # a model drafter like any other on the wire and in the figures
-    translating = True
 
     def __init__(self, model, draft_tokenizer, target_tokenizer, *, min_confidence: float = 0.0, top_k: int = 8,
                  max_steps: int = 0):
@@ -197,7 +196,7 @@ class TranslatingDrafter:
             return []
         crop_cache(state.cache, common)
         state.fed, state.ends = state.fed[:common], state.ends[:common]
-        state.synced = keep  # these were compared with the committed bytes above
+        state.synced = min(keep, common)  # these were compared with the committed bytes above
         return wanted[common:]
 
     def _feed(self, state: TranslateState, ids: list[int]) -> torch.Tensor:
