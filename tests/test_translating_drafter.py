@@ -227,3 +227,20 @@ def test_the_bench_drafts_through_the_translation_for_a_class_of_another_family(
     setup = qwen_setup({"target": "t", "drafter": "d"})
     assert "pi5-smollm2" in setup.fleet and setup.drafters["pi5-smollm2"].model == "smollm2"
     assert all(name in PROFILES for name in setup.fleet)
+
+
+def test_the_default_targets_real_tokenizer_keeps_exact_bytes_even_when_not_utf8():
+    """SmolLM2's own tokenizer (the default target's package): every id has its exact bytes, and
+    bytes that are not UTF-8 (a model may emit half a character) encode byte by byte."""
+    from pipeline.models import load_tokenizer
+    from workers.translating_drafter import ByteEncoder
+
+    tok = load_tokenizer("smollm2")
+    table = byte_table(tok)
+    encode = ByteEncoder(tok, table)
+    for data in ["naïve café — 日本語 🙂\t\t  x\n\n".encode(), "<|im_start|>user\nhi<|im_end|>".encode(),
+                 "日本".encode()[:4] + b" ok \x80"]:
+        ids = encode(data)
+        assert b"".join(table[i] for i in ids) == data
+    assert b"".join(table[i] for i in encode(b"a\xffb")) == b"ab"  # no token holds 0xFF: skipped
+    assert encode("<|im_end|>".encode()) == [tok.convert_tokens_to_ids("<|im_end|>")]

@@ -123,7 +123,9 @@ class ByteEncoder:
                 text, bad, rest = data[:exc.start].decode("utf-8"), data[exc.start:exc.end], data[exc.end:]
             if text:
                 ids += self.tokenizer.encode(text, add_special_tokens=False)
-            ids += [self.single[b] for b in bad]
+            # a byte no token holds (0xFF in a vocabulary learnt from UTF-8 text) cannot be
+            # represented: skipped, so the caller's byte comparison sees the difference
+            ids += [self.single[b] for b in bad if b in self.single]
             data = rest
         return ids
 
