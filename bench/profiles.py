@@ -30,6 +30,10 @@ PROFILES: dict[str, DeviceProfile] = {
     "orin": DeviceProfile("orin", "model", slowdown=1.0, rtt_ms=5.0, rate_mbit=100.0, power_w=15.0, link="Ethernet, 5 ms RTT, 100 Mbit/s"),
     # model-free class (a phone or microcontroller running n-gram lookup); cellular link
     "ngram": DeviceProfile("ngram", "ngram", slowdown=4.0, rtt_ms=20.0, rate_mbit=20.0, power_w=3.0, link="LTE, 20 ms RTT, 20 Mbit/s"),
+    # a Pi 5 carrying a model of another family than the target's (its own tokenizer: its drafts are
+    # re-encoded as target ids, workers/translating_drafter.py)
+    "pi5-smollm2": DeviceProfile("pi5-smollm2", "model", slowdown=2.5, rtt_ms=20.0, rate_mbit=50.0, power_w=7.0,
+                                 link="Wi-Fi, 20 ms RTT, 50 Mbit/s"),
 }
 
 # The server the energy estimate assumes: a 32-core edge-server CPU with a 250 W TDP, so about
@@ -71,12 +75,15 @@ DEFAULT = Setup(
 
 
 def qwen_setup(paths: dict[str, str]) -> Setup:
-    """The Qwen2.5-Coder 1.5B target with the 0.5B drafter on every device (bench/qwen.py): the
-    regime SLED exists for, so the fleet is the two model classes only (an n-gram device would
-    be the slowest session of every level and measure the n-gram drafter instead of the pair)."""
+    """The Qwen2.5-Coder 1.5B target with the 0.5B drafter on two device classes (bench/qwen.py): the
+    regime SLED exists for, so the fleet is model classes only (an n-gram device would be the
+    slowest session of every level and measure the n-gram drafter instead of the pair), and a
+    third class drafting with SmolLM2-135M through its own tokenizer."""
     drafter = DrafterChoice(paths["drafter"], 4)
-    return Setup(name="qwen", target=paths["target"], drafters={"pi5": drafter, "orin": drafter},
-                 server_drafter=drafter, prompts="code", slo_tpot_ms=1000.0, fleet=["pi5", "orin"],
+    # pi5-smollm2: the default target's SmolLM2-135M, another tokenizer, drafting for the Qwen target
+    return Setup(name="qwen", target=paths["target"],
+                 drafters={"pi5": drafter, "orin": drafter, "pi5-smollm2": DrafterChoice("smollm2", 4)},
+                 server_drafter=drafter, prompts="code", slo_tpot_ms=1000.0, fleet=["pi5", "orin", "pi5-smollm2"],
                  # 32 sessions opening at once: their prefills of the 1.5B target on one CPU thread
                  # take over a minute in one batch, past the default 30 s verdict timeout
                  sled_overrides=("limits.verdict_timeout_s=300.0",))

@@ -73,6 +73,19 @@ def load_drafter_model(choice, target):
     return load_causal_lm(choice.model)
 
 
+def model_strategy(choice, model, target_spec: str):
+    """The drafter a device class runs: ModelDrafter, or TranslatingDrafter for a model of another
+    family (its tokenizer differs from the target's)."""
+    from types import SimpleNamespace
+
+    from workers.translating_drafter import TranslatingDrafter, tokenizers_to_translate
+
+    tokenizers = tokenizers_to_translate(SimpleNamespace(model=choice.model, translate=None), target_spec)
+    if tokenizers:
+        return TranslatingDrafter(model, *tokenizers, min_confidence=choice.min_confidence)
+    return ModelDrafter(model, min_confidence=choice.min_confidence)
+
+
 def derive(method: str, records: list[SessionRecord], server: dict, *, weights_mb: float, profiles: dict,
            gpu: dict | None = None) -> dict:
     """The figures of one method at one level, from its session records and server counters.
@@ -193,7 +206,7 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
         else:
             if choice.model not in drafter_models:
                 drafter_models[choice.model] = load_drafter_model(choice, target)
-            strategy, kind = ModelDrafter(drafter_models[choice.model], min_confidence=choice.min_confidence), "model"
+            strategy, kind = model_strategy(choice, drafter_models[choice.model], setup.target), "model"
         path = workdir / "traces" / f"{name}.msgpack"
         recorded[name] = record_trace(strategy, kind, [prompts[i] for i in mine], [references[i] for i in mine],
                                       choice.gamma, options.max_new_tokens, stop_ids, path)

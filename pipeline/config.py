@@ -82,6 +82,9 @@ class DrafterConfig:
     emulate_slowdown: float = 0.0
     replay: str = ""
     key: str = ""  # CURVE key pair name when security.curve is on; "" = the drafter's name
+    # kind = "model" with another tokenizer than the target's: draft in its own tokens and send them
+    # re-encoded as target ids (workers/translating_drafter.py). None = when the vocabularies differ
+    translate: bool | None = None
 
 
 @dataclass
@@ -160,6 +163,8 @@ def _apply(obj: Any, data: dict, where: str) -> None:
         if key not in names:
             raise ValueError(f"unknown setting {where}{key}")
         current = getattr(obj, key)
+        if current is None:  # an optional setting ("bool | None"): its declared type decides
+            current = {"bool | None": False}.get(str(names[key].type), value)
         if dataclasses.is_dataclass(current):
             _apply(current, value, f"{where}{key}.")
         elif isinstance(obj, Config) and key == "drafters":  # drafters.NAME tables

@@ -19,6 +19,8 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def toml_value(value) -> str:
+    if value is None:  # an optional setting left out of the file (``drafters.NAME.translate``)
+        return "unset"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, str):

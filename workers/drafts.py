@@ -2,6 +2,8 @@
 
 * ModelDrafter -- any causal LM sharing the target's tokenizer, with its own KV cache per session,
   rolled back to the accepted prefix after each verdict.
+* TranslatingDrafter (workers/translating_drafter.py) -- a causal LM with another tokenizer: its
+  drafts are re-encoded as target ids (ids only, q = 1).
 * FeatureDrafter (workers/feature_drafter.py) -- a small head conditioned on the target's own
   hidden states, which the verifier returns with each verdict (EAGLE-style).
 * NgramDrafter -- model-free prompt lookup for the weakest devices: find the latest earlier
@@ -206,4 +208,9 @@ def build_drafter(cfg, target_spec: str):
         from pipeline.models import load_causal_lm
 
         model = load_causal_lm(cfg.model, dtype=cfg.dtype)
+    from workers.translating_drafter import TranslatingDrafter, tokenizers_to_translate
+
+    tokenizers = tokenizers_to_translate(cfg, target_spec)  # a drafter of another model family
+    if tokenizers:
+        return TranslatingDrafter(model, *tokenizers, min_confidence=cfg.min_confidence, top_k=cfg.top_k)
     return ModelDrafter(model, min_confidence=cfg.min_confidence, top_k=cfg.top_k)
