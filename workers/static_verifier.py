@@ -161,7 +161,8 @@ class StaticVerifier(TargetVerifier):
             lengths = torch.tensor([state.length for state in states], dtype=torch.long)
             # padding positions past a row's slice land in its own pages (overwritten when real
             # tokens get there, masked until then) or, past them, in the spare page
-            table = self._table([state.pages for state in states], self.kv.pages_for(max(lengths.tolist()) + width))
+            span = max(self.kv.pages_for(max(lengths.tolist()) + width), *(len(state.pages) for state in states))
+            table = self._table([state.pages for state in states], span)
             layers = tuple(sorted({i for s in forward for i in jobs[s.index][2]}))
             _, hidden = self.net(ids.to(self.device), lengths.to(self.device), table.to(self.device),
                                  hidden_layers=layers, logits=False)
