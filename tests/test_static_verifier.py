@@ -251,4 +251,7 @@ async def test_a_stack_with_the_static_backend_is_token_identical(tmp_path, tiny
     assert [r.tokens for r in results] == [greedy_reference(target, p, 24) for p in prompts]
     verifier_stats = next(iter(figures["verifiers"].values()))
     assert verifier_stats["backend"] == "static"
-    assert verifier_stats["forwards"]["verify"] and verifier_stats["forwards"]["prefill"]["forwards"] == 6
+    prefill = verifier_stats["forwards"]["prefill"]
+    # six histories, prefilled together when they arrive in one batch (workers/prefill.py)
+    assert verifier_stats["forwards"]["verify"] and 1 <= prefill["forwards"] <= 6
+    assert prefill["tokens"] == sum(len(p) - 1 for p in prompts) and verifier_stats["prefills"] == 6
