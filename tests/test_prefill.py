@@ -154,3 +154,15 @@ def test_sampling_with_a_budget_of_fewer_tokens_than_sessions_keeps_the_distribu
     token per forward over several forwards, and sampled pairs keep the target's distribution."""
     monkeypatch.setattr(target_tests, "verifier", lambda model, max_sessions=64: make("static", model, 64, max_sessions))
     target_tests.test_sampling_through_drafters_keeps_the_sequence_distribution(kind)
+
+
+@pytest.mark.parametrize("backend", ["eager", "static"])
+def test_the_budget_comes_from_the_configuration(backend):
+    from pipeline.config import load_config
+    from workers.static_verifier import make_verifier
+
+    config = load_config(None, [f'verifier.backend="{backend}"', "verifier.kv_cache_mb=8.0", "verifier.prefill_chunk_tokens=5"])
+    ver = make_verifier(tiny_llama(1), config)
+    assert ver.prefill_chunk_tokens == 5 and load_config(None, []).verifier.prefill_chunk_tokens == 512
+    ver.verify_batch([Propose("a", 0, 12, [], history=list(range(1, 13)))])
+    assert ver.stats.prefill_forwards == 3  # 11 tokens, at most 5 a forward
