@@ -147,7 +147,7 @@ def run_central(target, sessions: list[SessionRecord], concurrency: int, max_new
     return {
         "server_cpu_s": time.process_time() - cpu0,
         "elapsed_s": time.perf_counter() - wall0,
-        "target_forwards": stats.batches + stats.prefills,
+        "target_forwards": stats.batches + stats.prefill_forwards,
         "verify_forwards": stats.batches,
         "draft_forwards": drafter.forwards if drafter else 0,
         "target_tokens": stats.prefill_tokens + stats.verify_tokens,

@@ -239,7 +239,7 @@ def _level_delta(before: dict, after: dict, elapsed: float) -> dict:
     return {
         "server_cpu_s": after["verifier_cpu_s"] - before["verifier_cpu_s"],
         "elapsed_s": elapsed,
-        "target_forwards": (v1["batches"] - v0["batches"]) + (v1["prefills"] - v0["prefills"]),
+        "target_forwards": (v1["batches"] - v0["batches"]) + (v1["prefill_forwards"] - v0["prefill_forwards"]),
         "verify_forwards": v1["batches"] - v0["batches"],
         "draft_forwards": 0,  # on the devices
         "target_tokens": v1["target_tokens"] - v0["target_tokens"],

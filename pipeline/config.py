@@ -57,8 +57,9 @@ class VerifierConfig:
     backend: str = "eager"
     kv_cache_mb: float = 1024.0  # static backend: the KV pool, allocated once
     compile: str = "auto"  # static backend: torch.compile(mode="reduce-overhead"): "auto" (on CUDA), "on", "off"
-    # New sessions' histories are prefilled together, in chunks of at most this many tokens per
-    # forward, alongside running sessions' verify rows (0 = one session at a time, as before)
+    # New sessions' histories are prefilled together, in chunks of at most this many (padded)
+    # tokens per forward, inside the batch that holds running sessions' verify rows
+    # (workers/prefill.py; 0 = one session at a time, as before)
     prefill_chunk_tokens: int = 512
 
 

@@ -11,7 +11,7 @@ class VerifierFigures(msgspec.Struct, omit_defaults=True):
     batches: int = 0
     items: int = 0  # proposals verified = verify rounds
     item_errors: int = 0
-    prefills: int = 0
+    prefills: int = 0  # sessions (re)built from a history
     prefill_tokens: int = 0
     prefill_cpu_s: float = 0.0  # process CPU time spent prefilling (to tell prefill from decode work)
     verify_tokens: int = 0  # real (unpadded) rows of verify forwards
@@ -29,6 +29,7 @@ class VerifierFigures(msgspec.Struct, omit_defaults=True):
     backend: str = "eager"  # verifier.backend in use (set by the worker)
     # (sessions, rows) of every forward (workers/forward_log.py), for `sled bench`'s GPU projection
     forwards: dict = {}
+    prefill_forwards: int = 0  # forwards that prefilled histories (several sessions share one)
 
     def as_dict(self) -> dict:
         return msgspec.structs.asdict(self)

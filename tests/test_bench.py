@@ -129,7 +129,7 @@ def test_bench_run_on_tiny_models_is_lossless_for_every_method(tiny_models, tmp_
         verify = figures["forwards"]["verify"]
         forwards = sum(n for _, _, n in verify) + figures["forwards"]["prefill"]["forwards"]
         assert abs(forwards - figures["target_forwards_per_token"] * 36) < 0.5
-        assert figures["forwards"]["prefill"]["forwards"] == 3
+        assert 1 <= figures["forwards"]["prefill"]["forwards"] <= 3  # three histories, batched when they arrive together
         assert all(rows >= sessions for sessions, rows, _ in verify)
         assert figures["gpu_projection"]["gpu_server_ms_per_token"] > 0
     assert all(rows == sessions for sessions, rows, _ in methods["ar"]["3"]["forwards"]["verify"])

@@ -4,7 +4,7 @@ The benchmark prices these with a GPU cost table (bench/gpu_cost.py). The order 
 not change their cost, so a count per shape is the whole record, and it stays small enough to
 ride in the verifier's heartbeat statistics. Either backend is observed from the outside
 (``verify_recorded``): one ``verify_batch`` is one verify forward over the proposals it accepted
-plus one prefill forward per session it (re)opened.
+plus the prefill forwards that filled the sessions it (re)opened (several sessions share one).
 """
 
 from __future__ import annotations
@@ -55,10 +55,10 @@ def delta(before: dict | None, after: dict | None) -> dict:
 def verify_recorded(verifier, items: list, log: ForwardLog) -> list:
     """``verifier.verify_batch(items)``, with its forwards added to ``log`` (from its statistics)."""
     s = verifier.stats
-    items0, rows0, prefills0, prefill_tokens0 = s.items, s.verify_tokens, s.prefills, s.prefill_tokens
+    items0, rows0, prefills0, prefill_tokens0 = s.items, s.verify_tokens, s.prefill_forwards, s.prefill_tokens
     verdicts = verifier.verify_batch(items)
     if s.items > items0:
         log.add("verify", s.items - items0, s.verify_tokens - rows0)
-    log.prefill_forwards += s.prefills - prefills0
+    log.prefill_forwards += s.prefill_forwards - prefills0
     log.prefill_tokens += s.prefill_tokens - prefill_tokens0
     return verdicts

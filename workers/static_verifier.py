@@ -14,7 +14,8 @@ errors per item, statistics; it is a subclass), different model side:
 * No host syncs inside a round: the inputs go to the device, the forward and
   workers/batch_acceptance.py run there, and one ``tolist()`` brings the verdicts back.
 
-Prefill (a new session's history) runs the same forward uncompiled, one session at a time.
+Prefill (new sessions' histories) runs the same forward uncompiled, several sessions per forward
+in chunks under ``verifier.prefill_chunk_tokens`` (workers/prefill.py), before the verify forward.
 Architectures the static forward does not cover fall back to the eager backend (``make_verifier``).
 """
 
@@ -30,6 +31,7 @@ from pipeline.config import Config, LimitsConfig
 from pipeline.protocol import ErrorCode, Propose, Verdict
 from workers.acceptance import position_generator
 from workers.batch_acceptance import accept_batch
+from workers.prefill import plan_prefill
 from workers.static_model import PagedKV, StaticModel, supports
 from workers.target import MAX_PREFILL_FEATURE_ROWS, ItemError, SessionState, TargetVerifier
 
@@ -68,8 +70,8 @@ class StaticVerifier(TargetVerifier):
     backend = "static"
 
     def __init__(self, model, *, max_sessions: int, limits: LimitsConfig, kv_cache_mb: float = 1024.0,
-                 compile: bool = False):
-        super().__init__(model, max_sessions=max_sessions, limits=limits)
+                 compile: bool = False, prefill_chunk_tokens: int = 512):
+        super().__init__(model, max_sessions=max_sessions, limits=limits, prefill_chunk_tokens=prefill_chunk_tokens)
         config = model.config
         dtype = model.get_input_embeddings().weight.dtype
         heads = config.num_key_value_heads
@@ -131,30 +133,54 @@ class StaticVerifier(TargetVerifier):
     # --- forward passes ------------------------------------------------------------------
 
     def _open(self, item: Propose) -> PagedSession:
+        """A session rebuilt from its history: pages are reserved by ``verify_batch`` and filled by
+        ``_prefill`` together with the batch's other new histories."""
         self._drop(item.session_id)
         self._evict_to_fit()
         history = item.history
-        generator = None
-        if not item.sampling.greedy:
-            generator = torch.Generator(device="cpu").manual_seed(item.sampling.seed)
-        state = PagedSession(item.session_id, len(history), history[-1], None, item.sampling, generator, item.drafter_kind)
-        if len(history) > 1:
-            cpu = time.process_time()
-            self._reserve(state, len(history) - 1)
-            ids = torch.tensor([history[:-1]], dtype=torch.long)
-            table = self._table([state.pages], self.kv.pages_for(len(history) - 1))
-            _, hidden = self.net(ids.to(self.device), torch.zeros(1, dtype=torch.long, device=self.device),
-                                 table.to(self.device), hidden_layers=tuple(item.feature_layers), logits=False)
-            state.length = len(history) - 1
-            if hidden is not None:  # [layers, 1, T, H] -> [T, layers x H], the latest rows
-                features = hidden[:, 0].permute(1, 0, 2).flatten(1)[-MAX_PREFILL_FEATURE_ROWS:]
-                state.prefill_features = features
-                state.prefill_features_start = len(history) - 1 - features.shape[0]
-            self.stats.prefills += 1
-            self.stats.prefill_tokens += len(history) - 1
-            self.stats.prefill_cpu_s += time.process_time() - cpu
+        state = PagedSession(item.session_id, len(history), history[-1], None, item.sampling,
+                             drafter_kind=item.drafter_kind)
         self.sessions[item.session_id] = state
         return state
+
+    def _prefill(self, jobs: list[tuple[PagedSession, list[int], list[int]]]) -> None:
+        """Write freshly opened sessions' histories into their pages (reserved already), several
+        sessions per forward under the chunk budget (workers/prefill.py), uncompiled: prefill
+        shapes vary too much for a graph per bucket. Keeps the latest history features asked for."""
+        jobs = [job for job in jobs if job[1]]
+        if not jobs:
+            return
+        cpu = time.process_time()
+        features: list[list[torch.Tensor]] = [[] for _ in jobs]
+        for forward in plan_prefill([len(tokens) for _, tokens, _ in jobs], self.prefill_chunk_tokens):
+            states = [jobs[s.index][0] for s in forward]
+            width = max(s.stop - s.start for s in forward)
+            ids = torch.zeros((len(forward), width), dtype=torch.long)
+            for row, s in enumerate(forward):
+                ids[row, : s.stop - s.start] = torch.tensor(jobs[s.index][1][s.start : s.stop])
+            lengths = torch.tensor([state.length for state in states], dtype=torch.long)
+            # padding positions past a row's slice land in its own pages (overwritten when real
+            # tokens get there, masked until then) or, past them, in the spare page
+            span = max(self.kv.pages_for(max(lengths.tolist()) + width), *(len(state.pages) for state in states))
+            table = self._table([state.pages for state in states], span)
+            layers = tuple(sorted({i for s in forward for i in jobs[s.index][2]}))
+            _, hidden = self.net(ids.to(self.device), lengths.to(self.device), table.to(self.device),
+                                 hidden_layers=layers, logits=False)
+            for row, (s, state) in enumerate(zip(forward, states)):
+                state.length += s.stop - s.start
+                asked = jobs[s.index][2]
+                if asked:  # [layers, B, T, H] -> this row's [T, asked layers x H], the latest rows
+                    rows = torch.cat([hidden[layers.index(i), row, : s.stop - s.start] for i in asked], dim=-1)
+                    features[s.index].append(rows[-MAX_PREFILL_FEATURE_ROWS:])
+            self.stats.prefill_forwards += 1
+        for (state, tokens, _), rows in zip(jobs, features):
+            if rows:
+                state.prefill_features = torch.cat(rows)[-MAX_PREFILL_FEATURE_ROWS:]
+                state.prefill_features_start = len(tokens) - state.prefill_features.shape[0]
+        self.stats.prefills += len(jobs)
+        self.stats.prefill_tokens += sum(len(tokens) for _, tokens, _ in jobs)
+        self.stats.target_tokens += sum(len(tokens) for _, tokens, _ in jobs)
+        self.stats.prefill_cpu_s += time.process_time() - cpu
 
     def _inputs(self, states: list[PagedSession], items: list[Propose]) -> dict:
         batch = bucket(len(states), SESSION_BUCKETS)
@@ -226,13 +252,21 @@ class StaticVerifier(TargetVerifier):
                     raise ItemError(ErrorCode.INVALID, "two proposals for one session in one batch")
                 state = self._state_for(item)
                 self.busy.add(item.session_id)
-                self._reserve(state, state.length + 1 + len(item.draft))
+                history = len(item.history) - 1 if item.history is not None else 0  # prefilled below
+                try:
+                    self._reserve(state, state.length + history + 1 + len(item.draft))
+                except ItemError:
+                    if item.history is not None:  # never leave a session whose history is not in its pages
+                        self._drop(item.session_id)
+                    raise
                 ready.append((index, item, state))
             except ItemError as exc:
                 self.stats.item_errors += 1
                 self.stats.errors[exc.code] = self.stats.errors.get(exc.code, 0) + 1
                 verdicts[index] = Verdict(item.session_id, item.round, 0, 0, exc.code, exc.detail)
         if ready:
+            self._prefill([(state, item.history[:-1], item.feature_layers)
+                           for _, item, state in ready if item.history is not None])
             states = [s for _, _, s in ready]
             results, hidden = self.forward_round(states, [item for _, item, _ in ready])
             for row, ((index, item, state), (accepted, token)) in enumerate(zip(ready, results)):
@@ -271,6 +305,8 @@ def make_verifier(model, config: Config) -> TargetVerifier:
             device = model.get_input_embeddings().weight.device
             compile = v.compile == "on" or (v.compile == "auto" and device.type == "cuda")
             return StaticVerifier(model, max_sessions=v.max_sessions, limits=config.limits,
-                                  kv_cache_mb=v.kv_cache_mb, compile=compile)
+                                  kv_cache_mb=v.kv_cache_mb, compile=compile,
+                                  prefill_chunk_tokens=v.prefill_chunk_tokens)
         log.warning("static_backend_unavailable", reason=reason, fallback="eager", model_type=model.config.model_type)
-    return TargetVerifier(model, max_sessions=v.max_sessions, limits=config.limits)
+    return TargetVerifier(model, max_sessions=v.max_sessions, limits=config.limits,
+                          prefill_chunk_tokens=v.prefill_chunk_tokens)

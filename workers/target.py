@@ -25,6 +25,7 @@ from pipeline.config import LimitsConfig
 from pipeline.figures import VerifierFigures
 from pipeline.protocol import ErrorCode, Propose, Sampling, Verdict
 from workers.acceptance import position_generator, target_probs, verify_greedy, verify_sampling
+from workers.prefill import plan_prefill
 
 # One tensor per session: [layers, 2 (keys, values), kv_heads, length, head_dim]. One tensor, not
 # one per layer, so that gathering B sessions into a batch and scattering them back costs O(B)
@@ -69,13 +70,15 @@ VerifierStats = VerifierFigures  # the counters are declared once, where they cr
 
 
 class TargetVerifier:
-    def __init__(self, model, *, max_sessions: int, limits: LimitsConfig):
+    def __init__(self, model, *, max_sessions: int, limits: LimitsConfig, prefill_chunk_tokens: int = 512):
         self.model = model
         # with a device_map the inputs go where the embeddings are
         self.device = model.get_input_embeddings().weight.device
         self.vocab_size = model.config.vocab_size
         self.max_sessions = max_sessions
         self.limits = limits
+        # padded tokens per prefill forward (workers/prefill.py); 0: one whole history per forward
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.sessions: OrderedDict[str, SessionState] = OrderedDict()  # LRU order
         self.stats = VerifierStats()
 
@@ -153,29 +156,43 @@ class TargetVerifier:
     # --- forward passes ------------------------------------------------------------------
 
     def _open(self, item: Propose) -> SessionState:
-        """(Re)build a session from its full history: prefill all but the last token."""
+        """(Re)build a session from its full history. Its cache stays empty until ``_prefill``
+        runs the batch's new histories together (all but each history's last token)."""
         self.sessions.pop(item.session_id, None)
         self._evict_to_fit()
         history = item.history
-        kv = features = None
-        if len(history) > 1:
-            cpu = time.process_time()
-            ids = torch.tensor([history[:-1]], dtype=torch.long, device=self.device)
-            want = bool(item.feature_layers)
-            out = self.model(input_ids=ids, cache=DynamicCache(), use_cache=True, output_hidden_states=want)
-            kv = torch.stack([torch.stack((layer.keys[0], layer.values[0])) for layer in out.cache.layers])
-            if want:
-                features = pick_hidden(out.hidden_states, item.feature_layers)[0, -MAX_PREFILL_FEATURE_ROWS:]
-            self.stats.prefills += 1
-            self.stats.prefill_tokens += len(history) - 1
-            self.stats.target_tokens += len(history) - 1
-            self.stats.prefill_cpu_s += time.process_time() - cpu
-        state = SessionState(item.session_id, len(history), history[-1], kv, item.sampling, item.drafter_kind)
-        if features is not None:
-            state.prefill_features = features
-            state.prefill_features_start = len(history) - 1 - features.shape[0]
+        state = SessionState(item.session_id, len(history), history[-1], None, item.sampling, item.drafter_kind)
         self.sessions[item.session_id] = state
         return state
+
+    def _prefill(self, jobs: list[tuple[SessionState, list[int], list[int]]]) -> None:
+        """Fill the caches of freshly opened sessions: ``(state, tokens, feature_layers)`` each,
+        in the forwards ``plan_prefill`` gives, and keep the latest history features asked for."""
+        jobs = [job for job in jobs if job[1]]
+        if not jobs:
+            return
+        cpu = time.process_time()
+        features: list[list[torch.Tensor]] = [[] for _ in jobs]
+        for forward in plan_prefill([len(tokens) for _, tokens, _ in jobs], self.prefill_chunk_tokens):
+            states = [jobs[s.index][0] for s in forward]
+            rows = [jobs[s.index][1][s.start : s.stop] for s in forward]
+            want = any(jobs[s.index][2] for s in forward)
+            _, kv, past, hidden = ragged_forward(self.model, self.device, [st.kv for st in states], rows,
+                                                 hidden=want, logits=False)
+            for row, (s, state) in enumerate(zip(forward, states)):
+                state.kv = session_kv(kv, row, past - state.cached, past + s.stop - s.start)
+                if jobs[s.index][2]:
+                    picked = pick_hidden(hidden, jobs[s.index][2])[row, : s.stop - s.start]
+                    features[s.index].append(picked[-MAX_PREFILL_FEATURE_ROWS:])
+            self.stats.prefill_forwards += 1
+        for (state, tokens, _), rows in zip(jobs, features):
+            if rows:
+                state.prefill_features = torch.cat(rows)[-MAX_PREFILL_FEATURE_ROWS:]
+                state.prefill_features_start = len(tokens) - state.prefill_features.shape[0]
+        self.stats.prefills += len(jobs)
+        self.stats.prefill_tokens += sum(len(tokens) for _, tokens, _ in jobs)
+        self.stats.target_tokens += sum(len(tokens) for _, tokens, _ in jobs)
+        self.stats.prefill_cpu_s += time.process_time() - cpu
 
     def _state_for(self, item: Propose) -> SessionState:
         if item.history is not None:
@@ -215,6 +232,8 @@ class TargetVerifier:
                 self.stats.errors[exc.code] = self.stats.errors.get(exc.code, 0) + 1
                 verdicts[index] = Verdict(item.session_id, item.round, 0, 0, exc.code, exc.detail)
         if ready:
+            self._prefill([(state, item.history[:-1], item.feature_layers)
+                           for _, item, state in ready if item.history is not None])
             states = [s for _, _, s in ready]
             drafts = [item.draft for _, item, _ in ready]
             logits, kv, past, hidden = self._forward(states, drafts, any(item.feature_layers for _, item, _ in ready))
@@ -261,7 +280,8 @@ def pick_hidden(hidden_states, layers: list[int]) -> torch.Tensor:
     return torch.cat([hidden_states[i] for i in layers], dim=-1)
 
 
-def ragged_forward(model, device, kvs: list[KV | None], rows: list[list[int]], *, hidden: bool = False):
+def ragged_forward(model, device, kvs: list[KV | None], rows: list[list[int]], *, hidden: bool = False,
+                   logits: bool = True):
     """One forward over several sequences with different cached lengths and new-token counts.
 
     ``kvs[i]`` caches sequence i's earlier tokens (None: nothing cached); ``rows[i]`` are its new
@@ -270,7 +290,8 @@ def ragged_forward(model, device, kvs: list[KV | None], rows: list[list[int]], *
     position ids given explicitly. Returns the logits ``[batch, width, vocab]``, the whole cache
     after the forward as (keys, values), each ``[layers, batch, heads, past + width, dim]``, ``past``,
     the padded cache length (sequence i's new tokens sit at ``past .. past + len(rows[i])``), and
-    with ``hidden`` transformers' output_hidden_states tuple (else None).
+    with ``hidden`` transformers' output_hidden_states tuple (else None). ``logits=False`` runs the
+    base model without the head (a prefill needs only the cache) and returns None for the logits.
     Used by the verifier and by the server-side drafting baseline of the benchmarks.
     """
     batch = len(rows)
@@ -293,7 +314,7 @@ def ragged_forward(model, device, kvs: list[KV | None], rows: list[list[int]], *
             if lengths[i]:  # left-padded: each sequence's cache ends where the new tokens start
                 stacked[:, :, i, :, past - lengths[i] :] = kv
         cache = DynamicCache(ddp_cache_data=[(stacked[layer, 0], stacked[layer, 1]) for layer in range(layers)])
-    out = model(
+    out = (model if logits else model.base_model)(
         input_ids=input_ids.to(device),
         attention_mask=mask.to(device),
         position_ids=positions.to(device),
@@ -303,7 +324,7 @@ def ragged_forward(model, device, kvs: list[KV | None], rows: list[list[int]], *
     )
     keys = torch.stack([layer.keys for layer in out.cache.layers])  # [layers, batch, heads, len, dim]
     values = torch.stack([layer.values for layer in out.cache.layers])
-    return out.logits, (keys, values), past, out.hidden_states if hidden else None
+    return out.logits if logits else None, (keys, values), past, out.hidden_states if hidden else None
 
 
 def session_kv(kv: tuple[torch.Tensor, torch.Tensor], row: int, start: int, stop: int) -> KV:
