@@ -435,7 +435,9 @@ class DrafterService:
                     confirmed = verdict.accepted == len(draft.tokens) and verdict.token == guess
                     if not confirmed:
                         abort.set()  # stop drafting on a context that is now known to be wrong
-                    made, ahead = await ahead, None
+                    async with asyncio.timeout(self.config.limits.verdict_timeout_s):  # a bounded draft; never hang here
+                        made = await ahead
+                    ahead = None
                     if confirmed:
                         ready = made  # the strategy's state is already the next round's
                         figures["proactive_hits"] += 1
