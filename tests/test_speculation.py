@@ -80,7 +80,7 @@ def test_positions_past_the_first_rejection_are_not_observed_and_relax_to_the_pr
     policy.observe(3, 0)  # position 0 rejected: positions 1 and 2 were never compared
     assert policy.alphas[0] < 0.8
     assert 0.1 < policy.alphas[1] < PRIOR_ALPHA  # drifts back up: a short-drafting session probes again
-    for _ in range(200):
+    for _ in range(400):
         policy.observe(0, 0)
     assert policy.alphas[1] == pytest.approx(PRIOR_ALPHA, abs=0.02)
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 PRIOR_ALPHA = 0.8  # before any verdict: a decent drafter (the first rounds then draft like today)
 EWMA = 0.25  # weight of the newest observation of a position
-RELAX = 0.02  # per round, an unobserved position moves this far back towards the prior
+RELAX = 0.01  # per round, an unobserved position moves this far back towards the prior
 ROUND_COST_ROWS = 8.0
 FLOOR_RISE_PER_S = 0.01
 
