@@ -352,9 +352,10 @@ class DrafterService:
     async def _draft_ahead(self, state, keep: int, assumed: list[int], gamma: int, sampling: Sampling,
                            abort: threading.Event) -> Ahead:
         """Proactive drafting: the next round's draft (one more token: its guess), made while the
-        current proposal is out, from the context the proposal assumes. It runs on the device's
-        one model thread only when no other draft waits, and stops between tokens when one
-        arrives or the verdict has refuted the assumption (a shorter draft is still a draft)."""
+        current proposal is out, from the context the proposal assumes. It shares the device's
+        one model thread, and stops between tokens whenever another session's draft waits for it
+        or the verdict has refuted the assumption: a draft needed now always goes first, and a
+        confirmed draft that was cut short is completed later (_finish_ahead)."""
         started = time.perf_counter()
         generator = round_generator(sampling.seed, len(assumed))
         draft = await asyncio.get_running_loop().run_in_executor(
