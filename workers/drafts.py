@@ -202,7 +202,9 @@ class ReplayDrafter:
             raise ValueError("a replayed drafter supports greedy decoding only")
         entry = self.drafts.get(context_key(committed)) if gamma > 0 else None
         if entry is None:
-            self.misses += gamma > 0
+            # a draft made ahead (interrupt given) on a wrong guess asks for a context the recorded
+            # path never had: not a miss of the trace
+            self.misses += gamma > 0 and interrupt is None
             return Draft([])
         self.hits += 1
         tokens, compute_s = entry
