@@ -426,6 +426,7 @@ async def test_status_page_renders_live_numbers_in_headless_chromium(stack, chro
     generated = int(re.search(r'<tr data-drafter="pi5">.*?data-field="generated">(\d+)<', dom).group(1))
     assert 0 < generated <= [d for d in status["drafters"] if d["name"] == "pi5"][0]["generated"]
     assert re.search(r'id="tokens-per-s">\d+\.\d<', dom)
+    assert re.search(r'<tr data-drafter="pi5">.*?data-field="mean_gamma">\d\.\d<.*?data-field="proactive">\d+ / 0<', dom)
     assert dom.count('class="series"') >= 4  # the plots have lines
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if os.environ.get("SLED_STATUS_SCREENSHOT"):  # e.g. docs/img/status-page.png
