@@ -76,7 +76,7 @@ class Generation:
                     if self.text.stopped:
                         # a stop string: leaving the stream cancels the session on drafter and verifier
                         figures = {"rounds": rounds, "proposed": None, "accepted": accepted_seen,
-                                   "session_cancelled": True}
+                                   "mean_gamma": None, "session_cancelled": True}
                         yield Step(delta, True, "stop", tokens, self._sled(figures), now - self.started)
                         return
                     if msg.done:
@@ -96,8 +96,12 @@ class Generation:
             "session_id": stats.get("session_id"),
             "rounds": stats.get("rounds"),
             "proposed": proposed,
+            "drafted": proposed,  # the same figure under the name other servers use
             "accepted": accepted,
             "acceptance_rate": accepted / proposed if proposed else None,
+            "mean_gamma": stats.get("mean_gamma"),  # draft length asked per round (adaptive: it varies)
+            "proactive_hits": stats.get("proactive_hits"),  # rounds whose draft was made during the last verify
+            "proactive_wasted": stats.get("proactive_wasted"),  # tokens drafted ahead and dropped
             "seed": self.request.seed,
             **({"session_cancelled": True} if stats.get("session_cancelled") else {}),
         }

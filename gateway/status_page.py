@@ -39,6 +39,11 @@ def status_snapshot(gateway, since: float = 0.0) -> dict:
             "default": name == gateway.default_drafter,
             "active": s.get("active", 0), "requests": s.get("requests", 0), "generated": s.get("generated", 0),
             "acceptance_rate": s.get("acceptance_rate") if s.get("proposed") else None,
+            # the speculation policy's figures since the drafter started
+            "mean_gamma": s.get("mean_gamma") if s.get("rounds") else None,
+            "tokens_per_round": s.get("generated", 0) / s["rounds"] if s.get("rounds") else None,
+            "proactive_hits": s.get("proactive_hits", 0),
+            "proactive_wasted": s.get("proactive_wasted", 0),
         })
     return {
         "now": time.time(),

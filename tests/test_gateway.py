@@ -39,7 +39,7 @@ def gateway_overrides() -> list[str]:
     ghost_port, gateway_port = free_ports(2)
     return stack_overrides(
         "smollm2",
-        {"pi5": {"kind": "model", "model": "smollm2", "gamma": 4}, "ngram": {"kind": "ngram", "gamma": 4, "max_sessions": 1}},
+        {"pi5": {"kind": "model", "model": "smollm2", "gamma": 4, "proactive": True}, "ngram": {"kind": "ngram", "gamma": 4, "max_sessions": 1}},
         broker__max_wait_ms=10.0,
         gateway__port=gateway_port,
         gateway__max_prompt_tokens=MAX_PROMPT_TOKENS,
@@ -145,6 +145,11 @@ async def test_openai_client_streams_and_not_equal_to_the_target_alone(stack, ta
     assert chat.usage.prompt_tokens == len(chat_prompt_ids(tok, QUESTION))
     assert chat.model_extra["sled"]["drafter"] == "pi5"
     assert chat.model_extra["sled"]["acceptance_rate"] == 1.0  # pi5 drafts with the target itself for now
+    sled = chat.model_extra["sled"]  # the per-request speculation figures
+    assert sled["drafted"] == sled["proposed"] == sled["accepted"] > 0
+    assert sled["rounds"] >= 1 and 0 < sled["mean_gamma"] <= 4
+    assert sled["proactive_wasted"] == 0  # its guesses are the target's own tokens
+    assert sled["proactive_hits"] >= (1 if chat.usage.completion_tokens >= 11 else 0)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want_chat
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == chat_finish
@@ -328,6 +333,9 @@ async def test_health_ready_models_and_status_page_data(stack):
     assert listed["pi5"]["sled"] == {"role": "drafter", "kind": "model", "gamma": 4, "available": True, "default": True}
     assert listed["ghost"]["sled"]["available"] is False
     assert status["verifiers"][0]["name"] == "verifier-0" and status["history"]
+    pi5 = [d for d in status["drafters"] if d["name"] == "pi5"][0]
+    assert pi5["requests"] == 0 or (0 < pi5["mean_gamma"] <= 4 and pi5["tokens_per_round"] >= 1)
+    assert pi5["proactive_hits"] >= 0 and pi5["proactive_wasted"] == 0
 
 
 async def sled(*args: str) -> tuple[int, str]:
@@ -418,6 +426,7 @@ async def test_status_page_renders_live_numbers_in_headless_chromium(stack, chro
     generated = int(re.search(r'<tr data-drafter="pi5">.*?data-field="generated">(\d+)<', dom).group(1))
     assert 0 < generated <= [d for d in status["drafters"] if d["name"] == "pi5"][0]["generated"]
     assert re.search(r'id="tokens-per-s">\d+\.\d<', dom)
+    assert re.search(r'<tr data-drafter="pi5">.*?data-field="mean_gamma">\d\.\d<.*?data-field="proactive">\d+ / 0<', dom)
     assert dom.count('class="series"') >= 4  # the plots have lines
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if os.environ.get("SLED_STATUS_SCREENSHOT"):  # e.g. docs/img/status-page.png

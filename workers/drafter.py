@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +48,8 @@ from pipeline.protocol import (
 from pipeline.security import CLIENT, HandshakeWatch, client_keys, drafter_client_curve, start_authenticator
 from pipeline.roles import cancel_and_wait, supervise
 from pipeline.sockets import BrokerLink, make_socket, new_identity, send_now
-from workers.drafts import build_drafter, draft_generator
+from workers.drafts import Draft, build_drafter, round_generator
+from workers.speculation import RowCostFloor, SpeculationPolicy
 
 log = structlog.get_logger("sled.drafter")
 MAX_BACKOFF_S = 2.0
@@ -79,11 +81,36 @@ class DrafterStats:
     bytes_sent: int = 0  # proposal frames to the broker (resends included)
     bytes_received: int = 0  # verdict frames from the broker (features included)
     draft_s: float = 0.0  # device time spent drafting (emulated device time when emulate_slowdown is set)
+    gamma_sum: int = 0  # draft lengths asked for, summed over rounds (the adaptive policy's or the fixed gamma)
+    proactive_hits: int = 0  # drafts made ahead that the verdict confirmed: the next proposal left at once
+    proactive_misses: int = 0
+    proactive_wasted: int = 0  # tokens drafted ahead and dropped
+    proactive_wasted_s: float = 0.0  # device seconds those took
 
     def as_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["acceptance_rate"] = self.accepted / self.proposed if self.proposed else 0.0
+        out["mean_gamma"] = self.gamma_sum / self.rounds if self.rounds else 0.0
         return out
+
+
+@dataclass
+class Ahead:
+    """A draft made ahead of a verdict: when the (emulated) device has it, and what it cost."""
+    draft: Draft
+    gamma: int  # the length it was drafted for (its last token, when there is one more, is the guess)
+    done_at: float  # time.perf_counter() when the device would have finished it
+    device_s: float
+    generator: torch.Generator  # its random stream, continued when it was cut short
+
+
+def split_draft(drafted: Draft, length: int) -> tuple[Draft, int | None]:
+    """The first ``length`` tokens as the proposal, and the next one, if drafted, as the guess of
+    the target's token (what proactive drafting assumes). A draft is cut at any length without
+    harm: each token's q was the distribution it was drawn from, given the tokens before it."""
+    guess = drafted.tokens[length] if len(drafted.tokens) > length else None
+    draft = Draft(drafted.tokens[:length], drafted.q_ids[:length], drafted.q_probs[:length], drafted.compute_s)
+    return draft, guess
 
 
 @dataclass
@@ -107,6 +134,12 @@ class DrafterService:
         self.sessions: dict[str, SessionRun] = {}
         self.by_request: dict[tuple[bytes, str], SessionRun] = {}
         self.stats = DrafterStats()
+        self.row_floor = RowCostFloor()  # the server's cheapest row cost seen: one per drafter (workers/speculation.py)
+        self.drafts_waiting = 0  # drafts submitted to the model thread and not back yet
+        self.proactive = int(self.cfg.proactive and getattr(strategy, "supports_proactive", False))
+        if self.cfg.proactive and not self.proactive:
+            log.info("proactive_unsupported", drafter=name, kind=strategy.kind,
+                     reason="needs the verdict's features; drafts after each verdict instead")
         max_bytes = config.limits.max_message_bytes
         # one identity for the process's life: the broker binds sessions to it, across reconnects
         self.broker = BrokerLink(ctx, config.broker.frontend, new_identity(name), max_message_bytes=max_bytes,
@@ -119,7 +152,8 @@ class DrafterService:
         self.watch = HandshakeWatch(self.clients, CLIENT, self.allow) if client_curve else None
 
     async def run(self, stop: asyncio.Event) -> None:
-        log.info("drafter_started", drafter=self.name, kind=self.strategy.kind, client=self.cfg.client, gamma=self.cfg.gamma)
+        log.info("drafter_started", drafter=self.name, kind=self.strategy.kind, client=self.cfg.client, gamma=self.cfg.gamma,
+                 adaptive=self.cfg.adaptive, proactive=bool(self.proactive))
         try:
             await supervise(stop, self._client_loop(), self._upstream_loop(), self._heartbeat_loop(),
                             *([self.watch.run()] if self.watch else []))
@@ -274,21 +308,38 @@ class DrafterService:
                     return reply
                 self.stats.stale_replies += 1  # a verdict of an earlier, already retried round
 
-    def _timed_propose(self, state, committed: list[int], gamma: int, sampling: Sampling, generator):
+    def _timed_propose(self, state, committed: list[int], gamma: int, sampling: Sampling, keep: int | None = None,
+                       abort: threading.Event | None = None, generator: torch.Generator | None = None):
+        """Draft up to ``gamma`` tokens after ``committed`` (in the worker thread). ``keep``: first
+        cut the strategy's cache back to that many tokens (a draft made ahead of its verdict, or
+        the rest of one). ``abort``: stop between tokens once it is set or another session's draft
+        waits for the model. ``generator``: continue that stream (the rest of a cut draft)."""
         started = time.thread_time()  # CPU time of this thread: robust when the host's cores are shared
-        draft = self.strategy.propose(state, committed, gamma, sampling, generator)
+        if keep is not None:
+            self.strategy.rewind(state, keep)
+        interrupt = None
+        if abort is not None:
+            interrupt = lambda: self.drafts_waiting > 0 or abort.is_set()  # noqa: E731 - read in the thread
+        if generator is None:
+            generator = round_generator(sampling.seed, len(committed))
+        draft = self.strategy.propose(state, committed, gamma, sampling, generator, interrupt=interrupt)
         if not draft.compute_s:
             draft.compute_s = time.thread_time() - started
         return draft
 
-    async def _draft(self, state, committed: list[int], gamma: int, sampling: Sampling, generator):
+    async def _draft(self, state, committed: list[int], gamma: int, sampling: Sampling, keep: int | None = None,
+                     generator: torch.Generator | None = None):
         """Draft in the worker thread. With ``emulate_slowdown`` (benchmarks), hold the draft until
         the emulated device would have finished it: its compute time times the slowdown. The wait
         is an asyncio sleep, so sessions (each one emulated device) wait in parallel."""
         started = time.perf_counter()
-        draft = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self._timed_propose, state, committed, gamma, sampling, generator
-        )
+        self.drafts_waiting += 1
+        try:
+            draft = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self._timed_propose, state, committed, gamma, sampling, keep, None, generator
+            )
+        finally:
+            self.drafts_waiting -= 1
         slowdown = self.cfg.emulate_slowdown
         if slowdown > 0:
             device_s = draft.compute_s * slowdown
@@ -298,36 +349,114 @@ class DrafterService:
             self.stats.draft_s += time.perf_counter() - started
         return draft
 
+    async def _draft_ahead(self, state, keep: int, assumed: list[int], gamma: int, sampling: Sampling,
+                           abort: threading.Event) -> Ahead:
+        """Proactive drafting: the next round's draft (one more token: its guess), made while the
+        current proposal is out, from the context the proposal assumes. It shares the device's
+        one model thread, and stops between tokens whenever another session's draft waits for it
+        or the verdict has refuted the assumption: a draft needed now always goes first, and a
+        confirmed draft that was cut short is completed later (_finish_ahead)."""
+        started = time.perf_counter()
+        generator = round_generator(sampling.seed, len(assumed))
+        draft = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self._timed_propose, state, assumed, gamma + 1, sampling, keep, abort, generator
+        )
+        slowdown = self.cfg.emulate_slowdown
+        device_s = draft.compute_s * slowdown if slowdown > 0 else time.perf_counter() - started
+        self.stats.draft_s += device_s
+        return Ahead(draft, gamma, started + device_s, device_s, generator)
+
+    async def _finish_ahead(self, state, committed: list[int], ready: Ahead, sampling: Sampling) -> Draft:
+        """A confirmed draft made ahead, completed when it was cut short (another session needed
+        the model): the rest continues the same random stream, so it is the draft an uncut run
+        would have made."""
+        await asyncio.sleep(max(0.0, ready.done_at - time.perf_counter()))  # an emulated device's drafting time
+        made = ready.draft
+        rest = ready.gamma + 1 - len(made.tokens)
+        if not made.cut or rest <= 0:
+            return made
+        more = await self._draft(state, [*committed, *made.tokens], rest, sampling, len(committed) + len(made.tokens),
+                                 ready.generator)
+        return Draft(made.tokens + more.tokens, made.q_ids + more.q_ids, made.q_probs + more.q_probs,
+                     made.compute_s + more.compute_s, more.cut)
+
+    def _length(self, policy: SpeculationPolicy | None, budget: int) -> int:
+        """The next draft's length: a verdict always adds one token of its own, so at most budget - 1."""
+        if policy is None:
+            return max(0, min(self.cfg.gamma, budget - 1))
+        return policy.choose(cap=budget - 1)
+
     async def _run_session(self, run: SessionRun) -> None:
         req = run.request
         loop = asyncio.get_running_loop()
         sampling = Sampling(req.temperature, req.top_p, req.seed)
-        generator = draft_generator(req.seed)
         state = self.strategy.new_state()
         committed = list(req.prompt)
         stops = set(req.stop_ids)
+        policy = SpeculationPolicy(self.cfg.gamma, floor=self.row_floor) if self.cfg.adaptive else None
         # per session: rounds with a rejected draft token and rounds per draft length, from which
         # the per-position acceptance probability and the expected tokens per round follow
         figures = {"rounds": 0, "proposed": 0, "accepted": 0, "rejected_rounds": 0,
-                   "draft_lengths": [0] * (self.cfg.gamma + 1)}
+                   "draft_lengths": [0] * (self.cfg.gamma + 1), "gamma_sum": 0,
+                   "proactive_hits": 0, "proactive_wasted": 0, "proactive_wasted_s": 0.0}
         feature_layers = list(getattr(self.strategy, "feature_layers", []))
         generated, round_, finish = 0, 0, "length"
+        ready: Ahead | None = None  # the next round's draft, made ahead and confirmed by the verdict
+        ahead: asyncio.Task | None = None
         self.stats.requests += 1
         self.stats.active += 1
         log.debug("session_opened", session_id=run.session_id, prompt_tokens=len(committed))
         try:
             while generated < req.max_new_tokens:
                 budget = req.max_new_tokens - generated
-                gamma = min(self.cfg.gamma, budget - 1)  # a verdict always adds one token of its own
-                draft = await self._draft(state, committed, gamma, sampling, generator)
+                gamma = self._length(policy, budget)
+                if ready is not None:  # the proposal leaves at once
+                    drafted = await self._finish_ahead(state, committed, ready, sampling)
+                    gamma, ready = min(gamma, ready.gamma), None  # a draft made ahead is never lengthened
+                else:
+                    # one token more when a next round may follow: the guess of the target's token
+                    guess_too = self.proactive and budget - gamma - 1 >= 2
+                    drafted = await self._draft(state, committed, gamma + guess_too, sampling)
+                draft, guess = split_draft(drafted, gamma)
                 proposal = Propose(
                     run.session_id, round_, len(committed), draft.tokens, draft.q_ids, draft.q_probs,
                     list(committed) if round_ == 0 else None, req.temperature, req.top_p, req.seed, self.strategy.kind,
                     feature_layers,
                 )
+                assumed = [*committed, *draft.tokens] if guess is not None else []
+                if assumed and not stops.intersection([*draft.tokens, guess]):
+                    assumed.append(guess)
+                    next_gamma = self._length(policy, budget - len(draft.tokens) - 1)
+                    if next_gamma > 0:
+                        abort = threading.Event()
+                        ahead = asyncio.create_task(self._draft_ahead(state, len(committed) + len(draft.tokens),
+                                                                      assumed, next_gamma, sampling, abort))
                 verdict = await self._exchange(run, proposal, committed)
-                await loop.run_in_executor(self.executor, self.strategy.commit, state, len(committed),
-                                           verdict.accepted, verdict)
+                if ahead is not None:
+                    confirmed = verdict.accepted == len(draft.tokens) and verdict.token == guess
+                    if not confirmed:
+                        abort.set()  # stop drafting on a context that is now known to be wrong
+                    async with asyncio.timeout(self.config.limits.verdict_timeout_s):  # a bounded draft; never hang here
+                        made = await ahead
+                    ahead = None
+                    if confirmed:
+                        ready = made  # the strategy's state is already the next round's
+                        figures["proactive_hits"] += 1
+                        self.stats.proactive_hits += 1
+                    else:
+                        wasted = len(made.draft.tokens)
+                        figures["proactive_wasted"] += wasted
+                        figures["proactive_wasted_s"] += made.device_s
+                        self.stats.proactive_misses += 1
+                        self.stats.proactive_wasted += wasted
+                        self.stats.proactive_wasted_s += made.device_s
+                        await loop.run_in_executor(self.executor, self.strategy.rewind, state,
+                                                   len(committed) + verdict.accepted)
+                else:
+                    await loop.run_in_executor(self.executor, self.strategy.commit, state, len(committed),
+                                               verdict.accepted, verdict)
+                if policy is not None:
+                    policy.observe(len(draft.tokens), verdict.accepted, verdict.row_cost_ms, time.monotonic())
                 new = [*draft.tokens[: verdict.accepted], verdict.token][:budget]
                 for i, token in enumerate(new):
                     if token in stops:
@@ -341,14 +470,18 @@ class DrafterService:
                 figures["accepted"] += verdict.accepted
                 figures["rejected_rounds"] += verdict.accepted < len(draft.tokens)
                 figures["draft_lengths"][min(len(draft.tokens), self.cfg.gamma)] += 1
+                figures["gamma_sum"] += gamma
                 self.stats.rounds += 1
                 self.stats.proposed += len(draft.tokens)
                 self.stats.accepted += verdict.accepted
+                self.stats.gamma_sum += gamma
                 self.stats.generated += len(new)
                 self._to_client(run.client, Tokens(req.request_id, new))
                 if finish == "stop":
                     break
-            figures.update(wire_bytes=run.wire_bytes, generated=generated, drafter=self.name, drafter_kind=self.strategy.kind, session_id=run.session_id)
+            figures.update(wire_bytes=run.wire_bytes, generated=generated, drafter=self.name, drafter_kind=self.strategy.kind,
+                           session_id=run.session_id, drafted=figures["proposed"],
+                           mean_gamma=figures["gamma_sum"] / figures["rounds"] if figures["rounds"] else 0.0)
             self._to_client(run.client, Tokens(req.request_id, [], True, finish, figures))
         except SessionFailed as exc:
             self.stats.failed += 1
@@ -361,6 +494,8 @@ class DrafterService:
             log.exception("session_crashed", session_id=run.session_id)
             self._to_client(run.client, ErrorReply(ErrorCode.INTERNAL, repr(exc), request_id=req.request_id))
         finally:
+            if ahead is not None:
+                ahead.cancel()  # the thread finishes its draft on its own; nobody reads the state again
             self.stats.active -= 1
             self.broker.send(CloseSession(run.session_id).encode())  # free the verifier's cache
             self.sessions.pop(run.session_id, None)

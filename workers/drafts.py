@@ -37,6 +37,7 @@ class Draft:
     q_ids: list[list[int]] = field(default_factory=list)
     q_probs: list[list[float]] = field(default_factory=list)
     compute_s: float = 0.0  # CPU seconds drafting took (measured by the drafter service, or recorded)
+    cut: bool = False  # interrupted before gamma tokens (not a confidence stop): the rest may follow
 
 
 def draft_generator(seed: int) -> torch.Generator:
@@ -45,6 +46,18 @@ def draft_generator(seed: int) -> torch.Generator:
     same uniforms they would be correlated and the output biased (caught by
     tests/test_target.py's distribution test)."""
     return torch.Generator().manual_seed((seed * 6364136223846793005 + 1442695040888963407) % (1 << 63))
+
+
+def round_generator(seed: int, position: int) -> torch.Generator:
+    """The drafter's random stream for the round whose draft starts after ``position`` committed
+    tokens: a function of (seed, position) alone, like the verifier's ``position_generator`` but
+    mixed from a different seed (see draft_generator), so the two never share numbers. A draft
+    made ahead of its verdict (proactive drafting) therefore draws exactly what the same round
+    drafted after the verdict would, and a session's sampled output does not depend on timing."""
+    from workers.acceptance import position_generator
+
+    mixed = (seed * 6364136223846793005 + 1442695040888963407) % (1 << 63)
+    return position_generator(mixed, position)
 
 
 def crop_cache(cache: DynamicCache, length: int) -> None:
@@ -64,6 +77,7 @@ class ModelDraftState:
 
 class ModelDrafter:
     kind = "model"
+    supports_proactive = True  # see rewind
 
     def __init__(self, model, *, min_confidence: float = 0.0, top_k: int = 8):
         self.model = model
@@ -82,7 +96,9 @@ class ModelDrafter:
 
     @torch.inference_mode()
     def propose(self, state: ModelDraftState, committed: list[int], gamma: int, sampling: Sampling,
-                generator: torch.Generator) -> Draft:
+                generator: torch.Generator, interrupt=None) -> Draft:
+        """``interrupt``: called between tokens; True ends the draft there (proactive drafting
+        yields the model to a draft that is needed now)."""
         draft = Draft([])
         state.fed_drafts = 0
         if gamma <= 0:
@@ -106,6 +122,9 @@ class ModelDrafter:
             if not sampling.greedy:
                 draft.q_ids.append(q_ids)
                 draft.q_probs.append(q_probs)
+            if k + 1 < gamma and interrupt is not None and interrupt():
+                draft.cut = True
+                break
             if k + 1 < gamma:
                 logits = self._step(state, [token])
                 state.fed_drafts += 1
@@ -117,9 +136,18 @@ class ModelDrafter:
         state.cached = position + min(accepted, state.fed_drafts)
         crop_cache(state.cache, state.cached)
 
+    def rewind(self, state: ModelDraftState, length: int) -> None:
+        """Keep the cache's first ``length`` tokens only, whatever was fed after them. Proactive
+        drafting feeds tokens in the order it assumes them (committed, draft, guess, next draft),
+        so any prefix of the cache is a prefix of some context and only the valid one is kept."""
+        state.cached = min(length, state.cache.get_seq_length())
+        state.fed_drafts = 0
+        crop_cache(state.cache, state.cached)
+
 
 class NgramDrafter:
     kind = "ngram"
+    supports_proactive = True
 
     def __init__(self, *, ngram_max: int = 4):
         self.ngram_max = ngram_max
@@ -127,7 +155,7 @@ class NgramDrafter:
     def new_state(self) -> None:
         return None
 
-    def propose(self, state, committed: list[int], gamma: int, sampling: Sampling, generator) -> Draft:
+    def propose(self, state, committed: list[int], gamma: int, sampling: Sampling, generator, interrupt=None) -> Draft:
         if gamma <= 0:
             return Draft([])
         size = len(committed)
@@ -139,6 +167,9 @@ class NgramDrafter:
         return Draft([])
 
     def commit(self, state, position: int, accepted: int, verdict=None) -> None:
+        pass
+
+    def rewind(self, state, length: int) -> None:
         pass
 
 
@@ -161,24 +192,30 @@ class ReplayDrafter:
             trace = msgpack.unpackb(fh.read())
         self.kind = trace["kind"]
         self.drafts: dict[str, list] = trace["drafts"]
+        self.supports_proactive = True  # a lookup: any context recorded is found ahead of time too
         self.hits = 0
         self.misses = 0
 
     def new_state(self) -> None:
         return None
 
-    def propose(self, state, committed: list[int], gamma: int, sampling: Sampling, generator) -> Draft:
+    def propose(self, state, committed: list[int], gamma: int, sampling: Sampling, generator, interrupt=None) -> Draft:
         if not sampling.greedy:
             raise ValueError("a replayed drafter supports greedy decoding only")
         entry = self.drafts.get(context_key(committed)) if gamma > 0 else None
         if entry is None:
-            self.misses += gamma > 0
+            # a draft made ahead (interrupt given) on a wrong guess asks for a context the recorded
+            # path never had: not a miss of the trace
+            self.misses += gamma > 0 and interrupt is None
             return Draft([])
         self.hits += 1
         tokens, compute_s = entry
         return Draft(list(tokens[:gamma]), compute_s=compute_s)
 
     def commit(self, state, position: int, accepted: int, verdict=None) -> None:
+        pass
+
+    def rewind(self, state, length: int) -> None:
         pass
 
 

@@ -35,6 +35,10 @@ class FeatureDraftState:
 
 class FeatureDrafter:
     kind = "feature"
+    # Drafting past a proposal needs the target's features of the tokens it assumes, which only
+    # the verdict brings; chaining predicted features instead would be another drafter. The
+    # drafter service logs once and drafts after each verdict.
+    supports_proactive = False
 
     def __init__(self, head: FeatureHead, *, min_confidence: float = 0.0, top_k: int = 8):
         self.head = head
@@ -65,7 +69,7 @@ class FeatureDrafter:
 
     @torch.inference_mode()
     def propose(self, state: FeatureDraftState, committed: list[int], gamma: int, sampling: Sampling,
-                generator: torch.Generator) -> Draft:
+                generator: torch.Generator, interrupt=None) -> Draft:
         draft = Draft([])
         if gamma <= 0 or len(committed) < 2 or not self._catch_up(state, committed):
             return draft

@@ -1,0 +1,98 @@
+"""The adaptive draft-length policy (workers/speculation.py) as a pure object: the draft length
+follows acceptance and the server's row cost, and an unknown cost keeps today's fixed gamma."""
+
+import pytest
+
+from workers.speculation import (
+    PRIOR_ALPHA,
+    ROUND_COST_ROWS,
+    RowCostFloor,
+    SpeculationPolicy,
+    best_length,
+    expected_tokens,
+)
+
+
+def test_expected_tokens_counts_the_target_token_and_each_reachable_draft():
+    assert expected_tokens([0.5, 0.5, 0.5], 0) == 1.0
+    assert expected_tokens([0.5, 0.5, 0.5], 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert expected_tokens([1.0, 0.0, 1.0], 3) == 2.0  # nothing past a certain rejection
+
+
+def test_unknown_row_cost_keeps_the_fixed_gamma():
+    policy = SpeculationPolicy(gamma=4)
+    assert policy.choose() == 4
+    for _ in range(20):
+        policy.observe(4, 0)  # every draft rejected, but the server never said what a row costs
+    assert policy.choose() == 4
+    assert policy.choose(cap=2) == 2
+
+
+def test_high_acceptance_and_cheap_rows_draft_the_whole_gamma():
+    assert best_length([0.9] * 6, 6, row_cost=1.0, fixed=ROUND_COST_ROWS) == 6
+    policy = SpeculationPolicy(gamma=5)
+    for _ in range(30):
+        policy.observe(5, 5, row_cost_ms=2.0)
+    assert policy.choose() == 5
+
+
+def test_low_acceptance_and_dear_rows_draft_little_or_nothing():
+    assert best_length([0.1] * 4, 4, row_cost=10.0, fixed=8.0) == 0
+    policy = SpeculationPolicy(gamma=4)
+    policy.observe(4, 4, row_cost_ms=1.0, now=0.0)  # the idle verifier: floor 1 ms
+    for _ in range(30):
+        policy.observe(4, 0, row_cost_ms=5.0, now=1.0)  # loaded, and the first draft token always wrong
+    assert policy.choose() <= 1
+    assert policy.alphas[0] < 0.05
+    assert policy.alphas[1] == pytest.approx(PRIOR_ALPHA, abs=0.05)  # never tested again: no evidence against it
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 0.7, 0.9])
+def test_the_draft_never_lengthens_as_rows_get_dearer(alpha):
+    lengths = [best_length([alpha] * 8, 8, row_cost=cost, fixed=8.0) for cost in (0.1, 0.5, 1, 2, 4, 8, 16, 64)]
+    assert lengths == sorted(lengths, reverse=True)
+    assert lengths[0] > lengths[-1]  # and the cost really moves it
+
+
+def test_the_draft_never_shortens_as_acceptance_rises():
+    lengths = [best_length([a] * 6, 6, row_cost=2.0, fixed=8.0) for a in (0.05, 0.2, 0.4, 0.6, 0.8, 0.95)]
+    assert lengths == sorted(lengths)
+    assert lengths[0] == 0 and lengths[-1] == 6
+
+
+def test_load_shortens_and_idle_lengthens_a_session_drafts():
+    """The same acceptance: the verifier's row cost rising from its idle floor shortens drafts."""
+    floor = RowCostFloor()
+    policy = SpeculationPolicy(gamma=6, floor=floor, alphas=[0.7] * 6)
+    policy.observe(0, 0, row_cost_ms=1.0, now=0.0)  # idle verifier (an empty draft: no acceptance news)
+    idle = policy.choose()
+    policy.observe(0, 0, row_cost_ms=6.0, now=1.0)  # loaded: rows six times dearer
+    loaded = policy.choose()
+    assert loaded < idle
+    assert SpeculationPolicy(gamma=6, floor=floor).choose() == 6  # a new session: cost unknown yet
+    policy.observe(0, 0, row_cost_ms=1.0, now=2.0)
+    assert policy.choose() == idle
+
+
+def test_positions_past_the_first_rejection_are_not_observed_and_relax_to_the_prior():
+    policy = SpeculationPolicy(gamma=3)
+    policy.alphas = [0.8, 0.1, 0.8]
+    policy.observe(3, 0)  # position 0 rejected: positions 1 and 2 were never compared
+    assert policy.alphas[0] < 0.8
+    assert 0.1 < policy.alphas[1] < PRIOR_ALPHA  # drifts back up: a short-drafting session probes again
+    for _ in range(400):
+        policy.observe(0, 0)
+    assert policy.alphas[1] == pytest.approx(PRIOR_ALPHA, abs=0.02)
+
+
+def test_the_floor_is_the_cheapest_row_and_rises_slowly():
+    floor = RowCostFloor()
+    floor.observe(2.0, now=0.0)
+    floor.observe(1.0, now=1.0)
+    assert floor.value == 1.0
+    floor.observe(5.0, now=2.0)  # one second later: up 1 %, not to 5
+    assert floor.value == pytest.approx(1.01)
+    floor.observe(5.0, now=1000.0)  # long after: it has caught up with the newer readings
+    assert floor.value == 5.0
+    floor.observe(0.0, now=1001.0)  # unknown: ignored
+    assert floor.value == 5.0

@@ -1,0 +1,122 @@
+"""How long a session's next draft should be: a pure policy, no sockets, no torch.
+
+Each session keeps its own acceptance per draft position, ``alpha[i]`` = P(the target accepts
+draft token i | it accepted tokens 0..i-1), as an exponentially weighted estimate. Only the
+positions a verdict really tested are observed: every position up to the first rejection
+(accepted ones as 1, the rejected one as 0); later positions were never compared. A position
+not observed for a while drifts back towards the prior, so a session pushed down to short
+drafts probes longer ones again instead of staying there for good.
+
+The draft length k in [0, gamma] minimises the expected server cost per committed token:
+
+    cost(k)   = fixed + row_cost * (1 + k)            (the round's rows: last token + k drafts)
+    tokens(k) = 1 + sum_{i<=k} prod_{j<=i} alpha[j]    (accepted drafts + the target's own token)
+
+``row_cost`` is the verdict's ``row_cost_ms``: the broker's marginal cost of one more verify
+row at the current batch. ``fixed`` is what a round costs the server whatever its rows
+(reading the weights once per forward, the session's slot in the batch, acceptance, messages).
+The verdict does not carry it, and it must not scale with the current row cost, or the choice
+would not depend on load at all (multiply both terms by the same number and the best k stays).
+The rule: ``fixed = ROUND_COST_ROWS * floor``, where ``floor`` is the cheapest row cost the
+drafter has been told (a lightly loaded verifier's; one floor per drafter process, shared by
+its sessions, since it describes the server), let back up by ``FLOOR_RISE_PER_S`` per second
+so that a noisy low first estimate or a verifier that became slower for good is learnt
+(slowly: a load that lasts minutes still shortens drafts for minutes). So when the verifier is idle a round's
+fixed part weighs ROUND_COST_ROWS rows and drafts are long; as the batch grows the marginal
+row gets dearer, the fixed part weighs fewer rows, and drafts shorten. ROUND_COST_ROWS = 8:
+on the CPU eager verifier (docs/architecture.md: 1 session x 1 token 74.7 ms, 8 x 1 207 ms,
+8 x 5 485 ms) a round's fixed part is worth ~27 rows at batch 1 and ~2 rows at 8 sessions,
+where the row costs ~3x its idle cost; 8 / 3 ~ 2.7 meets the loaded end.
+
+A row cost of 0.0 means unknown (an older broker, the session's first round): k = gamma, as a
+fixed-gamma drafter. ``adaptive = false`` never calls this policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PRIOR_ALPHA = 0.8  # before any verdict: a decent drafter (the first rounds then draft like today)
+EWMA = 0.25  # weight of the newest observation of a position
+RELAX = 0.01  # per round, an unobserved position moves this far back towards the prior
+ROUND_COST_ROWS = 8.0
+FLOOR_RISE_PER_S = 0.01
+
+
+def expected_tokens(alphas: list[float], k: int) -> float:
+    """Tokens a round with a k-token draft commits on average (the target's own token included)."""
+    total, reach = 1.0, 1.0
+    for a in alphas[:k]:
+        reach *= a
+        total += reach
+    return total
+
+
+def best_length(alphas: list[float], gamma: int, row_cost: float, fixed: float) -> int:
+    """The k in [0, gamma] with the least expected cost per committed token; ties go to the
+    shorter draft (fewer rows at risk). row_cost <= 0 (unknown): gamma."""
+    gamma = max(0, min(gamma, len(alphas)))
+    if row_cost <= 0.0:
+        return gamma
+    best_k, best = 0, float("inf")
+    for k in range(gamma + 1):
+        per_token = (fixed + row_cost * (1 + k)) / expected_tokens(alphas, k)
+        if per_token < best - 1e-12:
+            best_k, best = k, per_token
+    return best_k
+
+
+@dataclass
+class RowCostFloor:
+    """The cheapest row cost seen, rising slowly back towards newer readings."""
+
+    value: float = 0.0  # ms; 0 = none yet
+    at: float = 0.0  # when value was last set or lowered (seconds, any monotonic clock)
+
+    def observe(self, row_cost_ms: float, now: float) -> None:
+        if row_cost_ms <= 0.0:
+            return
+        if self.value <= 0.0:
+            self.value, self.at = row_cost_ms, now
+            return
+        risen = self.value * (1.0 + FLOOR_RISE_PER_S) ** max(0.0, now - self.at)
+        if row_cost_ms <= risen:
+            self.value, self.at = row_cost_ms, now
+        else:
+            self.value, self.at = risen, now
+
+
+@dataclass
+class SpeculationPolicy:
+    """One session's acceptance estimates and its choice of draft length."""
+
+    gamma: int
+    floor: RowCostFloor = field(default_factory=RowCostFloor)  # the drafter's, shared by its sessions
+    alphas: list[float] = field(default_factory=list)
+    row_cost: float = 0.0  # the latest verdict's row cost (ms); 0 = unknown
+
+    def __post_init__(self) -> None:
+        if not self.alphas:
+            self.alphas = [PRIOR_ALPHA] * self.gamma
+
+    def observe(self, proposed: int, accepted: int, row_cost_ms: float = 0.0, now: float = 0.0) -> None:
+        """One verdict: ``accepted`` of ``proposed`` draft tokens, and the server's row cost."""
+        tested = min(proposed, accepted + 1, self.gamma)  # positions the target really compared
+        for i in range(self.gamma):
+            if i < tested:
+                hit = 1.0 if i < accepted else 0.0
+                self.alphas[i] += EWMA * (hit - self.alphas[i])
+            else:
+                self.alphas[i] += RELAX * (PRIOR_ALPHA - self.alphas[i])
+        if row_cost_ms > 0.0:
+            self.row_cost = row_cost_ms
+            self.floor.observe(row_cost_ms, now)
+
+    @property
+    def fixed_cost(self) -> float:
+        return ROUND_COST_ROWS * self.floor.value
+
+    def choose(self, cap: int | None = None) -> int:
+        """The next draft's length, at most ``cap`` (the tokens the request still allows)."""
+        gamma = self.gamma if cap is None else max(0, min(self.gamma, cap))
+        return best_length(self.alphas, gamma, self.row_cost, self.fixed_cost)
