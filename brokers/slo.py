@@ -19,8 +19,10 @@ The rule (``hold_until``), asked once the batch's own deadline (``broker.max_wai
 passed: take the sessions expected soonest, one at a time, and for each the batch it would make
 (queued + those expected by then). Hold until the arrival that gives the lowest estimated server
 time per committed token, ``t(sessions, rows) ÷ Σ tokens_per_round``, if that is lower than
-dispatching now, and only while every session of that batch -- queued and expected -- still gets
-its verdict before its objective (arrival + estimated forward). Never hold past the moment the
+dispatching now, and only if it keeps the objectives (``_keeps_objectives``): compared with
+dispatching now (the expected sessions then verified in a batch of their own after it), no
+session of the merged batch that would get its verdict within its objective misses it, and the
+lateness past the objectives, summed over the batch, does not grow. Never hold past the moment the
 verifier could have finished the batch it has now (``held_since + t(now's batch)``): by then the
 late arrivals would simply make the next batch. Sessions already overdue (expected in the past)
 are not waited for. Queued proposals go out in order of their objectives, closest first.
@@ -114,22 +116,40 @@ class SloHold:
         est = self.estimator
         sessions, rows = len(items), sum(item.tokens for item in items)
         tokens = sum(self._tokens(item.key) for item in items)
-        finish_by = min(self.objective(item.key, item.arrived) for item in items)
+        queued = [self.objective(item.key, item.arrived) for item in items]
         now_s = est.seconds(sessions, rows)
-        if now + now_s > finish_by:
-            return None  # someone is already late: every wait makes it later
+        finish_now = now + now_s
         best_cost, best_until = now_s / tokens, None
         limit = held_since + now_s
+        joining: list[tuple[float, int]] = []  # (objective, rows) of the expected sessions taken so far
         for when, session, session_rows in self.expected(now, {item.key for item in items}):
             if when > limit or sessions + 1 > self.max_sessions or rows + session_rows > self.max_tokens:
                 break
             sessions, rows = sessions + 1, rows + session_rows
             tokens += self._tokens(session)
             pace = self.sessions[session]
-            finish_by = min(finish_by, pace.last_verdict + self.slo * pace.tokens_per_round)
+            joining.append((pace.last_verdict + self.slo * pace.tokens_per_round, session_rows))
             seconds = est.seconds(sessions, rows)
-            if when + seconds > finish_by:
-                break  # later arrivals only finish later, against objectives no looser
-            if seconds / tokens < best_cost:
+            if seconds / tokens >= best_cost:
+                continue
+            if self._keeps_objectives(queued, joining, finish_now, when, when + seconds):
                 best_cost, best_until = seconds / tokens, when
         return best_until
+
+    def _keeps_objectives(self, queued: list[float], joining: list[tuple[float, int]], finish_now: float,
+                          last_arrival: float, finish_held: float) -> bool:
+        """Whether holding until ``last_arrival`` (the merged batch done at ``finish_held``) is fair
+        to every session against dispatching now (the queued ones done at ``finish_now``, the
+        joining ones in a batch of their own after it): no session that would meet its objective
+        misses it, and the lateness past the objectives, summed over all of them, does not grow
+        -- so when everyone is already late (an overloaded verifier, batches in a convoy), a hold
+        that merges the convoy, and so shortens the cycle, is still allowed."""
+        rows = sum(r for _, r in joining)
+        finish_apart = max(finish_now, last_arrival) + self.estimator.seconds(len(joining), rows)
+        late_now = late_held = 0.0
+        for objective, finish in [*((o, finish_now) for o in queued), *((o, finish_apart) for o, _ in joining)]:
+            if finish <= objective < finish_held:
+                return False
+            late_now += max(0.0, finish - objective)
+            late_held += max(0.0, finish_held - objective)
+        return late_held <= late_now

@@ -86,9 +86,9 @@ async def test_an_expected_session_that_does_not_come_is_waited_for_until_its_ti
 
 async def test_no_hold_that_would_push_a_session_past_its_objective():
     batcher, hold, clock = make()
-    # a's last verdict left at -190 ms and its rounds commit one token: its verdict is due at +10 ms,
-    # and the forward alone takes ~31 ms
-    past_round(hold, "a", arrived=-0.3, answered=-0.19, accepted=0)
+    # a's last verdict left at -150 ms and its rounds commit one token: its verdict is due at +50 ms;
+    # sent now it is back at ~36 ms, held for b (+30 ms) at ~72 ms
+    past_round(hold, "a", arrived=-0.3, answered=-0.15, accepted=0)
     past_round(hold, "b", arrived=-0.3, answered=-0.2, accepted=2, next_arrival=-0.15, answered_again=-0.02)
     batcher.submit("a", 5, key="a")
     hold.arrived("a", 0.0, 5)
@@ -96,6 +96,33 @@ async def test_no_hold_that_would_push_a_session_past_its_objective():
     await clock.advance(0.0051)
     batch = await asyncio.wait_for(task, 1)
     assert batch.payloads == ["a"] and batch.reason == "deadline" and batcher.holds == 0
+
+
+async def test_an_overloaded_convoy_is_merged_when_that_lowers_the_lateness():
+    # a slow verifier (~111 ms a forward): a is already late whatever happens; b, expected at
+    # +10 ms, would miss its objective (+160 ms) in a batch of its own after a's, and meets it
+    # if the two share one forward
+    batcher, hold, clock = make(cost=lambda s, r: 0.100 + 0.001 * s + 0.002 * r)
+    past_round(hold, "a", arrived=-0.5, answered=-0.35, accepted=0)
+    past_round(hold, "b", arrived=-0.3, answered=-0.2, accepted=0, next_arrival=-0.15, answered_again=-0.04)
+    batcher.submit("a", 5, key="a")
+    hold.arrived("a", 0.0, 5)
+    task = asyncio.create_task(batcher.next_batch())
+    await clock.advance(0.006)
+    assert not task.done()
+    batcher.submit("b", 5, key="b")
+    hold.arrived("b", clock.now(), 5)
+    await clock.advance(0)
+    assert sorted((await asyncio.wait_for(task, 1)).payloads) == ["a", "b"]
+    # the same, but b's objective is loose enough on its own: merging only makes a later
+    batcher, hold, clock = make(cost=lambda s, r: 0.100 + 0.001 * s + 0.002 * r)
+    past_round(hold, "a", arrived=-0.5, answered=-0.35, accepted=0)
+    past_round(hold, "b", arrived=-0.3, answered=-0.2, accepted=4, next_arrival=-0.15, answered_again=-0.04)
+    batcher.submit("a", 5, key="a")
+    hold.arrived("a", 0.0, 5)
+    task = asyncio.create_task(batcher.next_batch())
+    await clock.advance(0.006)
+    assert (await asyncio.wait_for(task, 1)).payloads == ["a"]
 
 
 async def test_no_hold_when_the_bigger_batch_costs_more_per_token():
