@@ -126,6 +126,8 @@ def derive(method: str, records: list[SessionRecord], server: dict, *, weights_m
     if "broker_holds" in server:
         figures["broker_holds"] = server["broker_holds"]
         figures["broker_held_ms_per_batch"] = round(server["broker_held_ms"] / max(1, server.get("broker_batches", 0)), 3)
+    if server.get("broker_estimator"):
+        figures["broker_estimator"] = server["broker_estimator"]
     if server.get("forwards") is not None:
         figures["forwards"] = server["forwards"]
         projection = project(server["forwards"], gpu, generated) if gpu else None
