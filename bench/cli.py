@@ -18,7 +18,7 @@ def _ints(text: str) -> list[int]:
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: SLED vs centralized AR, server-side SD and assisted generation")
     p.add_argument("action", nargs="?", default="run", choices=["run", "fetch-qwen", "report"])
-    p.add_argument("--quick", action="store_true", help="the default setup, fewer tokens and sessions (<= 5 min)")
+    p.add_argument("--quick", action="store_true", help="the default setup, fewer tokens and sessions, SLED fixed and adaptive (~7 min on 2 quiet cores)")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the headline figures")
     p.add_argument("--setup", default="default", choices=["default", "qwen", "all"],
                    help="default: SmolLM2 + drafter ladder; qwen: Qwen2.5-Coder 1.5B + 0.5B (fetch-qwen first)")

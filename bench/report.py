@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
 IMG = ROOT / "docs" / "img"
-LABELS = {"ar": "centralized AR", "server_sd": "server-side SD", "sled": "SLED (emulated fleet)",
-          "sled_loopback": "SLED (loopback control)", "assisted": "HF assisted (1 at a time)"}
+LABELS = {"ar": "centralized AR", "server_sd": "server-side SD", "sled": "SLED adaptive (emulated fleet)",
+          "sled_fixed": "SLED fixed policy (emulated fleet)", "sled_loopback": "SLED adaptive (loopback control)",
+          "assisted": "HF assisted (1 at a time)"}
 
 
 def latest(setup: str) -> Path | None:

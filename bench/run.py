@@ -3,8 +3,11 @@
 For one setup (bench/profiles.py): the target decoding alone (transformers ``generate``) gives
 the reference outputs; every method's output is compared with them. Then, per concurrency
 level: centralized autoregressive serving, server-side speculative decoding, SLED on the
-emulated fleet (and, as a control, SLED over plain loopback), and transformers' assisted
-generation one session at a time. Then the broker microbenchmark. Figures are derived the same
+emulated fleet twice -- ``sled_fixed`` (fixed γ, dispatch when free, no proactive drafting) and
+``sled`` (the adaptive policy: γ from acceptance and row cost, proactive drafting for the model
+and n-gram classes, the broker's SLO-aware batch hold at the setup's TPOT objective) -- and, as
+a control, adaptive SLED over plain loopback, and transformers' assisted generation one session
+at a time. Then the broker microbenchmark. Figures are derived the same
 way for every method (``derive``); the result is one JSON document.
 """
 
@@ -33,7 +36,21 @@ from pipeline.reference import greedy_reference
 from workers.drafts import ModelDrafter, NgramDrafter
 
 log = structlog.get_logger("sled.bench")
-METHODS = ("ar", "server_sd", "sled", "sled_loopback", "assisted")
+METHODS = ("ar", "server_sd", "sled", "sled_fixed", "sled_loopback", "assisted")
+POLICIES = ("fixed", "adaptive")  # SLED's two passes: sled_fixed, then sled (and sled_loopback)
+
+
+def policy_overrides(policy: str, classes: list[DeviceClass], slo_tpot_ms: float) -> list[str]:
+    """The SLED processes' settings of one pass. ``fixed``: today's policy (fixed γ, dispatch as
+    soon as the verifier is free, no proactive drafting); ``adaptive``: every class adapts γ, the
+    model and n-gram classes draft proactively, and the broker holds batches against the TPOT
+    objective the bench measures capacity with."""
+    adaptive = policy == "adaptive"
+    out = [f"broker.slo_tpot_ms={float(slo_tpot_ms) if adaptive else 0.0}"]
+    for c in classes:
+        out += [f"drafters.{c.name}.adaptive={str(adaptive).lower()}",
+                f"drafters.{c.name}.proactive={str(adaptive and c.profile.kind in ('model', 'ngram')).lower()}"]
+    return out
 
 
 @dataclass
@@ -114,6 +131,16 @@ def derive(method: str, records: list[SessionRecord], server: dict, *, weights_m
     if server.get("link_bytes") is not None:
         figures["network_bytes_per_token"] = round(server["link_bytes"] / generated, 1)
     figures.update(acceptance_model(records))
+    rounds, proposed = sum(r.rounds for r in records), sum(r.proposed for r in records)
+    if proposed:
+        # verify rows spent on draft tokens the target rejected, of all verify rows (each round
+        # verifies its last committed token plus its draft)
+        figures["wasted_verify_rows_fraction"] = round((proposed - sum(r.accepted for r in records)) / (rounds + proposed), 4)
+    if "broker_holds" in server:
+        figures["broker_holds"] = server["broker_holds"]
+        figures["broker_held_ms_per_batch"] = round(server["broker_held_ms"] / max(1, server.get("broker_batches", 0)), 3)
+    if server.get("broker_estimator"):
+        figures["broker_estimator"] = server["broker_estimator"]
     if server.get("forwards") is not None:
         figures["forwards"] = server["forwards"]
         projection = project(server["forwards"], gpu, generated) if gpu else None
@@ -149,13 +176,17 @@ def identical(records: list[SessionRecord], references: list[list[int]]) -> dict
 
 async def _sled_levels(setup: Setup, options: BenchOptions, classes: list[DeviceClass], mode: str, levels: list[int],
                        prompts, references, stop_ids, workdir: Path, weights_mb: float, out: dict, check: dict,
-                       gpu: dict | None = None) -> None:
-    async with Fleet(setup.target, classes, workdir / mode, mode=mode, config_path=options.config_path,
-                     extra_overrides=[f"verifier.threads={options.threads}", *setup.sled_overrides, *options.overrides]) as fleet:
+                       gpu: dict | None = None, policy: str = "adaptive") -> None:
+    slo = options.slo_tpot_ms or setup.slo_tpot_ms
+    # the user's own --set items come last: they may change either pass
+    overrides = [f"verifier.threads={options.threads}", *setup.sled_overrides, *policy_overrides(policy, classes, slo),
+                 *options.overrides]
+    async with Fleet(setup.target, classes, workdir / f"{mode}-{policy}", mode=mode, config_path=options.config_path,
+                     extra_overrides=overrides) as fleet:
         for n in levels:
             records = plan(n, options.min_sessions, prompts, setup.fleet)
             server = await fleet.run_level(records, n, options.max_new_tokens, stop_ids)
-            name = "sled" if mode == options.network else "sled_loopback"
+            name = ("sled" if policy == "adaptive" else "sled_fixed") if mode == options.network else "sled_loopback"
             out[name][n] = derive(name, records, server, weights_mb=weights_mb, profiles=options.profiles, gpu=gpu)
             out[name][n]["by_device"] = _by_device(records)
             check[f"{name}@{n}"] = identical(records, references)
@@ -244,11 +275,17 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
     del target, drafter_models, sd_model, strategy, drafter  # the fleet's verifier loads its own copy
     gc.collect()
 
-    asyncio.run(_sled_levels(setup, options, classes, options.network, options.levels, prompts, references, stop_ids,
-                             workdir, weights_mb, out, check, gpu))
+    timings = {"before_sled": round(time.perf_counter() - started, 1)}
+    for policy in POLICIES:
+        begun = time.perf_counter()
+        asyncio.run(_sled_levels(setup, options, classes, options.network, options.levels, prompts, references, stop_ids,
+                                 workdir, weights_mb, out, check, gpu, policy=policy))
+        timings[f"sled_{policy}"] = round(time.perf_counter() - begun, 1)
     if options.loopback_levels and options.network != "loopback":
+        begun = time.perf_counter()
         asyncio.run(_sled_levels(setup, options, classes, "loopback", options.loopback_levels, prompts, references,
-                                 stop_ids, workdir, weights_mb, out, check, gpu))
+                                 stop_ids, workdir, weights_mb, out, check, gpu, policy="adaptive"))
+        timings["sled_loopback"] = round(time.perf_counter() - begun, 1)
 
     slo = options.slo_tpot_ms or setup.slo_tpot_ms
     result = {
@@ -260,7 +297,9 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
         "machine": {"cpus": len(__import__("os").sched_getaffinity(0)), "platform": platform.platform(),
                     "torch": torch.__version__, "torch_threads": options.threads},
         "methods": {m: {str(n): f for n, f in levels.items()} for m, levels in out.items() if levels},
-        "capacity": {m: capacity(out[m], slo) for m in ("ar", "server_sd", "sled") if out[m]},
+        "capacity": {m: capacity(out[m], slo) for m in ("ar", "server_sd", "sled", "sled_fixed") if out[m]},
+        "policies": {"sled_fixed": policy_overrides("fixed", classes, slo), "sled": policy_overrides("adaptive", classes, slo)},
+        "timings_s": timings,
         "identical_outputs": check,
         "all_identical": all(c["mismatched"] == 0 for c in check.values()),
         "weights_mb": {"target": round(weights_mb, 1), "server_drafter": round(sd_weights, 1)},
@@ -308,5 +347,42 @@ def headline(result: dict, options: BenchOptions) -> dict:
         out["sled_acceptance_rate"] = sled["acceptance_rate"]
         out["sled_alpha_per_position"] = sled.get("alpha_per_position")
         out["sled_tokens_per_round_vs_ideal"] = sled.get("tokens_per_round_vs_ideal")
+    out.update(adaptive_headline(result, options))
     out["all_outputs_identical"] = result["all_identical"]
+    return out
+
+
+def adaptive_headline(result: dict, options: BenchOptions) -> dict:
+    """The adaptive policy against the fixed one and against centralized AR (docs/benchmarks.md,
+    "Fixed against adaptive")."""
+    methods, caps, level = result["methods"], result["capacity"], str(options.ratio_level)
+    sled, fixed, ar = (methods.get(m, {}) for m in ("sled", "sled_fixed", "ar"))
+    out: dict = {}
+    if caps.get("sled_fixed") and caps.get("sled"):
+        out["capacity_adaptive_sessions"] = caps["sled"]["sessions"]
+        out["capacity_fixed_sessions"] = caps["sled_fixed"]["sessions"]
+        # capacity = sessions sustained within the TPOT objective (capacity() above); none for fixed: no ratio
+        out["capacity_ratio_adaptive_vs_fixed"] = (round(caps["sled"]["sessions"] / caps["sled_fixed"]["sessions"], 3)
+                                                   if caps["sled_fixed"]["sessions"] else None)
+    if level in sled:
+        out["wasted_verify_rows_fraction"] = sled[level].get("wasted_verify_rows_fraction")
+        if level in fixed:
+            out["wasted_verify_rows_fraction_fixed"] = fixed[level].get("wasted_verify_rows_fraction")
+            out["server_cost_ratio_adaptive_vs_fixed"] = round(
+                sled[level]["server_cpu_ms_per_token"] / fixed[level]["server_cpu_ms_per_token"], 3)
+        out["sled_ttft_p99_ms"] = sled[level]["ttft_p99_ms"]
+        if "1" in sled and sled["1"]["ttft_p50_ms"]:
+            out["sled_ttft_single_session_ms"] = sled["1"]["ttft_p50_ms"]
+            out["sled_ttft_p99_vs_single_session"] = round(sled[level]["ttft_p99_ms"] / sled["1"]["ttft_p50_ms"], 3)
+    # server compute per token, adaptive SLED ÷ centralized AR, at every measured level (> 1: SLED is worse)
+    common = sorted((n for n in sled if n in ar), key=int)
+    cpu = {n: round(sled[n]["server_cpu_ms_per_token"] / ar[n]["server_cpu_ms_per_token"], 3) for n in common}
+    out["server_cost_vs_ar_by_level"] = cpu
+    worse = {"cpu": [int(n) for n, r in cpu.items() if r > 1.0]}
+    gpu = {n: round(sled[n]["gpu_projection"]["gpu_server_ms_per_token"] / ar[n]["gpu_projection"]["gpu_server_ms_per_token"], 3)
+           for n in common if sled[n].get("gpu_projection") and ar[n].get("gpu_projection")}
+    if gpu:
+        out["gpu_server_cost_vs_ar_by_level"] = gpu  # projections (bench/gpu_cost.py), not measurements
+        worse["gpu_projected"] = [int(n) for n, r in gpu.items() if r > 1.0]
+    out["sled_worse_than_ar_at"] = worse
     return out

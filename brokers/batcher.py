@@ -5,6 +5,11 @@ waited ``max_wait_s`` -- the deadline starts at the first arrival, not when the 
 left (Ray Serve's old bug). The queue is bounded: ``submit`` on a full queue raises QueueFull at
 once, which the broker turns into a retriable "overloaded" reply. Every item carries its own
 future; ``Batch.fail`` fails all of them.
+
+With a ``hold`` policy (brokers/slo.py, when ``broker.slo_tpot_ms`` > 0) a batch whose deadline has
+passed may still be held for proposals expected soon, and queued items leave in the policy's
+priority order (closest to their objective first); without one, the batch leaves at its deadline
+in arrival order, exactly as before.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ class Batch(Generic[T]):
     items: list[Item[T]]
     opened: float  # arrival of the oldest item
     closed: float
-    reason: str  # "full" or "deadline"
+    reason: str  # "full", "deadline" or "held" (past its deadline, by the hold policy)
     sent: float = 0.0
     meta: dict = field(default_factory=dict)
 
@@ -80,9 +85,12 @@ class Batch(Generic[T]):
 class DeadlineBatcher(Generic[T]):
     _ids = itertools.count(1)
 
-    def __init__(self, policy: BatchPolicy, clock=None):
+    def __init__(self, policy: BatchPolicy, clock=None, hold=None):
         self.policy = policy
         self.clock = clock or MonotonicClock()
+        self.hold = hold  # hold_until(now, items, held_since) and priority(item), or None
+        self.holds = 0  # batches that left later than their deadline because the policy held them
+        self.held_s = 0.0
         self._queue: deque[Item[T]] = deque()
         self._by_key: dict[object, Item[T]] = {}  # queued items that carry a key
         self._queued_tokens = 0
@@ -135,20 +143,35 @@ class DeadlineBatcher(Generic[T]):
             self._changed.clear()
             await self._changed.wait()
         reason = "deadline"
+        held_since = None  # when the deadline passed and the hold policy was first asked
         while True:
             if self._full():
                 reason = "full"
                 break
-            remaining = self._queue[0].arrived + self.policy.max_wait_s - self.clock.now()
+            now = self.clock.now()
+            remaining = self._queue[0].arrived + self.policy.max_wait_s - now
             if remaining <= 0:
-                break
+                if self.hold is None:
+                    break
+                held_since = now if held_since is None else held_since
+                until = self.hold.hold_until(now, list(self._queue), held_since)
+                if until is None or until <= now:
+                    break
+                remaining = until - now  # an arrival before then wakes us to ask again
             self._changed.clear()
             await self.clock.wait(self._changed, remaining)
             if not self._queue:  # drained by fail_all or withdraw while we waited
                 return await self.next_batch()
+        if held_since is not None and self.clock.now() > held_since:
+            self.holds += 1
+            self.held_s += self.clock.now() - held_since
+            reason = "held" if reason == "deadline" else reason
         return self._take(reason)
 
     def _take(self, reason: str) -> Batch[T]:
+        if self.hold is not None and len(self._queue) > 1:
+            # closest to its objective first (a stable sort: ties keep their arrival order)
+            self._queue = deque(sorted(self._queue, key=self.hold.priority))
         items: list[Item[T]] = []
         tokens = 0
         while self._queue and len(items) < self.policy.max_sessions:
@@ -160,7 +183,7 @@ class DeadlineBatcher(Generic[T]):
             tokens += nxt.tokens
         self._queued_tokens -= tokens
         now = self.clock.now()
-        return Batch(next(self._ids), items, items[0].arrived, now, reason)
+        return Batch(next(self._ids), items, min(item.arrived for item in items), now, reason)
 
     def close(self) -> None:
         """Release the clock's resources (a PreciseClock's timer) once the batcher is discarded."""

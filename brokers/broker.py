@@ -7,6 +7,9 @@
 * Every proposal's verdict goes back to the drafter that sent it (the session's reply queue on
   the drafter side). A full queue answers "overloaded" at once; a dead verifier fails its
   batches with a retriable "verifier_lost"; a bad frame is answered with an error reply.
+* Each verifier's batches are timed into a VerifyTimeEstimator (brokers/estimator.py); every
+  verdict carries its ``row_cost_ms``. With ``broker.slo_tpot_ms`` > 0 a free verifier's batch may
+  be held for proposals expected soon (brokers/slo.py).
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ import contextlib
 import itertools
 from dataclasses import dataclass, field
 
+import msgspec
 import structlog
 import zmq
 import zmq.asyncio
 
 from brokers.batcher import Batch, BatchPolicy, DeadlineBatcher, PreciseClock, QueueFull
 from brokers.clock import MonotonicClock
+from brokers.estimator import VerifyTimeEstimator
+from brokers.slo import SloHold
 from pipeline.config import Config
 from pipeline.figures import VerifierFigures
 from pipeline.protocol import (
@@ -71,6 +77,8 @@ class VerifierHandle:
     inflight: dict[int, Batch[Propose]] = field(default_factory=dict)
     stats: VerifierFigures = field(default_factory=VerifierFigures)
     dispatcher: asyncio.Task | None = None
+    estimator: VerifyTimeEstimator = field(default_factory=VerifyTimeEstimator)
+    slo: SloHold | None = None  # with broker.slo_tpot_ms > 0: the batcher's hold policy
 
     @property
     def name(self) -> str:
@@ -227,6 +235,8 @@ class Broker:
         if owner is None:
             self.session_owner[item.session_id] = Owner(principal, identity)
         handle.sessions.add(item.session_id)
+        if handle.slo is not None:
+            handle.slo.arrived(item.session_id, self.clock.now(), item.target_tokens)
         future.add_done_callback(lambda f: self._deliver(identity, item, f))
 
     def _deliver(self, identity: bytes, item: Propose, future: asyncio.Future) -> None:
@@ -253,6 +263,8 @@ class Broker:
         if handle is not None:
             handle.sessions.discard(session_id)
             handle.batcher.withdraw(session_id)  # a queued proposal must not rebuild the cache after the close
+            if handle.slo is not None:
+                handle.slo.forget(session_id)
             self._back.send(handle.identity, CloseSession(session_id).encode())
 
     def _holder(self, session_id: str) -> VerifierHandle | None:
@@ -299,7 +311,12 @@ class Broker:
     def _register(self, identity: bytes) -> VerifierHandle:
         # each batcher gets its own PreciseClock: deadlines on time, not up to 1 ms late (batcher.py)
         batch_clock = self.clock if self._injected_clock else PreciseClock()
-        handle = VerifierHandle(identity, DeadlineBatcher(self.policy, batch_clock), self.clock.now())
+        estimator = VerifyTimeEstimator()
+        slo_ms = self.config.broker.slo_tpot_ms
+        hold = SloHold(slo_ms / 1000, estimator, max_sessions=self.policy.max_sessions,
+                       max_tokens=self.policy.max_tokens) if slo_ms > 0 else None
+        handle = VerifierHandle(identity, DeadlineBatcher(self.policy, batch_clock, hold), self.clock.now(),
+                                estimator=estimator, slo=hold)
         handle.dispatcher = asyncio.create_task(self._dispatch_loop(handle), name=f"dispatch-{handle.name}")
         self.verifiers[identity] = handle
         log.info("verifier_registered", verifier=handle.name, verifiers=len(self.verifiers))
@@ -330,7 +347,21 @@ class Broker:
         if len(msg.verdicts) != len(batch.items):
             batch.fail(Exception(f"verifier returned {len(msg.verdicts)} verdicts for {len(batch.items)} proposals"))
             return
-        batch.resolve(msg.verdicts)
+        now = self.clock.now()
+        # a batch that (re)built a session's cache also prefilled its history: its time is not
+        # the verify rows' and stays out of the fit (it still counts as busy time)
+        fit = all(item.payload.history is None for item in batch.items)
+        handle.estimator.observe(len(batch.items), max(batch.tokens, len(batch.items)), max(now - batch.sent, 1e-6),
+                                 sent=batch.sent, fit=fit)
+        cost = round(handle.estimator.row_cost_ms(), 4)
+        verdicts = msg.verdicts
+        if cost > 0:
+            verdicts = [v if v.error else msgspec.structs.replace(v, row_cost_ms=cost) for v in verdicts]
+        if handle.slo is not None:
+            for v in verdicts:
+                if not v.error:
+                    handle.slo.answered(v.session_id, now, v.accepted)
+        batch.resolve(verdicts)
 
     # --- liveness ------------------------------------------------------------------------
 
@@ -391,7 +422,10 @@ class Broker:
             "sessions": sum(len(v.sessions) for v in self.verifiers.values()),
             "verifiers": {
                 v.name: {"sessions": len(v.sessions), "queued": len(v.batcher), "superseded": v.batcher.superseded,
-                         "busy": bool(v.inflight), **v.stats.as_dict()}
+                         "busy": bool(v.inflight), "holds": v.batcher.holds, "held_ms": round(1000 * v.batcher.held_s, 3),
+                         "verify_time_fit_ms": [round(1000 * c, 4) for c in v.estimator.coefficients()],
+                         "utilisation": round(v.estimator.utilisation, 4), "row_cost_ms": round(v.estimator.row_cost_ms(), 4),
+                         **v.stats.as_dict()}
                 for v in self.verifiers.values()
             },
         }

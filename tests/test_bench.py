@@ -93,7 +93,7 @@ def test_batched_server_drafts_equal_one_session_drafting(tiny_models):
             s.tokens += [*d[:accepted], 5]
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(360)
 def test_bench_run_on_tiny_models_is_lossless_for_every_method(tiny_models, tmp_path):
     small, copy = str(tiny_models["small"]), str(tiny_models["copy"])
     setup = Setup("tiny", str(tiny_models["target"]),
@@ -108,7 +108,7 @@ def test_bench_run_on_tiny_models_is_lossless_for_every_method(tiny_models, tmp_
     result = run_setup(setup, options, prompts=prompts, stop_ids=[])
     assert result["all_identical"], result["identical_outputs"]
     methods = result["methods"]
-    assert set(methods) == {"ar", "server_sd", "sled", "sled_loopback", "assisted"}
+    assert set(methods) == {"ar", "server_sd", "sled", "sled_fixed", "sled_loopback", "assisted"}
     sled = methods["sled"]["3"]
     # the replayed drafts are the real ones: the target's copy is accepted every time
     assert sled["by_device"]["orin"]["acceptance_rate"] == 1.0
@@ -138,6 +138,19 @@ def test_bench_run_on_tiny_models_is_lossless_for_every_method(tiny_models, tmp_
     assert head["gpu_cost_table"] == str(table) and "gpu-test-card" in head["gpu_cost_basis"]
     for key in ("gpu_server_cost_ratio_vs_ar", "gpu_server_cost_ratio_vs_server_sd", "gpu_throughput_ratio_vs_ar"):
         assert head[key] > 0, key
+    # SLED ran twice: the fixed policy and the adaptive one, each with its own settings
+    assert "broker.slo_tpot_ms=0.0" in result["policies"]["sled_fixed"]
+    assert "drafters.bench-orin.adaptive=false" in result["policies"]["sled_fixed"]
+    assert f"broker.slo_tpot_ms={result['slo_tpot_ms']}" in result["policies"]["sled"]
+    assert "drafters.bench-ngram.proactive=true" in result["policies"]["sled"]
+    assert set(result["capacity"]) >= {"sled", "sled_fixed"} and "capacity_ratio_adaptive_vs_fixed" in head
+    by_device = sled["by_device"].values()
+    proposed, accepted = sum(d["proposed"] for d in by_device), sum(d["accepted"] for d in by_device)
+    rounds = sum(d["rounds"] for d in by_device)
+    assert head["wasted_verify_rows_fraction"] == round((proposed - accepted) / (rounds + proposed), 4)
+    assert head["sled_ttft_p99_ms"] == sled["ttft_p99_ms"] and head["sled_ttft_single_session_ms"] > 0
+    assert set(head["server_cost_vs_ar_by_level"]) == set(head["gpu_server_cost_vs_ar_by_level"]) == {"1", "3"}
+    assert head["sled_worse_than_ar_at"]["cpu"] == [int(n) for n, r in head["server_cost_vs_ar_by_level"].items() if r > 1]
 
 
 def _synthetic_table() -> dict:

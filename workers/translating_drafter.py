@@ -151,6 +151,8 @@ class TranslateState:
 
 class TranslatingDrafter:
     kind = "model"  # a model drafter like any other on the wire and in the figures
+    # drafting ahead would need its byte-level sync to follow assumed tokens: not built
+    supports_proactive = False
 
     def __init__(self, model, draft_tokenizer, target_tokenizer, *, min_confidence: float = 0.0, top_k: int = 8,
                  max_steps: int = 0):
@@ -248,7 +250,8 @@ class TranslatingDrafter:
 
     @torch.inference_mode()
     def propose(self, state: TranslateState, committed: list[int], gamma: int, sampling: Sampling,
-                generator: torch.Generator) -> Draft:
+                generator: torch.Generator, interrupt=None) -> Draft:
+        """``interrupt`` is unused: this kind does not draft ahead (supports_proactive)."""
         if gamma <= 0:
             return Draft([])
         ids = self._sync(state, committed)

@@ -1,0 +1,90 @@
+"""VerifyTimeEstimator: what a verify batch of (sessions, rows) costs one verifier, learned online.
+
+Pure (no sockets, no clock of its own): the broker feeds it every dispatched batch it timed,
+``observe(sessions, rows, seconds)``, and asks ``seconds(sessions, rows)`` when it forms a batch
+and ``row_cost_ms(sessions, rows)`` when it answers a drafter.
+
+The model is linear, t = a + b·sessions + c·rows (a: a forward's fixed cost -- weights read,
+launch, Python; b: per session -- its cache gathered and cropped, its acceptance; c: per row --
+the row's share of the matmuls and attention), fitted by recursive least squares with a
+forgetting factor, so that it follows a verifier whose speed drifts (other load on the machine,
+a cache that grows) without keeping every sample. Predictions clamp each coefficient at zero: a
+noisy fit must never price a row or a session below nothing.
+
+``row_cost_ms`` -- the number every Verdict carries (``Verdict.row_cost_ms``) -- is the marginal
+cost of one more verify row at the verifier's current load: the fitted slope c, scaled by the
+verifier's recent utilisation ρ (the fraction of wall time it spent verifying, an EWMA over
+batches). An idle verifier's spare time is free, so under light load a row costs a small part of
+what it adds to the forward, and far less than the forward's fixed cost a + b; a saturated
+verifier (ρ → 1, large batches) gives every row's time to someone else's wait, so it costs the
+full slope. Until ``warmup`` batches have been seen there is no fit and it answers 0.0 ("unknown":
+drafters then keep their fixed γ).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+P_TRACE_CAP = 1e3
+
+
+@dataclass
+class VerifyTimeEstimator:
+    forget: float = 0.98  # RLS forgetting factor: samples older than ~1/(1-forget) batches fade
+    warmup: int = 4  # batches before the fit is trusted
+    utilisation_weight: float = 0.2  # EWMA weight of the newest batch's busy fraction
+    theta: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # a, b, c in seconds
+    samples: int = 0
+    utilisation: float = 0.0
+    _p: list[list[float]] = field(default_factory=lambda: [[1e2 if i == j else 0.0 for j in range(3)] for i in range(3)])
+    _last: tuple[float, float] | None = None  # (sent, seconds) of the previous batch
+
+    def observe(self, sessions: int, rows: int, seconds: float, sent: float | None = None, fit: bool = True) -> None:
+        """One timed batch: dispatched at ``sent`` (the broker's clock), answered ``seconds`` later.
+        ``fit`` False: the batch counts for utilisation only (it prefilled a history, whose cost
+        is not a verify row's). Utilisation: the previous batch's time ÷ the time between the two
+        dispatches (a verifier is handed one batch at a time, so the interval holds exactly one)."""
+        if sessions < 1 or rows < sessions or seconds <= 0:
+            raise ValueError(f"not a verify batch: sessions={sessions} rows={rows} seconds={seconds}")
+        if sent is not None:
+            if self._last is not None and sent > self._last[0]:
+                busy = min(1.0, self._last[1] / (sent - self._last[0]))
+                w = self.utilisation_weight
+                self.utilisation = (1 - w) * self.utilisation + w * busy
+            self._last = (sent, seconds)
+        if not fit:
+            return
+        x = (1.0, float(sessions), float(rows))
+        p = self._p
+        px = [sum(p[i][j] * x[j] for j in range(3)) for i in range(3)]
+        denom = self.forget + sum(x[i] * px[i] for i in range(3))
+        gain = [v / denom for v in px]
+        error = seconds - sum(self.theta[i] * x[i] for i in range(3))
+        self.theta = [self.theta[i] + gain[i] * error for i in range(3)]
+        p = [[p[i][j] - gain[i] * px[j] for j in range(3)] for i in range(3)]
+        if sum(p[i][i] for i in range(3)) * (1 / self.forget) < P_TRACE_CAP:
+            # forgetting inflates P in directions the batches do not vary (a steady load repeats
+            # one shape): capped, so that the fit cannot wind up and jump on the next new shape
+            p = [[v / self.forget for v in row] for row in p]
+        self._p = p
+        self.samples += 1
+
+    @property
+    def ready(self) -> bool:
+        return self.samples >= self.warmup
+
+    def coefficients(self) -> tuple[float, float, float]:
+        a, b, c = (max(0.0, v) for v in self.theta)
+        return a, b, c
+
+    def seconds(self, sessions: int, rows: int) -> float:
+        """Predicted time of one forward over ``sessions`` proposals holding ``rows`` rows in all."""
+        a, b, c = self.coefficients()
+        return a + b * sessions + c * rows
+
+    def row_cost_ms(self) -> float:
+        """The marginal cost of one more row now (module docstring); 0.0 before the warm-up."""
+        if not self.ready:
+            return 0.0
+        return 1000.0 * self.coefficients()[2] * self.utilisation

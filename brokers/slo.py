@@ -1,0 +1,155 @@
+"""SloHold: whether a free verifier should wait a little for proposals that are about to arrive.
+
+Pure (no sockets, no clock of its own): the broker tells it what each session does
+(``arrived``, ``answered``, ``forget``), the DeadlineBatcher asks ``hold_until`` when a batch
+could leave and ``priority`` when it picks which queued proposals go first. One per verifier,
+with that verifier's VerifyTimeEstimator (brokers/estimator.py).
+
+Each session's pace, learned from what the broker sees of it:
+* ``device_s``: an EWMA of the time from its verdict leaving the broker to its next proposal
+  arriving (the device's drafting plus its link's round trip), so its next proposal is expected
+  at ``last verdict + device_s``;
+* ``tokens_per_round``: an EWMA of accepted + 1 (tokens its rounds commit), and ``rows``: an
+  EWMA of the rows its proposals cost;
+* its objective: the verdict of the round must leave by ``last verdict + slo_tpot ×
+  tokens_per_round`` (a first round, with no verdict yet: ``arrival + slo_tpot``), the time per
+  output token the session is promised (``broker.slo_tpot_ms``).
+
+The rule (``hold_until``), asked once the batch's own deadline (``broker.max_wait_ms``) has
+passed: take the sessions expected soonest, one at a time, and for each the batch it would make
+(queued + those expected by then). Hold until the arrival that gives the lowest estimated server
+time per committed token, ``t(sessions, rows) ÷ Σ tokens_per_round``, if that is lower than
+dispatching now, and only if it keeps the objectives (``_keeps_objectives``): compared with
+dispatching now (the expected sessions then verified in a batch of their own after it), no
+session of the merged batch that would get its verdict within its objective misses it, and the
+lateness past the objectives, summed over the batch, does not grow. Never hold past the moment the
+verifier could have finished the batch it has now (``held_since + t(now's batch)``): by then the
+late arrivals would simply make the next batch. Sessions already overdue (expected in the past)
+are not waited for. Queued proposals go out in order of their objectives, closest first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from brokers.estimator import VerifyTimeEstimator
+
+
+@dataclass
+class Pace:
+    last_verdict: float | None = None  # when its last verdict left the broker
+    device_s: float | None = None  # EWMA: verdict out -> next proposal in
+    tokens_per_round: float = 1.0  # EWMA of accepted + 1
+    rows: float = 1.0  # EWMA of rows per proposal
+    out: bool = False  # its verdict has left and its next proposal has not arrived yet
+    arrived: float | None = None  # arrival of its queued or in-flight proposal
+
+
+class SloHold:
+    def __init__(self, slo_tpot_s: float, estimator: VerifyTimeEstimator, weight: float = 0.3,
+                 max_sessions: int = 32, max_tokens: int = 256):
+        if slo_tpot_s <= 0:
+            raise ValueError("SloHold needs a positive TPOT objective")
+        self.slo = slo_tpot_s
+        self.estimator = estimator
+        self.weight = weight
+        self.max_sessions, self.max_tokens = max_sessions, max_tokens
+        self.sessions: dict[str, Pace] = {}
+
+    def _ewma(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.weight) * old + self.weight * new
+
+    # --- what the broker sees ------------------------------------------------------------------
+
+    def arrived(self, session: str, now: float, rows: int) -> None:
+        pace = self.sessions.setdefault(session, Pace())
+        if pace.out and pace.last_verdict is not None:
+            pace.device_s = self._ewma(pace.device_s, now - pace.last_verdict)
+        pace.out = False
+        pace.arrived = now
+        pace.rows = self._ewma(pace.rows if pace.last_verdict is not None else None, float(rows))
+
+    def answered(self, session: str, now: float, accepted: int) -> None:
+        pace = self.sessions.get(session)
+        if pace is None:
+            return
+        # the first round's 1.0 is a prior; it fades as the EWMA goes
+        pace.tokens_per_round = self._ewma(pace.tokens_per_round if pace.last_verdict is not None else None, accepted + 1.0)
+        pace.last_verdict, pace.out = now, True
+
+    def forget(self, session: str) -> None:
+        self.sessions.pop(session, None)
+
+    # --- what the batcher asks -----------------------------------------------------------------
+
+    def objective(self, session: str, arrived: float) -> float:
+        """When the verdict of ``session``'s current round must leave the broker."""
+        pace = self.sessions.get(session)
+        if pace is None or pace.last_verdict is None:
+            return arrived + self.slo
+        return pace.last_verdict + self.slo * pace.tokens_per_round
+
+    def priority(self, item) -> float:
+        """Sort key of a queued batcher Item (key = session id): its objective, closest first."""
+        return self.objective(item.key, item.arrived)
+
+    def _tokens(self, session: str) -> float:
+        pace = self.sessions.get(session)
+        return pace.tokens_per_round if pace is not None else 1.0
+
+    def expected(self, now: float, queued: set) -> list[tuple[float, str, int]]:
+        """(expected arrival, session, rows) of the sessions out on their devices, soonest first."""
+        out = []
+        for session, pace in self.sessions.items():
+            if not pace.out or pace.device_s is None or session in queued:
+                continue
+            when = pace.last_verdict + pace.device_s
+            if when >= now:  # an overdue session's arrival is not predictable: not waited for
+                out.append((when, session, max(1, round(pace.rows))))
+        out.sort()
+        return out
+
+    def hold_until(self, now: float, items: list, held_since: float) -> float | None:
+        """The time to hold the batch of ``items`` (batcher Items) until, or None: dispatch now."""
+        if not items or not self.estimator.ready:
+            return None
+        est = self.estimator
+        sessions, rows = len(items), sum(item.tokens for item in items)
+        tokens = sum(self._tokens(item.key) for item in items)
+        queued = [self.objective(item.key, item.arrived) for item in items]
+        now_s = est.seconds(sessions, rows)
+        finish_now = now + now_s
+        best_cost, best_until = now_s / tokens, None
+        limit = held_since + now_s
+        joining: list[tuple[float, int]] = []  # (objective, rows) of the expected sessions taken so far
+        for when, session, session_rows in self.expected(now, {item.key for item in items}):
+            if when > limit or sessions + 1 > self.max_sessions or rows + session_rows > self.max_tokens:
+                break
+            sessions, rows = sessions + 1, rows + session_rows
+            tokens += self._tokens(session)
+            pace = self.sessions[session]
+            joining.append((pace.last_verdict + self.slo * pace.tokens_per_round, session_rows))
+            seconds = est.seconds(sessions, rows)
+            if seconds / tokens >= best_cost:
+                continue
+            if self._keeps_objectives(queued, joining, finish_now, when, when + seconds):
+                best_cost, best_until = seconds / tokens, when
+        return best_until
+
+    def _keeps_objectives(self, queued: list[float], joining: list[tuple[float, int]], finish_now: float,
+                          last_arrival: float, finish_held: float) -> bool:
+        """Whether holding until ``last_arrival`` (the merged batch done at ``finish_held``) is fair
+        to every session against dispatching now (the queued ones done at ``finish_now``, the
+        joining ones in a batch of their own after it): no session that would meet its objective
+        misses it, and the lateness past the objectives, summed over all of them, does not grow
+        -- so when everyone is already late (an overloaded verifier, batches in a convoy), a hold
+        that merges the convoy, and so shortens the cycle, is still allowed."""
+        rows = sum(r for _, r in joining)
+        finish_apart = max(finish_now, last_arrival) + self.estimator.seconds(len(joining), rows)
+        late_now = late_held = 0.0
+        for objective, finish in [*((o, finish_now) for o in queued), *((o, finish_apart) for o, _ in joining)]:
+            if finish <= objective < finish_held:
+                return False
+            late_now += max(0.0, finish - objective)
+            late_held += max(0.0, finish_held - objective)
+        return late_held <= late_now

@@ -1,0 +1,75 @@
+"""VerifyTimeEstimator: the online fit of verify time against (sessions, rows), and the row cost
+the broker stamps on every verdict."""
+
+import random
+
+import pytest
+
+from brokers.estimator import VerifyTimeEstimator
+
+
+def _feed(est, cost, batches, start=0.0, gap=0.0, seed=0):
+    """``batches`` timed batches of random shapes costing ``cost(s, r)`` ± 3 %, each dispatched
+    ``gap`` seconds after the previous one finished; returns the clock."""
+    rng = random.Random(seed)
+    now = start
+    for _ in range(batches):
+        s = rng.randint(1, 16)
+        r = s + rng.randint(0, 4 * s)
+        seconds = cost(s, r) * (1 + rng.uniform(-0.03, 0.03))
+        est.observe(s, r, seconds, sent=now)
+        now += seconds + gap
+    return now
+
+
+def test_learns_fixed_per_session_and_per_row_costs():
+    est = VerifyTimeEstimator()
+    assert est.row_cost_ms() == 0.0 and not est.ready  # unknown until the warm-up is done
+    _feed(est, lambda s, r: 0.020 + 0.002 * s + 0.0015 * r, 200)
+    a, b, c = est.coefficients()
+    assert a == pytest.approx(0.020, rel=0.15)
+    assert b == pytest.approx(0.002, rel=0.3)
+    assert c == pytest.approx(0.0015, rel=0.1)
+    assert est.seconds(16, 64) == pytest.approx(0.020 + 0.032 + 0.096, rel=0.05)
+
+
+def test_follows_a_verifier_that_slows_down():
+    est = VerifyTimeEstimator()
+    now = _feed(est, lambda s, r: 0.010 + 0.001 * r, 200)
+    assert est.seconds(8, 32) == pytest.approx(0.042, rel=0.05)
+    _feed(est, lambda s, r: 2 * (0.010 + 0.001 * r), 300, start=now, seed=1)  # the machine got busy
+    assert est.seconds(8, 32) == pytest.approx(0.084, rel=0.05)
+
+
+def test_row_cost_is_the_slope_under_full_load_and_small_when_idle():
+    busy = VerifyTimeEstimator()
+    _feed(busy, lambda s, r: 0.020 + 0.001 * r, 200)  # back to back: the verifier never waits
+    assert busy.utilisation > 0.95
+    assert busy.row_cost_ms() == pytest.approx(1.0, rel=0.1)
+    idle = VerifyTimeEstimator()
+    _feed(idle, lambda s, r: 0.020 + 0.001 * r, 200, gap=0.2)  # ~10 % busy
+    assert 0.05 < idle.utilisation < 0.25
+    assert idle.row_cost_ms() < 0.3 * busy.row_cost_ms()
+    # under light load a row costs far less than a forward's fixed part
+    assert idle.row_cost_ms() < 0.1 * 1000 * idle.coefficients()[0]
+
+
+def test_a_steady_shape_does_not_wind_the_fit_up():
+    est = VerifyTimeEstimator()
+    now = _feed(est, lambda s, r: 0.010 + 0.002 * s + 0.001 * r, 100)
+    for _ in range(5000):  # one shape for a long time: no information on the other directions
+        est.observe(4, 12, 0.010 + 0.008 + 0.012, sent=now)
+        now += 0.03
+    assert est.seconds(16, 64) == pytest.approx(0.010 + 0.032 + 0.064, rel=0.2)
+
+
+def test_prefill_batches_count_as_busy_but_stay_out_of_the_fit():
+    est = VerifyTimeEstimator()
+    now = _feed(est, lambda s, r: 0.010 + 0.001 * r, 50)
+    before = est.coefficients()
+    for _ in range(20):
+        est.observe(1, 1, 5.0, sent=now, fit=False)  # a long prefill
+        now += 5.0
+    assert est.coefficients() == before and est.utilisation > 0.95
+    with pytest.raises(ValueError):
+        est.observe(2, 1, 0.01)  # fewer rows than sessions

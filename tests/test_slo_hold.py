@@ -1,0 +1,200 @@
+"""The SLO-aware hold (brokers/slo.py) inside a DeadlineBatcher with a manual clock: a free
+verifier's batch waits for a proposal expected soon only when that lowers the estimated cost per
+token and keeps every session within its TPOT objective; and, on the real broker process with a
+hand-driven verifier and drafter, every verdict carries the estimator's row cost."""
+
+import asyncio
+import time
+
+import pytest
+import zmq
+
+from bench.broker_micro import BrokerProcess
+from brokers.batcher import BatchPolicy, DeadlineBatcher
+from brokers.clock import ManualClock
+from brokers.estimator import VerifyTimeEstimator
+from brokers.slo import SloHold
+from pipeline.protocol import DRAFTER_UPSTREAM_ACCEPTS, VERIFIER_ACCEPTS, BatchVerdicts, Propose, Ready, Verdict
+from pipeline.sockets import make_socket, new_identity
+from tests.test_broker_supersede import HISTORY, recv
+
+SLO = 0.200  # seconds per output token
+
+
+def trained(cost) -> VerifyTimeEstimator:
+    est = VerifyTimeEstimator()
+    for s in range(1, 9):
+        for r in (s, 2 * s, 5 * s):
+            est.observe(s, r, cost(s, r))
+    return est
+
+
+LINEAR = lambda s, r: 0.020 + 0.001 * s + 0.002 * r  # noqa: E731 - a fixed cost worth sharing
+
+
+def past_round(hold: SloHold, session: str, *, arrived: float, answered: float, accepted: int,
+               next_arrival: float | None = None, answered_again: float | None = None) -> None:
+    """Give ``session`` a history: one round (arrived -> answered), optionally a second one, which
+    measures its device time (answered -> next_arrival)."""
+    hold.arrived(session, arrived, 5)
+    hold.answered(session, answered, accepted)
+    if next_arrival is not None:
+        hold.arrived(session, next_arrival, 5)
+        hold.answered(session, answered_again, accepted)
+
+
+def make(cost=LINEAR, **policy):
+    clock = ManualClock()
+    hold = SloHold(SLO, trained(cost))
+    batcher = DeadlineBatcher(BatchPolicy(**{"max_wait_s": 0.005, **policy}), clock, hold)
+    return batcher, hold, clock
+
+
+async def test_holds_for_a_session_expected_soon_and_leaves_when_it_arrives():
+    batcher, hold, clock = make()
+    past_round(hold, "a", arrived=-0.3, answered=-0.15, accepted=2)
+    # b's device answers 50 ms after its verdict; its last verdict left at -20 ms: expected at +30 ms
+    past_round(hold, "b", arrived=-0.3, answered=-0.2, accepted=2, next_arrival=-0.15, answered_again=-0.02)
+    batcher.submit("a", 5, key="a")
+    hold.arrived("a", 0.0, 5)
+    task = asyncio.create_task(batcher.next_batch())
+    await clock.advance(0.006)  # past a's deadline: held, since b makes a cheaper batch per token
+    assert not task.done()
+    await clock.advance(0.014)
+    assert not task.done()
+    batcher.submit("b", 5, key="b")  # b arrives early: the batch leaves at once with both
+    hold.arrived("b", clock.now(), 5)
+    await clock.advance(0)
+    batch = await asyncio.wait_for(task, 1)
+    assert sorted(batch.payloads) == ["a", "b"] and batch.reason == "held"
+    assert batcher.holds == 1 and batcher.held_s == pytest.approx(0.014)  # from the first look past the deadline
+
+
+async def test_an_expected_session_that_does_not_come_is_waited_for_until_its_time_only():
+    batcher, hold, clock = make()
+    past_round(hold, "a", arrived=-0.3, answered=-0.15, accepted=2)
+    past_round(hold, "b", arrived=-0.3, answered=-0.2, accepted=2, next_arrival=-0.15, answered_again=-0.02)
+    batcher.submit("a", 5, key="a")
+    hold.arrived("a", 0.0, 5)
+    task = asyncio.create_task(batcher.next_batch())
+    await clock.advance(0.029)
+    assert not task.done()
+    await clock.advance(0.0011)  # b's expected arrival (+30 ms) passed without it: no second hold
+    batch = await asyncio.wait_for(task, 1)
+    assert batch.payloads == ["a"] and batch.reason == "held"
+
+
+async def test_no_hold_that_would_push_a_session_past_its_objective():
+    batcher, hold, clock = make()
+    # a's last verdict left at -150 ms and its rounds commit one token: its verdict is due at +50 ms;
+    # sent now it is back at ~36 ms, held for b (+30 ms) at ~72 ms
+    past_round(hold, "a", arrived=-0.3, answered=-0.15, accepted=0)
+    past_round(hold, "b", arrived=-0.3, answered=-0.2, accepted=2, next_arrival=-0.15, answered_again=-0.02)
+    batcher.submit("a", 5, key="a")
+    hold.arrived("a", 0.0, 5)
+    task = asyncio.create_task(batcher.next_batch())
+    await clock.advance(0.0051)
+    batch = await asyncio.wait_for(task, 1)
+    assert batch.payloads == ["a"] and batch.reason == "deadline" and batcher.holds == 0
+
+
+async def test_an_overloaded_convoy_is_merged_when_that_lowers_the_lateness():
+    # a slow verifier (~111 ms a forward): a is already late whatever happens; b, expected at
+    # +10 ms, would miss its objective (+160 ms) in a batch of its own after a's, and meets it
+    # if the two share one forward
+    batcher, hold, clock = make(cost=lambda s, r: 0.100 + 0.001 * s + 0.002 * r)
+    past_round(hold, "a", arrived=-0.5, answered=-0.35, accepted=0)
+    past_round(hold, "b", arrived=-0.3, answered=-0.2, accepted=0, next_arrival=-0.15, answered_again=-0.04)
+    batcher.submit("a", 5, key="a")
+    hold.arrived("a", 0.0, 5)
+    task = asyncio.create_task(batcher.next_batch())
+    await clock.advance(0.006)
+    assert not task.done()
+    batcher.submit("b", 5, key="b")
+    hold.arrived("b", clock.now(), 5)
+    await clock.advance(0)
+    assert sorted((await asyncio.wait_for(task, 1)).payloads) == ["a", "b"]
+    # the same, but b's objective is loose enough on its own: merging only makes a later
+    batcher, hold, clock = make(cost=lambda s, r: 0.100 + 0.001 * s + 0.002 * r)
+    past_round(hold, "a", arrived=-0.5, answered=-0.35, accepted=0)
+    past_round(hold, "b", arrived=-0.3, answered=-0.2, accepted=4, next_arrival=-0.15, answered_again=-0.04)
+    batcher.submit("a", 5, key="a")
+    hold.arrived("a", 0.0, 5)
+    task = asyncio.create_task(batcher.next_batch())
+    await clock.advance(0.006)
+    assert (await asyncio.wait_for(task, 1)).payloads == ["a"]
+
+
+async def test_no_hold_when_the_bigger_batch_costs_more_per_token():
+    # no fixed cost to share, and b commits one token per 5-row round where a commits 3
+    batcher, hold, clock = make(cost=lambda s, r: 0.001 * s + 0.010 * r)
+    past_round(hold, "a", arrived=-0.3, answered=-0.15, accepted=2)
+    past_round(hold, "b", arrived=-0.3, answered=-0.2, accepted=0, next_arrival=-0.15, answered_again=-0.02)
+    batcher.submit("a", 5, key="a")
+    hold.arrived("a", 0.0, 5)
+    task = asyncio.create_task(batcher.next_batch())
+    await clock.advance(0.0051)
+    batch = await asyncio.wait_for(task, 1)
+    assert batch.payloads == ["a"] and batch.reason == "deadline"
+
+
+async def test_never_holds_longer_than_the_batch_it_has_would_take():
+    batcher, hold, clock = make()
+    past_round(hold, "a", arrived=-0.3, answered=-0.15, accepted=2)
+    # b's device takes 150 ms: expected at +130 ms, later than a's ~31 ms forward would end
+    past_round(hold, "b", arrived=-0.5, answered=-0.4, accepted=2, next_arrival=-0.25, answered_again=-0.02)
+    batcher.submit("a", 5, key="a")
+    hold.arrived("a", 0.0, 5)
+    task = asyncio.create_task(batcher.next_batch())
+    await clock.advance(0.0051)
+    batch = await asyncio.wait_for(task, 1)
+    assert batch.payloads == ["a"] and batch.reason == "deadline"
+
+
+async def test_closest_to_its_objective_goes_first():
+    batcher, hold, clock = make(max_sessions=2)
+    for name, answered in (("far", -0.01), ("near", -0.18), ("mid", -0.1)):
+        past_round(hold, name, arrived=-0.3, answered=answered, accepted=0)
+    for name in ("far", "near", "mid"):
+        batcher.submit(name, 2, key=name)
+        hold.arrived(name, 0.0, 2)
+    batch = await asyncio.wait_for(batcher.next_batch(), 1)  # full: 2 of 3
+    assert batch.payloads == ["near", "mid"] and batch.reason == "full"
+
+
+async def test_without_a_trained_estimator_it_never_holds():
+    clock = ManualClock()
+    hold = SloHold(SLO, VerifyTimeEstimator())
+    batcher = DeadlineBatcher(BatchPolicy(max_wait_s=0.005), clock, hold)
+    past_round(hold, "b", arrived=-0.3, answered=-0.2, accepted=2, next_arrival=-0.15, answered_again=-0.02)
+    batcher.submit("a", 5, key="a")
+    task = asyncio.create_task(batcher.next_batch())
+    await clock.advance(0.0051)
+    assert (await asyncio.wait_for(task, 1)).reason == "deadline"
+
+
+def test_the_broker_stamps_each_verdict_with_the_row_cost():
+    broker = BrokerProcess(deadline_ms=0.5, core=None, extra=["broker.slo_tpot_ms=200.0"])
+    ctx = zmq.Context()
+    try:
+        broker.start()
+        verifier = make_socket(ctx, zmq.DEALER, connect=broker.backend, identity=new_identity("v"), max_message_bytes=1 << 20)
+        drafter = make_socket(ctx, zmq.DEALER, connect=broker.frontend, identity=new_identity("d"), max_message_bytes=1 << 20)
+        verifier.send(Ready().encode())
+        time.sleep(0.5)  # registered
+        costs = []
+        for round_ in range(10):
+            draft = [9] * (round_ % 4)  # shapes vary, so rows and sessions can be told apart
+            drafter.send(Propose("s", round_, 3 + round_, draft, history=HISTORY if round_ == 0 else None).encode())
+            batch = recv(verifier, VERIFIER_ACCEPTS)
+            time.sleep(0.01 + 0.005 * len(draft))  # the "forward": back to back, so fully busy
+            verifier.send(BatchVerdicts(batch.batch_id, [Verdict("s", round_, 0, 4)]).encode())
+            verifier.send(Ready().encode())
+            verdict = recv(drafter, DRAFTER_UPSTREAM_ACCEPTS)
+            assert isinstance(verdict, Verdict)
+            costs.append(verdict.row_cost_ms)
+        assert costs[0] == 0.0  # unknown before the warm-up
+        assert all(c > 0 for c in costs[6:]), costs
+    finally:
+        ctx.destroy(0)
+        broker.stop()
