@@ -107,7 +107,9 @@ def exact_pair_distribution(target, temperature: float, top_p: float) -> torch.T
 async def vocab8_stack(tmp_path_factory, vocab8_models):
     """Two classes of the same small drafter over an 8-token vocabulary (sharp logits, so guesses
     are often right): one drafting ahead, one drafting after each verdict."""
-    common = {"kind": "model", "model": str(vocab8_models["drafter"]), "gamma": 1, "top_k": 4, "max_sessions": 128}
+    # fixed γ: with adaptive lengths (timing-based) the two classes' drafts, hence outputs, could differ
+    common = {"kind": "model", "model": str(vocab8_models["drafter"]), "gamma": 1, "top_k": 4, "max_sessions": 128,
+              "adaptive": False}
     drafters = {"ahead": {**common, "proactive": True}, "after": {**common, "proactive": False}}
     s = make_stack(tmp_path_factory.mktemp("vocab8-stack"), vocab8_models["target"], drafters, broker__max_wait_ms=5.0)
     async with s:
