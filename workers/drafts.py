@@ -31,6 +31,19 @@ from transformers import DynamicCache
 from pipeline.protocol import Sampling
 
 
+def pick_token(logits: torch.Tensor, sampling: Sampling, top_k: int, generator: torch.Generator):
+    """One draft token from a drafter's logits: (index, confidence = the top probability, top-k
+    indices, their renormalised q). Greedy takes the argmax (no q); sampling draws from the top-k
+    at the request's temperature, and that q is what the verifier's rejection sampling needs."""
+    if sampling.greedy:
+        confidence, index = torch.max(torch.softmax(logits, dim=-1), dim=-1)
+        return int(index), float(confidence), None, None
+    top_p, top_ids = torch.topk(torch.softmax(logits / sampling.temperature, dim=-1), top_k)
+    q = top_p / top_p.sum()
+    pick = int(torch.multinomial(q, 1, generator=generator))
+    return int(top_ids[pick]), float(top_p[0]), top_ids, q
+
+
 @dataclass
 class Draft:
     tokens: list[int]
@@ -106,15 +119,8 @@ class ModelDrafter:
         logits = self._step(state, committed[state.cached:])
         state.cached = len(committed)
         for k in range(gamma):
-            if sampling.greedy:
-                probs = torch.softmax(logits, dim=-1)
-                confidence, token = torch.max(probs, dim=-1)
-                token, confidence = int(token), float(confidence)
-            else:
-                top_p, top_ids = torch.topk(torch.softmax(logits / sampling.temperature, dim=-1), self.top_k)
-                q = top_p / top_p.sum()
-                pick = int(torch.multinomial(q, 1, generator=generator))
-                token, confidence = int(top_ids[pick]), float(top_p[0])
+            token, confidence, top_ids, q = pick_token(logits, sampling, self.top_k, generator)
+            if top_ids is not None:
                 q_ids, q_probs = top_ids.tolist(), q.tolist()
             if confidence < self.min_confidence:
                 break  # the drafter is unsure: let the target decide from here

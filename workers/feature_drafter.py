@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.protocol import Sampling, Verdict
-from workers.drafts import Draft
+from workers.drafts import Draft, pick_token
 from workers.feature_head import FeatureHead, HeadCache
 
 
@@ -77,15 +77,7 @@ class FeatureDrafter:
         predicted, position = state.predicted, len(committed) - 1
         for k in range(gamma):
             logits = self.head.logits(predicted[0, -1]).float()
-            if sampling.greedy:
-                probs = torch.softmax(logits, -1)
-                confidence, index = torch.max(probs, -1)
-                index, confidence = int(index), float(confidence)
-            else:
-                top_p, top_index = torch.topk(torch.softmax(logits / sampling.temperature, -1), self.top_k)
-                q = top_p / top_p.sum()
-                pick = int(torch.multinomial(q, 1, generator=generator))
-                index, confidence = int(top_index[pick]), float(top_p[0])
+            index, confidence, top_index, q = pick_token(logits, sampling, self.top_k, generator)
             if confidence < self.min_confidence:
                 break
             token = int(self.head.vocab_ids[index])

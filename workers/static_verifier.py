@@ -173,14 +173,7 @@ class StaticVerifier(TargetVerifier):
                     rows = torch.cat([hidden[layers.index(i), row, : s.stop - s.start] for i in asked], dim=-1)
                     features[s.index].append(rows[-MAX_PREFILL_FEATURE_ROWS:])
             self.stats.prefill_forwards += 1
-        for (state, tokens, _), rows in zip(jobs, features):
-            if rows:
-                state.prefill_features = torch.cat(rows)[-MAX_PREFILL_FEATURE_ROWS:]
-                state.prefill_features_start = len(tokens) - state.prefill_features.shape[0]
-        self.stats.prefills += len(jobs)
-        self.stats.prefill_tokens += sum(len(tokens) for _, tokens, _ in jobs)
-        self.stats.target_tokens += sum(len(tokens) for _, tokens, _ in jobs)
-        self.stats.prefill_cpu_s += time.process_time() - cpu
+        self._prefilled(jobs, features, cpu)
 
     def _inputs(self, states: list[PagedSession], items: list[Propose]) -> dict:
         batch = bucket(len(states), SESSION_BUCKETS)

@@ -185,6 +185,11 @@ class TargetVerifier:
                     picked = pick_hidden(hidden, jobs[s.index][2])[row, : s.stop - s.start]
                     features[s.index].append(picked[-MAX_PREFILL_FEATURE_ROWS:])
             self.stats.prefill_forwards += 1
+        self._prefilled(jobs, features, cpu)
+
+    def _prefilled(self, jobs: list, features: list[list[torch.Tensor]], cpu: float) -> None:
+        """After a batch's prefill forwards (either backend): keep each session's latest history
+        features for its verdict, and count the work."""
         for (state, tokens, _), rows in zip(jobs, features):
             if rows:
                 state.prefill_features = torch.cat(rows)[-MAX_PREFILL_FEATURE_ROWS:]

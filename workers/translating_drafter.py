@@ -43,7 +43,7 @@ import torch
 from transformers import DynamicCache
 
 from pipeline.protocol import Sampling
-from workers.drafts import Draft, crop_cache
+from workers.drafts import Draft, crop_cache, pick_token
 
 log = structlog.get_logger("sled.translating_drafter")
 
@@ -261,14 +261,7 @@ class TranslatingDrafter:
         pending = bytes(state.text[complete_utf8(state.text):])  # the committed end's incomplete character
         drafted, stable = bytearray(), []
         for step in range(self.max_steps or 2 * gamma + 2):
-            if sampling.greedy:
-                probs = torch.softmax(logits, dim=-1)
-                confidence, token = torch.max(probs, dim=-1)
-                token, confidence = int(token), float(confidence)
-            else:
-                top_p, top_ids = torch.topk(torch.softmax(logits / sampling.temperature, dim=-1), self.top_k)
-                pick = int(torch.multinomial(top_p / top_p.sum(), 1, generator=generator))
-                token, confidence = int(top_ids[pick]), float(top_p[0])
+            token, confidence, _, _ = pick_token(logits, sampling, self.top_k, generator)  # sent as ids only (q = 1)
             piece = self.draft_bytes[token] if token < len(self.draft_bytes) else None
             if confidence < self.min_confidence or piece is None:
                 break
