@@ -50,14 +50,19 @@ def make(cost=LINEAR, **policy):
     return batcher, hold, clock
 
 
+def a_arrives(batcher, hold):
+    """Session a's 5-row proposal arrives at t = 0; the batch the verifier will take, pending."""
+    batcher.submit("a", 5, key="a")
+    hold.arrived("a", 0.0, 5)
+    return asyncio.create_task(batcher.next_batch())
+
+
 async def test_holds_for_a_session_expected_soon_and_leaves_when_it_arrives():
     batcher, hold, clock = make()
     past_round(hold, "a", arrived=-0.3, answered=-0.15, accepted=2)
     # b's device answers 50 ms after its verdict; its last verdict left at -20 ms: expected at +30 ms
     past_round(hold, "b", arrived=-0.3, answered=-0.2, accepted=2, next_arrival=-0.15, answered_again=-0.02)
-    batcher.submit("a", 5, key="a")
-    hold.arrived("a", 0.0, 5)
-    task = asyncio.create_task(batcher.next_batch())
+    task = a_arrives(batcher, hold)
     await clock.advance(0.006)  # past a's deadline: held, since b makes a cheaper batch per token
     assert not task.done()
     await clock.advance(0.014)
@@ -74,9 +79,7 @@ async def test_an_expected_session_that_does_not_come_is_waited_for_until_its_ti
     batcher, hold, clock = make()
     past_round(hold, "a", arrived=-0.3, answered=-0.15, accepted=2)
     past_round(hold, "b", arrived=-0.3, answered=-0.2, accepted=2, next_arrival=-0.15, answered_again=-0.02)
-    batcher.submit("a", 5, key="a")
-    hold.arrived("a", 0.0, 5)
-    task = asyncio.create_task(batcher.next_batch())
+    task = a_arrives(batcher, hold)
     await clock.advance(0.029)
     assert not task.done()
     await clock.advance(0.0011)  # b's expected arrival (+30 ms) passed without it: no second hold
@@ -90,9 +93,7 @@ async def test_no_hold_that_would_push_a_session_past_its_objective():
     # sent now it is back at ~36 ms, held for b (+30 ms) at ~72 ms
     past_round(hold, "a", arrived=-0.3, answered=-0.15, accepted=0)
     past_round(hold, "b", arrived=-0.3, answered=-0.2, accepted=2, next_arrival=-0.15, answered_again=-0.02)
-    batcher.submit("a", 5, key="a")
-    hold.arrived("a", 0.0, 5)
-    task = asyncio.create_task(batcher.next_batch())
+    task = a_arrives(batcher, hold)
     await clock.advance(0.0051)
     batch = await asyncio.wait_for(task, 1)
     assert batch.payloads == ["a"] and batch.reason == "deadline" and batcher.holds == 0
@@ -105,9 +106,7 @@ async def test_an_overloaded_convoy_is_merged_when_that_lowers_the_lateness():
     batcher, hold, clock = make(cost=lambda s, r: 0.100 + 0.001 * s + 0.002 * r)
     past_round(hold, "a", arrived=-0.5, answered=-0.35, accepted=0)
     past_round(hold, "b", arrived=-0.3, answered=-0.2, accepted=0, next_arrival=-0.15, answered_again=-0.04)
-    batcher.submit("a", 5, key="a")
-    hold.arrived("a", 0.0, 5)
-    task = asyncio.create_task(batcher.next_batch())
+    task = a_arrives(batcher, hold)
     await clock.advance(0.006)
     assert not task.done()
     batcher.submit("b", 5, key="b")
@@ -118,9 +117,7 @@ async def test_an_overloaded_convoy_is_merged_when_that_lowers_the_lateness():
     batcher, hold, clock = make(cost=lambda s, r: 0.100 + 0.001 * s + 0.002 * r)
     past_round(hold, "a", arrived=-0.5, answered=-0.35, accepted=0)
     past_round(hold, "b", arrived=-0.3, answered=-0.2, accepted=4, next_arrival=-0.15, answered_again=-0.04)
-    batcher.submit("a", 5, key="a")
-    hold.arrived("a", 0.0, 5)
-    task = asyncio.create_task(batcher.next_batch())
+    task = a_arrives(batcher, hold)
     await clock.advance(0.006)
     assert (await asyncio.wait_for(task, 1)).payloads == ["a"]
 
@@ -130,9 +127,7 @@ async def test_no_hold_when_the_bigger_batch_costs_more_per_token():
     batcher, hold, clock = make(cost=lambda s, r: 0.001 * s + 0.010 * r)
     past_round(hold, "a", arrived=-0.3, answered=-0.15, accepted=2)
     past_round(hold, "b", arrived=-0.3, answered=-0.2, accepted=0, next_arrival=-0.15, answered_again=-0.02)
-    batcher.submit("a", 5, key="a")
-    hold.arrived("a", 0.0, 5)
-    task = asyncio.create_task(batcher.next_batch())
+    task = a_arrives(batcher, hold)
     await clock.advance(0.0051)
     batch = await asyncio.wait_for(task, 1)
     assert batch.payloads == ["a"] and batch.reason == "deadline"
@@ -143,9 +138,7 @@ async def test_never_holds_longer_than_the_batch_it_has_would_take():
     past_round(hold, "a", arrived=-0.3, answered=-0.15, accepted=2)
     # b's device takes 150 ms: expected at +130 ms, later than a's ~31 ms forward would end
     past_round(hold, "b", arrived=-0.5, answered=-0.4, accepted=2, next_arrival=-0.25, answered_again=-0.02)
-    batcher.submit("a", 5, key="a")
-    hold.arrived("a", 0.0, 5)
-    task = asyncio.create_task(batcher.next_batch())
+    task = a_arrives(batcher, hold)
     await clock.advance(0.0051)
     batch = await asyncio.wait_for(task, 1)
     assert batch.payloads == ["a"] and batch.reason == "deadline"
