@@ -131,7 +131,7 @@ class SecurityConfig:
 class DemoConfig:
     sessions: int = 8
     max_new_tokens: int = 48
-    drafters: list[str] = field(default_factory=lambda: ["pi5", "orin", "ngram"])
+    drafters: list[str] = field(default_factory=lambda: ["pi5", "orin", "feature", "ngram"])
 
 
 @dataclass

@@ -76,7 +76,7 @@ def test_services_are_the_roles_of_the_stack():
     for svc, name in DRAFTER_SERVICES.items():
         assert SERVICES[svc]["command"] == ["drafter", name]
         kinds.add(BASE.drafter(name).kind)
-    assert kinds == {"model", "ngram"}  # two kinds of device class (the feature class is not in the default fleet)
+    assert kinds == {"model", "feature", "ngram"}  # every kind of device class
 
 
 def test_every_setting_is_a_sled_variable_that_config_toml_knows():
