@@ -72,6 +72,8 @@ class FaultProxy:
                 self.counts["resets"] += 1
             for writer in list(self.open):
                 self._abort(writer)
+            # a snapshot after each reset: the counts survive even if the proxy is killed, not stopped
+            print(json.dumps(self.counts), flush=True)
 
     async def serve(self, host: str, port: int, seconds: float) -> None:
         server = await asyncio.start_server(self.handle, host, port)
