@@ -254,9 +254,7 @@ class StaticVerifier(TargetVerifier):
                     raise
                 ready.append((index, item, state))
             except ItemError as exc:
-                self.stats.item_errors += 1
-                self.stats.errors[exc.code] = self.stats.errors.get(exc.code, 0) + 1
-                verdicts[index] = Verdict(item.session_id, item.round, 0, 0, exc.code, exc.detail)
+                verdicts[index] = self._failed(item, exc)
         if ready:
             self._prefill([(state, item.history[:-1], item.feature_layers)
                            for _, item, state in ready if item.history is not None])

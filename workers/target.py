@@ -187,6 +187,12 @@ class TargetVerifier:
             self.stats.prefill_forwards += 1
         self._prefilled(jobs, features, cpu)
 
+    def _failed(self, item: Propose, exc: ItemError) -> Verdict:
+        """This item's error verdict (the rest of the batch goes on), counted by code."""
+        self.stats.item_errors += 1
+        self.stats.errors[exc.code] = self.stats.errors.get(exc.code, 0) + 1
+        return Verdict(item.session_id, item.round, 0, 0, exc.code, exc.detail)
+
     def _prefilled(self, jobs: list, features: list[list[torch.Tensor]], cpu: float) -> None:
         """After a batch's prefill forwards (either backend): keep each session's latest history
         features for its verdict, and count the work."""
@@ -233,9 +239,7 @@ class TargetVerifier:
                     raise ItemError(ErrorCode.INVALID, "two proposals for one session in one batch")
                 ready.append((index, item, self._state_for(item)))
             except ItemError as exc:
-                self.stats.item_errors += 1
-                self.stats.errors[exc.code] = self.stats.errors.get(exc.code, 0) + 1
-                verdicts[index] = Verdict(item.session_id, item.round, 0, 0, exc.code, exc.detail)
+                verdicts[index] = self._failed(item, exc)
         if ready:
             self._prefill([(state, item.history[:-1], item.feature_layers)
                            for _, item, state in ready if item.history is not None])
