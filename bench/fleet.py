@@ -37,7 +37,7 @@ from bench.profiles import DeviceProfile
 from bench.sessions import SessionRecord
 from pipeline.client import DrafterClient, broker_stats
 from pipeline.config import load_config
-from pipeline.launcher import Stack
+from pipeline.stack import Stack
 from pipeline.supervisor import ChildSpec
 from workers.forward_log import delta as forwards_delta
 

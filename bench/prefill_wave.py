@@ -20,7 +20,7 @@ import torch
 
 from pipeline.config import LimitsConfig
 from pipeline.models import load_causal_lm, load_tokenizer
-from pipeline.prompts import SAMPLE_PROMPTS, chat_prompt_ids
+from pipeline.sample_prompts import SAMPLE_PROMPTS, chat_prompt_ids
 from pipeline.protocol import Propose
 from workers.static_verifier import StaticVerifier
 from workers.target import TargetVerifier

@@ -56,7 +56,7 @@ class Setup:
     target: str
     drafters: dict[str, DrafterChoice]  # device class -> its drafter
     server_drafter: DrafterChoice  # server-side speculative decoding and assisted generation
-    prompts: str  # "chat" (pipeline/prompts.py) or "code" (bench/qwen.py)
+    prompts: str  # "chat" (pipeline/sample_prompts.py) or "code" (bench/qwen.py)
     # capacity objective: median time per output token. Default setup: 200 ms (5 tokens/s, reading
     # speed). Qwen: 1000 ms -- the 1.5B target alone needs ~430 ms per token on one core here.
     slo_tpot_ms: float = 200.0
@@ -67,9 +67,9 @@ class Setup:
 DEFAULT = Setup(
     name="default",
     target="smollm2",
-    drafters={"pi5": DrafterChoice("ladder:pi5", 4, 0.5), "orin": DrafterChoice("ladder:orin-nano", 4, 0.5),
+    drafters={"pi5": DrafterChoice("ladder:pi5", 4, 0.5), "orin": DrafterChoice("ladder:orin", 4, 0.5),
               "ngram": DrafterChoice("ngram", 4)},
-    server_drafter=DrafterChoice("ladder:orin-nano", 4, 0.5),
+    server_drafter=DrafterChoice("ladder:orin", 4, 0.5),
     prompts="chat",
 )
 

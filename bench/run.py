@@ -31,7 +31,7 @@ from bench.profiles import PROFILES, SERVER_WATTS_PER_CORE, DeviceProfile, Setup
 from bench.sessions import SessionRecord, acceptance_model, latency_figures, plan
 from bench.traces import record_trace
 from pipeline.models import load_causal_lm, load_tokenizer
-from pipeline.prompts import SAMPLE_PROMPTS, chat_prompt_ids
+from pipeline.sample_prompts import SAMPLE_PROMPTS, chat_prompt_ids
 from pipeline.reference import greedy_reference
 from workers.drafts import ModelDrafter, NgramDrafter
 

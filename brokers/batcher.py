@@ -15,10 +15,7 @@ in arrival order, exactly as before.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import itertools
-import os
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -202,101 +199,3 @@ class DeadlineBatcher(Generic[T]):
         self._queued_tokens = 0
         self._changed.set()
         return n
-
-
-# --- deadlines on time ---------------------------------------------------------------------------
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-
-class _Itimerspec(ctypes.Structure):
-    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
-
-
-_CLOCK_MONOTONIC, _TFD_TIMER_ABSTIME = 1, 1
-_TFD_NONBLOCK, _TFD_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
-
-
-def _libc_timerfd():
-    """libc's timerfd calls where they exist (Linux) and time.monotonic reads CLOCK_MONOTONIC."""
-    if "CLOCK_MONOTONIC" not in time.get_clock_info("monotonic").implementation:
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        create, settime = libc.timerfd_create, libc.timerfd_settime
-    except (OSError, AttributeError):
-        return None
-    create.argtypes, create.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    settime.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(_Itimerspec), ctypes.c_void_p]
-    settime.restype = ctypes.c_int
-    return create, settime
-
-
-_TIMERFD = _libc_timerfd()
-
-
-class PreciseClock(MonotonicClock):
-    """A MonotonicClock whose waits end on time, for one waiter at a time (one batcher).
-
-    asyncio's epoll selector rounds every timeout UP to a whole millisecond (selectors:
-    ``math.ceil(timeout * 1e3) * 1e-3``; epoll_wait takes milliseconds), so a batch whose deadline
-    is 4.3 ms away leaves 5 ms later: up to 1 ms past ``max_wait_ms``, 0.5 ms on average, which
-    the configuration promises never happens ("at most this long"). Waking earlier does not help,
-    the next wait is rounded up again; closing a batch early would cut batching short. So each
-    wait also arms a timerfd (nanosecond deadline, no busy-waiting) on the same clock as
-    ``time.monotonic``; when it fires it sets the waiter's event, and the batcher, which re-checks
-    its deadline after every wake-up, closes the batch. The loop's own timer stays as the
-    fallback, and where timerfd is missing this is a plain MonotonicClock.
-    """
-
-    def __init__(self):
-        self._fd: int | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._event: asyncio.Event | None = None
-        self._spec = _Itimerspec()
-        self._closed = False
-
-    def _open(self) -> bool:
-        if self._fd is None and _TIMERFD is not None and not self._closed:
-            fd = _TIMERFD[0](_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC)
-            if fd < 0:
-                return False
-            self._fd, self._loop = fd, asyncio.get_running_loop()
-            self._loop.add_reader(fd, self._fired)
-        return self._fd is not None
-
-    def _set(self, when: float) -> None:
-        """Arm at monotonic time ``when``; 0 disarms."""
-        value = self._spec.it_value
-        value.tv_sec = int(when)
-        value.tv_nsec = int((when - value.tv_sec) * 1e9)
-        _TIMERFD[1](self._fd, _TFD_TIMER_ABSTIME, ctypes.byref(self._spec), None)
-
-    def _fired(self) -> None:
-        try:
-            os.read(self._fd, 8)
-        except BlockingIOError:  # disarmed or re-armed after it became readable
-            return
-        if self._event is not None:
-            self._event.set()
-
-    async def wait(self, event: asyncio.Event, timeout: float) -> bool:
-        if event.is_set() or timeout <= 0 or not self._open():
-            return await super().wait(event, timeout)
-        self._event = event
-        self._set(self.now() + timeout)
-        try:
-            return await super().wait(event, timeout)
-        finally:
-            self._event = None
-            if not self._closed:
-                self._set(0)
-
-    def close(self) -> None:
-        self._closed = True
-        if self._fd is not None:
-            self._loop.remove_reader(self._fd)
-            os.close(self._fd)
-            self._fd = None

@@ -24,8 +24,8 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from brokers.batcher import Batch, BatchPolicy, DeadlineBatcher, PreciseClock, QueueFull
-from brokers.clock import MonotonicClock
+from brokers.batcher import Batch, BatchPolicy, DeadlineBatcher, QueueFull
+from brokers.clock import MonotonicClock, PreciseClock
 from brokers.estimator import VerifyTimeEstimator
 from brokers.slo import SloHold
 from pipeline.config import Config
@@ -41,13 +41,12 @@ from pipeline.protocol import (
     Heartbeat,
     Message,
     Propose,
-    ProtocolError,
+    SledError,
     Ready,
     StatsReply,
     StatsRequest,
     Verdict,
     VerifyBatch,
-    error_for,
 )
 from pipeline.roles import cancel_and_wait, supervise
 from pipeline.security import BACKEND, FRONTEND, HandshakeWatch, check_bind, server_keys, start_authenticator, with_domain
@@ -184,10 +183,10 @@ class Broker:
                 continue
             try:
                 msg = BROKER_FRONTEND_ACCEPTS.decode(frame, self.max_bytes)
-            except ProtocolError as exc:
+            except SledError as exc:
                 self.stats.count_rejection(exc.code)
-                log.warning("frame_rejected", peer=identity.decode(errors="replace"), code=exc.code, reason=exc.message)
-                self._reply(identity, error_for(exc))
+                log.warning("frame_rejected", peer=identity.decode(errors="replace"), code=exc.code, reason=exc.detail)
+                self._reply(identity, ErrorReply.of(exc))
                 continue
             match msg:
                 case Propose():
@@ -205,10 +204,9 @@ class Broker:
         if not self._front.send(identity, msg.encode()):
             self.stats.undeliverable += 1
 
-    def _reject(self, identity: bytes, item: Propose, code: str, message: str) -> None:
+    def _reject(self, identity: bytes, item: Propose, code: str, detail: str) -> None:
         self.stats.count_rejection(code)
-        retriable = code in ErrorCode.RETRIABLE
-        self._reply(identity, ErrorReply(code, message, retriable, item.session_id, item.round))
+        self._reply(identity, ErrorReply.of(SledError(code, detail), session_id=item.session_id, round=item.round))
 
     def _on_propose(self, identity: bytes, principal: bytes, item: Propose) -> None:
         self.stats.proposals += 1
@@ -288,7 +286,7 @@ class Broker:
             identity, frame = parts[0], parts[-1]
             try:
                 msg = BROKER_BACKEND_ACCEPTS.decode(frame, self.max_bytes)
-            except ProtocolError as exc:
+            except SledError as exc:
                 self.stats.count_rejection(exc.code)
                 log.warning("verifier_frame_rejected", verifier=identity.decode(errors="replace"), code=exc.code)
                 continue
@@ -309,7 +307,7 @@ class Broker:
                     self._drop_verifier(handle, f"verifier {handle.name} died: {msg.reason}")
 
     def _register(self, identity: bytes) -> VerifierHandle:
-        # each batcher gets its own PreciseClock: deadlines on time, not up to 1 ms late (batcher.py)
+        # each batcher gets its own PreciseClock: deadlines on time, not up to 1 ms late (clock.py)
         batch_clock = self.clock if self._injected_clock else PreciseClock()
         estimator = VerifyTimeEstimator()
         slo_ms = self.config.broker.slo_tpot_ms

@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("out", help="folder to write (then copied to the host)")
     b.add_argument("--with-admin", action="store_true", help="add the admin pair, for the host's health checks")
     b.set_defaults(handler=_keys)
-    # commands of other packages: the REST gateway (gateway, status) and incremental training
-    for module in ("gateway.cli", "training.cli", "workers.launch_cli", "bench.cli"):
+    # commands kept beside what they run: stack status, the REST gateway, training, per-GPU launch, bench
+    for module in ("pipeline.status", "gateway.cli", "training.cli", "workers.gpu_launch_cli", "bench.cli"):
         try:
             register = __import__(module, fromlist=["register"]).register
         except ImportError:
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         from functools import partial
 
-        from pipeline.launcher import serve_up
+        from pipeline.stack import serve_up
         from pipeline.roles import run_role
 
         return run_role("up", config, partial(serve_up, config_path=args.config, overrides=overrides,

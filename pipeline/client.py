@@ -19,19 +19,12 @@ from pipeline.protocol import (
     Cancel,
     ErrorReply,
     Generate,
-    ProtocolError,
+    SledError,
     StatsReply,
     StatsRequest,
     Tokens,
 )
 from pipeline.sockets import make_socket, new_identity, send_now
-
-
-class GenerationError(Exception):
-    def __init__(self, code: str, message: str, retriable: bool = False):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.retriable = retriable
 
 
 @dataclass
@@ -65,7 +58,7 @@ class DrafterClient:
             frame = (await self.sock.recv_multipart())[-1]
             try:
                 msg = CLIENT_ACCEPTS.decode(frame, self.max_bytes)
-            except ProtocolError:
+            except SledError:
                 continue  # nothing to answer a drafter's garbage with; drop it
             if isinstance(msg, StatsReply):
                 while self.stats_waiters:
@@ -94,7 +87,7 @@ class DrafterClient:
                     msg = await queue.get()
                     if isinstance(msg, ErrorReply):
                         finished = True
-                        raise GenerationError(msg.code, msg.message, msg.retriable)
+                        raise msg.error()
                     yield msg
                     if msg.done:
                         finished = True
@@ -110,7 +103,7 @@ class DrafterClient:
             tokens += msg.tokens
             if msg.done:
                 return Completion(tokens, msg.finish_reason, msg.stats)
-        raise GenerationError("internal", "stream ended without a final message")
+        raise SledError(ErrorCode.INTERNAL, "stream ended without a final message")
 
     async def stats(self, timeout: float = 5.0) -> dict:
         self._ensure_reader()
@@ -141,7 +134,7 @@ async def broker_stats(endpoint: str, timeout: float = 2.0, ctx: zmq.asyncio.Con
         frame = (await asyncio.wait_for(sock.recv_multipart(), timeout))[-1]
         msg = CLIENT_ACCEPTS.decode(frame)
         if not isinstance(msg, StatsReply):
-            raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"expected stats, got {type(msg).__name__}")
+            raise SledError(ErrorCode.UNKNOWN_KIND, f"expected stats, got {type(msg).__name__}")
         return msg.stats
     finally:
         sock.close(0)

@@ -14,9 +14,9 @@ import structlog
 from pipeline.client import DrafterClient, broker_stats
 from pipeline.config import Config
 from pipeline.security import client_keys
-from pipeline.launcher import Stack
+from pipeline.stack import Stack
 from pipeline.models import load_causal_lm, load_tokenizer
-from pipeline.prompts import SAMPLE_PROMPTS, chat_prompt_ids
+from pipeline.sample_prompts import SAMPLE_PROMPTS, chat_prompt_ids
 from pipeline.reference import greedy_reference
 
 log = structlog.get_logger("sled.demo")

@@ -3,41 +3,18 @@
 A frame is ``[PROTOCOL_VERSION, [kind, field1, ...]]`` in MessagePack: a tagged, array-like Struct
 (arrays, not maps: edge links are slow). New fields are only appended, with defaults, so an older
 peer's shorter message still decodes. Each receiving socket role has one :class:`Inbox`, whose
-Decoder checks size, version, kind and every field in C; a bad frame raises ProtocolError."""
+Decoder checks size, version, kind and every field in C; a bad frame raises SledError."""
 
 import contextlib
 from typing import Union
 
 import msgspec
 
+from pipeline.errors import ErrorCode, SledError
 from pipeline.figures import VerifierFigures
 
 PROTOCOL_VERSION = 2  # 2: msgspec Structs, the message nested in [version, message]
 _ENCODER = msgspec.msgpack.Encoder()
-
-
-class ErrorCode:
-    """Codes carried by :class:`ErrorReply`. Retriable ones say: send the same thing again later."""
-    BAD_FRAME = "bad_frame"  # not MessagePack, not an array, wrong field count or type
-    BAD_VERSION = "bad_version"
-    UNKNOWN_KIND = "unknown_kind"
-    TOO_LARGE = "too_large"
-    INVALID = "invalid"  # well-formed but out of range (token ids, lengths, limits)
-    OVERLOADED = "overloaded"  # retriable: a bounded queue is full
-    NO_VERIFIER = "no_verifier"  # retriable: none registered yet
-    VERIFIER_LOST = "verifier_lost"  # retriable: the verifier died with the proposal
-    UNKNOWN_SESSION = "unknown_session"  # resend with the full history
-    OUT_OF_SYNC = "out_of_sync"  # resend with the full history
-    NOT_OWNER = "not_owner"  # another peer's session
-    INTERNAL = "internal"
-    RETRIABLE = frozenset({OVERLOADED, NO_VERIFIER, VERIFIER_LOST})
-    RESYNC = frozenset({UNKNOWN_SESSION, OUT_OF_SYNC})
-
-
-class ProtocolError(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 class Message(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True, gc=False, tag=True):
@@ -103,13 +80,20 @@ class Verdict(Message, tag="verdict"):
 class CloseSession(Message, tag="close"):
     session_id: str
 
-class ErrorReply(Message, tag="error"):
+class ErrorReply(Message, tag="error"):  # a SledError on the wire
     code: str
-    message: str
+    detail: str
     retriable: bool = False
     session_id: str = ""
     round: int = -1
     request_id: str = ""
+
+    @classmethod
+    def of(cls, exc: SledError, **ids) -> "ErrorReply":
+        return cls(exc.code, exc.detail, exc.retriable, **ids)
+
+    def error(self) -> SledError:
+        return SledError(self.code, self.detail, self.retriable)
 
 class StatsRequest(Message, tag="stats_req"):
     pass
@@ -168,27 +152,27 @@ class Inbox:
         self._decoder = msgspec.msgpack.Decoder(tuple[int, Union[accepts]])  # type: ignore[valid-type]
 
     def decode(self, frame: bytes, max_bytes: int | None = None) -> Message:
-        """Decode and validate one frame; raise ProtocolError with the reply's code otherwise."""
+        """Decode and validate one frame; raise SledError with the reply's code otherwise."""
         if max_bytes is not None and len(frame) > max_bytes:
-            raise ProtocolError(ErrorCode.TOO_LARGE, f"frame of {len(frame)} bytes exceeds {max_bytes}")
+            raise SledError(ErrorCode.TOO_LARGE, f"frame of {len(frame)} bytes exceeds {max_bytes}")
         try:
             version, msg = self._decoder.decode(frame)
         except msgspec.DecodeError as exc:  # msgspec.ValidationError included
             raise self._refusal(frame, exc) from None
         if version != PROTOCOL_VERSION:
-            raise ProtocolError(ErrorCode.BAD_VERSION, f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
+            raise SledError(ErrorCode.BAD_VERSION, f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
         return msg
 
-    def _refusal(self, frame: bytes, exc: msgspec.DecodeError) -> ProtocolError:
+    def _refusal(self, frame: bytes, exc: msgspec.DecodeError) -> SledError:
         """The code for a refused frame (the error path only: it reads the frame once more)."""
         with contextlib.suppress(msgspec.DecodeError):
             head = msgspec.msgpack.decode(frame)
             if isinstance(head, list) and head and head[0] != PROTOCOL_VERSION:
-                return ProtocolError(ErrorCode.BAD_VERSION, f"protocol version {head[0]!r}, expected {PROTOCOL_VERSION}")
+                return SledError(ErrorCode.BAD_VERSION, f"protocol version {head[0]!r}, expected {PROTOCOL_VERSION}")
             body = head[1] if isinstance(head, list) and len(head) == 2 and isinstance(head[1], list) else [""]
             if body and isinstance(body[0], str) and body[0] and body[0] not in self.kinds:
-                return ProtocolError(ErrorCode.UNKNOWN_KIND, f"unexpected message kind {body[0]!r}")
-        return ProtocolError(ErrorCode.BAD_FRAME, str(exc))
+                return SledError(ErrorCode.UNKNOWN_KIND, f"unexpected message kind {body[0]!r}")
+        return SledError(ErrorCode.BAD_FRAME, str(exc))
 
 
 BROKER_FRONTEND_ACCEPTS = Inbox(Propose, CloseSession, StatsRequest, Heartbeat)
@@ -198,6 +182,3 @@ DRAFTER_UPSTREAM_ACCEPTS = Inbox(Verdict, ErrorReply, Heartbeat)
 DRAFTER_CLIENT_ACCEPTS = Inbox(Generate, Cancel, StatsRequest)
 CLIENT_ACCEPTS = Inbox(Tokens, ErrorReply, StatsReply)
 
-
-def error_for(exc: ProtocolError, **ids) -> ErrorReply:
-    return ErrorReply(code=exc.code, message=exc.message, retriable=exc.code in ErrorCode.RETRIABLE, **ids)

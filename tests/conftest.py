@@ -12,7 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from bench.fleet import free_ports  # noqa: F401 - tests import it from here
 from pipeline.config import load_config
-from pipeline.launcher import Stack
+from pipeline.stack import Stack
 
 TINY_VOCAB = 256
 

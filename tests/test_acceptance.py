@@ -7,7 +7,7 @@ import torch
 from scipy.stats import chisquare
 
 from pipeline.protocol import Sampling
-from workers.acceptance import target_probs, verify_greedy, verify_sampling
+from workers.rejection_sampling import target_probs, verify_greedy, verify_sampling
 
 SAMPLES = 20_000
 ALPHA = 1e-3  # false-alarm rate of each test

@@ -18,7 +18,7 @@ from pipeline.client import broker_stats
 from pipeline.config import load_config
 from tests.conftest import stack_overrides
 from pipeline.supervisor import Supervisor
-from workers.launch import Backoff, LaunchError, Slot, plan_slots, visible_gpus, worker_overrides, worker_spec
+from workers.gpu_launch import Backoff, LaunchError, Slot, plan_slots, visible_gpus, worker_overrides, worker_spec
 
 
 HEALTHCHECK = Path(__file__).resolve().parent.parent / "docker" / "healthcheck.py"

@@ -144,7 +144,7 @@ def test_committed_feature_head_drafts_what_the_target_would_say():
     """The committed head on the real default target: it loads, and on a chat answer the
     target itself wrote, its first drafts agree with the target far more often than chance."""
     from pipeline.models import load_tokenizer
-    from pipeline.prompts import chat_prompt_ids
+    from pipeline.sample_prompts import chat_prompt_ids
     from training.feature_eval import evaluate_head
     from workers.feature_head import load_head
 
@@ -166,7 +166,7 @@ def test_committed_feature_head_keeps_sled_lossless_on_the_real_target():
     the target alone, with the head's drafts really accepted."""
     from pipeline.config import LimitsConfig
     from pipeline.models import load_tokenizer
-    from pipeline.prompts import chat_prompt_ids
+    from pipeline.sample_prompts import chat_prompt_ids
     from pipeline.protocol import Sampling
     from workers.drafts import draft_generator
     from workers.feature_drafter import FeatureDrafter

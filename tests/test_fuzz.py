@@ -29,7 +29,7 @@ from pipeline.protocol import (
     ErrorReply,
     Generate,
     Propose,
-    ProtocolError,
+    SledError,
     Verdict,
 )
 from pipeline.reference import greedy_reference
@@ -65,7 +65,7 @@ def test_decode_raises_only_protocol_errors(frame):
         TRIED["frames"] += 1
         try:
             accepts.decode(frame, max_bytes=1 << 20)
-        except ProtocolError:
+        except SledError:
             pass
 
 
@@ -194,7 +194,7 @@ async def test_drafter_ignores_replayed_and_out_of_order_verdicts(tmp_path, tiny
             identity, frame = await broker.recv_multipart()
             try:
                 msg = BROKER_FRONTEND_ACCEPTS.decode(frame)
-            except ProtocolError:
+            except SledError:
                 continue
             if not isinstance(msg, Propose):
                 continue

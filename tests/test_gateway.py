@@ -22,9 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.client import DrafterClient, broker_stats
 from pipeline.config import load_config
-from pipeline.launcher import Stack
+from pipeline.stack import Stack
 from pipeline.models import load_causal_lm, load_tokenizer
-from pipeline.prompts import chat_prompt_ids
+from pipeline.sample_prompts import chat_prompt_ids
 from pipeline.reference import greedy_reference
 from tests.conftest import free_ports, stack_overrides
 

@@ -13,7 +13,7 @@ from gateway.detokenize import TextAssembler
 from gateway.metrics import GatewayMetrics
 from gateway.openai_api import ApiError, Limits, parse_request
 from gateway.pipeline_stats import PipelineState, Sample, WeightedHistogram, _broker_totals, record_interval
-from gateway.status_cli import render
+from pipeline.status import render
 from pipeline.config import load_config
 from pipeline.models import load_tokenizer
 
@@ -168,7 +168,7 @@ async def test_app_without_a_pipeline_answers_health_auth_and_not_ready(tok):
     drafter that does not answer, and the Prometheus page still parses."""
     from aiohttp.test_utils import TestClient, TestServer
 
-    from gateway.app import create_app
+    from gateway.routes import create_app
     from tests.conftest import free_ports
 
     ports = free_ports(3)
@@ -210,7 +210,7 @@ async def test_ready_means_a_request_without_model_would_be_served(tok):
     import zmq.asyncio
 
     from brokers.broker import Broker
-    from gateway.app import GATEWAY, create_app
+    from gateway.routes import GATEWAY, create_app
     from pipeline.protocol import Ready, StatsReply
     from tests.conftest import free_ports
 

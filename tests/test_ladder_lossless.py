@@ -6,7 +6,7 @@ import torch
 
 from pipeline.config import LimitsConfig
 from pipeline.models import load_causal_lm, load_tokenizer
-from pipeline.prompts import chat_prompt_ids
+from pipeline.sample_prompts import chat_prompt_ids
 from pipeline.protocol import Propose, Sampling
 from pipeline.reference import greedy_reference
 from training.ladder import RUNGS, load_rung

@@ -5,7 +5,8 @@ import asyncio
 import statistics
 import time
 
-from pipeline.client import DrafterClient, GenerationError
+from pipeline.client import DrafterClient
+from pipeline.protocol import SledError
 from tests.conftest import make_stack
 
 CAPACITY = 4
@@ -27,7 +28,7 @@ async def flood(client, count):
         started = time.perf_counter()
         try:
             await client.complete([1, 2, 3], 5, timeout=10)
-        except GenerationError as exc:
+        except SledError as exc:
             assert exc.code == "overloaded" and exc.retriable
             refusals.append(time.perf_counter() - started)
         await asyncio.sleep(0.01)

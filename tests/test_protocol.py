@@ -28,7 +28,7 @@ from pipeline.protocol import (
     Inbox,
     Message,
     Propose,
-    ProtocolError,
+    SledError,
     Ready,
     StatsReply,
     StatsRequest,
@@ -124,7 +124,7 @@ MALFORMED = {
 @pytest.mark.parametrize("name", MALFORMED)
 def test_malformed_frames_raise_with_code(name):
     frame, code = MALFORMED[name]
-    with pytest.raises(ProtocolError) as info:
+    with pytest.raises(SledError) as info:
         BROKER_FRONTEND_ACCEPTS.decode(frame, max_bytes=1 << 20)
     assert info.value.code == code
 

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline_stats import PipelineState
-from gateway.status_cli import collect, render
+from pipeline.status import collect, render
 from pipeline.client import DrafterClient
 from pipeline.models import load_causal_lm
 from pipeline.protocol import BatchVerdicts, CloseSession, Heartbeat, Inbox, Ready, StatsRequest, Verdict, VerifyBatch

@@ -7,7 +7,8 @@ import random
 import pytest
 import pytest_asyncio
 
-from pipeline.client import DrafterClient, GenerationError, broker_stats
+from pipeline.client import DrafterClient, broker_stats
+from pipeline.protocol import SledError
 from pipeline.models import load_causal_lm
 from pipeline.reference import greedy_reference
 from tests.conftest import TINY_VOCAB, make_stack
@@ -91,10 +92,10 @@ async def test_sampling_is_reproducible_per_seed(stack):
 async def test_bad_requests_fail_alone(stack):
     client = DrafterClient(stack.config.drafter("ngram").client)
     try:
-        with pytest.raises(GenerationError) as info:
+        with pytest.raises(SledError) as info:
             await client.complete([], 5)
         assert info.value.code == "invalid"
-        with pytest.raises(GenerationError) as info:
+        with pytest.raises(SledError) as info:
             await client.complete([TINY_VOCAB + 10], 5)  # only the verifier knows the vocabulary
         assert info.value.code == "invalid"
         ok = await client.complete([1, 2, 3], 5)

@@ -114,7 +114,7 @@ def test_sampling_through_drafters_keeps_the_sequence_distribution(kind):
     drafter_model = _tiny_vocab_llama(vocab, seed=12)
     sampling = Sampling(temperature=1.0, top_p=0.9, seed=0)
     prompt = [1, 2, 3, 1, 2]
-    with torch.inference_mode():  # the expected distribution from the logits, not from workers/acceptance.py
+    with torch.inference_mode():  # the expected distribution from the logits, not from workers/rejection_sampling.py
         first = torch.tensor(reference_top_p(target(torch.tensor([prompt])).logits[0, -1].tolist(), 1.0, 0.9))
         second = torch.tensor([
             reference_top_p(target(torch.tensor([prompt + [t]])).logits[0, -1].tolist(), 1.0, 0.9) for t in range(vocab)

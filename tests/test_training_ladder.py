@@ -8,7 +8,7 @@ from safetensors import safe_open
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from pipeline.int8_weights import pack, unpack
-from training.acceptance import acceptance, accepted_lengths
+from training.heldout_alpha import acceptance, accepted_lengths
 from training.distill_loss import candidate_distill_loss
 from training.drafter_net import LadderSpec, build_drafter_net
 from training.ladder import LADDER_DIR, RUNGS, load_rung
@@ -132,8 +132,8 @@ def test_committed_ladder_loads_and_every_rung_drafts():
 
 def test_heldout_prompts_are_disjoint_from_training_prompts():
     from pipeline.models import load_tokenizer
-    from training.acceptance import heldout_prompts
-    from training.prompts import build_prompts
+    from training.heldout_alpha import heldout_prompts
+    from training.distill_prompts import build_prompts
 
     tokenizer = load_tokenizer("smollm2")
     heldout = heldout_prompts(tokenizer)

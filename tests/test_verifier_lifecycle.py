@@ -151,7 +151,7 @@ async def test_a_verifier_that_dies_mid_batch_is_failed_over_at_once():
         waited = time.monotonic() - started
         assert isinstance(reply, ErrorReply) and reply.code == ErrorCode.VERIFIER_LOST and reply.retriable
         assert waited < 1.0, f"the broker noticed the dead verifier after {waited:.2f} s"
-        assert "out of memory" in reply.message
+        assert "out of memory" in reply.detail
         with pytest.raises(OutOfMemory):  # and the worker still dies of it (its process exits 1)
             await asyncio.wait_for(worker, 5)
         assert (await broker_stats(config.broker.frontend))["verifiers_lost"] == 1

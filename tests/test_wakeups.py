@@ -1,5 +1,5 @@
 """The two places where the broker relies on being woken: the timerfd that ends a batch's wait
-on its deadline (brokers/batcher.py PreciseClock) and the edge-triggered ZMQ_FD re-check of
+on its deadline (brokers/clock.py PreciseClock) and the edge-triggered ZMQ_FD re-check of
 pipeline/sockets.py LoopSocket."""
 
 import asyncio
@@ -9,7 +9,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from brokers.batcher import _TIMERFD, PreciseClock
+from brokers.clock import _TIMERFD, PreciseClock
 from brokers.clock import MonotonicClock
 from pipeline.sockets import LoopSocket
 

@@ -138,7 +138,7 @@ def _train_drafters(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
         return 0
     spec = LadderSpec(stem_layers=args.stem_layers, partition_layers=tuple(args.partition_layers),
-                      rungs=tuple(("pi5", "orin-nano", "large", "xl")[: len(args.partition_layers)]))
+                      rungs=tuple(("pi5", "orin", "large", "xl")[: len(args.partition_layers)]))
     common = dict(spec=spec, target=args.target, steps=args.steps, init_from_target=not args.random_layers,
                   lookahead_steps=args.lookahead_steps, tokens_per_batch=args.tokens_per_batch, lr=args.lr,
                   eval_prompts=args.eval_prompts, seed=args.seed,

@@ -22,7 +22,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 class LadderSpec:
     """Layout of the ladder: a frozen stem of target layers, then trained layers per partition."""
 
-    rungs: tuple[str, ...] = ("pi5", "orin-nano", "large")
+    rungs: tuple[str, ...] = ("pi5", "orin", "large")
     stem_layers: int = 6
     partition_layers: tuple[int, ...] = (2, 3, 3)
 

@@ -12,7 +12,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from training.acceptance import acceptance, heldout_sequences
+from training.heldout_alpha import acceptance, heldout_sequences
 from training.ladder import RUNGS, load_rung
 
 

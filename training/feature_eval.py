@@ -1,4 +1,4 @@
-"""Held-out figures of the feature head, measured like the ladder's (training/acceptance.py).
+"""Held-out figures of the feature head, measured like the ladder's (training/heldout_alpha.py).
 
 The held-out sequences are the same (the target's greedy continuations of the held-out
 prompts). A round starts at position p with tokens 0..p-1 committed and the target's features
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from training.acceptance import heldout_sequences
+from training.heldout_alpha import heldout_sequences
 from workers.feature_head import FeatureHead, HeadCache
 
 

@@ -17,7 +17,7 @@ import structlog
 import torch
 from safetensors.torch import save_file
 
-from training.acceptance import heldout_sequences
+from training.heldout_alpha import heldout_sequences
 from training.distill_dataset import endless_batches, load_records
 from training.distill_loss import candidate_distill_loss
 from training.drafter_net import LadderSpec, build_drafter_net

@@ -37,13 +37,12 @@ from pipeline.protocol import (
     Generate,
     Heartbeat,
     Propose,
-    ProtocolError,
+    SledError,
     Sampling,
     StatsReply,
     StatsRequest,
     Tokens,
     Verdict,
-    error_for,
 )
 from pipeline.security import CLIENT, HandshakeWatch, client_keys, drafter_client_curve, start_authenticator
 from pipeline.roles import cancel_and_wait, supervise
@@ -54,13 +53,6 @@ from workers.speculation import RowCostFloor, SpeculationPolicy
 log = structlog.get_logger("sled.drafter")
 MAX_BACKOFF_S = 2.0
 RECONNECTED = object()  # put on every session's reply queue after a reconnect: resend now
-
-
-class SessionFailed(Exception):
-    def __init__(self, code: str, message: str, retriable: bool = False):
-        super().__init__(message)
-        self.code = code
-        self.retriable = retriable
 
 
 @dataclass
@@ -178,9 +170,9 @@ class DrafterService:
             client, frame = parts[0], parts[-1]
             try:
                 msg = DRAFTER_CLIENT_ACCEPTS.decode(frame, self.config.limits.max_message_bytes)
-            except ProtocolError as exc:
+            except SledError as exc:
                 self.stats.rejected_frames += 1
-                self._to_client(client, error_for(exc))
+                self._to_client(client, ErrorReply.of(exc))
                 continue
             match msg:
                 case Generate():
@@ -245,9 +237,9 @@ class DrafterService:
             frame = await self.broker.recv()
             try:
                 msg = DRAFTER_UPSTREAM_ACCEPTS.decode(frame, self.config.limits.max_message_bytes)
-            except ProtocolError as exc:
+            except SledError as exc:
                 self.stats.rejected_frames += 1
-                log.warning("frame_rejected", code=exc.code, reason=exc.message)
+                log.warning("frame_rejected", code=exc.code, reason=exc.detail)
                 continue
             if isinstance(msg, Heartbeat):
                 continue
@@ -258,7 +250,7 @@ class DrafterService:
             if run is None:
                 self.stats.stale_replies += 1
                 if isinstance(msg, ErrorReply) and not msg.session_id:
-                    log.warning("broker_error", code=msg.code, reason=msg.message)
+                    log.warning("broker_error", code=msg.code, reason=msg.detail)
                 continue
             try:
                 run.replies.put_nowait(msg)
@@ -288,14 +280,14 @@ class DrafterService:
                 return reply
             if reply.code == ErrorCode.OVERLOADED and proposal.round == 0:
                 # admission refused: tell the client now (gateway: 429) rather than queue new work
-                raise SessionFailed(reply.code, reply.message, retriable=True)
+                raise SledError(reply.code, reply.detail, retriable=True)
             if reply.code in ErrorCode.RESYNC or reply.code == ErrorCode.VERIFIER_LOST:
                 self.stats.resyncs += 1
                 proposal = msgspec.structs.replace(proposal, history=list(committed))
             if reply.code in ErrorCode.RESYNC:
                 continue
             if not reply.retriable:
-                raise SessionFailed(reply.code, reply.message)
+                raise SledError(reply.code, reply.detail, retriable=False)
             self.stats.retries += 1
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
@@ -483,10 +475,10 @@ class DrafterService:
                            session_id=run.session_id, drafted=figures["proposed"],
                            mean_gamma=figures["gamma_sum"] / figures["rounds"] if figures["rounds"] else 0.0)
             self._to_client(run.client, Tokens(req.request_id, [], True, finish, figures))
-        except SessionFailed as exc:
+        except SledError as exc:
             self.stats.failed += 1
-            log.warning("session_failed", session_id=run.session_id, code=exc.code, reason=str(exc))
-            self._to_client(run.client, ErrorReply(exc.code, str(exc), exc.retriable, request_id=req.request_id))
+            log.warning("session_failed", session_id=run.session_id, code=exc.code, reason=exc.detail)
+            self._to_client(run.client, ErrorReply.of(exc, request_id=req.request_id))
         except asyncio.CancelledError:
             log.info("session_cancelled", session_id=run.session_id)
         except Exception as exc:  # a bug must fail this session only, visibly

@@ -14,7 +14,7 @@
 
 Both are deterministic functions of the context in greedy mode, so the verifier needs only the
 token ids. In sampling mode the model drafter samples from its own top-k distribution and sends
-those k (id, probability) pairs; the n-gram drafter stays deterministic (see workers/acceptance.py).
+those k (id, probability) pairs; the n-gram drafter stays deterministic (see workers/rejection_sampling.py).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def round_generator(seed: int, position: int) -> torch.Generator:
     mixed from a different seed (see draft_generator), so the two never share numbers. A draft
     made ahead of its verdict (proactive drafting) therefore draws exactly what the same round
     drafted after the verdict would, and a session's sampled output does not depend on timing."""
-    from workers.acceptance import position_generator
+    from workers.rejection_sampling import position_generator
 
     mixed = (seed * 6364136223846793005 + 1442695040888963407) % (1 << 63)
     return position_generator(mixed, position)

@@ -12,7 +12,7 @@ errors per item, statistics; it is a subclass), different model side:
   few shapes and, on CUDA with ``verifier.compile``, replays a CUDA graph per bucket
   (``torch.compile(mode="reduce-overhead")``).
 * No host syncs inside a round: the inputs go to the device, the forward and
-  workers/batch_acceptance.py run there, and one ``tolist()`` brings the verdicts back.
+  workers/rejection_sampling_batched.py run there, and one ``tolist()`` brings the verdicts back.
 
 Prefill (new sessions' histories) runs the same forward uncompiled, several sessions per forward
 in chunks under ``verifier.prefill_chunk_tokens`` (workers/prefill.py), before the verify forward.
@@ -28,12 +28,12 @@ import structlog
 import torch
 
 from pipeline.config import Config, LimitsConfig
-from pipeline.protocol import ErrorCode, Propose, Verdict
-from workers.acceptance import position_generator
-from workers.batch_acceptance import accept_batch
+from pipeline.protocol import ErrorCode, Propose, SledError, Verdict
+from workers.rejection_sampling import position_generator
+from workers.rejection_sampling_batched import accept_batch
 from workers.prefill import plan_prefill
 from workers.static_model import PagedKV, StaticModel, supports
-from workers.target import MAX_PREFILL_FEATURE_ROWS, ItemError, SessionState, TargetVerifier
+from workers.target import MAX_PREFILL_FEATURE_ROWS, SessionState, TargetVerifier
 
 log = structlog.get_logger("sled.verifier")
 
@@ -107,7 +107,7 @@ class StaticVerifier(TargetVerifier):
         while len(self.sessions) >= self.max_sessions:
             victim = next((sid for sid in self.sessions if sid not in self.busy), None)
             if victim is None:
-                raise ItemError(ErrorCode.OVERLOADED, f"all {self.max_sessions} sessions are in this round; retry")
+                raise SledError(ErrorCode.OVERLOADED, f"all {self.max_sessions} sessions are in this round; retry")
             self._drop(victim)
             self.stats.evictions += 1
 
@@ -116,7 +116,7 @@ class StaticVerifier(TargetVerifier):
         while not self.kv.grow(state.pages, tokens):
             victim = next((sid for sid in self.sessions if sid not in self.busy and sid != state.session_id), None)
             if victim is None:
-                raise ItemError(ErrorCode.OVERLOADED, "the verifier's KV pool is full; retry")
+                raise SledError(ErrorCode.OVERLOADED, "the verifier's KV pool is full; retry")
             self._drop(victim)
             self.stats.evictions += 1
 
@@ -242,18 +242,18 @@ class StaticVerifier(TargetVerifier):
             try:
                 self._validate(item)
                 if item.session_id in self.busy:
-                    raise ItemError(ErrorCode.INVALID, "two proposals for one session in one batch")
+                    raise SledError(ErrorCode.INVALID, "two proposals for one session in one batch")
                 state = self._state_for(item)
                 self.busy.add(item.session_id)
                 history = len(item.history) - 1 if item.history is not None else 0  # prefilled below
                 try:
                     self._reserve(state, state.length + history + 1 + len(item.draft))
-                except ItemError:
+                except SledError:
                     if item.history is not None:  # never leave a session whose history is not in its pages
                         self._drop(item.session_id)
                     raise
                 ready.append((index, item, state))
-            except ItemError as exc:
+            except SledError as exc:
                 verdicts[index] = self._failed(item, exc)
         if ready:
             self._prefill([(state, item.history[:-1], item.feature_layers)

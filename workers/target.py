@@ -23,8 +23,8 @@ from transformers import DynamicCache
 
 from pipeline.config import LimitsConfig
 from pipeline.figures import VerifierFigures
-from pipeline.protocol import ErrorCode, Propose, Sampling, Verdict
-from workers.acceptance import position_generator, target_probs, verify_greedy, verify_sampling
+from pipeline.protocol import ErrorCode, Propose, Sampling, SledError, Verdict
+from workers.rejection_sampling import position_generator, target_probs, verify_greedy, verify_sampling
 from workers.prefill import plan_prefill
 
 # One tensor per session: [layers, 2 (keys, values), kv_heads, length, head_dim]. One tensor, not
@@ -36,13 +36,6 @@ MAX_TOP_K = 64
 # ones: a feature drafter's head only needs recent context, and a frame stays well under
 # limits.max_message_bytes (256 rows x 576 x 2 bytes = 295 kB for the default target).
 MAX_PREFILL_FEATURE_ROWS = 256
-
-
-class ItemError(Exception):
-    def __init__(self, code: str, detail: str):
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
 
 
 @dataclass
@@ -119,39 +112,39 @@ class TargetVerifier:
     def _check_ids(self, ids: list[int], what: str) -> None:
         for t in ids:
             if not 0 <= t < self.vocab_size:
-                raise ItemError(ErrorCode.INVALID, f"{what}: token id {t} outside [0, {self.vocab_size})")
+                raise SledError(ErrorCode.INVALID, f"{what}: token id {t} outside [0, {self.vocab_size})")
 
     def _validate(self, item: Propose) -> None:
         lim = self.limits
         if not item.session_id or len(item.session_id) > 128:
-            raise ItemError(ErrorCode.INVALID, "session_id must be 1..128 characters")
+            raise SledError(ErrorCode.INVALID, "session_id must be 1..128 characters")
         if len(item.draft) > lim.max_draft_tokens:
-            raise ItemError(ErrorCode.INVALID, f"draft of {len(item.draft)} tokens exceeds {lim.max_draft_tokens}")
+            raise SledError(ErrorCode.INVALID, f"draft of {len(item.draft)} tokens exceeds {lim.max_draft_tokens}")
         self._check_ids(item.draft, "draft")
         if item.history is not None:
             if not 1 <= len(item.history) <= lim.max_history_tokens:
-                raise ItemError(ErrorCode.INVALID, f"history must hold 1..{lim.max_history_tokens} tokens")
+                raise SledError(ErrorCode.INVALID, f"history must hold 1..{lim.max_history_tokens} tokens")
             if item.position != len(item.history):
-                raise ItemError(ErrorCode.INVALID, "position must equal the history's length")
+                raise SledError(ErrorCode.INVALID, "position must equal the history's length")
             self._check_ids(item.history, "history")
         if item.position + len(item.draft) + 1 > lim.max_history_tokens:
-            raise ItemError(ErrorCode.INVALID, f"session would exceed {lim.max_history_tokens} tokens")
+            raise SledError(ErrorCode.INVALID, f"session would exceed {lim.max_history_tokens} tokens")
         layers = self.model.config.num_hidden_layers
         if len(item.feature_layers) > 4 or any(not -1 <= i <= layers for i in item.feature_layers):
-            raise ItemError(ErrorCode.INVALID, f"feature_layers: at most 4 indices in -1..{layers}")
+            raise SledError(ErrorCode.INVALID, f"feature_layers: at most 4 indices in -1..{layers}")
         if not (item.temperature >= 0.0 and 0.0 < item.top_p <= 1.0):
-            raise ItemError(ErrorCode.INVALID, "temperature must be >= 0 and top_p in (0, 1]")
+            raise SledError(ErrorCode.INVALID, "temperature must be >= 0 and top_p in (0, 1]")
         if item.q_ids or item.q_probs:
             if len(item.q_ids) != len(item.draft) or len(item.q_probs) != len(item.draft):
-                raise ItemError(ErrorCode.INVALID, "q_ids/q_probs need one row per draft token")
+                raise SledError(ErrorCode.INVALID, "q_ids/q_probs need one row per draft token")
             for x, ids, probs in zip(item.draft, item.q_ids, item.q_probs):
                 if not 1 <= len(ids) <= MAX_TOP_K or len(ids) != len(probs):
-                    raise ItemError(ErrorCode.INVALID, f"each q row holds 1..{MAX_TOP_K} (id, probability) pairs")
+                    raise SledError(ErrorCode.INVALID, f"each q row holds 1..{MAX_TOP_K} (id, probability) pairs")
                 self._check_ids(ids, "q_ids")
                 if any(not 0.0 <= p <= 1.0 for p in probs) or sum(probs) > 1.0 + 1e-3:
-                    raise ItemError(ErrorCode.INVALID, "q_probs must be probabilities summing to at most 1")
+                    raise SledError(ErrorCode.INVALID, "q_probs must be probabilities summing to at most 1")
                 if x not in ids or probs[ids.index(x)] <= 0.0:
-                    raise ItemError(ErrorCode.INVALID, "each draft token must have positive draft probability")
+                    raise SledError(ErrorCode.INVALID, "each draft token must have positive draft probability")
 
     # --- forward passes ------------------------------------------------------------------
 
@@ -187,7 +180,7 @@ class TargetVerifier:
             self.stats.prefill_forwards += 1
         self._prefilled(jobs, features, cpu)
 
-    def _failed(self, item: Propose, exc: ItemError) -> Verdict:
+    def _failed(self, item: Propose, exc: SledError) -> Verdict:
         """This item's error verdict (the rest of the batch goes on), counted by code."""
         self.stats.item_errors += 1
         self.stats.errors[exc.code] = self.stats.errors.get(exc.code, 0) + 1
@@ -210,9 +203,9 @@ class TargetVerifier:
             return self._open(item)
         state = self.sessions.get(item.session_id)
         if state is None:
-            raise ItemError(ErrorCode.UNKNOWN_SESSION, "session not held by this verifier; resend the history")
+            raise SledError(ErrorCode.UNKNOWN_SESSION, "session not held by this verifier; resend the history")
         if state.committed != item.position:
-            raise ItemError(
+            raise SledError(
                 ErrorCode.OUT_OF_SYNC, f"verifier is at position {state.committed}, proposal at {item.position}"
             )
         self.sessions.move_to_end(item.session_id)
@@ -236,9 +229,9 @@ class TargetVerifier:
             try:
                 self._validate(item)
                 if any(item.session_id == other.session_id for _, other, _ in ready):
-                    raise ItemError(ErrorCode.INVALID, "two proposals for one session in one batch")
+                    raise SledError(ErrorCode.INVALID, "two proposals for one session in one batch")
                 ready.append((index, item, self._state_for(item)))
-            except ItemError as exc:
+            except SledError as exc:
                 verdicts[index] = self._failed(item, exc)
         if ready:
             self._prefill([(state, item.history[:-1], item.feature_layers)

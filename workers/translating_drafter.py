@@ -24,7 +24,7 @@ incomplete UTF-8 character; so the drafter keeps drafting until ``gamma`` stable
 exist, up to ``max_steps`` of its own tokens.
 
 Sampling. A translated draft carries no q over target tokens, so it is sent as ids only, which
-the verifier treats as a point mass q = 1 on each drafted token (workers/acceptance.py): accept
+the verifier treats as a point mass q = 1 on each drafted token (workers/rejection_sampling.py): accept
 x with probability p(x), else sample from the normalised (p - q)+ = p without x. That is exact
 for any proposal made independently of the verifier's draws, whatever distribution the drafter
 sampled it from. The drafter's own q would be correct only for a target token that is exactly

@@ -28,7 +28,7 @@ from pipeline.protocol import (
     CloseSession,
     Dying,
     Heartbeat,
-    ProtocolError,
+    SledError,
     Ready,
     VerifyBatch,
 )
@@ -93,9 +93,9 @@ class VerifierWorker:
             frame = await self.broker.recv()
             try:
                 msg = VERIFIER_ACCEPTS.decode(frame, self.config.limits.max_message_bytes)
-            except ProtocolError as exc:
+            except SledError as exc:
                 self.rejected_frames += 1
-                log.warning("frame_rejected", code=exc.code, reason=exc.message)
+                log.warning("frame_rejected", code=exc.code, reason=exc.detail)
                 continue
             match msg:
                 case VerifyBatch():

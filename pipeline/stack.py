@@ -22,7 +22,7 @@ from pipeline.config import Config
 from pipeline.security import client_keys, drafter_keys_for_client
 from pipeline.supervisor import Supervisor
 
-log = structlog.get_logger("sled.launcher")
+log = structlog.get_logger("sled.stack")
 
 
 class Stack:

@@ -17,7 +17,7 @@ from pathlib import Path
 import structlog
 import torch
 
-from training.prompts import build_prompts
+from training.distill_prompts import build_prompts
 
 # The held-out prompts as committed text, so α is measured on the same prompts everywhere even
 # without the corpus packages installed; rebuilt from the corpora when absent.

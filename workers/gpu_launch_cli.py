@@ -1,4 +1,4 @@
-"""`sled launch`: one verifier process per GPU (see workers/launch.py); `pipeline.cli` finds this
+"""`sled launch`: one verifier process per GPU (see workers/gpu_launch.py); `pipeline.cli` finds this
 module and calls :func:`register`."""
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ def register(subparsers) -> None:
 
 
 def run_launch(args: argparse.Namespace) -> int:
-    """Exit 2 for an impossible plan; else 0 or 1 as workers.launch describes."""
+    """Exit 2 for an impossible plan; else 0 or 1 as workers.gpu_launch describes."""
     from pipeline.roles import run_role
     from pipeline.supervisor import Backoff, Supervisor
-    from workers.launch import LaunchError, plan_slots, serve_workers
+    from workers.gpu_launch import LaunchError, plan_slots, serve_workers
 
     try:
         slots = plan_slots(args.gpus, per_worker=args.per_worker, prefix=args.prefix)

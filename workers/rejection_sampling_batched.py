@@ -1,4 +1,4 @@
-"""workers/acceptance.py's rules for a whole padded batch at once, on the model's device.
+"""workers/rejection_sampling.py's rules for a whole padded batch at once, on the model's device.
 
 No host work and no data-dependent shapes: the static verifier runs this right after its forward
 and brings back one ``[B, 2]`` tensor of (accepted, next token) with a single transfer.
@@ -8,7 +8,7 @@ sampling with the target's tempered, top-p distribution p and the draft's distri
 drafter's top-k pairs, or a point mass for an ids-only draft): accept x when u < p(x) / q(x),
 then draw the next token from norm(max(0, p - q)) at the first rejection, or from p after a
 fully accepted draft. The uniforms ``u`` come from a generator seeded by (session seed, position)
-on the host (drawn before the forward, workers/acceptance.py ``position_generator``), so a
+on the host (drawn before the forward, workers/rejection_sampling.py ``position_generator``), so a
 session's samples depend only on its seed and a rebuilt session continues its stream; the draw is
 by inverse CDF in float64.
 """

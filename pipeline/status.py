@@ -1,9 +1,11 @@
 """`sled status`: one look at the running stack, read over the pipeline itself (the broker's
 figures with its verifiers', and each configured drafter's), so it works with or without the
-gateway. Exit code 1 when the broker does not answer."""
+gateway. Exit code 1 when the broker does not answer. `pipeline.cli` finds this module and calls
+:func:`register`."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import sys
@@ -105,3 +107,14 @@ def status(config: Config, *, as_json: bool = False, timeout: float = 2.0, strea
     else:
         print(render(config, figures), file=stream)
     return 0 if figures["broker"] is not None else 1
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("status", help="print verifiers, sessions, queue depth and acceptance of the running stack")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object instead")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each process (default 2)")
+    p.set_defaults(handler=run_status)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    return status(args.sled_config, as_json=args.json, timeout=args.timeout)

@@ -7,7 +7,7 @@ import asyncio
 import structlog
 from aiohttp import web
 
-from gateway.app import create_app
+from gateway.routes import create_app
 from pipeline.config import Config
 from pipeline.models import load_tokenizer
 from pipeline.security import check_gateway

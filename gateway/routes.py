@@ -18,11 +18,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.generation import Step
 from gateway.openai_api import ApiError, GenerationRequest, chunk, error_body, new_id, parse_request, response, usage
-from gateway.service import Gateway
+from gateway.state import Gateway
 from gateway.status_page import STATIC_DIR, status_snapshot
-from pipeline.client import GenerationError, broker_stats
+from pipeline.client import broker_stats
 from pipeline.security import client_keys
-from pipeline.protocol import ErrorCode
+from pipeline.protocol import ErrorCode, SledError
 
 log = structlog.get_logger("sled.gateway")
 
@@ -127,8 +127,11 @@ async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
 # --- generation ------------------------------------------------------------------------------
 
 
-def generation_error(exc: GenerationError) -> ApiError:
-    """A drafter's error reply as an HTTP status: overload is 429/503 with Retry-After."""
+def http_error(exc: SledError | TimeoutError) -> ApiError:
+    """The one mapping of a pipeline error to HTTP: overload is 429, other retriable codes 503
+    (both with Retry-After), invalid input 400, no answer in time 504, anything else 502."""
+    if isinstance(exc, TimeoutError):
+        return ApiError(504, "no answer from the pipeline in time", code="timeout", type_="server_error")
     message = str(exc)
     if exc.code == ErrorCode.OVERLOADED:
         return ApiError(429, message, code=exc.code, type_="rate_limit_error", retry_after=RETRY_AFTER_OVERLOADED_S)
@@ -170,10 +173,8 @@ async def _generate(request: web.Request, endpoint: str) -> web.StreamResponse:
         async with contextlib.aclosing(generation.steps()) as steps:
             try:
                 first = await anext(steps)  # the session is open and its first round is in
-            except GenerationError as exc:
-                raise generation_error(exc) from None
-            except TimeoutError:
-                raise ApiError(504, "no answer from the pipeline in time", code="timeout", type_="server_error") from None
+            except (SledError, TimeoutError) as exc:
+                raise http_error(exc) from None
             if req.stream:
                 return await _stream(request, gateway, req, rid, model, first, steps)
             return await _collect(req, rid, model, first, steps)
@@ -193,10 +194,8 @@ async def _collect(req: GenerationRequest, rid: str, model: str, step: Step, ste
         while not step.done:
             step = await anext(steps)
             parts.append(step.text)
-    except GenerationError as exc:
-        raise generation_error(exc) from None
-    except TimeoutError:
-        raise ApiError(504, "no answer from the pipeline in time", code="timeout", type_="server_error") from None
+    except (SledError, TimeoutError) as exc:
+        raise http_error(exc) from None
     use = _finish(req, step)
     return web.json_response(response(req.endpoint, rid, model, "".join(parts), step.finish_reason, use, step.sled))
 
@@ -225,9 +224,9 @@ async def _stream(request: web.Request, gateway: Gateway, req: GenerationRequest
                     await resp.write(_sse(chunk(endpoint, rid, model, None, use=use, no_choices=True)))
                 break
             step = await anext(steps)
-    except (GenerationError, TimeoutError) as exc:
+    except (SledError, TimeoutError) as exc:
         # headers are gone already: the error travels as an event (the openai client raises on it)
-        err = generation_error(exc) if isinstance(exc, GenerationError) else ApiError(504, "timed out", code="timeout")
+        err = http_error(exc)
         gateway.metrics.errors.labels(err.code or err.type).inc()
         log.warning("stream_failed", code=err.code, reason=err.message)
         await resp.write(_sse(err.body()))

@@ -52,6 +52,23 @@ TRAIN_TOPICS = [
     "teamwork", "the periodic table", "antibiotics", "wind turbines", "the desert", "owls",
     "tea ceremonies", "smartphones", "sorting algorithms", "the Great Wall of China", "forests",
 ]
+# A second training topic list, for distillation data beyond the first set's 1,120 chat questions
+# (build_prompts(topic_set=2)); none of it overlaps the held-out topics.
+TRAIN_TOPICS_2 = [
+    "tides", "the Moon's phases", "spiders", "the Vikings", "knitting", "hurricanes", "bicycles",
+    "the human skeleton", "saving money", "wolves", "the Amazon river", "paper making", "comets",
+    "ancient Greece", "mushrooms", "the telephone", "sign language", "rivers", "the Aztecs",
+    "camping", "tigers", "the microscope", "bridges", "opera", "pottery", "recycling plastic",
+    "the Arctic", "elephants", "clocks", "the ballet", "skyscrapers", "whales", "deserts at night",
+    "the Eiffel Tower", "kites", "the samurai", "rice farming", "fireworks", "libraries",
+    "the human eye", "compost", "typewriters", "hot air balloons", "the Sahara", "frogs",
+    "a message in a bottle", "a dragon who is afraid of fire", "an old map", "a talking tree",
+    "the stars", "wool", "oil painting", "airplanes", "the Mayans", "cheese making", "butterflies",
+    "the piano", "hiking", "snow", "the postal service", "robots in factories", "the Great Barrier Reef",
+    "spreadsheets", "web browsers", "recursion", "operating systems", "compilers", "the cloud",
+    "the Middle Ages", "Greek mythology", "the Titanic", "sharks", "tornadoes", "the camera obscura",
+    "a city at dawn", "lemons", "sleep in animals", "the Pyramids", "wind", "gardening in winter",
+]
 HELDOUT_TOPICS = [
     "glaciers", "the violin", "penguins", "nuclear fusion", "the Silk Road", "board games",
     "lightning", "coral reefs", "the Industrial Revolution", "yoga", "submarines", "maps",
@@ -104,11 +121,13 @@ def _chat(tokenizer, question: str) -> str:
     )
 
 
-def build_prompts(tokenizer, *, held_out: bool, n_chat: int, n_prose: int, seed: int = 0) -> list[str]:
-    """Prompt strings, half chat (templated) and half prose (raw prefix or 'continue this')."""
+def build_prompts(tokenizer, *, held_out: bool, n_chat: int, n_prose: int, seed: int = 0,
+                  topic_set: int = 1) -> list[str]:
+    """Prompt strings, half chat (templated) and half prose (raw prefix or 'continue this').
+    ``topic_set`` 2 draws training chat from TRAIN_TOPICS_2 (more data that repeats no question)."""
     rng = random.Random(seed + (1 if held_out else 0))
     templates = HELDOUT_TEMPLATES if held_out else TRAIN_TEMPLATES
-    topics = HELDOUT_TOPICS if held_out else TRAIN_TOPICS
+    topics = HELDOUT_TOPICS if held_out else (TRAIN_TOPICS if topic_set == 1 else TRAIN_TOPICS_2)
     questions = [tpl.format(t=t) for tpl in templates for t in topics]
     rng.shuffle(questions)
     prompts = [_chat(tokenizer, q) for q in questions[:n_chat]]
