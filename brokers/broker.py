@@ -49,6 +49,7 @@ from pipeline.protocol import (
     VerifyBatch,
 )
 from pipeline.roles import cancel_and_wait, supervise
+from pipeline.rules import propose_problem
 from pipeline.security import BACKEND, FRONTEND, HandshakeWatch, check_bind, server_keys, start_authenticator, with_domain
 from pipeline.sockets import LoopSocket, make_socket
 
@@ -210,14 +211,11 @@ class Broker:
 
     def _on_propose(self, identity: bytes, principal: bytes, item: Propose) -> None:
         self.stats.proposals += 1
-        limits = self.config.limits
         owner = self.session_owner.get(item.session_id)
         if owner is not None and owner.principal != principal:
             return self._reject(identity, item, ErrorCode.NOT_OWNER, "session belongs to another peer")
-        if len(item.draft) > limits.max_draft_tokens:
-            return self._reject(identity, item, ErrorCode.INVALID, f"draft exceeds {limits.max_draft_tokens} tokens")
-        if item.history is not None and len(item.history) > limits.max_history_tokens:
-            return self._reject(identity, item, ErrorCode.INVALID, f"history exceeds {limits.max_history_tokens} tokens")
+        if problem := propose_problem(item, self.config.limits):  # the one check of a drafter's proposal
+            return self._reject(identity, item, ErrorCode.INVALID, problem)
         handle = self._verifier_for(item.session_id)
         if handle is None:
             return self._reject(identity, item, ErrorCode.NO_VERIFIER, "no verifier is registered yet")

@@ -81,8 +81,9 @@ def test_errors_fail_only_their_item_and_resync_works():
         ok,
         Propose("ghost", 0, 4, [1]),  # never opened
         Propose("bad-token", 0, 2, [TINY_VOCAB + 5], history=[1, 2]),
-        Propose("long", 0, 2, list(range(40)), history=[1, 2]),
-        Propose("bad-q", 0, 2, [3], [[4]], [[1.0]], history=[1, 2], temperature=1.0),
+        # the only rules the verifier checks: those that need the model (pipeline/rules.py has the rest)
+        Propose("bad-q-id", 0, 2, [3], [[3, TINY_VOCAB + 1]], [[0.5, 0.5]], history=[1, 2], temperature=1.0),
+        Propose("bad-layer", 0, 2, [3], history=[1, 2], feature_layers=[99]),
     ]
     verdicts = ver.verify_batch(items)
     assert verdicts[0].error == ""

@@ -46,6 +46,7 @@ from pipeline.protocol import (
 )
 from pipeline.security import CLIENT, HandshakeWatch, client_keys, drafter_client_curve, start_authenticator
 from pipeline.roles import cancel_and_wait, supervise
+from pipeline.rules import generate_problem
 from pipeline.sockets import BrokerLink, make_socket, new_identity, send_now
 from workers.drafts import Draft, build_drafter, round_generator
 from workers.speculation import RowCostFloor, SpeculationPolicy
@@ -184,24 +185,8 @@ class DrafterService:
                 case StatsRequest():
                     self._to_client(client, StatsReply(self.snapshot()))
 
-    def _check_request(self, req: Generate) -> str | None:
-        lim = self.config.limits
-        if not req.request_id or len(req.request_id) > 128:
-            return "request_id must be 1..128 characters"
-        if not req.prompt:
-            return "prompt must hold at least one token"
-        if len(req.prompt) + req.max_new_tokens > lim.max_history_tokens:
-            return f"prompt + max_new_tokens exceeds {lim.max_history_tokens} tokens"
-        if not 1 <= req.max_new_tokens <= lim.max_new_tokens:
-            return f"max_new_tokens must be in 1..{lim.max_new_tokens}"
-        if not (req.temperature >= 0 and 0 < req.top_p <= 1):
-            return "temperature must be >= 0 and top_p in (0, 1]"
-        if any(t < 0 for t in [*req.prompt, *req.stop_ids]):
-            return "token ids must be non-negative"
-        return None
-
     def _start(self, client: bytes, req: Generate) -> None:
-        problem = self._check_request(req)
+        problem = generate_problem(req, self.config.limits)
         if problem:
             return self._to_client(client, ErrorReply(ErrorCode.INVALID, problem, request_id=req.request_id))
         if (client, req.request_id) in self.by_request:

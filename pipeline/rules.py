@@ -1,0 +1,80 @@
+"""Every limit on what enters the pipeline, each checked once, where it first arrives from outside.
+
+- ``propose_problem``: the broker, for a ``Propose`` from a drafter (a device: untrusted);
+- ``generate_problem``: the drafter, for a ``Generate`` from its client;
+- the gateway checks HTTP bodies itself (gateway/openai_api.py), naming the offending field.
+
+msgspec has already checked every field's type and the frame's size and version; these are the
+rules types cannot say. Past its checkpoint a message is trusted: the verifier checks only what
+needs its model (token ids against the vocabulary, feature layers against the layer count).
+Each function returns None, or a sentence for the ``ErrorReply(INVALID)`` sent back."""
+
+from __future__ import annotations
+
+from pipeline.config import LimitsConfig
+from pipeline.protocol import Generate, Propose
+
+MAX_ID_CHARS = 128  # session and request ids: keys in several maps, and in every log line
+MAX_TOP_K = 64  # (id, probability) pairs per draft token in q_ids/q_probs
+MAX_FEATURE_LAYERS = 4  # hidden-state layers a feature drafter may ask for
+
+
+def _sampling_problem(temperature: float, top_p: float) -> str | None:
+    if not (temperature >= 0.0 and 0.0 < top_p <= 1.0):  # written so that NaN fails too
+        return "temperature must be >= 0 and top_p in (0, 1]"
+    return None
+
+
+def propose_problem(item: Propose, limits: LimitsConfig) -> str | None:
+    if not 1 <= len(item.session_id) <= MAX_ID_CHARS:
+        return f"session_id must be 1..{MAX_ID_CHARS} characters"
+    if len(item.draft) > limits.max_draft_tokens:
+        return f"draft of {len(item.draft)} tokens exceeds {limits.max_draft_tokens}"
+    if item.history is not None:
+        if not 1 <= len(item.history) <= limits.max_history_tokens:
+            return f"history must hold 1..{limits.max_history_tokens} tokens"
+        if item.position != len(item.history):
+            return "position must equal the history's length"
+    if item.position < 0 or item.position + len(item.draft) + 1 > limits.max_history_tokens:
+        return f"session would exceed {limits.max_history_tokens} tokens"
+    if any(t < 0 for t in item.draft) or (item.history and any(t < 0 for t in item.history)):
+        return "token ids must be non-negative"
+    if len(item.feature_layers) > MAX_FEATURE_LAYERS or any(i < -1 for i in item.feature_layers):
+        return f"feature_layers: at most {MAX_FEATURE_LAYERS} indices, each >= -1"
+    if problem := _sampling_problem(item.temperature, item.top_p):
+        return problem
+    if item.q_ids or item.q_probs:
+        return _q_problem(item)
+    return None
+
+
+def _q_problem(item: Propose) -> str | None:
+    """The drafter's distribution, which rejection sampling divides by: it must be one."""
+    if len(item.q_ids) != len(item.draft) or len(item.q_probs) != len(item.draft):
+        return "q_ids/q_probs need one row per draft token"
+    for x, ids, probs in zip(item.draft, item.q_ids, item.q_probs):
+        if not 1 <= len(ids) <= MAX_TOP_K or len(ids) != len(probs):
+            return f"each q row holds 1..{MAX_TOP_K} (id, probability) pairs"
+        if any(t < 0 for t in ids):
+            return "token ids must be non-negative"
+        if any(not 0.0 <= p <= 1.0 for p in probs) or sum(probs) > 1.0 + 1e-3:
+            return "q_probs must be probabilities summing to at most 1"
+        if x not in ids or probs[ids.index(x)] <= 0.0:
+            return "each draft token must have positive draft probability"
+    return None
+
+
+def generate_problem(req: Generate, limits: LimitsConfig) -> str | None:
+    if not 1 <= len(req.request_id) <= MAX_ID_CHARS:
+        return f"request_id must be 1..{MAX_ID_CHARS} characters"
+    if not req.prompt:
+        return "prompt must hold at least one token"
+    if not 1 <= req.max_new_tokens <= limits.max_new_tokens:
+        return f"max_new_tokens must be in 1..{limits.max_new_tokens}"
+    if len(req.prompt) + req.max_new_tokens > limits.max_history_tokens:
+        return f"prompt + max_new_tokens exceeds {limits.max_history_tokens} tokens"
+    if problem := _sampling_problem(req.temperature, req.top_p):
+        return problem
+    if any(t < 0 for t in [*req.prompt, *req.stop_ids]):
+        return "token ids must be non-negative"
+    return None
