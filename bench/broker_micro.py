@@ -64,6 +64,7 @@ import zmq
 
 from bench.fleet import free_ports
 from pipeline.config import load_config
+from pipeline.figures import BrokerFigures
 from pipeline.logs import configure_logging
 from pipeline.protocol import (
     CLIENT_ACCEPTS,
@@ -454,7 +455,7 @@ def run(quick: bool = False, *, latency_samples: int | None = None, sessions: in
         rig.wait_registered()
         timed.pin()  # belt and braces: every thread it has now
         rtts = measure_latency(rig, samples, warmup=max(20, samples // 20), timeout=60 + samples * deadline_ms / 100)
-        queue_wait_ms = rig.broker_stats()["mean_queue_wait_ms"]
+        queue_wait_ms = 1000 * BrokerFigures.of(rig.broker_stats()).queue_wait.mean
         figures = measure_throughput(rig, drafters, sessions, warmup_s, window_s)
         stats = rig.broker_stats()
         rig0 = Rig(ctx, instant)

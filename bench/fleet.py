@@ -37,6 +37,7 @@ from bench.profiles import DeviceProfile
 from bench.sessions import SessionRecord
 from pipeline.client import DrafterClient, broker_stats
 from pipeline.config import load_config
+from pipeline.figures import BrokerFigures
 from pipeline.stack import Stack
 from pipeline.supervisor import ChildSpec
 from workers.forward_log import delta as forwards_delta
@@ -228,7 +229,9 @@ def _level_delta(before: dict, after: dict, elapsed: float) -> dict:
     v0, v1 = _verifier(before), _verifier(after)
     b0, b1 = before["broker"], after["broker"]
     batches = b1["batches"] - b0["batches"]
-    sessions_in_batches = b1["mean_batch_sessions"] * b1["batches"] - b0["mean_batch_sessions"] * b0["batches"]
+    f0, f1 = BrokerFigures.of(b0), BrokerFigures.of(b1)
+    sessions_in_batches = f1.batch_sessions.sum - f0.batch_sessions.sum
+    waits = f1.queue_wait.count - f0.queue_wait.count
     devices = {}
     for name, d1 in after["drafters"].items():
         d0 = before["drafters"][name]
@@ -246,7 +249,7 @@ def _level_delta(before: dict, after: dict, elapsed: float) -> dict:
         "prefill_cpu_s": v1["prefill_cpu_s"] - v0["prefill_cpu_s"],
         "mean_batch_sessions": sessions_in_batches / batches if batches else 0.0,
         "broker_batches": batches,
-        "mean_queue_wait_ms": b1["mean_queue_wait_ms"],
+        "mean_queue_wait_ms": 1000 * (f1.queue_wait.sum - f0.queue_wait.sum) / waits if waits else 0.0,
         # batches the SLO-aware policy held past their deadline (brokers/slo.py), and for how long
         "broker_holds": v1.get("holds", 0) - v0.get("holds", 0),
         "broker_held_ms": v1.get("held_ms", 0.0) - v0.get("held_ms", 0.0),

@@ -29,7 +29,7 @@ from brokers.clock import MonotonicClock, PreciseClock
 from brokers.estimator import VerifyTimeEstimator
 from brokers.slo import SloHold
 from pipeline.config import Config
-from pipeline.figures import VerifierFigures
+from pipeline.figures import BrokerFigures, VerifierFigures
 from pipeline.protocol import (
     BROKER_BACKEND_ACCEPTS,
     BROKER_FRONTEND_ACCEPTS,
@@ -85,23 +85,6 @@ class VerifierHandle:
         return self.identity.decode(errors="replace")
 
 
-@dataclass
-class BrokerStats:
-    proposals: int = 0
-    verdicts: int = 0
-    batches: int = 0
-    batch_sessions: int = 0
-    batch_tokens: int = 0
-    queue_wait_s: float = 0.0
-    rejected: dict = field(default_factory=dict)
-    undeliverable: int = 0
-    verifiers_lost: int = 0
-    drafters_lost: int = 0
-
-    def count_rejection(self, code: str) -> None:
-        self.rejected[code] = self.rejected.get(code, 0) + 1
-
-
 class Broker:
     def __init__(self, config: Config, ctx: zmq.asyncio.Context, clock=None):
         self.config = config
@@ -119,7 +102,7 @@ class Broker:
         self.verifiers: dict[bytes, VerifierHandle] = {}
         self.session_owner: dict[str, Owner] = {}
         self.drafter_seen: dict[bytes, float] = {}
-        self.stats = BrokerStats()
+        self.stats = BrokerFigures()
         self._batch_ids = itertools.count(1)
         self.curve = config.security.curve
         self.allow = None  # RoleAllowList with CURVE on: its refusal counts are figures
@@ -327,9 +310,10 @@ class Broker:
             handle.inflight[batch.batch_id] = batch
             payload = VerifyBatch(batch.batch_id, batch.payloads).encode()
             self.stats.batches += 1
-            self.stats.batch_sessions += len(batch.items)
-            self.stats.batch_tokens += batch.tokens
-            self.stats.queue_wait_s += sum(batch.sent - item.arrived for item in batch.items)
+            self.stats.batch_sessions.observe(len(batch.items))
+            self.stats.batch_rows.observe(batch.tokens)
+            for item in batch.items:
+                self.stats.observe_wait(item.payload.drafter_kind, batch.sent - item.arrived)
             log.debug("batch_dispatched", batch_id=batch.batch_id, verifier=handle.name, size=len(batch.items), reason=batch.reason)
             if not self._back.send(handle.identity, payload):
                 handle.inflight.pop(batch.batch_id, None)
@@ -344,6 +328,7 @@ class Broker:
             batch.fail(Exception(f"verifier returned {len(msg.verdicts)} verdicts for {len(batch.items)} proposals"))
             return
         now = self.clock.now()
+        self.stats.observe_verify(handle.name, now - batch.sent)
         # a batch that (re)built a session's cache also prefilled its history: its time is not
         # the verify rows' and stays out of the fit (it still counts as busy time)
         fit = all(item.payload.history is None for item in batch.items)
@@ -400,20 +385,11 @@ class Broker:
     # --- figures -------------------------------------------------------------------------
 
     def snapshot(self) -> dict:
-        s = self.stats
+        """The figures as they are (BrokerFigures: counters and histograms), and the routing state now."""
         return {
-            "proposals": s.proposals,
-            "verdicts": s.verdicts,
-            "batches": s.batches,
-            "mean_batch_sessions": s.batch_sessions / s.batches if s.batches else 0.0,
-            "mean_batch_tokens": s.batch_tokens / s.batches if s.batches else 0.0,
-            "mean_queue_wait_ms": 1000 * s.queue_wait_s / s.batch_sessions if s.batch_sessions else 0.0,
-            "rejected": dict(s.rejected),
+            **msgspec.to_builtins(self.stats),
             # handshakes refused by reason (unauthorised, wrong_role); CURVE off: none are checked
             "refused": dict(self.allow.refused) if self.allow else {},
-            "undeliverable": s.undeliverable,
-            "verifiers_lost": s.verifiers_lost,
-            "drafters_lost": s.drafters_lost,
             "drafters": len(self.drafter_seen),
             "sessions": sum(len(v.sessions) for v in self.verifiers.values()),
             "verifiers": {

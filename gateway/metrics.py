@@ -4,8 +4,8 @@ drafters (see pipeline_stats.py: those processes expose no HTTP endpoint of thei
 Names: ``sled_gateway_*`` are measured by the gateway on its own requests; ``sled_broker_*``,
 ``sled_verifier_*`` and ``sled_drafter_*`` mirror the processes' cumulative counters as of the
 last poll; ``sled_batch_*``, ``sled_queue_wait_seconds`` and ``sled_verify_batch_seconds`` are
-histograms built from the differences between polls. Every metric lives in one registry per
-app, so tests can build apps side by side.
+the broker's own histograms (pipeline/figures.py), exported bucket for bucket. Every metric
+lives in one registry per app, so tests can build apps side by side.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from gateway.pipeline_stats import PipelineState, WeightedHistogram
+from gateway.pipeline_stats import PipelineState
+from pipeline import figures
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 ROUND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -63,11 +64,11 @@ class GatewayMetrics:
         return generate_latest(self.registry)
 
 
-def _histogram(name: str, doc: str, hist: WeightedHistogram, labels: dict | None = None,
-               family: HistogramMetricFamily | None = None) -> HistogramMetricFamily:
-    labels = labels or {}
-    family = family or HistogramMetricFamily(name, doc, labels=list(labels))
-    family.add_metric(list(labels.values()), hist.cumulative(), hist.sum)
+def _histograms(name: str, doc: str, hists: dict[str, figures.Histogram], label: str = "") -> HistogramMetricFamily:
+    """One family from the broker's histograms: unlabelled ({"": h}) or one per ``label`` value."""
+    family = HistogramMetricFamily(name, doc, labels=[label] if label else None)
+    for value, hist in sorted(hists.items()):
+        family.add_metric([value] if label else [], hist.cumulative(), hist.sum)
     return family
 
 
@@ -106,12 +107,13 @@ class PipelineCollector(Collector):
         for reason, n in sorted(b.get("refused", {}).items()):
             refused.add_metric([reason], n)
         yield refused
-        yield _histogram("sled_batch_sessions", "Sessions per verify batch (each poll's batches at its mean).",
-                         st.batch_sessions)
-        yield _histogram("sled_batch_tokens", "Target rows per verify batch (each poll's batches at its mean).",
-                         st.batch_tokens)
-        yield _histogram("sled_queue_wait_seconds",
-                         "Broker queue wait per proposal (each poll's proposals at its mean).", st.queue_wait)
+        f = st.figures  # the broker's own histograms as of its last answer (empty before one)
+        yield _histograms("sled_batch_sessions", "Sessions per verify batch.", {"": f.batch_sessions})
+        yield _histograms("sled_batch_tokens", "Target rows per verify batch.", {"": f.batch_rows})
+        yield _histograms("sled_queue_wait_seconds", "Broker queue wait per proposal, arrival to dispatch, "
+                          "by drafter class.", f.queue_wait_s, "drafter_kind")
+        yield _histograms("sled_verify_batch_seconds", "Verify batch time as the broker sees it, dispatch "
+                          "to verdicts, by verifier.", f.verify_s, "verifier")
         yield from self._verifiers()
         yield from self._drafters()
 
@@ -131,13 +133,6 @@ class PipelineCollector(Collector):
                 family.add_metric([name], float(v.get(key, 0)))
         yield from gauges.values()
         yield from counters.values()
-        if self.state.verify_batch:
-            family = HistogramMetricFamily("sled_verify_batch_seconds",
-                                           "Target forward time per batch (each poll's batches at its mean).",
-                                           labels=["verifier"])
-            for name, hist in sorted(self.state.verify_batch.items()):
-                _histogram("", "", hist, {"verifier": name}, family)
-            yield family
 
     def _drafters(self):
         labels = ["drafter", "kind"]

@@ -4,19 +4,15 @@ Broker, verifiers and drafters keep cumulative counters and answer StatsRequest;
 no HTTP endpoint of their own. The gateway polls them every ``gateway.stats_interval_s``
 (broker: its own figures plus the verifiers' it relays; each configured drafter: its own) and
 turns the differences between two polls into rates (proposals/s, tokens/s), recent acceptance
-per drafter kind, and histograms of batch size, queue wait and verify time.
-
-The broker reports only means and totals, so the histograms are approximations: the batches of
-one poll interval are all counted at that interval's mean (a broker-side histogram would make
-them exact; see docs/gateway.md).
+per drafter kind, and the status page's history. The broker's histograms (batch sessions and
+rows, queue wait by drafter class, verify time by verifier) are its own bucket counts
+(pipeline/figures.py BrokerFigures), exported as they are by gateway/metrics.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
-import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -26,39 +22,12 @@ import zmq.asyncio
 
 from pipeline.client import DrafterClient, broker_stats
 from pipeline.config import Config
+from pipeline.figures import BrokerFigures
 from pipeline.security import client_keys, drafter_keys_for_client
 
 log = structlog.get_logger("sled.gateway.stats")
 
-BATCH_SESSION_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-BATCH_TOKEN_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512)
-WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-COMPUTE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 HISTORY_POINTS = 600  # ten minutes at the default one-second interval
-
-
-class WeightedHistogram:
-    """Bucket counts that accept ``n`` observations of one value at once (a poll's mean × its batches)."""
-
-    def __init__(self, bounds: tuple[float, ...]):
-        self.bounds = [float(b) for b in bounds]
-        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
-        self.sum = 0.0
-        self.count = 0
-
-    def add(self, value: float, n: int = 1) -> None:
-        if n <= 0 or math.isnan(value):
-            return
-        self.counts[bisect.bisect_left(self.bounds, value)] += n
-        self.sum += value * n
-        self.count += n
-
-    def cumulative(self) -> list[tuple[str, int]]:
-        out, total = [], 0
-        for bound, n in zip([*self.bounds, math.inf], self.counts):
-            total += n
-            out.append(("+Inf" if bound == math.inf else repr(bound), total))
-        return out
 
 
 @dataclass
@@ -82,10 +51,10 @@ class PipelineState:
     tokens_per_s: float = 0.0
     updated: float = 0.0  # wall clock of the last poll, for the page
     history: deque = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))
-    batch_sessions: WeightedHistogram = field(default_factory=lambda: WeightedHistogram(BATCH_SESSION_BUCKETS))
-    batch_tokens: WeightedHistogram = field(default_factory=lambda: WeightedHistogram(BATCH_TOKEN_BUCKETS))
-    queue_wait: WeightedHistogram = field(default_factory=lambda: WeightedHistogram(WAIT_BUCKETS))
-    verify_batch: dict[str, WeightedHistogram] = field(default_factory=dict)
+
+    @property
+    def figures(self) -> BrokerFigures:
+        return BrokerFigures.of(self.broker)
 
     @classmethod
     def for_config(cls, config: Config) -> "PipelineState":
@@ -115,16 +84,17 @@ class Sample:
 
 
 def _broker_totals(b: dict) -> dict:
-    """Recover the broker's sums from its means (it reports mean per batch and per proposal)."""
-    batches = b.get("batches", 0)
-    sessions = b.get("mean_batch_sessions", 0.0) * batches
+    """The sums two polls are compared by (the broker keeps sums: no mean is turned back into one)."""
+    f = BrokerFigures.of(b)
+    wait = f.queue_wait
     return {
-        "proposals": b.get("proposals", 0),
-        "verdicts": b.get("verdicts", 0),
-        "batches": batches,
-        "batch_sessions": sessions,
-        "batch_tokens": b.get("mean_batch_tokens", 0.0) * batches,
-        "queue_wait_ms": b.get("mean_queue_wait_ms", 0.0) * sessions,
+        "proposals": f.proposals,
+        "verdicts": f.verdicts,
+        "batches": f.batch_sessions.count,
+        "batch_sessions": f.batch_sessions.sum,
+        "batch_tokens": f.batch_rows.sum,
+        "waits": wait.count,
+        "queue_wait_s": wait.sum,
     }
 
 
@@ -139,16 +109,11 @@ def record_interval(st: PipelineState, before: Sample, after: Sample) -> None:
     point: dict = {"t": round(time.time(), 3), "proposals_per_s": st.proposals_per_s,
                    "verdicts_per_s": st.verdicts_per_s, "sessions": st.broker.get("sessions", 0),
                    "batches": d["batches"], "batch_sessions": None, "batch_tokens": None, "queue_wait_ms": None}
-    batches = int(d["batches"])
-    sessions = max(0, round(d["batch_sessions"]))
-    if batches > 0:
-        point["batch_sessions"] = d["batch_sessions"] / batches
-        point["batch_tokens"] = d["batch_tokens"] / batches
-        st.batch_sessions.add(point["batch_sessions"], batches)
-        st.batch_tokens.add(point["batch_tokens"], batches)
-    if sessions > 0:
-        point["queue_wait_ms"] = d["queue_wait_ms"] / sessions
-        st.queue_wait.add(point["queue_wait_ms"] / 1000, sessions)
+    if d["batches"] > 0:
+        point["batch_sessions"] = d["batch_sessions"] / d["batches"]
+        point["batch_tokens"] = d["batch_tokens"] / d["batches"]
+    if d["waits"] > 0:
+        point["queue_wait_ms"] = 1000 * d["queue_wait_s"] / d["waits"]
 
     generated, active, kinds = 0, 0, {}
     for name, now in after.drafters.items():
@@ -168,12 +133,8 @@ def record_interval(st: PipelineState, before: Sample, after: Sample) -> None:
         prev = before.verifiers.get(name)
         util = None
         if prev is not None and v.get("batches", 0) >= prev.get("batches", 0):
-            dbatches = v.get("batches", 0) - prev.get("batches", 0)
             dcompute = v.get("compute_s", 0.0) - prev.get("compute_s", 0.0)
             util = min(1.0, max(0.0, dcompute / dt))
-            if dbatches > 0:
-                hist = st.verify_batch.setdefault(name, WeightedHistogram(COMPUTE_BUCKETS))
-                hist.add(dcompute / dbatches, dbatches)
         verifiers[name] = {"sessions": v.get("sessions", 0), "queued": v.get("queued", 0), "utilization": util}
     point["verifiers"] = verifiers
     st.history.append(point)

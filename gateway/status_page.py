@@ -17,6 +17,7 @@ def _gauge_total(gauge) -> float:
 def status_snapshot(gateway, since: float = 0.0) -> dict:
     st = gateway.state
     b = st.broker
+    figures = st.figures
     last = st.history[-1] if st.history else {}
     verifiers = []
     for name, v in sorted(b.get("verifiers", {}).items()):
@@ -56,8 +57,8 @@ def status_snapshot(gateway, since: float = 0.0) -> dict:
             "proposals": b.get("proposals", 0),
             "verdicts": b.get("verdicts", 0),
             "batches": b.get("batches", 0),
-            "mean_batch_sessions": b.get("mean_batch_sessions", 0.0),
-            "mean_queue_wait_ms": b.get("mean_queue_wait_ms", 0.0),
+            "mean_batch_sessions": figures.batch_sessions.mean,
+            "mean_queue_wait_ms": 1000 * figures.queue_wait.mean,
             "rejected": b.get("rejected", {}),
         },
         "rates": {"proposals_per_s": st.proposals_per_s, "verdicts_per_s": st.verdicts_per_s,

@@ -13,6 +13,7 @@ import structlog
 
 from pipeline.client import DrafterClient, broker_stats
 from pipeline.config import Config
+from pipeline.figures import BrokerFigures
 from pipeline.security import client_keys
 from pipeline.stack import Stack
 from pipeline.models import load_causal_lm, load_tokenizer
@@ -68,13 +69,13 @@ def summarize(results, elapsed: float, broker: dict) -> dict:
         "wire_bytes_per_token_by_drafter": {n: round(d["wire_bytes"] / d["generated"], 1) if d["generated"] else 0.0
                                             for n, d in by_drafter.items()},
         "drafters": by_drafter,
-        "mean_batch_sessions": round(broker["mean_batch_sessions"], 3),
+        "mean_batch_sessions": round(BrokerFigures.of(broker).batch_sessions.mean, 3),
         "batches": broker["batches"],
         "verify_rounds": rounds,
         "tokens_per_round": round(generated / rounds, 3) if rounds else 0.0,
         "target_tokens_processed": target_tokens,
         "target_tokens_per_generated": round(target_tokens / generated, 3) if generated else 0.0,
-        "mean_queue_wait_ms": round(broker["mean_queue_wait_ms"], 3),
+        "mean_queue_wait_ms": round(1000 * BrokerFigures.of(broker).queue_wait.mean, 3),
         "verifier_compute_s": round(sum(v.get("compute_s", 0.0) for v in verifier_stats), 3),
     }
 

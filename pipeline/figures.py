@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+
 import msgspec
 
 
@@ -33,3 +35,96 @@ class VerifierFigures(msgspec.Struct, omit_defaults=True):
 
     def as_dict(self) -> dict:
         return msgspec.structs.asdict(self)
+
+
+class Histogram(msgspec.Struct):
+    """Bucket counts as Prometheus keeps them (one per upper bound, then +Inf), kept by the process
+    that observes the values and exported as they are (gateway/metrics.py)."""
+
+    bounds: list[float]
+    counts: list[int] = []
+    sum: float = 0.0
+    count: int = 0
+
+    def __post_init__(self):
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(le, count) pairs as prometheus_client's HistogramMetricFamily takes them."""
+        out, total = [], 0
+        for bound, n in zip([*map(repr, self.bounds), "+Inf"], self.counts):
+            total += n
+            out.append((bound, total))
+        return out
+
+    @property
+    def mean(self) -> float:
+        return self.sum / self.count if self.count else 0.0
+
+
+BATCH_SESSION_BOUNDS = [1, 2, 4, 8, 16, 32, 64, 128]
+BATCH_ROW_BOUNDS = [4, 8, 16, 32, 64, 128, 256, 512]
+WAIT_BOUNDS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
+VERIFY_BOUNDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
+
+
+class BrokerFigures(msgspec.Struct):
+    """The broker's counters and histograms, observed where they happen (brokers/broker.py) and
+    carried as they are in its StatsReply: sums and bucket counts, never means."""
+
+    proposals: int = 0
+    verdicts: int = 0
+    batches: int = 0
+    undeliverable: int = 0
+    verifiers_lost: int = 0
+    drafters_lost: int = 0
+    rejected: dict[str, int] = {}  # by error code
+    batch_sessions: Histogram = msgspec.field(default_factory=lambda: Histogram([float(b) for b in BATCH_SESSION_BOUNDS]))
+    batch_rows: Histogram = msgspec.field(default_factory=lambda: Histogram([float(b) for b in BATCH_ROW_BOUNDS]))
+    queue_wait_s: dict[str, Histogram] = {}  # arrival to dispatch, by drafter class (Propose.drafter_kind)
+    verify_s: dict[str, Histogram] = {}  # dispatch to verdicts, by verifier
+
+    def count_rejection(self, code: str) -> None:
+        self.rejected[code] = self.rejected.get(code, 0) + 1
+
+    def observe_wait(self, drafter_kind: str, wait_s: float) -> None:
+        _keyed(self.queue_wait_s, drafter_kind or "?", WAIT_BOUNDS).observe(wait_s)
+
+    def observe_verify(self, verifier: str, seconds: float) -> None:
+        _keyed(self.verify_s, verifier, VERIFY_BOUNDS).observe(seconds)
+
+    @property
+    def queue_wait(self) -> Histogram:
+        """Queue wait over every drafter class."""
+        return merged(self.queue_wait_s.values()) or Histogram(list(WAIT_BOUNDS))
+
+    @classmethod
+    def of(cls, snapshot: dict) -> "BrokerFigures":
+        """Typed, from a broker's StatsReply (the routing state it also carries is left out)."""
+        return msgspec.convert(snapshot, cls)
+
+
+def _keyed(hists: dict[str, Histogram], key: str, bounds: list[float]) -> Histogram:
+    hist = hists.get(key)
+    if hist is None:
+        hist = hists[key] = Histogram(list(bounds))
+    return hist
+
+
+def merged(hists) -> Histogram | None:
+    """One histogram of several with the same bounds (queue wait over all drafter classes)."""
+    hists = list(hists)
+    if not hists:
+        return None
+    out = Histogram(list(hists[0].bounds))
+    for h in hists:
+        out.counts = [a + b for a, b in zip(out.counts, h.counts)]
+        out.sum += h.sum
+        out.count += h.count
+    return out

@@ -15,6 +15,7 @@ import zmq.asyncio
 from pipeline.client import DrafterClient, broker_stats
 from pipeline.security import client_keys, drafter_keys_for_client
 from pipeline.config import Config
+from pipeline.figures import BrokerFigures
 
 
 async def collect(config: Config, timeout: float) -> dict:
@@ -70,9 +71,10 @@ def render(config: Config, figures: dict) -> str:
         out.append(f"broker {config.broker.frontend}: NOT ANSWERING")
     else:
         rejected = sum(b.get("rejected", {}).values())
+        f = BrokerFigures.of(b)
         out.append(f"broker {config.broker.frontend}: up  sessions {b['sessions']}  proposals {b['proposals']}  "
-                   f"verdicts {b['verdicts']}  batches {b['batches']}  mean batch {b['mean_batch_sessions']:.2f} sessions"
-                   f"  queue wait {b['mean_queue_wait_ms']:.2f} ms  rejected {rejected}")
+                   f"verdicts {b['verdicts']}  batches {b['batches']}  mean batch {f.batch_sessions.mean:.2f} sessions"
+                   f"  queue wait {1000 * f.queue_wait.mean:.2f} ms  rejected {rejected}")
         out.append("refused handshakes: " + _refused(b.get("refused")))
         rows = [[name, v.get("sessions", 0), v.get("queued", 0), "yes" if v.get("busy") else "no", v.get("batches", 0),
                  _pct(v.get("accepted_tokens", 0), v.get("draft_tokens", 0)), f"{v.get('cache_bytes', 0) / 2**20:.1f} MB"]

@@ -12,7 +12,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.detokenize import TextAssembler
 from gateway.metrics import GatewayMetrics
 from gateway.openai_api import ApiError, Limits, parse_request
-from gateway.pipeline_stats import PipelineState, Sample, WeightedHistogram, _broker_totals, record_interval
+import msgspec
+
+from gateway.pipeline_stats import PipelineState, Sample, _broker_totals, record_interval
+from pipeline.figures import BrokerFigures, Histogram
 from pipeline.status import render
 from pipeline.config import load_config
 from pipeline.models import load_tokenizer
@@ -99,13 +102,27 @@ def test_real_tokens_hold_back_incomplete_characters_and_skip_eos(tok):
     assert all("\ufffd" not in d for d in deltas) and text.stopped
 
 
-def test_histograms_and_rates_from_the_difference_of_two_polls():
+def broker_snapshot(batches: list[int], waits: dict[str, list[float]], verify: list[float], **counters) -> dict:
+    """A broker's StatsReply payload, built by the broker's own figure type."""
+    f = BrokerFigures(**counters)
+    for n in batches:
+        f.batches += 1
+        f.batch_sessions.observe(n)
+        f.batch_rows.observe(4 * n)
+    for kind, values in waits.items():
+        for w in values:
+            f.observe_wait(kind, w)
+    for t in verify:
+        f.observe_verify("verifier-0", t)
+    return {**msgspec.to_builtins(f), "sessions": 2, "verifiers": {}}
+
+
+def test_rates_and_history_from_the_difference_of_two_polls():
     config = load_config(None, [])
     state = PipelineState.for_config(config)
-    broker0 = {"proposals": 10, "verdicts": 10, "batches": 5, "mean_batch_sessions": 2.0, "mean_batch_tokens": 8.0,
-               "mean_queue_wait_ms": 1.0, "sessions": 2}
-    broker1 = {"proposals": 30, "verdicts": 28, "batches": 10, "mean_batch_sessions": 3.0, "mean_batch_tokens": 12.0,
-               "mean_queue_wait_ms": 2.0, "sessions": 3}
+    broker0 = broker_snapshot([1, 2, 2, 3, 2], {"pi5": [0.001] * 10}, [0.1] * 5, proposals=10, verdicts=10)
+    broker1 = broker_snapshot([1, 2, 2, 3, 2, 8, 4, 4, 2, 2], {"pi5": [0.001] * 10 + [0.004] * 15, "ngram": [0.002] * 5},
+                              [0.1] * 10, proposals=30, verdicts=28)
     v0 = {"verifier-0": {"batches": 5, "compute_s": 1.0}}
     v1 = {"verifier-0": {"batches": 10, "compute_s": 1.5}}
     d0 = {"pi5": {"kind": "model", "requests": 1, "generated": 10, "proposed": 8, "accepted": 8, "active": 1}}
@@ -114,22 +131,20 @@ def test_histograms_and_rates_from_the_difference_of_two_polls():
     record_interval(state, Sample(0.0, _broker_totals(broker0), d0, v0), Sample(2.0, _broker_totals(broker1), d1, v1))
     point = state.history[-1]
     assert state.proposals_per_s == 10 and state.tokens_per_s == 10
-    assert point["batch_sessions"] == pytest.approx((30 - 10) / 5)  # 5 batches carried 20 sessions
-    assert point["queue_wait_ms"] == pytest.approx((2.0 * 30 - 1.0 * 10) / 20)
+    assert point["batch_sessions"] == pytest.approx((8 + 4 + 4 + 2 + 2) / 5)  # this interval's 5 batches only
+    assert point["queue_wait_ms"] == pytest.approx((15 * 4 + 5 * 2) / 20)  # both classes' 20 new waits
     assert point["kinds"] == {"model": [16, 12]} and point["verifiers"]["verifier-0"]["utilization"] == 0.25
-    assert state.batch_sessions.count == 5 and state.verify_batch["verifier-0"].sum == pytest.approx(0.5)
-    restarted = {**broker0, "proposals": 1, "batches": 1}
+    restarted = broker_snapshot([1], {}, [], proposals=1)
     record_interval(state, Sample(2.0, _broker_totals(broker1), d1, v1), Sample(3.0, _broker_totals(restarted), d1, v1))
     assert len(state.history) == 1  # a broker restart records nothing
 
 
-def test_weighted_histogram_buckets():
-    h = WeightedHistogram((1, 2, 4))
-    h.add(1, 3)
-    h.add(3, 2)
-    h.add(9)
-    assert h.cumulative() == [("1.0", 3), ("2.0", 3), ("4.0", 5), ("+Inf", 6)]
-    assert (h.count, h.sum) == (6, 3 + 6 + 9)
+def test_histogram_buckets_are_prometheus_le_buckets():
+    h = Histogram([1.0, 2.0, 4.0])
+    for x in (1, 1, 1, 3, 3, 9):
+        h.observe(x)
+    assert h.cumulative() == [("1.0", 3), ("2.0", 3), ("4.0", 5), ("+Inf", 6)]  # le: a value on a bound counts in it
+    assert (h.count, h.sum, h.mean) == (6, 18, 3)
 
 
 def test_exposition_parses_before_and_after_figures_arrive():
@@ -139,18 +154,25 @@ def test_exposition_parses_before_and_after_figures_arrive():
     names = {f.name for f in text_string_to_metric_families(metrics.exposition().decode())}
     assert {"sled_broker_up", "sled_gateway_requests", "sled_batch_sessions", "sled_drafter_up"} <= names
     state.broker_up = True
-    state.broker = {"proposals": 3, "rejected": {"overloaded": 2},
+    state.broker = {**broker_snapshot([1, 3, 3], {"pi5": [0.0007, 0.002], "feature": [0.03]}, [0.05, 0.05, 0.2],
+                                      proposals=3, rejected={"overloaded": 2}),
                     "verifiers": {"verifier-0": {"sessions": 1, "batches": 2, "compute_s": 0.1}}}
     state.drafters["pi5"].up = True
     state.drafters["pi5"].stats = {"active": 1, "proposed": 4, "accepted": 3, "acceptance_rate": 0.75, "generated": 5}
-    state.verify_batch["verifier-0"] = WeightedHistogram((0.1, 1.0))
-    state.verify_batch["verifier-0"].add(0.05, 2)
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in text_string_to_metric_families(metrics.exposition().decode()) for s in f.samples}
     assert samples[("sled_broker_rejected_total", (("code", "overloaded"),))] == 2
     assert samples[("sled_acceptance_rate", (("kind", "model"),))] == 0.75
-    assert samples[("sled_verify_batch_seconds_count", (("verifier", "verifier-0"),))] == 2
     assert samples[("sled_verifier_sessions", (("verifier", "verifier-0"),))] == 1
+    # the broker's histograms bucket for bucket: not a poll's mean counted n times
+    assert samples[("sled_batch_sessions_bucket", (("le", "1.0"),))] == 1
+    assert samples[("sled_batch_sessions_bucket", (("le", "2.0"),))] == 1
+    assert samples[("sled_batch_sessions_bucket", (("le", "4.0"),))] == 3
+    assert samples[("sled_batch_sessions_sum", ())] == 7
+    assert samples[("sled_queue_wait_seconds_bucket", (("drafter_kind", "pi5"), ("le", "0.001")))] == 1
+    assert samples[("sled_queue_wait_seconds_count", (("drafter_kind", "feature"),))] == 1
+    assert samples[("sled_verify_batch_seconds_bucket", (("le", "0.05"), ("verifier", "verifier-0")))] == 2
+    assert samples[("sled_verify_batch_seconds_count", (("verifier", "verifier-0"),))] == 3
 
 
 def test_status_table_names_a_broker_that_does_not_answer():

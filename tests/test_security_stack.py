@@ -1,4 +1,5 @@
-"""A rogue verifier against the whole stack over real processes and sockets (issue 16).
+"""A rogue verifier against the whole stack over real processes and sockets (issue 16), and the
+gateway serving a whole stack with CURVE on.
 
 With CURVE on and keys bound to roles, a peer holding a *drafter* key that says Ready on the
 broker's verifier socket is refused at the handshake and never sees a batch, a peer without a
@@ -12,6 +13,7 @@ import contextlib
 import subprocess
 import sys
 
+import aiohttp
 import zmq
 import zmq.asyncio
 import zmq.auth
@@ -22,11 +24,13 @@ from gateway.metrics import GatewayMetrics
 from gateway.pipeline_stats import PipelineState
 from pipeline.status import collect, render
 from pipeline.client import DrafterClient
-from pipeline.models import load_causal_lm
+from pipeline.config import load_config
+from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.protocol import BatchVerdicts, CloseSession, Heartbeat, Inbox, Ready, StatsRequest, Verdict, VerifyBatch
 from pipeline.reference import greedy_reference
 from pipeline.security import CurveKeys, client_keys, drafter_keys_for_client, fingerprint
-from tests.conftest import free_ports, make_stack
+from pipeline.stack import Stack
+from tests.conftest import free_ports, make_stack, stack_overrides
 
 PROMPTS = [[(11 * i + 5 * j) % 250 + 1 for j in range(3 + i)] for i in range(6)]
 NEW_TOKENS = 16
@@ -174,3 +178,36 @@ async def test_without_curve_on_loopback_local_processes_are_trusted(tmp_path, t
     seen = [item.history for batch in rogue.batches for item in batch.items if item.history]
     assert seen, "a local process is served as a verifier when CURVE is off"
     assert any(history[:len(p)] == p for history in seen for p in PROMPTS)  # it reads users' prompts
+
+
+async def test_with_curve_the_gateway_serves_a_whole_stack(tmp_path):
+    """`sled up`'s shape with CURVE on: gateway, broker, verifier and a drafter, each on its own
+    key. The gateway reaches the drafter and reads the broker's figures with the admin key, and
+    its completions equal the target decoding alone."""
+    keys_dir = keys_for(tmp_path)
+    gateway_port, = free_ports(1)
+    overrides = stack_overrides("smollm2", {"ngram": {"kind": "ngram", "gamma": 4}}, security__curve=True,
+                                security__keys_dir=keys_dir, broker__max_wait_ms=10.0, gateway__port=gateway_port,
+                                gateway__stats_interval_s=0.5, gateway__default_model="ngram")
+    config = load_config(None, overrides)
+    stack = Stack(config, None, overrides, ["ngram"], gateway=True, log_dir=tmp_path / "logs")
+    url = f"http://127.0.0.1:{gateway_port}"
+    async with stack, aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/ready") as r:
+            assert r.status == 200
+        body = {"model": "ngram", "prompt": "The three primary colors are", "max_tokens": 12, "temperature": 0}
+        async with http.post(f"{url}/v1/completions", json=body) as r:
+            assert r.status == 200, await r.text()
+            answer = await r.json()
+        for _ in range(40):  # the gateway's poller reads the broker over CURVE with the admin key
+            async with http.get(f"{url}/metrics") as r:
+                metrics = {s.name: s.value for f in text_string_to_metric_families(await r.text()) for s in f.samples
+                           if not s.labels}
+            if metrics.get("sled_broker_up") == 1 and metrics.get("sled_broker_verdicts_total", 0) > 0:
+                break
+            await asyncio.sleep(0.25)
+    assert metrics["sled_broker_up"] == 1 and metrics["sled_broker_verdicts_total"] > 0
+    model, tok = load_causal_lm("smollm2"), load_tokenizer("smollm2")
+    prompt = tok("The three primary colors are")["input_ids"]
+    expected = greedy_reference(model, prompt, 12, [tok.eos_token_id])
+    assert answer["choices"][0]["text"] == tok.decode([t for t in expected if t != tok.eos_token_id])

@@ -8,6 +8,7 @@ import pytest
 import pytest_asyncio
 
 from pipeline.client import DrafterClient, broker_stats
+from pipeline.figures import BrokerFigures
 from pipeline.protocol import SledError
 from pipeline.models import load_causal_lm
 from pipeline.reference import greedy_reference
@@ -58,7 +59,9 @@ async def test_greedy_is_token_identical_to_the_target_alone(stack, tiny_models)
     target = load_causal_lm(str(tiny_models["target"]))
     assert [r.tokens for r in results] == [greedy_reference(target, p, 40) for p in prompts]
     assert all(r.finish_reason == "length" for r in results)
-    assert figures["mean_batch_sessions"] > 1.5  # sessions really were verified together
+    batches = BrokerFigures.of(figures).batch_sessions
+    assert batches.mean > 1.5  # sessions really were verified together
+    assert sum(batches.counts) == batches.count == figures["batches"]  # every batch observed once
     assert drafter_figures["twin"]["acceptance_rate"] == 1.0  # bonus-token path exercised
     assert drafter_figures["gpt2"]["proposed"] > 0
     assert after["sessions"] == 0

@@ -155,3 +155,33 @@ async def test_a_verifier_that_dies_mid_batch_is_failed_over_at_once():
         with pytest.raises(OutOfMemory):  # and the worker still dies of it (its process exits 1)
             await asyncio.wait_for(worker, 5)
         assert (await broker_stats(config.broker.frontend))["verifiers_lost"] == 1
+
+
+class SlowTarget(TargetVerifier):
+    """Each forward takes 20 ms more, so that a close can land while a batch is at the verifier."""
+
+    def verify_batch(self, items):
+        time.sleep(0.02)
+        return super().verify_batch(items)
+
+
+async def test_closes_racing_round_0_at_every_moment_leave_no_cache():
+    """A close sent 0 to 60 ms after the first proposal: still queued at the broker, in the
+    batch on its way, inside the forward, or after the verdict. Whichever it meets, no cache
+    stays behind, and the verifier serves on."""
+    config = config_for(**{"broker.max_wait_ms": 5.0})
+    target = SlowTarget(tiny_llama(1), max_sessions=32, limits=config.limits)
+    async with running(config, target) as (_, _, drafter):
+        for i, delay in enumerate([0.0, 0.0005, 0.002, 0.004, 0.006, 0.01, 0.015, 0.02, 0.03, 0.045, 0.06]):
+            await drafter.send(Propose(f"r-{i}", 0, len(HISTORY), [1, 2], history=HISTORY).encode())
+            await asyncio.sleep(delay)
+            await drafter.send(CloseSession(f"r-{i}").encode())
+        await asyncio.sleep(1.0)
+        assert not target.sessions, f"caches left behind: {sorted(target.sessions)}"
+        assert await verifier_sessions(config) == 0
+        await drafter.send(Propose("after", 0, len(HISTORY), [1], history=HISTORY).encode())
+        while True:  # verdicts or errors of the closed sessions may still be in the socket
+            reply = DRAFTER_UPSTREAM_ACCEPTS.decode(await asyncio.wait_for(drafter.recv(), 5))
+            if reply.session_id == "after":
+                break
+        assert not getattr(reply, "code", "")
