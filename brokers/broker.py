@@ -29,7 +29,7 @@ from brokers.clock import MonotonicClock, PreciseClock
 from brokers.estimator import VerifyTimeEstimator
 from brokers.slo import SloHold
 from pipeline.config import Config
-from pipeline.figures import BrokerFigures, VerifierFigures
+from pipeline.figures import BrokerFigures, BrokerSnapshot, VerifierFigures, VerifierView
 from pipeline.protocol import (
     BROKER_BACKEND_ACCEPTS,
     BROKER_FRONTEND_ACCEPTS,
@@ -182,7 +182,7 @@ class Broker:
                     self.drafter_seen[identity] = self.clock.now()
                     self._reply(identity, Heartbeat())
                 case StatsRequest():
-                    self._reply(identity, StatsReply(self.snapshot()))
+                    self._reply(identity, StatsReply(broker=self.snapshot()))
 
     def _reply(self, identity: bytes, msg: Message) -> None:
         if not self._front.send(identity, msg.encode()):
@@ -384,23 +384,20 @@ class Broker:
 
     # --- figures -------------------------------------------------------------------------
 
-    def snapshot(self) -> dict:
-        """The figures as they are (BrokerFigures: counters and histograms), and the routing state now."""
-        return {
-            **msgspec.to_builtins(self.stats),
-            # handshakes refused by reason (unauthorised, wrong_role); CURVE off: none are checked
-            "refused": dict(self.allow.refused) if self.allow else {},
-            "drafters": len(self.drafter_seen),
-            "sessions": sum(len(v.sessions) for v in self.verifiers.values()),
-            "verifiers": {
-                v.name: {"sessions": len(v.sessions), "queued": len(v.batcher), "superseded": v.batcher.superseded,
-                         "busy": bool(v.inflight), "holds": v.batcher.holds, "held_ms": round(1000 * v.batcher.held_s, 3),
-                         "verify_time_fit_ms": [round(1000 * c, 4) for c in v.estimator.coefficients()],
-                         "utilisation": round(v.estimator.utilisation, 4), "row_cost_ms": round(v.estimator.row_cost_ms(), 4),
-                         **v.stats.as_dict()}
-                for v in self.verifiers.values()
-            },
-        }
+    def snapshot(self) -> BrokerSnapshot:
+        """The figures as they are (counters and histograms), and the routing state now."""
+        return BrokerSnapshot(
+            **msgspec.structs.asdict(self.stats),
+            refused=dict(self.allow.refused) if self.allow else {},
+            drafters=len(self.drafter_seen),
+            sessions=sum(len(v.sessions) for v in self.verifiers.values()),
+            verifiers={v.name: VerifierView(
+                **msgspec.structs.asdict(v.stats), queued=len(v.batcher), superseded=v.batcher.superseded,
+                busy=bool(v.inflight), holds=v.batcher.holds, held_ms=round(1000 * v.batcher.held_s, 3),
+                verify_time_fit_ms=[round(1000 * c, 4) for c in v.estimator.coefficients()],
+                utilisation=round(v.estimator.utilisation, 4), row_cost_ms=round(v.estimator.row_cost_ms(), 4))
+                for v in self.verifiers.values()},
+        )
 
 
 async def serve(config: Config, stop: asyncio.Event) -> None:

@@ -64,7 +64,7 @@ class DrafterClient:
                 while self.stats_waiters:
                     fut = self.stats_waiters.pop(0)
                     if not fut.done():
-                        fut.set_result(msg.stats)
+                        fut.set_result(msg.stats)  # plain data, read by name
                         break
                 continue
             queue = self.pending.get(msg.request_id)

@@ -128,3 +128,64 @@ def merged(hists) -> Histogram | None:
         out.sum += h.sum
         out.count += h.count
     return out
+
+
+class VerifierView(VerifierFigures):
+    """One verifier as the broker reports it: the verifier's own figures (its last Ready or
+    Heartbeat) and the broker's routing state for it."""
+
+    queued: int = 0
+    superseded: int = 0
+    busy: bool = False
+    holds: int = 0
+    held_ms: float = 0.0
+    verify_time_fit_ms: list[float] = []
+    utilisation: float = 0.0
+    row_cost_ms: float = 0.0
+
+
+class BrokerSnapshot(BrokerFigures):
+    """The broker's StatsReply: its figures and what it routes now."""
+
+    refused: dict[str, int] = {}  # CURVE handshakes refused, by reason; none are checked with CURVE off
+    drafters: int = 0
+    sessions: int = 0
+    verifiers: dict[str, VerifierView] = {}
+
+
+class DrafterFigures(msgspec.Struct):
+    """A drafter's counters (workers/drafter.py), and its StatsReply."""
+
+    drafter: str = ""
+    kind: str = ""
+    gamma: int = 0
+    requests: int = 0
+    active: int = 0
+    rounds: int = 0
+    proposed: int = 0  # draft tokens sent
+    accepted: int = 0  # draft tokens the target accepted
+    generated: int = 0  # tokens delivered to clients
+    resyncs: int = 0
+    retries: int = 0
+    timeouts: int = 0
+    stale_replies: int = 0
+    failed: int = 0
+    rejected_frames: int = 0
+    reconnects: int = 0
+    bytes_sent: int = 0  # proposal frames to the broker (resends included)
+    bytes_received: int = 0  # verdict frames from the broker (features included)
+    draft_s: float = 0.0  # device time spent drafting (emulated device time when emulate_slowdown is set)
+    gamma_sum: int = 0  # draft lengths asked for, summed over rounds (the adaptive policy's or the fixed gamma)
+    proactive_hits: int = 0  # drafts made ahead that the verdict confirmed: the next proposal left at once
+    proactive_misses: int = 0
+    proactive_wasted: int = 0  # tokens drafted ahead and dropped
+    proactive_wasted_s: float = 0.0  # device seconds those took
+    refused: dict[str, int] = {}  # client-socket handshakes refused, by reason
+    acceptance_rate: float = 0.0  # accepted / proposed, set in each reply
+    mean_gamma: float = 0.0  # gamma_sum / rounds, set in each reply
+
+    def reply(self, **identity) -> "DrafterFigures":
+        """A copy to send, with the ratios filled in."""
+        return msgspec.structs.replace(
+            self, **identity, acceptance_rate=self.accepted / self.proposed if self.proposed else 0.0,
+            mean_gamma=self.gamma_sum / self.rounds if self.rounds else 0.0)

@@ -11,9 +11,9 @@ from typing import Union
 import msgspec
 
 from pipeline.errors import ErrorCode, SledError
-from pipeline.figures import VerifierFigures
+from pipeline.figures import BrokerSnapshot, DrafterFigures, VerifierFigures
 
-PROTOCOL_VERSION = 2  # 2: msgspec Structs, the message nested in [version, message]
+PROTOCOL_VERSION = 3  # 2: msgspec Structs, the message nested in [version, message]; 3: a typed StatsReply
 _ENCODER = msgspec.msgpack.Encoder()
 
 
@@ -98,8 +98,14 @@ class ErrorReply(Message, tag="error"):  # a SledError on the wire
 class StatsRequest(Message, tag="stats_req"):
     pass
 
-class StatsReply(Message, tag="stats"):
-    stats: dict  # the broker's or the drafter's snapshot()
+class StatsReply(Message, tag="stats"):  # one of the two, typed (pipeline/figures.py)
+    broker: BrokerSnapshot | None = None
+    drafter: DrafterFigures | None = None
+
+    @property
+    def stats(self) -> dict:
+        """The figures as plain data, for tools and tests that read them by name."""
+        return msgspec.to_builtins(self.broker or self.drafter)
 
 class Ready(Message, tag="ready"):  # verifier -> broker: idle, send the next batch
     stats: VerifierFigures | None = None

@@ -79,11 +79,29 @@ async def broker_with_peers():
         ctx.term()
 
 
-async def dispatched(clock, verifier) -> VerifyBatch:
-    """Let the batch's deadline pass on the manual clock; the verifier then holds the batch."""
-    await asyncio.sleep(0.05)  # the proposal reaches the broker's queue
+async def until(predicate, timeout: float = 5.0) -> None:
+    """Real time for messages to cross the sockets (however loaded the machine); the manual clock stands."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.002)
+
+
+async def dispatched(broker, clock, verifier) -> VerifyBatch:
+    """Once the proposal is queued, let its deadline pass on the manual clock: the verifier then holds the batch."""
+    await until(lambda: any(len(v.batcher) for v in broker.verifiers.values()))
     await clock.advance(MAX_WAIT_S)
     return await receive(verifier, VERIFIER_ACCEPTS, VerifyBatch)
+
+
+async def heard(broker, clock, *peers) -> None:
+    """Each peer has sent a heartbeat, and the broker has taken note of it at the clock's present time."""
+    for peer in peers:
+        await peer.send(Heartbeat(idle=True).encode())
+
+    def noted(peer) -> bool:
+        handle = broker.verifiers.get(peer.identity)
+        return (handle.last_seen if handle else broker.drafter_seen.get(peer.identity)) == clock.now()
+    await until(lambda: all(noted(p) for p in peers))
 
 
 async def answer(verifier, batch: VerifyBatch) -> None:
@@ -97,17 +115,17 @@ async def test_sessions_spread_stick_and_fail_over_when_a_verifier_falls_silent(
         v0, v1, drafter = peers["verifier-0"], peers["verifier-1"], peers["drafter-a"]
         # a new session goes to the verifier with the fewest sessions
         await drafter.send(Propose("A", 0, 3, [5], history=[1, 2, 3]).encode())
-        batch = await dispatched(clock, v0)
+        batch = await dispatched(broker, clock, v0)
         assert [p.session_id for p in batch.items] == ["A"]
         await drafter.send(Propose("B", 0, 3, [6], history=[1, 2, 3]).encode())
-        batch_b = await dispatched(clock, v1)
+        batch_b = await dispatched(broker, clock, v1)
         assert [p.session_id for p in batch_b.items] == ["B"]
         await answer(v0, batch)
         verdict = await receive(drafter, DRAFTER_UPSTREAM_ACCEPTS, Verdict)
         assert (verdict.session_id, verdict.accepted, verdict.token) == ("A", 1, 7)
         # a session stays with the verifier that holds its cache, though verifier-1 is as loaded
         await drafter.send(Propose("A", 1, 5, [8]).encode())
-        batch = await dispatched(clock, v0)
+        batch = await dispatched(broker, clock, v0)
         assert [p.session_id for p in batch.items] == ["A"]
         await answer(v0, batch)
         await receive(drafter, DRAFTER_UPSTREAM_ACCEPTS, Verdict)
@@ -117,9 +135,7 @@ async def test_sessions_spread_stick_and_fail_over_when_a_verifier_falls_silent(
             await asyncio.sleep(HEARTBEAT_S)
         assert set(broker.verifiers) == {b"verifier-0", b"verifier-1"}
         await clock.advance(HEARTBEAT_S * LIVENESS * 0.6)
-        await v0.send(Heartbeat(idle=True).encode())
-        await drafter.send(Heartbeat().encode())
-        await asyncio.sleep(0.05)
+        await heard(broker, clock, v0, drafter)
         assert set(broker.verifiers) == {b"verifier-0", b"verifier-1"}  # nobody silent long enough yet
         await clock.advance(HEARTBEAT_S * LIVENESS * 0.6)  # 72 ms since verifier-1 spoke, 36 since verifier-0
         lost = await receive(drafter, DRAFTER_UPSTREAM_ACCEPTS, ErrorReply)
@@ -127,23 +143,21 @@ async def test_sessions_spread_stick_and_fail_over_when_a_verifier_falls_silent(
         assert set(broker.verifiers) == {b"verifier-0"}
         # the drafter resends B with its history: the surviving verifier rebuilds it
         await drafter.send(Propose("B", 0, 3, [6], history=[1, 2, 3]).encode())
-        batch = await dispatched(clock, v0)
+        batch = await dispatched(broker, clock, v0)
         assert [(p.session_id, p.history) for p in batch.items] == [("B", [1, 2, 3])]
         figures = broker.snapshot()
-        assert figures["verifiers_lost"] == 1 and figures["drafters_lost"] == 0
+        assert figures.verifiers_lost == 1 and figures.drafters_lost == 0 and set(figures.verifiers) == {"verifier-0"}
 
 
 async def test_a_silent_drafter_loses_its_sessions_and_a_talking_one_keeps_them():
     async with broker_with_peers() as (broker, clock, peers):
         v0, v1, quiet, talker = peers["verifier-0"], peers["verifier-1"], peers["drafter-a"], peers["drafter-b"]
         await quiet.send(Propose("Q", 0, 2, [], history=[1, 2]).encode())
-        await answer(v0, await dispatched(clock, v0))
+        await answer(v0, await dispatched(broker, clock, v0))
         await talker.send(Propose("T", 0, 2, [], history=[3, 4]).encode())
-        await answer(v1, await dispatched(clock, v1))
+        await answer(v1, await dispatched(broker, clock, v1))
         await clock.advance(HEARTBEAT_S * LIVENESS * 0.6)
-        for peer in (talker, v0, v1):
-            await peer.send(Heartbeat(idle=True).encode())
-        await asyncio.sleep(0.05)
+        await heard(broker, clock, talker, v0, v1)
         assert broker.stats.drafters_lost == 0
         await clock.advance(HEARTBEAT_S * LIVENESS * 0.6)
         closed = await receive(v0, VERIFIER_ACCEPTS, CloseSession)

@@ -15,7 +15,7 @@ from gateway.openai_api import ApiError, Limits, parse_request
 import msgspec
 
 from gateway.pipeline_stats import PipelineState, Sample, _broker_totals, record_interval
-from pipeline.figures import BrokerFigures, Histogram
+from pipeline.figures import BrokerFigures, DrafterFigures, Histogram
 from pipeline.status import render
 from pipeline.config import load_config
 from pipeline.models import load_tokenizer
@@ -265,7 +265,7 @@ async def test_ready_means_a_request_without_model_would_be_served(tok):
             async def answer_stats():
                 while True:
                     identity, *_ = await drafter.recv_multipart()
-                    await drafter.send_multipart([identity, StatsReply({"kind": "model", "gamma": 4}).encode()])
+                    await drafter.send_multipart([identity, StatsReply(drafter=DrafterFigures(kind="model", gamma=4)).encode()])
 
             answering = asyncio.create_task(answer_stats())
             try:

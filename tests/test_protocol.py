@@ -11,7 +11,7 @@ import zmq.asyncio
 
 from brokers.broker import Broker
 from pipeline.config import load_config
-from pipeline.figures import VerifierFigures
+from pipeline.figures import BrokerSnapshot, DrafterFigures, Histogram, VerifierFigures, VerifierView
 from pipeline.protocol import (
     BROKER_FRONTEND_ACCEPTS,
     DRAFTER_UPSTREAM_ACCEPTS,
@@ -57,7 +57,14 @@ GOLDEN = [
     (CloseSession("s-1"), [PV, ["close", "s-1"]]),
     (ErrorReply(ErrorCode.OVERLOADED, "full", True, "s-1", 3), [PV, ["error", "overloaded", "full", True, "s-1", 3, ""]]),
     (StatsRequest(), [PV, ["stats_req"]]),
-    (StatsReply({"batches": 1, "nested": {"x": [1, 2]}}), [PV, ["stats", {"batches": 1, "nested": {"x": [1, 2]}}]]),
+    (StatsReply(drafter=DrafterFigures("pi5", "model", 4, requests=2, proposed=8, accepted=6, refused={"unauthorised": 1},
+                                       acceptance_rate=0.75)),
+     [PV, ["stats", None, {
+         "drafter": "pi5", "kind": "model", "gamma": 4, "requests": 2, "active": 0, "rounds": 0, "proposed": 8,
+         "accepted": 6, "generated": 0, "resyncs": 0, "retries": 0, "timeouts": 0, "stale_replies": 0, "failed": 0,
+         "rejected_frames": 0, "reconnects": 0, "bytes_sent": 0, "bytes_received": 0, "draft_s": 0.0, "gamma_sum": 0,
+         "proactive_hits": 0, "proactive_misses": 0, "proactive_wasted": 0, "proactive_wasted_s": 0.0,
+         "refused": {"unauthorised": 1}, "acceptance_rate": 0.75, "mean_gamma": 0.0}]]),
     (Ready(), [PV, ["ready", None]]),
     (Ready(FIGURES), [PV, ["ready", {"batches": 3, "items": 5, "errors": {"invalid": 1}}]]),
     (Heartbeat(), [PV, ["heartbeat", False, None]]),
@@ -81,9 +88,24 @@ def test_golden_frames(msg, layout):
 
 
 def test_golden_bytes_of_a_proposal():
-    """One frame spelled out byte by byte: [2, ["close", "s"]]."""
-    assert CloseSession("s").encode() == bytes.fromhex("92 02 92 a5 636c6f7365 a1 73")
-    assert PROTOCOL_VERSION == 2
+    """One frame spelled out byte by byte: [3, ["close", "s"]]."""
+    assert CloseSession("s").encode() == bytes.fromhex("92 03 92 a5 636c6f7365 a1 73")
+    assert PROTOCOL_VERSION == 3
+
+
+def test_a_broker_stats_reply_is_typed_and_missing_figures_take_their_defaults():
+    layout = [PV, ["stats", {"proposals": 5, "rejected": {"invalid": 2},
+                             "batch_sessions": {"bounds": [1.0, 2.0], "counts": [1, 1, 0], "sum": 3.0, "count": 2},
+                             "verifiers": {"verifier-0": {"sessions": 1, "busy": True, "queued": 2}}}, None]]
+    reply = ANY.decode(msgpack.packb(layout))
+    assert reply.broker == BrokerSnapshot(proposals=5, rejected={"invalid": 2},
+                                          batch_sessions=Histogram([1.0, 2.0], [1, 1, 0], 3.0, 2),
+                                          verifiers={"verifier-0": VerifierView(sessions=1, busy=True, queued=2)})
+    assert reply.stats["batch_rows"]["count"] == 0 and reply.stats["verifiers"]["verifier-0"]["queued"] == 2
+    bad = [PV, ["stats", {"batch_sessions": {"bounds": "many"}}, None]]
+    with pytest.raises(SledError) as info:  # a figure of the wrong type is refused like any other field
+        ANY.decode(msgpack.packb(bad))
+    assert info.value.code == ErrorCode.BAD_FRAME
 
 
 def test_every_message_kind_has_a_golden_frame():

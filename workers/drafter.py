@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import threading
 import time
 import uuid
@@ -27,6 +26,7 @@ import zmq
 import zmq.asyncio
 
 from pipeline.config import Config, DrafterConfig
+from pipeline.figures import DrafterFigures
 from pipeline.protocol import (
     DRAFTER_CLIENT_ACCEPTS,
     DRAFTER_UPSTREAM_ACCEPTS,
@@ -54,37 +54,6 @@ from workers.speculation import RowCostFloor, SpeculationPolicy
 log = structlog.get_logger("sled.drafter")
 MAX_BACKOFF_S = 2.0
 RECONNECTED = object()  # put on every session's reply queue after a reconnect: resend now
-
-
-@dataclass
-class DrafterStats:
-    requests: int = 0
-    active: int = 0
-    rounds: int = 0
-    proposed: int = 0  # draft tokens sent
-    accepted: int = 0  # draft tokens the target accepted
-    generated: int = 0  # tokens delivered to clients
-    resyncs: int = 0
-    retries: int = 0
-    timeouts: int = 0
-    stale_replies: int = 0
-    failed: int = 0
-    rejected_frames: int = 0
-    reconnects: int = 0
-    bytes_sent: int = 0  # proposal frames to the broker (resends included)
-    bytes_received: int = 0  # verdict frames from the broker (features included)
-    draft_s: float = 0.0  # device time spent drafting (emulated device time when emulate_slowdown is set)
-    gamma_sum: int = 0  # draft lengths asked for, summed over rounds (the adaptive policy's or the fixed gamma)
-    proactive_hits: int = 0  # drafts made ahead that the verdict confirmed: the next proposal left at once
-    proactive_misses: int = 0
-    proactive_wasted: int = 0  # tokens drafted ahead and dropped
-    proactive_wasted_s: float = 0.0  # device seconds those took
-
-    def as_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["acceptance_rate"] = self.accepted / self.proposed if self.proposed else 0.0
-        out["mean_gamma"] = self.gamma_sum / self.rounds if self.rounds else 0.0
-        return out
 
 
 @dataclass
@@ -126,7 +95,7 @@ class DrafterService:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft")  # the device's one model
         self.sessions: dict[str, SessionRun] = {}
         self.by_request: dict[tuple[bytes, str], SessionRun] = {}
-        self.stats = DrafterStats()
+        self.stats = DrafterFigures()
         self.row_floor = RowCostFloor()  # the server's cheapest row cost seen: one per drafter (workers/speculation.py)
         self.drafts_waiting = 0  # drafts submitted to the model thread and not back yet
         self.proactive = int(self.cfg.proactive and getattr(strategy, "supports_proactive", False))
@@ -183,7 +152,7 @@ class DrafterService:
                     if run and run.task:
                         run.task.cancel()
                 case StatsRequest():
-                    self._to_client(client, StatsReply(self.snapshot()))
+                    self._to_client(client, StatsReply(drafter=self.snapshot()))
 
     def _start(self, client: bytes, req: Generate) -> None:
         problem = generate_problem(req, self.config.limits)
@@ -478,9 +447,9 @@ class DrafterService:
             self.sessions.pop(run.session_id, None)
             self.by_request.pop((run.client, req.request_id), None)
 
-    def snapshot(self) -> dict:
-        return {"drafter": self.name, "kind": self.strategy.kind, "gamma": self.cfg.gamma, **self.stats.as_dict(),
-                "refused": dict(self.allow.refused) if self.allow else {}}  # client-socket handshakes, by reason
+    def snapshot(self) -> DrafterFigures:
+        return self.stats.reply(drafter=self.name, kind=self.strategy.kind, gamma=self.cfg.gamma,
+                                refused=dict(self.allow.refused) if self.allow else {})
 
 
 async def serve(config: Config, stop: asyncio.Event, name: str) -> None:
