@@ -130,7 +130,7 @@ def merged(hists) -> Histogram | None:
     return out
 
 
-class VerifierView(VerifierFigures):
+class VerifierView(VerifierFigures, omit_defaults=False):
     """One verifier as the broker reports it: the verifier's own figures (its last Ready or
     Heartbeat) and the broker's routing state for it."""
 

