@@ -12,7 +12,7 @@ import zmq.asyncio
 
 from pipeline.client import DrafterClient, broker_stats
 from pipeline.models import load_causal_lm
-from pipeline.protocol import DRAFTER_UPSTREAM_ACCEPTS, Propose, Verdict
+from pipeline.protocol import DRAFTER_UPSTREAM_ACCEPTS, Propose
 from pipeline.reference import greedy_reference
 from tests.conftest import TINY_VOCAB, make_stack
 

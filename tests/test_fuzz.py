@@ -27,7 +27,6 @@ from pipeline.protocol import (
     PROTOCOL_VERSION,
     VERIFIER_ACCEPTS,
     ErrorReply,
-    Generate,
     Propose,
     SledError,
     Verdict,

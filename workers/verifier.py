@@ -21,6 +21,7 @@ import zmq
 import zmq.asyncio
 
 from pipeline.config import Config
+from pipeline.figures import VerifierFigures
 from pipeline.models import load_causal_lm
 from pipeline.protocol import (
     VERIFIER_ACCEPTS,
