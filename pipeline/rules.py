@@ -37,9 +37,10 @@ def propose_problem(item: Propose, limits: LimitsConfig) -> str | None:
             return "position must equal the history's length"
     if item.position < 0 or item.position + len(item.draft) + 1 > limits.max_history_tokens:
         return f"session would exceed {limits.max_history_tokens} tokens"
-    if any(t < 0 for t in item.draft) or (item.history and any(t < 0 for t in item.history)):
+    # min() in C: this runs for every proposal the broker receives
+    if (item.draft and min(item.draft) < 0) or (item.history and min(item.history) < 0):
         return "token ids must be non-negative"
-    if len(item.feature_layers) > MAX_FEATURE_LAYERS or any(i < -1 for i in item.feature_layers):
+    if item.feature_layers and (len(item.feature_layers) > MAX_FEATURE_LAYERS or min(item.feature_layers) < -1):
         return f"feature_layers: at most {MAX_FEATURE_LAYERS} indices, each >= -1"
     if problem := _sampling_problem(item.temperature, item.top_p):
         return problem
@@ -55,7 +56,7 @@ def _q_problem(item: Propose) -> str | None:
     for x, ids, probs in zip(item.draft, item.q_ids, item.q_probs):
         if not 1 <= len(ids) <= MAX_TOP_K or len(ids) != len(probs):
             return f"each q row holds 1..{MAX_TOP_K} (id, probability) pairs"
-        if any(t < 0 for t in ids):
+        if min(ids) < 0:
             return "token ids must be non-negative"
         if any(not 0.0 <= p <= 1.0 for p in probs) or sum(probs) > 1.0 + 1e-3:
             return "q_probs must be probabilities summing to at most 1"
@@ -75,6 +76,6 @@ def generate_problem(req: Generate, limits: LimitsConfig) -> str | None:
         return f"prompt + max_new_tokens exceeds {limits.max_history_tokens} tokens"
     if problem := _sampling_problem(req.temperature, req.top_p):
         return problem
-    if any(t < 0 for t in [*req.prompt, *req.stop_ids]):
+    if min(req.prompt) < 0 or (req.stop_ids and min(req.stop_ids) < 0):
         return "token ids must be non-negative"
     return None
