@@ -173,7 +173,7 @@ def train_head(
             schedule.step()
             step += 1
             if step % 50 == 0 or step == steps:
-                history.append({"step": step, "loss": round(float(loss), 4), **{k: round(v, 4) for k, v in figures.items()},
+                history.append({"step": step, "loss": round(float(loss.detach()), 4), **{k: round(v, 4) for k, v in figures.items()},
                                 "wall_s": round(time.monotonic() - started, 1)})
                 log.info("feature_head_step", **history[-1])
         epoch += 1
