@@ -40,6 +40,7 @@ async def run_sessions(config: Config, drafters: list[str], prompts: list[list[i
 
 def summarize(results, elapsed: float, broker: dict) -> dict:
     generated = sum(len(r.tokens) for r in results)
+    figures = BrokerFigures.of(broker)  # sums and bucket counts; the means are taken here
     by_drafter: dict[str, dict] = {}
     for r in results:
         d = by_drafter.setdefault(r.stats["drafter"], {"kind": r.stats["drafter_kind"], "proposed": 0, "accepted": 0,
@@ -69,13 +70,13 @@ def summarize(results, elapsed: float, broker: dict) -> dict:
         "wire_bytes_per_token_by_drafter": {n: round(d["wire_bytes"] / d["generated"], 1) if d["generated"] else 0.0
                                             for n, d in by_drafter.items()},
         "drafters": by_drafter,
-        "mean_batch_sessions": round(BrokerFigures.of(broker).batch_sessions.mean, 3),
+        "mean_batch_sessions": round(figures.batch_sessions.mean, 3),
         "batches": broker["batches"],
         "verify_rounds": rounds,
         "tokens_per_round": round(generated / rounds, 3) if rounds else 0.0,
         "target_tokens_processed": target_tokens,
         "target_tokens_per_generated": round(target_tokens / generated, 3) if generated else 0.0,
-        "mean_queue_wait_ms": round(1000 * BrokerFigures.of(broker).queue_wait.mean, 3),
+        "mean_queue_wait_ms": round(1000 * figures.queue_wait.mean, 3),
         "verifier_compute_s": round(sum(v.get("compute_s", 0.0) for v in verifier_stats), 3),
     }
 

@@ -68,8 +68,8 @@ class Histogram(msgspec.Struct):
         return self.sum / self.count if self.count else 0.0
 
 
-BATCH_SESSION_BOUNDS = [1, 2, 4, 8, 16, 32, 64, 128]
-BATCH_ROW_BOUNDS = [4, 8, 16, 32, 64, 128, 256, 512]
+BATCH_SESSION_BOUNDS = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]
+BATCH_ROW_BOUNDS = [4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]
 WAIT_BOUNDS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
 VERIFY_BOUNDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
 
@@ -85,8 +85,8 @@ class BrokerFigures(msgspec.Struct):
     verifiers_lost: int = 0
     drafters_lost: int = 0
     rejected: dict[str, int] = {}  # by error code
-    batch_sessions: Histogram = msgspec.field(default_factory=lambda: Histogram([float(b) for b in BATCH_SESSION_BOUNDS]))
-    batch_rows: Histogram = msgspec.field(default_factory=lambda: Histogram([float(b) for b in BATCH_ROW_BOUNDS]))
+    batch_sessions: Histogram = msgspec.field(default_factory=lambda: Histogram(list(BATCH_SESSION_BOUNDS)))
+    batch_rows: Histogram = msgspec.field(default_factory=lambda: Histogram(list(BATCH_ROW_BOUNDS)))
     queue_wait_s: dict[str, Histogram] = {}  # arrival to dispatch, by drafter class (Propose.drafter_kind)
     verify_s: dict[str, Histogram] = {}  # dispatch to verdicts, by verifier
 
