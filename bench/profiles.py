@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class DeviceProfile:
     name: str
-    kind: str  # "model" or "ngram"
+    kind: str  # "model", "feature" or "ngram"
     slowdown: float  # device draft time / this machine's one-core draft time
     rtt_ms: float  # round trip added to the device's link (user-space delay proxy)
     rate_mbit: float  # the link's bandwidth cap (tbf), both ways
@@ -28,6 +28,9 @@ PROFILES: dict[str, DeviceProfile] = {
     "pi5": DeviceProfile("pi5", "model", slowdown=2.5, rtt_ms=20.0, rate_mbit=50.0, power_w=7.0, link="Wi-Fi, 20 ms RTT, 50 Mbit/s"),
     # Jetson Orin Nano 8 GB: drafts on its 1024-core Ampere GPU; wired Ethernet to the edge server
     "orin": DeviceProfile("orin", "model", slowdown=1.0, rtt_ms=5.0, rate_mbit=100.0, power_w=15.0, link="Ethernet, 5 ms RTT, 100 Mbit/s"),
+    # a Pi 5 running the feature-conditioned head (workers/feature_head.py) instead of a ladder rung:
+    # the same device and link as pi5; its verdicts carry the target's features back over that link
+    "feature": DeviceProfile("feature", "feature", slowdown=2.5, rtt_ms=20.0, rate_mbit=50.0, power_w=7.0, link="Wi-Fi, 20 ms RTT, 50 Mbit/s"),
     # model-free class (a phone or microcontroller running n-gram lookup); cellular link
     "ngram": DeviceProfile("ngram", "ngram", slowdown=4.0, rtt_ms=20.0, rate_mbit=20.0, power_w=3.0, link="LTE, 20 ms RTT, 20 Mbit/s"),
     # a Pi 5 carrying a model of another family than the target's (its own tokenizer: its drafts are
@@ -43,7 +46,7 @@ SERVER_WATTS_PER_CORE = 250.0 / 32
 
 @dataclass(frozen=True)
 class DrafterChoice:
-    model: str  # "ladder:RUNG", a folder, or "ngram"
+    model: str  # "ladder:RUNG", a folder, "feature" (the committed feature head) or "ngram"
     gamma: int
     min_confidence: float = 0.0
 
@@ -68,9 +71,10 @@ DEFAULT = Setup(
     name="default",
     target="smollm2",
     drafters={"pi5": DrafterChoice("ladder:pi5", 4, 0.5), "orin": DrafterChoice("ladder:orin", 4, 0.5),
-              "ngram": DrafterChoice("ngram", 4)},
+              "feature": DrafterChoice("feature", 4), "ngram": DrafterChoice("ngram", 4)},
     server_drafter=DrafterChoice("ladder:orin", 4, 0.5),
     prompts="chat",
+    fleet=["pi5", "orin", "feature", "ngram"],  # the classes of `sled demo`'s default fleet
 )
 
 

@@ -90,6 +90,15 @@ def load_drafter_model(choice, target):
     return load_causal_lm(choice.model)
 
 
+def feature_strategy(choice, target):
+    """The feature-conditioned drafter over the committed head (drafters/feature), which takes its
+    embeddings and vocabulary rows from the target it was trained on: the default target only."""
+    from workers.feature_drafter import FeatureDrafter
+    from workers.feature_head import FEATURE_DIR, load_head
+
+    return FeatureDrafter(load_head(target, FEATURE_DIR), min_confidence=choice.min_confidence)
+
+
 def model_strategy(choice, model, target_spec: str):
     """The drafter a device class runs: ModelDrafter, or TranslatingDrafter for a model of another
     family (its tokenizer differs from the target's)."""
@@ -234,13 +243,15 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
         mine = sorted({i % len(prompts) for i in range(top) if i % len(setup.fleet) == k})
         if choice.model == "ngram":
             strategy, kind = NgramDrafter(ngram_max=4), "ngram"
+        elif choice.model == "feature":
+            strategy, kind = feature_strategy(choice, target), "feature"
         else:
             if choice.model not in drafter_models:
                 drafter_models[choice.model] = load_drafter_model(choice, target)
             strategy, kind = model_strategy(choice, drafter_models[choice.model], setup.target), "model"
         path = workdir / "traces" / f"{name}.msgpack"
         recorded[name] = record_trace(strategy, kind, [prompts[i] for i in mine], [references[i] for i in mine],
-                                      choice.gamma, options.max_new_tokens, stop_ids, path)
+                                      choice.gamma, options.max_new_tokens, stop_ids, path, target=target)
         recorded[name].update(drafter=choice.model, gamma=choice.gamma, min_confidence=choice.min_confidence)
         classes.append(DeviceClass(options.profiles[name], path, choice.gamma))
         log.info("trace_recorded", device=name, **{k: round(v, 3) if isinstance(v, float) else v for k, v in recorded[name].items()})

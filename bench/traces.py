@@ -10,25 +10,42 @@ token. In the timed run the device's drafter process replays those drafts (worke
 ``ReplayDrafter``) and holds each one for its measured compute time times the device's slowdown
 (``drafters.NAME.emulate_slowdown``). The verifier still checks every draft for real; a replayed
 draft that the target would not make is simply rejected, so the output stays the target's.
+
+A feature-conditioned class (workers/feature_drafter.py) is walked the same way, and each round
+hands it what the verifier's verdict would carry: the target's features of the newly committed
+positions (the whole prompt on the first round), read off one teacher-forced forward of the
+target over prompt + reference. Its replay asks the verifier for the same features, so the
+features cross the emulated link as they would from a real device.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgpack
 import torch
 
 from pipeline.protocol import Sampling
 from workers.drafts import context_key, draft_generator
+from workers.target import pick_hidden
 
 GREEDY = Sampling(0.0, 1.0, 0)
 
 
+@torch.inference_mode()
+def target_features(target, tokens: list[int], layers: list[int]) -> torch.Tensor:
+    """The target's features at ``layers`` for every position of ``tokens``: fp16
+    ``[len(tokens), layers x hidden]``, as a verdict carries them."""
+    out = target(input_ids=torch.tensor([tokens]), output_hidden_states=True)
+    return pick_hidden(out.hidden_states, layers)[0].to(torch.float16)
+
+
 def record_session(strategy, prompt: list[int], reference: list[int], gamma: int, max_new_tokens: int,
-                   stop_ids: list[int], drafts: dict[str, list]) -> dict:
-    """Walk one session as workers/drafter.py would, adding ``{context_key: [tokens, cpu_s]}``."""
+                   stop_ids: list[int], drafts: dict[str, list], features: torch.Tensor | None = None) -> dict:
+    """Walk one session as workers/drafter.py would, adding ``{context_key: [tokens, cpu_s]}``.
+    ``features`` (a feature-conditioned strategy): the target's, over prompt + reference."""
     state = strategy.new_state()
     generator = draft_generator(0)
     committed = list(prompt)
@@ -45,7 +62,12 @@ def record_session(strategy, prompt: list[int], reference: list[int], gamma: int
         accepted = 0
         while accepted < len(draft.tokens) and accepted < len(ahead) - 1 and draft.tokens[accepted] == ahead[accepted]:
             accepted += 1
-        strategy.commit(state, len(committed), accepted)
+        verdict = None
+        if features is not None:  # the verifier's: the token fed first and the accepted drafts
+            start = 0 if rounds == 0 else len(committed) - 1  # (and the prompt, on the first round)
+            rows = features[start : len(committed) + accepted]
+            verdict = SimpleNamespace(features=rows.numpy().tobytes(), features_start=start)
+        strategy.commit(state, len(committed), accepted, verdict)
         new = ahead[: accepted + 1][:budget]
         for i, token in enumerate(new):
             if token in stops:
@@ -66,16 +88,19 @@ def record_session(strategy, prompt: list[int], reference: list[int], gamma: int
 
 @torch.inference_mode()
 def record_trace(strategy, kind: str, prompts: list[list[int]], references: list[list[int]], gamma: int,
-                 max_new_tokens: int, stop_ids: list[int], path: Path) -> dict:
-    """Record every prompt for one device class into ``path``; returns the class's figures."""
+                 max_new_tokens: int, stop_ids: list[int], path: Path, target=None) -> dict:
+    """Record every prompt for one device class into ``path``; returns the class's figures.
+    A strategy with ``feature_layers`` needs the ``target`` that computes them."""
     drafts: dict[str, list] = {}
+    layers = list(getattr(strategy, "feature_layers", []))
     totals = {"rounds": 0, "proposed": 0, "accepted": 0, "rejected_rounds": 0, "compute_s": 0.0, "generated": 0}
     for prompt, reference in zip(prompts, references):
-        figures = record_session(strategy, prompt, reference, gamma, max_new_tokens, stop_ids, drafts)
+        features = target_features(target, prompt + reference, layers) if layers else None
+        figures = record_session(strategy, prompt, reference, gamma, max_new_tokens, stop_ids, drafts, features)
         for key in totals:
             totals[key] += figures[key]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(msgpack.packb({"kind": kind, "drafts": drafts}))
+    path.write_bytes(msgpack.packb({"kind": kind, "feature_layers": layers, "drafts": drafts}))
     totals["acceptance_rate"] = totals["accepted"] / totals["proposed"] if totals["proposed"] else 0.0
     reached = totals["accepted"] + totals["rejected_rounds"]  # draft positions the verifier decided on
     totals["alpha_per_position"] = totals["accepted"] / reached if reached else 0.0

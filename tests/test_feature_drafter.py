@@ -197,3 +197,44 @@ def test_committed_feature_head_keeps_sled_lossless_on_the_real_target():
         round_ += 1
     assert committed[len(prompt):] == greedy_reference(target, prompt, new_tokens, [stop])
     assert accepted > 0
+
+
+def test_a_bench_trace_hands_the_head_what_the_verdicts_would(tmp_path, tiny_models, feature_head_dir):
+    """bench/traces.py records a feature class without a verifier: each round it hands the head
+    the target's features as a verdict would carry them. Every committed position but the last
+    gets its feature, exactly once, equal to the target's hidden states there; the replay asks
+    the verifier for the same layers and never drafts ahead."""
+    from bench.traces import record_trace
+    from workers.drafts import ReplayDrafter
+    from workers.feature_drafter import FeatureDrafter
+    from workers.feature_head import load_head
+    from workers.target import pick_hidden
+
+    target = load_causal_lm(str(tiny_models["target"]))
+    strategy = FeatureDrafter(load_head(target, feature_head_dir))
+    received: dict[int, np.ndarray] = {}
+    commit = strategy.commit
+
+    def spy(state, position, accepted, verdict=None):
+        rows = np.frombuffer(verdict.features, dtype=np.float16).reshape(-1, strategy.width)
+        for i, row in enumerate(rows):
+            assert verdict.features_start + i not in received, "a feature handed twice"
+            received[verdict.features_start + i] = row
+        commit(state, position, accepted, verdict)
+
+    strategy.commit = spy
+    prompt = prompts(1, 8)[0]
+    reference = greedy_reference(target, prompt, 30)
+    path = tmp_path / "feature.msgpack"
+    figures = record_trace(strategy, "feature", [prompt], [reference], 3, 30, [], path, target=target)
+    committed = prompt + reference[: figures["generated"]]
+    assert figures["generated"] == 30 and figures["proposed"] > 0
+    assert sorted(received) == list(range(len(committed) - 1))
+    with torch.no_grad():
+        hidden = target(input_ids=torch.tensor([committed]), output_hidden_states=True).hidden_states
+    expected = pick_hidden(hidden, strategy.feature_layers)[0, :-1]
+    got = torch.from_numpy(np.stack([received[i] for i in sorted(received)])).float()
+    assert torch.allclose(got, expected, atol=2e-3, rtol=2e-3)
+    replay = ReplayDrafter(str(path))
+    assert replay.kind == "feature" and replay.feature_layers == strategy.feature_layers
+    assert not replay.supports_proactive

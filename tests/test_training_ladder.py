@@ -137,7 +137,9 @@ def test_heldout_prompts_are_disjoint_from_training_prompts():
 
     tokenizer = load_tokenizer("smollm2")
     heldout = heldout_prompts(tokenizer)
-    train = build_prompts(tokenizer, held_out=False, n_chat=1100, n_prose=1500)
+    # every topic set the distillation data has used (1, then 2 and 3 for more data)
+    train = [p for topic_set in (1, 2, 3)
+             for p in build_prompts(tokenizer, held_out=False, n_chat=1120, n_prose=1500, topic_set=topic_set)]
     assert len(heldout) == 48 and not set(heldout) & set(train)
     # no held-out passage shares a 60-character span with a training prompt
     train_text = "\n".join(train)

@@ -69,6 +69,24 @@ TRAIN_TOPICS_2 = [
     "the Middle Ages", "Greek mythology", "the Titanic", "sharks", "tornadoes", "the camera obscura",
     "a city at dawn", "lemons", "sleep in animals", "the Pyramids", "wind", "gardening in winter",
 ]
+# A third list, for data beyond the second set (build_prompts(topic_set=3)); disjoint from the
+# other two and from the held-out topics.
+TRAIN_TOPICS_3 = [
+    "octopuses", "the Great Depression", "tennis", "soap making", "the human liver",
+    "quantum computers", "weather forecasting", "ants", "the Nile", "street food", "pencils",
+    "the Ottoman Empire", "chocolate", "the lungs", "sailing", "fossils", "the guitar", "rainbows",
+    "glass blowing", "parrots", "the Cold War", "vitamins", "the atmosphere", "canals", "horses",
+    "the Byzantine Empire", "bamboo", "fermentation", "the compass", "salt", "marathon training",
+    "a haunted house", "a clockmaker's apprentice", "a snowman who wants to see summer",
+    "a lost puppy", "a village by the sea", "neural networks", "hash tables", "version control",
+    "the command line", "unit testing", "email", "the printing of money", "taxes", "insurance",
+    "renting an apartment", "job interviews", "negotiation", "habits", "journaling", "first aid",
+    "the kidneys", "allergies", "seeds", "apples", "the potato", "sunflowers", "lakes", "caves",
+    "the Andes", "the Himalayas", "Antarctica", "the Roman roads", "the Incas", "castles in Japan",
+    "the steam engine", "the light bulb", "radio", "television", "satellites", "rockets",
+    "the International Space Station", "Mars", "jellyfish", "crows", "salmon", "the moon's craters",
+    "poetry slams", "theater", "museums",
+]
 HELDOUT_TOPICS = [
     "glaciers", "the violin", "penguins", "nuclear fusion", "the Silk Road", "board games",
     "lightning", "coral reefs", "the Industrial Revolution", "yoga", "submarines", "maps",
@@ -124,10 +142,11 @@ def _chat(tokenizer, question: str) -> str:
 def build_prompts(tokenizer, *, held_out: bool, n_chat: int, n_prose: int, seed: int = 0,
                   topic_set: int = 1) -> list[str]:
     """Prompt strings, half chat (templated) and half prose (raw prefix or 'continue this').
-    ``topic_set`` 2 draws training chat from TRAIN_TOPICS_2 (more data that repeats no question)."""
+    ``topic_set`` 2 or 3 draws training chat from TRAIN_TOPICS_2 or _3 (more data that repeats no
+    question)."""
     rng = random.Random(seed + (1 if held_out else 0))
     templates = HELDOUT_TEMPLATES if held_out else TRAIN_TEMPLATES
-    topics = HELDOUT_TOPICS if held_out else (TRAIN_TOPICS if topic_set == 1 else TRAIN_TOPICS_2)
+    topics = HELDOUT_TOPICS if held_out else {1: TRAIN_TOPICS, 2: TRAIN_TOPICS_2, 3: TRAIN_TOPICS_3}[topic_set]
     questions = [tpl.format(t=t) for tpl in templates for t in topics]
     rng.shuffle(questions)
     prompts = [_chat(tokenizer, q) for q in questions[:n_chat]]

@@ -198,7 +198,11 @@ class ReplayDrafter:
             trace = msgpack.unpackb(fh.read())
         self.kind = trace["kind"]
         self.drafts: dict[str, list] = trace["drafts"]
-        self.supports_proactive = True  # a lookup: any context recorded is found ahead of time too
+        # a feature class's replay asks for the features its device would (they cross the link)
+        self.feature_layers: list[int] = list(trace.get("feature_layers", []))
+        # a lookup finds any recorded context ahead of time too, but a feature class could not
+        # draft ahead on a real device (workers/feature_drafter.py)
+        self.supports_proactive = not self.feature_layers
         self.hits = 0
         self.misses = 0
 
