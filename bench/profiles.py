@@ -23,20 +23,21 @@ class DeviceProfile:
     link: str = ""  # what the link stands for
 
 
+# Raspberry Pi 5: 4x Cortex-A76 at 2.4 GHz, LPDDR4X; home Wi-Fi to an edge server
+PI5 = DeviceProfile("pi5", "model", slowdown=2.5, rtt_ms=20.0, rate_mbit=50.0, power_w=7.0, link="Wi-Fi, 20 ms RTT, 50 Mbit/s")
+
 PROFILES: dict[str, DeviceProfile] = {
-    # Raspberry Pi 5: 4x Cortex-A76 at 2.4 GHz, LPDDR4X; home Wi-Fi to an edge server
-    "pi5": DeviceProfile("pi5", "model", slowdown=2.5, rtt_ms=20.0, rate_mbit=50.0, power_w=7.0, link="Wi-Fi, 20 ms RTT, 50 Mbit/s"),
+    "pi5": PI5,
     # Jetson Orin Nano 8 GB: drafts on its 1024-core Ampere GPU; wired Ethernet to the edge server
     "orin": DeviceProfile("orin", "model", slowdown=1.0, rtt_ms=5.0, rate_mbit=100.0, power_w=15.0, link="Ethernet, 5 ms RTT, 100 Mbit/s"),
     # a Pi 5 running the feature-conditioned head (workers/feature_head.py) instead of a ladder rung:
     # the same device and link as pi5; its verdicts carry the target's features back over that link
-    "feature": DeviceProfile("feature", "feature", slowdown=2.5, rtt_ms=20.0, rate_mbit=50.0, power_w=7.0, link="Wi-Fi, 20 ms RTT, 50 Mbit/s"),
+    "feature": dataclasses.replace(PI5, name="feature", kind="feature"),
     # model-free class (a phone or microcontroller running n-gram lookup); cellular link
     "ngram": DeviceProfile("ngram", "ngram", slowdown=4.0, rtt_ms=20.0, rate_mbit=20.0, power_w=3.0, link="LTE, 20 ms RTT, 20 Mbit/s"),
     # a Pi 5 carrying a model of another family than the target's (its own tokenizer: its drafts are
     # re-encoded as target ids, workers/translating_drafter.py)
-    "pi5-smollm2": DeviceProfile("pi5-smollm2", "model", slowdown=2.5, rtt_ms=20.0, rate_mbit=50.0, power_w=7.0,
-                                 link="Wi-Fi, 20 ms RTT, 50 Mbit/s"),
+    "pi5-smollm2": dataclasses.replace(PI5, name="pi5-smollm2"),
 }
 
 # The server the energy estimate assumes: a 32-core edge-server CPU with a 250 W TDP, so about

@@ -93,6 +93,8 @@ def record_trace(strategy, kind: str, prompts: list[list[int]], references: list
     A strategy with ``feature_layers`` needs the ``target`` that computes them."""
     drafts: dict[str, list] = {}
     layers = list(getattr(strategy, "feature_layers", []))
+    if layers and target is None:
+        raise ValueError(f"a {kind} drafter needs the target's features: pass target=")
     totals = {"rounds": 0, "proposed": 0, "accepted": 0, "rejected_rounds": 0, "compute_s": 0.0, "generated": 0}
     for prompt, reference in zip(prompts, references):
         features = target_features(target, prompt + reference, layers) if layers else None

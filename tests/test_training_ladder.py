@@ -133,12 +133,12 @@ def test_committed_ladder_loads_and_every_rung_drafts():
 def test_heldout_prompts_are_disjoint_from_training_prompts():
     from pipeline.models import load_tokenizer
     from training.heldout_alpha import heldout_prompts
-    from training.distill_prompts import build_prompts
+    from training.distill_prompts import TRAIN_TOPIC_SETS, build_prompts
 
     tokenizer = load_tokenizer("smollm2")
     heldout = heldout_prompts(tokenizer)
-    # every topic set the distillation data has used (1, then 2 and 3 for more data)
-    train = [p for topic_set in (1, 2, 3)
+    # every topic set the distillation data has used
+    train = [p for topic_set in TRAIN_TOPIC_SETS
              for p in build_prompts(tokenizer, held_out=False, n_chat=1120, n_prose=1500, topic_set=topic_set)]
     assert len(heldout) == 48 and not set(heldout) & set(train)
     # no held-out passage shares a 60-character span with a training prompt

@@ -87,6 +87,7 @@ TRAIN_TOPICS_3 = [
     "the International Space Station", "Mars", "jellyfish", "crows", "salmon", "the moon's craters",
     "poetry slams", "theater", "museums",
 ]
+TRAIN_TOPIC_SETS = {1: TRAIN_TOPICS, 2: TRAIN_TOPICS_2, 3: TRAIN_TOPICS_3}  # build_prompts(topic_set=N)
 HELDOUT_TOPICS = [
     "glaciers", "the violin", "penguins", "nuclear fusion", "the Silk Road", "board games",
     "lightning", "coral reefs", "the Industrial Revolution", "yoga", "submarines", "maps",
@@ -146,7 +147,7 @@ def build_prompts(tokenizer, *, held_out: bool, n_chat: int, n_prose: int, seed:
     question)."""
     rng = random.Random(seed + (1 if held_out else 0))
     templates = HELDOUT_TEMPLATES if held_out else TRAIN_TEMPLATES
-    topics = HELDOUT_TOPICS if held_out else {1: TRAIN_TOPICS, 2: TRAIN_TOPICS_2, 3: TRAIN_TOPICS_3}[topic_set]
+    topics = HELDOUT_TOPICS if held_out else TRAIN_TOPIC_SETS[topic_set]
     questions = [tpl.format(t=t) for tpl in templates for t in topics]
     rng.shuffle(questions)
     prompts = [_chat(tokenizer, q) for q in questions[:n_chat]]
