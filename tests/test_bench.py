@@ -112,7 +112,10 @@ def test_bench_run_on_tiny_models_is_lossless_for_every_method(tiny_models, tmp_
     sled = methods["sled"]["3"]
     # the replayed drafts are the real ones: the target's copy is accepted every time
     assert sled["by_device"]["orin"]["acceptance_rate"] == 1.0
-    assert sled["by_device"]["orin"]["tokens_per_round"] > 2
+    # at fixed gamma that is gamma + 1 tokens a round but for the budget's tail; adaptive SLED may
+    # draft shorter when its verdicts say rows are dear (timing-dependent), so only fixed is pinned
+    fixed = methods["sled_fixed"]["3"]["by_device"]["orin"]
+    assert fixed["acceptance_rate"] == 1.0 and fixed["tokens_per_round"] > 2
     assert methods["server_sd"]["3"]["acceptance_rate"] == 1.0
     assert methods["ar"]["3"]["tokens_per_round"] == 1.0
     assert "alpha_per_position" in sled

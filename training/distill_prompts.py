@@ -87,7 +87,26 @@ TRAIN_TOPICS_3 = [
     "the International Space Station", "Mars", "jellyfish", "crows", "salmon", "the moon's craters",
     "poetry slams", "theater", "museums",
 ]
-TRAIN_TOPIC_SETS = {1: TRAIN_TOPICS, 2: TRAIN_TOPICS_2, 3: TRAIN_TOPICS_3}  # build_prompts(topic_set=N)
+# A fourth list, for data beyond the third set (build_prompts(topic_set=4)); disjoint from the
+# other three and from the held-out topics.
+TRAIN_TOPICS_4 = [
+    "kangaroos", "the Mongol Empire", "badminton", "candle making", "the pancreas", "robotics",
+    "air pollution", "termites", "the Danube", "noodles", "erasers", "the Persian Empire",
+    "vanilla", "the skin", "rowing", "amber", "the drums", "fog", "woodworking", "hummingbirds",
+    "the Space Race", "minerals in food", "ozone", "aqueducts", "camels", "the Hanseatic League",
+    "cotton", "pickling", "the telescope", "sugar", "swimming lessons", "a secret garden",
+    "a baker's first morning", "a cloud that wants to rain somewhere new", "a brave little boat",
+    "a town with no clocks", "search engines", "linked lists", "code review",
+    "regular expressions", "debugging", "text messages", "credit cards", "pensions",
+    "buying a used car", "moving to a new city", "giving feedback", "motivation", "reading habits",
+    "emergency planning", "the stomach", "headaches", "tulips", "oranges", "corn", "lavender",
+    "waterfalls", "sand dunes", "the Alps", "the Rocky Mountains", "Greenland",
+    "the Appalachian Trail", "the Phoenicians", "medieval monasteries", "the cotton gin",
+    "the refrigerator", "the radio telescope", "GPS", "drones", "the Hubble telescope", "Jupiter",
+    "starfish", "pigeons", "trout", "eclipses", "stand-up comedy", "circuses", "zoos", "podcasts",
+    "team meetings",
+]
+TRAIN_TOPIC_SETS = {1: TRAIN_TOPICS, 2: TRAIN_TOPICS_2, 3: TRAIN_TOPICS_3, 4: TRAIN_TOPICS_4}  # build_prompts(topic_set=N)
 HELDOUT_TOPICS = [
     "glaciers", "the violin", "penguins", "nuclear fusion", "the Silk Road", "board games",
     "lightning", "coral reefs", "the Industrial Revolution", "yoga", "submarines", "maps",
@@ -143,7 +162,7 @@ def _chat(tokenizer, question: str) -> str:
 def build_prompts(tokenizer, *, held_out: bool, n_chat: int, n_prose: int, seed: int = 0,
                   topic_set: int = 1) -> list[str]:
     """Prompt strings, half chat (templated) and half prose (raw prefix or 'continue this').
-    ``topic_set`` 2 or 3 draws training chat from TRAIN_TOPICS_2 or _3 (more data that repeats no
+    ``topic_set`` 2, 3 or 4 draws training chat from TRAIN_TOPICS_2, _3 or _4 (more data that repeats no
     question)."""
     rng = random.Random(seed + (1 if held_out else 0))
     templates = HELDOUT_TEMPLATES if held_out else TRAIN_TEMPLATES
