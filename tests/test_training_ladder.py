@@ -12,7 +12,7 @@ from training.heldout_alpha import acceptance, accepted_lengths
 from training.distill_loss import candidate_distill_loss
 from training.drafter_net import LadderSpec, build_drafter_net
 from training.ladder import LADDER_DIR, RUNGS, load_rung
-from training.train_drafters import save_ladder
+from training.train_drafters import ladder_spec, load_ladder_weights, save_ladder
 
 SPEC = LadderSpec(rungs=("small", "medium", "big"), stem_layers=2, partition_layers=(1, 1, 2))
 
@@ -56,6 +56,23 @@ def test_exported_rungs_match_the_training_graph(tiny_target, tmp_path):
         drafted = draft_greedy(model, ids[0].tolist(), 5)
         full = model(input_ids=torch.tensor([ids[0].tolist() + drafted])).logits[0].argmax(-1)
         assert drafted == full[ids.shape[1] - 1 : -1].tolist()
+
+
+def test_a_saved_ladder_warm_starts_the_training_graph(tiny_target, tmp_path):
+    """`--init-from` a ladder folder: a fresh training graph given the saved weights computes
+    what the saved ladder computes (a random init differs, so the load is what makes it agree)."""
+    net, embed = build_drafter_net(tiny_target, SPEC, init_from_target=False, seed=1)
+    save_ladder(net, SPEC, tmp_path, {"target": "tiny"})
+    spec = ladder_spec(tmp_path)
+    assert spec == SPEC
+    fresh, _ = build_drafter_net(tiny_target, spec, init_from_target=False, seed=2)
+    ids = torch.randint(0, 100, (1, 12))
+    before = fresh.eval().rung_outputs(ids, [2])[2]
+    load_ladder_weights(fresh, spec, tmp_path)
+    for k, name in enumerate(SPEC.rungs):
+        saved = load_rung(name, target=tiny_target, folder=tmp_path)(input_ids=ids).logits
+        torch.testing.assert_close(fresh.rung_outputs(ids, [k])[k] @ embed.T, saved, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(before, fresh.rung_outputs(ids, [2])[2], atol=1e-3)
 
 
 def test_export_stores_only_what_training_changed(tiny_target, tmp_path):

@@ -72,7 +72,7 @@ def register(subparsers) -> None:
                     help="feature head: target hidden-state indices it is conditioned on (-1 = final norm)")
     dr.add_argument("--budget-s", type=float, default=None, help="feature head: stop training after this long")
     dr.add_argument("--init-from", type=Path, default=None,
-                    help="feature head: continue training this saved head (e.g. drafters/feature) on more data")
+                    help="continue training this saved head or ladder (drafters/feature, drafters/ladder) on more data")
     dr.add_argument("--first-shard", type=int, default=0,
                     help="feature head: only shards numbered this or above (data a warm-started head has not seen)")
     dr.set_defaults(handler=_train_drafters)
@@ -142,7 +142,7 @@ def _train_drafters(args: argparse.Namespace) -> int:
     common = dict(spec=spec, target=args.target, steps=args.steps, init_from_target=not args.random_layers,
                   lookahead_steps=args.lookahead_steps, tokens_per_batch=args.tokens_per_batch, lr=args.lr,
                   eval_prompts=args.eval_prompts, seed=args.seed,
-                  continuation_only=args.continuation_only, max_shards=args.shards)
+                  continuation_only=args.continuation_only, max_shards=args.shards, init_from=args.init_from)
     out = args.out or LADDER_DIR
     if args.compare_init:
         runs = {init: train_ladder(args.data, out, init=init, save=False, name=f"drafters/{init}", **common)

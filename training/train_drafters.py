@@ -70,7 +70,11 @@ def train_ladder(
     save: bool = True,
     name: str = "ladder",
     max_shards: int | None = None,
+    init_from: Path | None = None,
 ) -> dict:
+    """Train the ladder, or with ``init_from`` (a saved ladder folder) go on training that ladder:
+    its spec replaces ``spec``, every rung is active from the first step (nothing joins), and
+    ``init``/``lookahead_steps`` do not apply."""
     from pipeline.models import load_causal_lm, load_tokenizer
 
     started = time.monotonic()
@@ -78,7 +82,11 @@ def train_ladder(
     target_model = load_causal_lm(target)
     tokenizer = load_tokenizer(target)
     heldout = heldout_sequences(target, model=target_model, tokenizer=tokenizer)
+    if init_from is not None:
+        spec = ladder_spec(init_from)
     net, embed_weight = build_drafter_net(target_model, spec, init_from_target=init_from_target, seed=seed)
+    if init_from is not None:
+        load_ladder_weights(net, spec, init_from)
     seen: dict[str, int] = {}
 
     def records_now() -> list[dict]:  # re-read each epoch: generation may still be adding shards
@@ -93,10 +101,14 @@ def train_ladder(
     n_tokens = seen["tokens"]
     log.info("drafter_training_started", records=len(records), tokens=n_tokens, steps=steps, init=init)
     del records  # the iterator reloads per epoch
-    stage_steps = (steps - lookahead_steps * (len(net) - 1)) // len(net)
+    warm = init_from is not None
+    if warm:
+        lookahead_steps = 0
+    stage_steps = steps if warm else (steps - lookahead_steps * (len(net) - 1)) // len(net)
     config = IncrementalConfig(
         total_steps=steps, lr=lr, init=init, lookahead_steps=lookahead_steps, schedule="steps",
         stage_steps=stage_steps, exit_loss="all", eval_every=max(50, steps // 12), grad_clip=1.0, seed=seed,
+        start_partitions=len(net) if warm else 1,
     )
     trainer = IncrementalTrainer(
         net, config, endless_batches(records_now, tokens_per_batch, top_k=16, seed=seed,
@@ -115,11 +127,37 @@ def train_ladder(
                "tokens_per_batch": tokens_per_batch, "head_top_k": head_top_k, "head_positions": head_positions,
                "continuation_only": continuation_only, "full_vocab_positions": full_vocab_positions,
                "lr": lr, "seed": seed, "max_shards": max_shards, "wall_s": round(wall, 1),
+               "init_from": None if init_from is None else str(init_from),
                "history": history.to_dict()}
     if save:
         save_ladder(net, spec, out_dir, summary)
     log.info("drafter_training_finished", wall_s=round(wall), final=history.final())
     return summary
+
+
+def ladder_spec(folder: Path) -> LadderSpec:
+    meta = json.loads((Path(folder) / "ladder.json").read_text())
+    return LadderSpec(rungs=tuple(meta["rungs"]), stem_layers=meta["stem_layers"],
+                      partition_layers=tuple(meta["partition_layers"]))
+
+
+def load_ladder_weights(net, spec: LadderSpec, folder: Path) -> None:
+    """The saved ladder's trained layers and rung norms into ``net`` (the inverse of save_ladder;
+    int8 matrices come back as their dequantised values)."""
+    from safetensors.torch import load_file
+
+    from pipeline.int8_weights import unpack
+
+    tensors = unpack(load_file(str(Path(folder) / "ladder.safetensors")))
+    depth = spec.stem_layers
+    with torch.no_grad():
+        for k, part in enumerate(net.partitions):
+            trained = list(part.layers)[spec.stem_layers:] if k == 0 else list(part.layers)
+            for layer in trained:
+                state = {key: tensors[f"layers.{depth}.{key}"].float() for key in layer.state_dict()}
+                layer.load_state_dict(state)
+                depth += 1
+            net.heads[k].norm.weight.copy_(tensors[f"norms.{k}.weight"].float())
 
 
 def save_ladder(net, spec: LadderSpec, out_dir: Path, summary: dict, *, int8: bool = True) -> None:
