@@ -165,6 +165,18 @@ def test_heldout_prompts_are_disjoint_from_training_prompts():
     assert not shared
 
 
+def test_training_topic_lists_share_no_topic():
+    """Each further data set asks about new topics (and none of the held-out ones)."""
+    from training.distill_prompts import HELDOUT_TOPICS, TRAIN_TOPIC_SETS
+
+    lists = [*TRAIN_TOPIC_SETS.values(), HELDOUT_TOPICS]
+    seen: set[str] = set()
+    for topics in lists:
+        lowered = {t.lower() for t in topics}
+        assert len(lowered) == len(topics) and not lowered & seen, lowered & seen
+        seen |= lowered
+
+
 def fake_record(n: int, k: int = 4) -> dict:
     return {"ids": torch.arange(n, dtype=torch.int32), "prompt_len": 1,
             "top_ids": torch.zeros(n, k, dtype=torch.int32), "top_logits": torch.zeros(n, k, dtype=torch.float16)}
