@@ -4,7 +4,8 @@ The drafter only knows stop token ids; ``stop`` strings are the gateway's job. E
 tokens are decoded with everything before them (byte-level BPE pieces only make sense
 together), and a delta is released only when it cannot change any more: an incomplete UTF-8
 character at the end is held back, and so is any tail that could still grow into a stop string.
-When a stop string appears the text is cut just before it and :attr:`stopped` is set.
+When a stop string appears the text is cut just before it and :attr:`stopped` is set; if
+several appear, the one that ends first is the one generated first.
 """
 
 from __future__ import annotations
@@ -50,13 +51,18 @@ class TextAssembler:
         return delta
 
     def _find_stop(self) -> int | None:
-        found = None
+        """Where to cut: generation stops as soon as some stop string is complete, so the stop
+        that *ends* first wins (of those ending there, the longest: its start is earliest). A
+        longer stop that began earlier but would end later never gets generated. Deciding by
+        the earliest start instead would make the answer depend on how tokens were grouped
+        into rounds."""
+        found = None  # (end, start)
         for s in self.stop:
             # a stop string may straddle what was already released and what is new
             at = self.text.find(s, max(0, self.emitted - len(s) + 1))
-            if at != -1 and (found is None or at < found):
-                found = at
-        return found
+            if at != -1 and (found is None or (at + len(s), at) < found):
+                found = (at + len(s), at)
+        return None if found is None else found[1]
 
     def _held_back(self) -> int:
         text = self.text

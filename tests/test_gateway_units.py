@@ -89,7 +89,10 @@ def test_text_deltas_cut_at_the_first_stop_string_however_tokens_arrive(text, st
         if text_out.stopped:
             break
     out += text_out.finish()
-    first = min([text.find(s) for s in stops if s in text], default=-1)
+    # generation stops when the first stop string is complete: the one ending first (of those
+    # ending there, the longest), not the one starting first, which may never be completed
+    ends = [(text.find(s) + len(s), text.find(s)) for s in stops if s in text]
+    first = min(ends)[1] if ends else -1
     assert out == (text[:first] if first >= 0 else text)
     assert text_out.stopped == (first >= 0)
 
