@@ -55,7 +55,7 @@ def policy_overrides(policy: str, classes: list[DeviceClass], slo_tpot_ms: float
 
 @dataclass
 class BenchOptions:
-    levels: list[int] = field(default_factory=lambda: [1, 4, 16, 32])
+    levels: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32])  # 8: capacity often crosses between 4 and 16
     max_new_tokens: int = 48
     min_sessions: int = 4  # sessions per level at least (level 1 runs them one after another)
     prompts: int = 12

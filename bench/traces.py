@@ -8,7 +8,8 @@ and the round ends as the verifier would end it under greedy decoding -- the lon
 agreeing with the target's own continuation (transformers' ``generate``), then the target's
 token. In the timed run the device's drafter process replays those drafts (workers/drafts.py
 ``ReplayDrafter``) and holds each one for its measured compute time times the device's slowdown
-(``drafters.NAME.emulate_slowdown``). The verifier still checks every draft for real; a replayed
+(``drafters.NAME.emulate_slowdown``); a shorter draft than the recorded one (an adaptive length)
+is held for its share of that time. The verifier still checks every draft for real; a replayed
 draft that the target would not make is simply rejected, so the output stays the target's.
 
 A feature-conditioned class (workers/feature_drafter.py) is walked the same way, and each round

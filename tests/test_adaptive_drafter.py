@@ -22,8 +22,12 @@ PROMPT = [i % PERIOD + 1 for i in range(12)]  # periodic: the n-gram drafter alw
 REJECTING_ROUNDS = 20
 
 
+VERIFY_FIXED_S = 0.02  # a verifier's round has a fixed part: with none, drafting could never save time
+
+
 async def scripted_broker(sock: zmq.asyncio.Socket, lengths: list[int]) -> None:
-    """Rounds < REJECTING_ROUNDS: nothing accepted, rows at 5 ms; after: all accepted, rows at 0.5 ms."""
+    """Rounds < REJECTING_ROUNDS: nothing accepted, rows at 5 ms; after: all accepted, rows at 0.5 ms.
+    Each verdict leaves after the round's fixed part and its rows' cost, like a verifier's."""
     while True:
         identity, frame = (await sock.recv_multipart())[:2]
         msg = BROKER_FRONTEND_ACCEPTS.decode(frame)
@@ -36,7 +40,9 @@ async def scripted_broker(sock: zmq.asyncio.Socket, lengths: list[int]) -> None:
         rejecting = msg.round < REJECTING_ROUNDS
         accepted = 0 if rejecting else len(msg.draft)
         token = (msg.position + accepted) % PERIOD + 1  # the periodic text's next token
-        verdict = Verdict(msg.session_id, msg.round, accepted, token, row_cost_ms=5.0 if rejecting else 0.5)
+        row_cost_ms = 5.0 if rejecting else 0.5
+        await asyncio.sleep(VERIFY_FIXED_S + row_cost_ms * (1 + len(msg.draft)) / 1000)
+        verdict = Verdict(msg.session_id, msg.round, accepted, token, row_cost_ms=row_cost_ms)
         await sock.send_multipart([identity, verdict.encode()])
 
 

@@ -96,3 +96,57 @@ def test_the_floor_is_the_cheapest_row_and_rises_slowly():
     assert floor.value == 5.0
     floor.observe(0.0, now=1001.0)  # unknown: ignored
     assert floor.value == 5.0
+
+
+def _measured(policy: SpeculationPolicy, draft_ms: float, wait_ms: float, rounds: int = 30) -> None:
+    """Rounds of 2-token drafts whose device time and verdict wait are as given (row cost 1 ms)."""
+    for _ in range(rounds):
+        policy.observe(2, 1, row_cost_ms=1.0)
+        policy.observe_draft(2, 2 * draft_ms / 1000)
+        policy.observe_wait(2, (wait_ms + 3 * 1.0) / 1000)
+
+
+def test_a_slow_device_drafts_less_than_the_server_alone_would_allow():
+    """α 0.4 on a cheap verifier: the server's rule drafts, but at 100 ms per draft token the
+    session commits a token sooner by not drafting (80 ms per round without a draft)."""
+    server_only = SpeculationPolicy(gamma=4, alphas=[0.4] * 4)
+    server_only.observe(0, 0, row_cost_ms=1.0)
+    assert server_only.choose() > 0
+    slow = SpeculationPolicy(gamma=4, alphas=[0.4] * 4)
+    _measured(slow, draft_ms=100.0, wait_ms=80.0)
+    slow.alphas = [0.4] * 4
+    assert slow.wait_ms == pytest.approx(80.0)
+    assert slow.draft_ms == pytest.approx(100.0)
+    assert slow.choose() == 0
+
+
+def test_a_fast_device_keeps_the_server_choice():
+    fast = SpeculationPolicy(gamma=4, alphas=[0.6] * 4)
+    _measured(fast, draft_ms=2.0, wait_ms=80.0)
+    fast.alphas = [0.6] * 4
+    server = best_length([0.6] * 4, 4, row_cost=1.0, fixed=fast.fixed_cost)
+    assert server > 0
+    assert fast.choose() == server
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 0.7, 0.9])
+def test_the_draft_never_lengthens_as_the_device_gets_slower(alpha):
+    lengths = []
+    for draft_ms in (0.5, 5, 20, 50, 100, 400):
+        policy = SpeculationPolicy(gamma=6, alphas=[alpha] * 6)
+        _measured(policy, draft_ms=draft_ms, wait_ms=60.0)
+        policy.alphas = [alpha] * 6
+        lengths.append(policy.choose())
+    assert lengths == sorted(lengths, reverse=True)
+    assert lengths[-1] < lengths[0] or lengths[0] == 0
+
+
+def test_the_time_rule_waits_for_both_readings():
+    policy = SpeculationPolicy(gamma=4, alphas=[0.4] * 4)
+    policy.observe(2, 1, row_cost_ms=1.0)
+    policy.alphas = [0.4] * 4
+    before = policy.choose()
+    policy.observe_draft(2, 0.4)  # 200 ms per token, but no wait measured yet
+    assert policy.choose() == before
+    policy.observe_wait(2, 0.083)
+    assert policy.choose() < before

@@ -288,11 +288,11 @@ class DrafterService:
             self.drafts_waiting -= 1
         slowdown = self.cfg.emulate_slowdown
         if slowdown > 0:
-            device_s = draft.compute_s * slowdown
-            await asyncio.sleep(max(0.0, device_s - (time.perf_counter() - started)))
-            self.stats.draft_s += device_s
+            draft.device_s = draft.compute_s * slowdown
+            await asyncio.sleep(max(0.0, draft.device_s - (time.perf_counter() - started)))
         else:
-            self.stats.draft_s += time.perf_counter() - started
+            draft.device_s = time.perf_counter() - started
+        self.stats.draft_s += draft.device_s
         return draft
 
     async def _draft_ahead(self, state, keep: int, assumed: list[int], gamma: int, sampling: Sampling,
@@ -360,9 +360,13 @@ class DrafterService:
                     drafted = await self._finish_ahead(state, committed, ready, sampling)
                     gamma, ready = min(gamma, ready.gamma), None  # a draft made ahead is never lengthened
                 else:
-                    # one token more when a next round may follow: the guess of the target's token
-                    guess_too = self.proactive and budget - gamma - 1 >= 2
+                    # one token more when a next round may follow and would draft: the guess of the
+                    # target's token (a device that will not draft next round has no use for it)
+                    guess_too = (self.proactive and budget - gamma - 1 >= 2
+                                 and self._length(policy, budget - gamma - 1) > 0)
                     drafted = await self._draft(state, committed, gamma + guess_too, sampling)
+                    if policy is not None and gamma + guess_too > 0:
+                        policy.observe_draft(len(drafted.tokens), drafted.device_s)
                 draft, guess = split_draft(drafted, gamma)
                 proposal = Propose(
                     run.session_id, round_, len(committed), draft.tokens, draft.q_ids, draft.q_probs,
@@ -377,7 +381,9 @@ class DrafterService:
                         abort = threading.Event()
                         ahead = asyncio.create_task(self._draft_ahead(state, len(committed) + len(draft.tokens),
                                                                       assumed, next_gamma, sampling, abort))
+                sent = time.perf_counter()
                 verdict = await self._exchange(run, proposal, committed)
+                waited = time.perf_counter() - sent
                 if ahead is not None:
                     confirmed = verdict.accepted == len(draft.tokens) and verdict.token == guess
                     if not confirmed:
@@ -403,6 +409,8 @@ class DrafterService:
                                                verdict.accepted, verdict)
                 if policy is not None:
                     policy.observe(len(draft.tokens), verdict.accepted, verdict.row_cost_ms, time.monotonic())
+                    if round_ > 0:  # the first round's wait is the prompt's prefill
+                        policy.observe_wait(len(draft.tokens), waited)
                 new = [*draft.tokens[: verdict.accepted], verdict.token][:budget]
                 for i, token in enumerate(new):
                     if token in stops:

@@ -51,6 +51,7 @@ class Draft:
     q_probs: list[list[float]] = field(default_factory=list)
     compute_s: float = 0.0  # CPU seconds drafting took (measured by the drafter service, or recorded)
     cut: bool = False  # interrupted before gamma tokens (not a confidence stop): the rest may follow
+    device_s: float = 0.0  # seconds the device spent on it (set by the drafter service: wall time, or emulated)
 
 
 def draft_generator(seed: int) -> torch.Generator:
@@ -220,6 +221,8 @@ class ReplayDrafter:
             return Draft([])
         self.hits += 1
         tokens, compute_s = entry
+        if 0 < gamma < len(tokens):  # a shorter draft than the recorded one costs its share of the time
+            compute_s *= gamma / len(tokens)
         return Draft(list(tokens[:gamma]), compute_s=compute_s)
 
     def commit(self, state, position: int, accepted: int, verdict=None) -> None:

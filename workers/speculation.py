@@ -30,6 +30,21 @@ where the row costs ~3x its idle cost; 8 / 3 ~ 2.7 meets the loaded end.
 
 A row cost of 0.0 means unknown (an older broker, the session's first round): k = gamma, as a
 fixed-gamma drafter. ``adaptive = false`` never calls this policy.
+
+The server's rows are not the only price of a draft: the device pays its drafting time, and the
+session waits for it. A Pi 5 running a ladder rung spends ~100 ms per draft token; at α 0.36
+that token earns 0.36 tokens, while the round it delays (link, queue, verify) commits one token
+in ~100 ms without it. So the policy also takes the k with the least expected *time* per
+committed token of the session itself:
+
+    time(k) = k * draft_ms + wait_ms + row_cost * (1 + k)
+
+``draft_ms`` is the device's measured drafting time per token; ``wait_ms`` the measured wait from
+sending a proposal to its verdict, less its rows' cost (the link's round trip, the queue, the
+verifier's fixed part). Both are the session's own exponentially weighted readings; until both
+are measured the time rule stays out. The draft is the shorter of the two choices: a draft token
+must pay for itself both at the server and on the session's clock (a fast drafter is held back by
+dear rows, a slow one by its own drafting time, which drafting less frees at once).
 """
 
 from __future__ import annotations
@@ -41,6 +56,7 @@ EWMA = 0.25  # weight of the newest observation of a position
 RELAX = 0.01  # per round, an unobserved position moves this far back towards the prior
 ROUND_COST_ROWS = 8.0
 FLOOR_RISE_PER_S = 0.01
+TIMING_EWMA = 0.2  # weight of the newest reading of draft time per token and of the round's wait
 
 
 def expected_tokens(alphas: list[float], k: int) -> float:
@@ -52,18 +68,23 @@ def expected_tokens(alphas: list[float], k: int) -> float:
     return total
 
 
-def best_length(alphas: list[float], gamma: int, row_cost: float, fixed: float) -> int:
-    """The k in [0, gamma] with the least expected cost per committed token; ties go to the
-    shorter draft (fewer rows at risk). row_cost <= 0 (unknown): gamma."""
+def best_length(alphas: list[float], gamma: int, row_cost: float, fixed: float, per_draft_token: float = 0.0) -> int:
+    """The k in [0, gamma] with the least expected cost per committed token, a round costing
+    ``fixed + row_cost * (1 + k) + per_draft_token * k``; ties go to the shorter draft (fewer rows
+    at risk). row_cost <= 0 (unknown): gamma."""
     gamma = max(0, min(gamma, len(alphas)))
     if row_cost <= 0.0:
         return gamma
     best_k, best = 0, float("inf")
     for k in range(gamma + 1):
-        per_token = (fixed + row_cost * (1 + k)) / expected_tokens(alphas, k)
+        per_token = (fixed + row_cost * (1 + k) + per_draft_token * k) / expected_tokens(alphas, k)
         if per_token < best - 1e-12:
             best_k, best = k, per_token
     return best_k
+
+
+def ewma(old: float | None, new: float) -> float:
+    return new if old is None else old + TIMING_EWMA * (new - old)
 
 
 @dataclass
@@ -94,6 +115,8 @@ class SpeculationPolicy:
     floor: RowCostFloor = field(default_factory=RowCostFloor)  # the drafter's, shared by its sessions
     alphas: list[float] = field(default_factory=list)
     row_cost: float = 0.0  # the latest verdict's row cost (ms); 0 = unknown
+    draft_ms: float | None = None  # the device's drafting time per draft token; None = not measured yet
+    wait_ms: float | None = None  # proposal sent -> verdict back, less its rows' cost; None = not measured yet
 
     def __post_init__(self) -> None:
         if not self.alphas:
@@ -112,11 +135,27 @@ class SpeculationPolicy:
             self.row_cost = row_cost_ms
             self.floor.observe(row_cost_ms, now)
 
+    def observe_draft(self, tokens: int, device_s: float) -> None:
+        """A draft of ``tokens`` tokens took the device ``device_s`` seconds (one that stopped at
+        its first token, unconfident, still cost that token: counted as one)."""
+        if device_s > 0.0:
+            self.draft_ms = ewma(self.draft_ms, 1000.0 * device_s / max(1, tokens))
+
+    def observe_wait(self, proposed: int, wait_s: float) -> None:
+        """A proposal of ``proposed`` draft tokens waited ``wait_s`` seconds for its verdict (call
+        after ``observe``, so that the row cost is the verdict's). Not for a session's first round,
+        whose wait is the prompt's prefill."""
+        self.wait_ms = ewma(self.wait_ms, max(0.0, 1000.0 * wait_s - self.row_cost * (1 + proposed)))
+
     @property
     def fixed_cost(self) -> float:
         return ROUND_COST_ROWS * self.floor.value
 
     def choose(self, cap: int | None = None) -> int:
-        """The next draft's length, at most ``cap`` (the tokens the request still allows)."""
+        """The next draft's length, at most ``cap`` (the tokens the request still allows): the
+        shorter of the server's choice and the session clock's."""
         gamma = self.gamma if cap is None else max(0, min(self.gamma, cap))
-        return best_length(self.alphas, gamma, self.row_cost, self.fixed_cost)
+        k = best_length(self.alphas, gamma, self.row_cost, self.fixed_cost)
+        if self.draft_ms is not None and self.wait_ms is not None:
+            k = min(k, best_length(self.alphas, k, self.row_cost, self.wait_ms, self.draft_ms))
+        return k
