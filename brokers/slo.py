@@ -22,7 +22,8 @@ time per committed token, ``t(sessions, rows) ÷ Σ tokens_per_round``, if that 
 dispatching now, and only if it keeps the objectives (``_keeps_objectives``): compared with
 dispatching now (the expected sessions then verified in a batch of their own after it), no
 session of the merged batch that would get its verdict within its objective misses it, and the
-lateness past the objectives, summed over the batch, does not grow. Never hold past the moment the
+lateness past the objectives, summed over the batch, does not grow (or, when every one of them is
+late whichever way, cost per token alone decides: overload). Never hold past the moment the
 verifier could have finished the batch it has now (``held_since + t(now's batch)``): by then the
 late arrivals would simply make the next batch. Sessions already overdue (expected in the past)
 are not waited for. Queued proposals go out in order of their objectives, closest first.
@@ -143,13 +144,22 @@ class SloHold:
         joining ones in a batch of their own after it): no session that would meet its objective
         misses it, and the lateness past the objectives, summed over all of them, does not grow
         -- so when everyone is already late (an overloaded verifier, batches in a convoy), a hold
-        that merges the convoy, and so shortens the cycle, is still allowed."""
+        that merges the convoy, and so shortens the cycle, is still allowed.
+
+        When every one of them misses its objective under both plans, the hold is allowed on its
+        lower cost per token alone (``hold_until`` checked that): nobody's objective is at stake
+        any more, and the summed lateness of this one batch misleads. It weighs the queued
+        sessions' wait against the joining ones' gain, but not that the bigger batch serves more
+        tokens per second of verifier, and an overloaded verifier's backlog -- every session's
+        lateness, this batch's and the next ones' -- shrinks only as fast as that."""
         rows = sum(r for _, r in joining)
         finish_apart = max(finish_now, last_arrival) + self.estimator.seconds(len(joining), rows)
         late_now = late_held = 0.0
+        all_late = True
         for objective, finish in [*((o, finish_now) for o in queued), *((o, finish_apart) for o, _ in joining)]:
             if finish <= objective < finish_held:
                 return False
+            all_late = all_late and objective < min(finish, finish_held)
             late_now += max(0.0, finish - objective)
             late_held += max(0.0, finish_held - objective)
-        return late_held <= late_now
+        return all_late or late_held <= late_now

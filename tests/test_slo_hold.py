@@ -191,3 +191,26 @@ def test_the_broker_stamps_each_verdict_with_the_row_cost():
     finally:
         ctx.destroy(0)
         broker.stop()
+
+
+async def test_when_everyone_is_late_either_way_the_cheaper_batch_per_token_is_held_for():
+    """An overloaded verifier (~100 ms fixed per forward): six queued sessions and one expected
+    20 ms later, all past their objectives whatever happens. Merged, the queued six finish 25 ms
+    later (150 ms in all) and the seventh 86 ms sooner, so the summed lateness of this batch
+    grows; but one forward for seven serves more tokens per verifier second than two forwards,
+    and only that shrinks an overloaded verifier's backlog."""
+    queued = ("a", "c", "d", "e", "f", "g")
+    batcher, hold, clock = make(cost=lambda s, r: 0.100 + 0.001 * s + 0.002 * r)
+    for name in queued:
+        past_round(hold, name, arrived=-0.6, answered=-0.45, accepted=0)
+    past_round(hold, "b", arrived=-0.6, answered=-0.45, accepted=0, next_arrival=-0.3, answered_again=-0.13)
+    for name in queued:
+        batcher.submit(name, 5, key=name)
+        hold.arrived(name, 0.0, 5)
+    task = asyncio.create_task(batcher.next_batch())
+    await clock.advance(0.006)
+    assert not task.done()  # b is expected at +20 ms: held for it
+    batcher.submit("b", 5, key="b")
+    hold.arrived("b", clock.now(), 5)
+    await clock.advance(0)
+    assert sorted((await asyncio.wait_for(task, 1)).payloads) == sorted([*queued, "b"])
