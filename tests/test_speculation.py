@@ -150,3 +150,15 @@ def test_the_time_rule_waits_for_both_readings():
     assert policy.choose() == before
     policy.observe_wait(2, 0.083)
     assert policy.choose() < before
+
+
+def test_a_session_that_stopped_drafting_on_its_device_time_probes_again():
+    policy = SpeculationPolicy(gamma=4, alphas=[0.5] * 4)
+    _measured(policy, draft_ms=100.0, wait_ms=80.0)
+    policy.alphas = [0.5] * 4
+    assert policy.choose() == 0
+    rounds = 0
+    while policy.choose() == 0 and rounds < 1000:
+        policy.observe(0, 0, row_cost_ms=1.0)  # no draft: no new reading of the device
+        rounds += 1
+    assert 10 < rounds < 1000  # not at once, and not never

@@ -32,7 +32,7 @@ A row cost of 0.0 means unknown (an older broker, the session's first round): k 
 fixed-gamma drafter. ``adaptive = false`` never calls this policy.
 
 The server's rows are not the only price of a draft: the device pays its drafting time, and the
-session waits for it. A Pi 5 running a ladder rung spends ~100 ms per draft token; at α 0.36
+session waits for it. A Pi 5 running a ladder rung spends ~80 ms per draft token; at α 0.36
 that token earns 0.36 tokens, while the round it delays (link, queue, verify) commits one token
 in ~100 ms without it. So the policy also takes the k with the least expected *time* per
 committed token of the session itself:
@@ -44,7 +44,10 @@ sending a proposal to its verdict, less its rows' cost (the link's round trip, t
 verifier's fixed part). Both are the session's own exponentially weighted readings; until both
 are measured the time rule stays out. The draft is the shorter of the two choices: a draft token
 must pay for itself both at the server and on the session's clock (a fast drafter is held back by
-dear rows, a slow one by its own drafting time, which drafting less frees at once).
+dear rows, a slow one by its own drafting time, which drafting less frees at once). A session that
+stopped drafting cannot measure its device again, and the device may have got faster (its model
+thread was shared with sessions that have ended): each round without a draft lowers ``draft_ms``
+by RELAX, as an unobserved acceptance drifts to its prior, so it probes again now and then.
 """
 
 from __future__ import annotations
@@ -134,6 +137,8 @@ class SpeculationPolicy:
         if row_cost_ms > 0.0:
             self.row_cost = row_cost_ms
             self.floor.observe(row_cost_ms, now)
+        if proposed == 0 and self.draft_ms is not None:
+            self.draft_ms *= 1.0 - RELAX  # not measured this round: let a stopped session probe again
 
     def observe_draft(self, tokens: int, device_s: float) -> None:
         """A draft of ``tokens`` tokens took the device ``device_s`` seconds (one that stopped at
