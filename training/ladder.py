@@ -20,7 +20,8 @@ RUNGS: list[str] = ["pi5", "orin"]  # the committed export keeps two rungs (draf
 
 
 @lru_cache(maxsize=4)
-def _ladder_files(folder: str) -> tuple[dict, dict]:
+def ladder_files(folder: str) -> tuple[dict, dict]:
+    """A saved ladder's ladder.json and its tensors (int8 matrices dequantised), read once per folder."""
     from safetensors.torch import load_file
 
     from pipeline.int8_weights import unpack
@@ -37,7 +38,7 @@ def load_rung(name: str, target_spec: str = "smollm2", dtype: str = "float32", *
 
     from pipeline.models import load_causal_lm
 
-    meta, tensors = _ladder_files(str(folder))
+    meta, tensors = ladder_files(str(folder))
     if name not in meta["rungs"]:
         raise ValueError(f"unknown rung {name!r}; the ladder has {meta['rungs']}")
     rung = meta["rungs"].index(name)

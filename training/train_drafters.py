@@ -22,6 +22,7 @@ from training.distill_dataset import endless_batches, load_records
 from training.distill_loss import candidate_distill_loss
 from training.drafter_net import LadderSpec, build_drafter_net
 from training.incremental import IncrementalConfig, IncrementalTrainer
+from training.ladder import ladder_files
 
 log = structlog.get_logger(__name__)
 
@@ -136,7 +137,7 @@ def train_ladder(
 
 
 def ladder_spec(folder: Path) -> LadderSpec:
-    meta = json.loads((Path(folder) / "ladder.json").read_text())
+    meta, _ = ladder_files(str(folder))
     return LadderSpec(rungs=tuple(meta["rungs"]), stem_layers=meta["stem_layers"],
                       partition_layers=tuple(meta["partition_layers"]))
 
@@ -144,11 +145,7 @@ def ladder_spec(folder: Path) -> LadderSpec:
 def load_ladder_weights(net, spec: LadderSpec, folder: Path) -> None:
     """The saved ladder's trained layers and rung norms into ``net`` (the inverse of save_ladder;
     int8 matrices come back as their dequantised values)."""
-    from safetensors.torch import load_file
-
-    from pipeline.int8_weights import unpack
-
-    tensors = unpack(load_file(str(Path(folder) / "ladder.safetensors")))
+    _, tensors = ladder_files(str(folder))
     depth = spec.stem_layers
     with torch.no_grad():
         for k, part in enumerate(net.partitions):
@@ -179,4 +176,5 @@ def save_ladder(net, spec: LadderSpec, out_dir: Path, summary: dict, *, int8: bo
     meta = {"rungs": list(spec.rungs), "stem_layers": spec.stem_layers,
             "partition_layers": list(spec.partition_layers), "target": summary["target"]}
     (out_dir / "ladder.json").write_text(json.dumps(meta, indent=2) + "\n")
+    ladder_files.cache_clear()  # a folder read before (a warm start's own --out) now holds other weights
     log.info("ladder_saved", out=str(out_dir), tensors=len(tensors))
