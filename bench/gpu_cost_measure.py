@@ -197,7 +197,10 @@ def main() -> int:
     p.add_argument("--level", type=int, default=16)
     p.add_argument("--table", help="the cost table the replay is compared with (default: the newest committed)")
     p.add_argument("--max-per-shape", type=int, default=5, help="replay: timed runs per distinct forward shape")
+    p.add_argument("--threads", type=int, help="torch threads (a CPU table: 1, as the verifier's default)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     return replay(args) if args.replay else measure(args)
 
 

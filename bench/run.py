@@ -30,10 +30,12 @@ from bench.gpu_cost import cost_models, load_table, project, table_summary
 from bench.profiles import PROFILES, SERVER_WATTS_PER_CORE, DeviceProfile, Setup
 from bench.sessions import SessionRecord, acceptance_model, latency_figures, plan
 from bench.traces import record_trace
+from pipeline.config import load_config
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.sample_prompts import SAMPLE_PROMPTS, chat_prompt_ids
 from pipeline.reference import greedy_reference
 from workers.drafts import ModelDrafter, NgramDrafter
+from workers.static_verifier import make_verifier
 
 log = structlog.get_logger("sled.bench")
 METHODS = ("ar", "server_sd", "sled", "sled_fixed", "sled_loopback", "assisted")
@@ -269,11 +271,18 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
     if "error" in gpu:
         log.warning("gpu_projection_unavailable", reason=gpu["error"])
         gpu = None
+    # the baselines serve with the backend the fleet's verifier runs (verifier.backend, the same
+    # --set items), so AR, server-side SD and SLED differ in their drafts and batching, not their forward
+    server_config = load_config(options.config_path, [*setup.sled_overrides, *options.overrides])
+    backend = None
     for n in options.levels:
         for method in ("ar", "server_sd"):
             records = plan(n, options.min_sessions, prompts, [])
             drafter = BatchedDrafter(sd_model, sd_choice.gamma, sd_choice.min_confidence) if method == "server_sd" else None
-            server = run_central(target, records, n, options.max_new_tokens, stop_ids, drafter)
+            verifier = make_verifier(target, server_config)
+            backend = verifier.backend
+            server = run_central(target, records, n, options.max_new_tokens, stop_ids, drafter, verifier=verifier)
+            del verifier
             out[method][n] = derive(method, records, server, weights_mb=weights_mb + (sd_weights if drafter else 0.0),
                                     profiles=options.profiles, gpu=gpu)
             check[f"{method}@{n}"] = identical(records, references)
@@ -314,6 +323,7 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
         "identical_outputs": check,
         "all_identical": all(c["mismatched"] == 0 for c in check.values()),
         "weights_mb": {"target": round(weights_mb, 1), "server_drafter": round(sd_weights, 1)},
+        "verifier_backend": backend,
         "gpu_cost_table": gpu_table,
         "elapsed_s": None,
     }

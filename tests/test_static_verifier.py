@@ -152,7 +152,42 @@ def test_factory_picks_the_backend_and_falls_back_with_a_log_line():
         fallback = make_verifier(tiny_gpt2(1), config)
     assert type(fallback) is TargetVerifier
     assert any(e["event"] == "static_backend_unavailable" and "gpt2" in e["reason"] for e in logs)
-    assert type(make_verifier(tiny_llama(1), load_config(None, []))) is TargetVerifier
+    assert type(make_verifier(tiny_llama(1), load_config(None, ['verifier.backend="eager"']))) is TargetVerifier
+    # the default backend is the static one
+    assert type(make_verifier(tiny_llama(1), load_config(None, ["verifier.kv_cache_mb=8.0"]))) is StaticVerifier
+
+
+def test_uncompiled_rounds_run_the_batchs_own_shape_and_compiled_ones_a_bucket():
+    model = tiny_llama(1)
+    ver = static(model)
+    ver.verify_batch([Propose(f"s{i}", 0, 3, [], history=[1, 2, 3]) for i in range(3)])
+    states = [ver.sessions[f"s{i}"] for i in range(3)]
+    items = [Propose(f"s{i}", 1, 4, [5] * i) for i in range(3)]  # 1, 2 and 3 rows
+    for state, item in zip(states, items):
+        ver._reserve(state, state.length + 1 + len(item.draft))
+    x = ver._inputs(states, items)
+    assert x["ids"].shape == (3, 3) and x["table"].shape == (3, 1)  # no padding rows on a CPU
+    ver.compiled = True  # a compiled forward replays one graph per bucket: 4 sessions x 3 tokens
+    x = ver._inputs(states, items)
+    assert x["ids"].shape == (4, 3)
+
+
+def test_a_compiler_failure_falls_back_to_the_uncompiled_forward_once():
+    model = tiny_llama(1)
+    ver = static(model)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("backend compiler failed")
+
+    ver.step, ver.compiled = broken, True
+    history = [3, 1, 4, 1, 5]
+    with capture_logs() as logs:
+        verdict = ver.verify_batch([Propose("s", 0, len(history), [], history=history)])[0]
+    assert verdict.error == "" and verdict.token == greedy_reference(model, history, 1)[0]
+    assert ver.step is ver.net and not ver.compiled and calls == [1]
+    assert [e["event"] for e in logs].count("static_compile_failed") == 1
 
 
 def test_sampling_and_greedy_sessions_share_a_round():
