@@ -13,7 +13,7 @@ from bench.broker_micro import BrokerProcess
 from brokers.batcher import BatchPolicy, DeadlineBatcher
 from brokers.clock import ManualClock
 from brokers.estimator import VerifyTimeEstimator
-from brokers.slo import SloHold
+from brokers.slo import SLACK_TOKENS, SloHold
 from pipeline.protocol import DRAFTER_UPSTREAM_ACCEPTS, VERIFIER_ACCEPTS, BatchVerdicts, Propose, Ready, Verdict
 from pipeline.sockets import make_socket, new_identity
 from tests.test_broker_supersede import HISTORY, recv
@@ -214,3 +214,40 @@ async def test_when_everyone_is_late_either_way_the_cheaper_batch_per_token_is_h
     hold.arrived("b", clock.now(), 5)
     await clock.advance(0)
     assert sorted((await asyncio.wait_for(task, 1)).payloads) == sorted([*queued, "b"])
+
+
+def ran(hold: SloHold, session: str, *, first: float, last: float, rounds: int, accepted: int = 0) -> None:
+    """``rounds`` answered rounds from ``first`` to ``last`` (its device time measured on the way)."""
+    for i in range(rounds):
+        at = first + (last - first) * i / max(1, rounds - 1)
+        hold.arrived(session, at - 0.05, 5)
+        hold.answered(session, at, accepted)
+
+
+async def test_a_session_ahead_of_its_average_spends_its_slack_on_a_hold():
+    """The objective is TPOT over the request, as the bench and users measure it, not each round
+    on its own: a that ran ahead (10 tokens in 0.85 s against 2 s promised) may be held for b past
+    what one round alone allows (+50 ms, as in test_no_hold_that_would_push_a_session_past_its_objective)."""
+    batcher, hold, clock = make()
+    ran(hold, "a", first=-1.0, last=-0.15, rounds=10)
+    past_round(hold, "b", arrived=-0.3, answered=-0.2, accepted=2, next_arrival=-0.15, answered_again=-0.02)
+    assert hold.objective("a", 0.0) == pytest.approx(-0.15 + SLO + SLO * SLACK_TOKENS)  # slack capped
+    task = a_arrives(batcher, hold)
+    await clock.advance(0.0051)
+    assert not task.done()  # held for b, expected at +30 ms
+    batcher.submit("b", 5, key="b")
+    hold.arrived("b", clock.now(), 5)
+    await clock.advance(0)
+    assert sorted((await asyncio.wait_for(task, 1)).payloads) == ["a", "b"]
+
+
+async def test_a_session_behind_its_average_is_late_already_and_goes_first():
+    batcher, hold, clock = make(max_sessions=1)
+    ran(hold, "behind", first=-2.0, last=-0.01, rounds=3)  # 2 tokens in 2 s: due at -1.4 s
+    ran(hold, "on-time", first=-0.4, last=-0.15, rounds=2)  # due at +50 ms
+    assert hold.objective("behind", 0.0) == pytest.approx(-2.0 + SLO * 3)
+    for name in ("on-time", "behind"):
+        batcher.submit(name, 2, key=name)
+        hold.arrived(name, 0.0, 2)
+    batch = await asyncio.wait_for(batcher.next_batch(), 1)
+    assert batch.payloads == ["behind"]
