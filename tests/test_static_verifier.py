@@ -91,6 +91,7 @@ def test_greedy_through_the_static_backend_equals_the_target_alone(arch):
     outputs, rounds = target_tests.run_greedy(ver, prompts, refs, 40, rng)
     assert outputs == refs
     assert ver.stats.verify_tokens == ver.stats.items + ver.stats.draft_tokens
+    assert ver.stats.target_tokens == ver.stats.prefill_tokens + ver.stats.verify_tokens > ver.stats.verify_tokens
     # every committed token is in the pool exactly once, in as few pages as it needs
     for state in ver.sessions.values():
         assert len(state.pages) == ver.kv.pages_for(state.length) and state.length == state.committed - 1

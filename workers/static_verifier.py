@@ -238,7 +238,9 @@ class StaticVerifier(TargetVerifier):
             logits, hidden = self.step(x["ids"], x["lengths"], x["table"], hidden_layers=layers)
         verdicts = accept_batch(logits, x["draft"], x["n_draft"], x["greedy"], x["temperature"], x["top_p"],
                                 x["q_ids"], x["q_probs"], x["uniforms"], x["sampling"])
-        self.stats.verify_tokens += sum(1 + len(item.draft) for item in items)
+        rows = sum(1 + len(item.draft) for item in items)
+        self.stats.verify_tokens += rows
+        self.stats.target_tokens += rows  # prefill + verify, as the eager backend counts them
         self.stats.padded_tokens += x["ids"].numel()
         results = [tuple(v) for v in verdicts[: len(items)].tolist()]
         features = dict(zip(layers, hidden[:, : len(items)].cpu())) if layers else {}
