@@ -53,7 +53,7 @@ class VerifierConfig:
     key: str = ""  # CURVE key pair name when security.curve is on; "" = the verifier's name
     # "static": a paged KV pool allocated once, one forward over the ragged batch, acceptance on the
     # device (workers/static_verifier.py; Llama and Qwen2, others fall back to eager). The default:
-    # on this repository's CPU it verifies a batch in 0.6-0.7x the eager backend's time.
+    # on a CPU (fp32, one thread) a verify forward takes 0.6-0.9x the eager backend's time (docs/benchmarks.md).
     # "eager": transformers' forward over per-session caches (workers/target.py), any causal LM
     backend: str = "static"
     kv_cache_mb: float = 1024.0  # static backend: the KV pool, allocated once

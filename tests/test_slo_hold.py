@@ -133,15 +133,30 @@ async def test_no_hold_when_the_bigger_batch_costs_more_per_token():
     assert batch.payloads == ["a"] and batch.reason == "deadline"
 
 
-async def test_never_holds_longer_than_the_batch_it_has_would_take():
+async def test_a_late_session_is_never_held_longer_than_the_batch_it_has_would_take():
     batcher, hold, clock = make()
-    past_round(hold, "a", arrived=-0.3, answered=-0.15, accepted=2)
+    past_round(hold, "a", arrived=-0.5, answered=-0.35, accepted=0)  # due at -150 ms: late already
     # b's device takes 150 ms: expected at +130 ms, later than a's ~31 ms forward would end
     past_round(hold, "b", arrived=-0.5, answered=-0.4, accepted=2, next_arrival=-0.25, answered_again=-0.02)
     task = a_arrives(batcher, hold)
     await clock.advance(0.0051)
     batch = await asyncio.wait_for(task, 1)
     assert batch.payloads == ["a"] and batch.reason == "deadline"
+
+
+async def test_past_the_batchs_own_time_a_hold_spends_only_slack():
+    """The same b, but a is due at +450 ms: merged, both are done by ~172 ms, within every
+    objective, so the verifier (idle meanwhile) waits the 130 ms for b and runs one forward, not two."""
+    batcher, hold, clock = make()
+    past_round(hold, "a", arrived=-0.3, answered=-0.15, accepted=2)
+    past_round(hold, "b", arrived=-0.5, answered=-0.4, accepted=2, next_arrival=-0.25, answered_again=-0.02)
+    task = a_arrives(batcher, hold)
+    await clock.advance(0.12)
+    assert not task.done()
+    batcher.submit("b", 5, key="b")
+    hold.arrived("b", clock.now(), 5)
+    await clock.advance(0)
+    assert sorted((await asyncio.wait_for(task, 1)).payloads) == ["a", "b"]
 
 
 async def test_closest_to_its_objective_goes_first():
