@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from workers.lookup import DEFAULT_MIN_MATCH as LOOKUP
+
 
 @dataclass(frozen=True)
 class DeviceProfile:
@@ -50,6 +52,7 @@ class DrafterChoice:
     model: str  # "ladder:RUNG", a folder, "feature" (the committed feature head) or "ngram"
     gamma: int
     min_confidence: float = 0.0
+    lookup_min_match: int = 0  # context lookup in front of the drafter (workers/lookup.py); 0 = off
 
 
 @dataclass(frozen=True)
@@ -71,8 +74,9 @@ class Setup:
 DEFAULT = Setup(
     name="default",
     target="smollm2",
-    drafters={"pi5": DrafterChoice("ladder:pi5", 4, 0.5), "orin": DrafterChoice("ladder:orin", 4, 0.5),
-              "feature": DrafterChoice("feature", 4), "ngram": DrafterChoice("ngram", 4)},
+    # as config.toml's fleet: the model classes with context lookup in front (workers/lookup.py)
+    drafters={"pi5": DrafterChoice("ladder:pi5", 4, 0.5, LOOKUP), "orin": DrafterChoice("ladder:orin", 4, 0.5, LOOKUP),
+              "feature": DrafterChoice("feature", 4, 0.0, LOOKUP), "ngram": DrafterChoice("ngram", 4)},
     server_drafter=DrafterChoice("ladder:orin", 4, 0.5),
     prompts="chat",
     fleet=["pi5", "orin", "feature", "ngram"],  # the classes of `sled demo`'s default fleet

@@ -35,6 +35,7 @@ from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.sample_prompts import SAMPLE_PROMPTS, chat_prompt_ids
 from pipeline.reference import greedy_reference
 from workers.drafts import ModelDrafter, NgramDrafter
+from workers.lookup import LookupDrafter
 from workers.static_verifier import make_verifier
 
 log = structlog.get_logger("sled.bench")
@@ -251,10 +252,13 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
             if choice.model not in drafter_models:
                 drafter_models[choice.model] = load_drafter_model(choice, target)
             strategy, kind = model_strategy(choice, drafter_models[choice.model], setup.target), "model"
+        if choice.lookup_min_match:
+            strategy = LookupDrafter(strategy, min_match=choice.lookup_min_match)
         path = workdir / "traces" / f"{name}.msgpack"
         recorded[name] = record_trace(strategy, kind, [prompts[i] for i in mine], [references[i] for i in mine],
                                       choice.gamma, options.max_new_tokens, stop_ids, path, target=target)
-        recorded[name].update(drafter=choice.model, gamma=choice.gamma, min_confidence=choice.min_confidence)
+        recorded[name].update(drafter=choice.model, gamma=choice.gamma, min_confidence=choice.min_confidence,
+                              lookup_min_match=choice.lookup_min_match)
         classes.append(DeviceClass(options.profiles[name], path, choice.gamma))
         log.info("trace_recorded", device=name, **{k: round(v, 3) if isinstance(v, float) else v for k, v in recorded[name].items()})
 

@@ -45,9 +45,10 @@ def target_features(target, tokens: list[int], layers: list[int]) -> torch.Tenso
 
 def record_session(strategy, prompt: list[int], reference: list[int], gamma: int, max_new_tokens: int,
                    stop_ids: list[int], drafts: dict[str, list], features: torch.Tensor | None = None) -> dict:
-    """Walk one session as workers/drafter.py would, adding ``{context_key: [tokens, cpu_s]}``.
+    """Walk one session as workers/drafter.py would, adding ``{context_key: [tokens, cpu_s, match]}``.
     ``features`` (a feature-conditioned strategy): the target's, over prompt + reference."""
     state = strategy.new_state()
+    match = getattr(strategy, "match", lambda tokens: 0)
     generator = draft_generator(0)
     committed = list(prompt)
     stops = set(stop_ids)
@@ -58,7 +59,9 @@ def record_session(strategy, prompt: list[int], reference: list[int], gamma: int
         started = time.thread_time()
         draft = strategy.propose(state, committed, min(gamma, budget - 1), GREEDY, generator)
         spent = time.thread_time() - started
-        drafts[context_key(committed)] = [draft.tokens, spent]
+        # with context lookup in front (workers/lookup.py): the repeat length it drafted from, which
+        # keys the replaying session's acceptance figures as it keys the live drafter's
+        drafts[context_key(committed)] = [draft.tokens, spent, match(committed)]
         ahead = reference[generated:]
         accepted = 0
         while accepted < len(draft.tokens) and accepted < len(ahead) - 1 and draft.tokens[accepted] == ahead[accepted]:

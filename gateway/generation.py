@@ -102,6 +102,7 @@ class Generation:
             "mean_gamma": stats.get("mean_gamma"),  # draft length asked per round (adaptive: it varies)
             "proactive_hits": stats.get("proactive_hits"),  # rounds whose draft was made during the last verify
             "proactive_wasted": stats.get("proactive_wasted"),  # tokens drafted ahead and dropped
+            "lookup_rounds": stats.get("lookup_rounds"),  # rounds drafted by context lookup (workers/lookup.py)
             "seed": self.request.seed,
             **({"session_cancelled": True} if stats.get("session_cancelled") else {}),
         }

@@ -74,7 +74,11 @@ class DrafterConfig:
     proactive: bool = False  # keep drafting past an outstanding proposal, assuming it is accepted
     min_confidence: float = 0.0  # stop a draft early when the drafter's top probability drops below
     top_k: int = 8  # sampling mode: size of the truncated draft distribution sent with each token
-    ngram_max: int = 4
+    ngram_max: int = 4  # longest context suffix looked up (kind "ngram", and lookup_min_match)
+    # kinds "model" and "feature": where the context ends in an n-gram of at least this many tokens
+    # that occurred before, draft what followed it instead of the model's tokens (workers/lookup.py);
+    # 0 = off
+    lookup_min_match: int = 0
     max_sessions: int = 64
     dtype: str = "float32"
     threads: int = 1  # torch threads for drafting (an edge device has few cores)

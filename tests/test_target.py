@@ -16,6 +16,7 @@ from tests.conftest import TINY_VOCAB, tiny_llama
 from workers.drafts import ModelDrafter, NgramDrafter, draft_generator
 from workers.feature_drafter import FeatureDrafter
 from workers.feature_head import build_head, spec_for
+from workers.lookup import LookupDrafter
 from workers.target import TargetVerifier
 
 
@@ -106,10 +107,11 @@ def test_least_recently_used_sessions_are_evicted_and_can_come_back():
     assert ver.close("b") and not ver.close("b")
 
 
-@pytest.mark.parametrize("kind", ["model", "ngram", "feature"])
+@pytest.mark.parametrize("kind", ["model", "ngram", "feature", "model+lookup"])
 def test_sampling_through_drafters_keeps_the_sequence_distribution(kind):
-    """Two-token continuations sampled by SLED (model drafter sending top-k q, and the n-gram
-    drafter sending ids only) against the exact joint distribution of the target."""
+    """Two-token continuations sampled by SLED (model drafter sending top-k q, the n-gram
+    drafter sending ids only, and the two mixed by lookup) against the exact joint distribution
+    of the target."""
     vocab = 8
     target = _tiny_vocab_llama(vocab, seed=11)
     drafter_model = _tiny_vocab_llama(vocab, seed=12)
@@ -127,6 +129,8 @@ def test_sampling_through_drafters_keeps_the_sequence_distribution(kind):
         "ngram": lambda: NgramDrafter(ngram_max=2),
         # a random head over the target's features; it drafts the second token (round 0 has none)
         "feature": lambda: FeatureDrafter(build_head(target, spec_for(target), torch.arange(vocab)), top_k=4),
+        # lookup drafts (q = 1) where the context repeats ("1 2" does), the model's top-k elsewhere
+        "model+lookup": lambda: LookupDrafter(ModelDrafter(drafter_model, top_k=4), min_match=2),
     }
     for strategy in (strategies[kind](),):
         counts = _sample_pairs(target, strategy, prompt, sampling, vocab, sessions=2500)

@@ -1,7 +1,10 @@
 """`sled eval drafters`: per rung, parameters, draft tokens/s on this CPU and held-out α at γ = 4.
 
 The rungs are the ladder's (kind "model") and the feature-conditioned head (kind "feature",
-drafters/feature), measured on the same held-out sequences."""
+drafters/feature), measured on the same held-out sequences. Each is measured twice: alone, and
+as "NAME+lookup" with context lookup in front of it (workers/lookup.py, ``lookup_min_match`` =
+DEFAULT_MIN_MATCH), which drafts where the context repeats and leaves the rest to the model. A
+lookup rung's draft speed is its model's: lookup costs no model step, so it is a lower bound."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from transformers import DynamicCache
 
 from training.heldout_alpha import acceptance, heldout_sequences
 from training.ladder import RUNGS, load_rung
+from workers.lookup import DEFAULT_MIN_MATCH as LOOKUP_MIN_MATCH
 
 
 @torch.no_grad()
@@ -49,24 +53,33 @@ def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None
         "target_params": sum(p.numel() for p in target.parameters()),
         "rungs": [],
     }
-    for name in rungs if rungs is not None else [*RUNGS, "feature"]:
-        if name == "feature":
-            report["rungs"].append(_feature_rung(target, target_spec, gamma, feature_dir))
-            continue
-        model = load_rung(name, target_spec, target=target, **({"folder": ladder_dir} if ladder_dir else {}))
-        stats = acceptance(lambda ids: model(input_ids=ids).logits.argmax(-1), sequences, gamma)
-        params = sum(p.numel() for p in model.parameters())
-        report["rungs"].append({
-            "name": name, "kind": "model", "layers": model.config.num_hidden_layers, "params": params,
-            "params_without_embeddings": params - embed_params,
-            "alpha": round(stats["alpha"], 4), "mean_accepted_per_round": round(stats["mean_accepted"], 3),
-            "tokens_per_round": round(stats["mean_accepted"] + 1, 3),
-            "draft_tokens_per_s": round(draft_tokens_per_s(model, prompts), 1),
-        })
+    names = rungs if rungs is not None else [*RUNGS, "feature"]
+    for name in [*names, *(f"{n}+lookup" for n in names if not n.endswith("+lookup"))]:
+        base, lookup = name.removesuffix("+lookup"), LOOKUP_MIN_MATCH if name.endswith("+lookup") else 0
+        if base == "feature":
+            rung = _feature_rung(target, target_spec, gamma, feature_dir, lookup)
+        else:
+            rung = _model_rung(target, target_spec, base, sequences, prompts, gamma, ladder_dir, lookup)
+            rung["params_without_embeddings"] = rung["params"] - embed_params
+        if lookup:
+            rung.update(name=name, lookup_min_match=lookup)
+        report["rungs"].append(rung)
     return report
 
 
-def _feature_rung(target, target_spec: str, gamma: int, folder=None) -> dict:
+def _model_rung(target, target_spec: str, name: str, sequences, prompts, gamma: int, ladder_dir, lookup: int) -> dict:
+    model = load_rung(name, target_spec, target=target, **({"folder": ladder_dir} if ladder_dir else {}))
+    stats = acceptance(lambda ids: model(input_ids=ids).logits.argmax(-1), sequences, gamma, lookup_min_match=lookup)
+    return {
+        "name": name, "kind": "model", "layers": model.config.num_hidden_layers,
+        "params": sum(p.numel() for p in model.parameters()),
+        "alpha": round(stats["alpha"], 4), "mean_accepted_per_round": round(stats["mean_accepted"], 3),
+        "tokens_per_round": round(stats["mean_accepted"] + 1, 3),
+        "draft_tokens_per_s": round(draft_tokens_per_s(model, prompts), 1),
+    }
+
+
+def _feature_rung(target, target_spec: str, gamma: int, folder=None, lookup: int = 0) -> dict:
     """The feature head as a rung: its stored (trained) parameters, α of its first draft,
     chained acceptance per draft position, tokens per round and draft speed."""
     from training.feature_eval import evaluate_head, head_draft_tokens_per_s, heldout_features
@@ -74,7 +87,7 @@ def _feature_rung(target, target_spec: str, gamma: int, folder=None) -> dict:
 
     head = load_head(target, folder or FEATURE_DIR)
     heldout = heldout_features(target_spec, model=target, feature_layers=head.spec.feature_layers)
-    stats = evaluate_head(head, heldout, gamma)
+    stats = evaluate_head(head, heldout, gamma, lookup_min_match=lookup)
     return {
         "name": "feature", "kind": "feature", "layers": 1,
         "params": sum(p.numel() for p in head.parameters()), "draft_vocab": int(head.vocab_ids.numel()),
@@ -82,4 +95,5 @@ def _feature_rung(target, target_spec: str, gamma: int, folder=None) -> dict:
         "mean_accepted_per_round": stats["mean_accepted_per_round"],
         "tokens_per_round": stats["tokens_per_round"],
         "draft_tokens_per_s": round(head_draft_tokens_per_s(head, heldout), 1),
+        **({"lookup_rounds_fraction": stats["lookup_rounds_fraction"]} if lookup else {}),
     }

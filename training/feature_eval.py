@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from training.heldout_alpha import heldout_sequences
+from training.heldout_alpha import heldout_sequences, lookup_agreement
 from workers.feature_head import FeatureHead, HeadCache
 
 
@@ -44,10 +44,12 @@ def heldout_features(target: str = "smollm2", *, model=None, feature_layers=(-1,
 
 
 @torch.no_grad()
-def evaluate_head(head: FeatureHead, heldout: list[tuple], gamma: int = 4) -> dict:
+def evaluate_head(head: FeatureHead, heldout: list[tuple], gamma: int = 4, lookup_min_match: int = 0) -> dict:
     """α (first draft, teacher-forced on true features: comparable with the ladder's α), the
-    acceptance rate of every chained draft position, and mean tokens per round at γ."""
-    first_hits = first_total = 0
+    acceptance rate of every chained draft position, and mean tokens per round at γ. With
+    ``lookup_min_match``, rounds (and α's first drafts) come from context lookup wherever it
+    finds a match, as a LookupDrafter drafts; the per-position rates stay the head's own."""
+    first_hits = first_total = lookup_rounds = 0
     rounds: list[int] = []
     position_hits = [0] * gamma
     position_tries = [0] * gamma
@@ -62,10 +64,21 @@ def evaluate_head(head: FeatureHead, heldout: list[tuple], gamma: int = 4) -> di
         level0 = head.norm(head.layer.finish(entries, q, k, v, None))  # prediction of f_{t+1}
         first = head.vocab_ids[head.logits(level0[0]).argmax(-1)]  # entry t drafts token t+2
         agree = (first[prompt_len - 2 : n - 2] == tokens[0, prompt_len:]).tolist()
+        looked_up = {}
+        if lookup_min_match:
+            looked_up = {p: lookup_agreement(ids, p, gamma, lookup_min_match) for p in range(prompt_len, n)}
+            agree = [a if looked_up[p] is None else looked_up[p][0] for p, a in zip(range(prompt_len, n), agree)]
         first_hits += sum(agree)
         first_total += len(agree)
         p = prompt_len
         while p < n:
+            if looked_up.get(p) is not None:
+                run = looked_up[p]
+                accepted = next((i for i, ok in enumerate(run) if not ok), len(run))
+                rounds.append(accepted)
+                lookup_rounds += 1
+                p += accepted + 1
+                continue
             accepted = 0
             if first[p - 2] == ids[p]:  # draft 1 from entry p-2 (true feature f_{p-2}, token p-1)
                 accepted = 1
@@ -91,6 +104,7 @@ def evaluate_head(head: FeatureHead, heldout: list[tuple], gamma: int = 4) -> di
         "mean_accepted_per_round": round(sum(rounds) / max(1, len(rounds)), 3),
         "tokens_per_round": round(sum(rounds) / max(1, len(rounds)) + 1, 3),
         "positions": first_total,
+        "lookup_rounds_fraction": round(lookup_rounds / max(1, len(rounds)), 4),
     }
 
 

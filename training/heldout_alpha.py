@@ -18,6 +18,7 @@ import structlog
 import torch
 
 from training.distill_prompts import build_prompts
+from workers.drafts import lookup_draft
 
 # The held-out prompts as committed text, so α is measured on the same prompts everywhere even
 # without the corpus packages installed; rebuilt from the corpora when absent.
@@ -64,31 +65,55 @@ def heldout_prompts(tokenizer, *, n_chat: int = HELDOUT_CHAT, n_prose: int = HEL
     return build_prompts(tokenizer, held_out=True, n_chat=n_chat, n_prose=n_prose)
 
 
-def accepted_lengths(agree: list[bool], gamma: int) -> list[int]:
-    """Accepted drafts per round when rounds of `gamma` drafts walk through `agree`."""
+def accepted_lengths(agree: list[bool], gamma: int, lookup: Callable[[int], list[bool] | None] | None = None) -> list[int]:
+    """Accepted drafts per round when rounds of `gamma` drafts walk through `agree`. ``lookup(pos)``:
+    where a round starting at continuation position ``pos`` drafts by context lookup instead, the
+    agreement of that draft's tokens (None where it drafts with the model)."""
     rounds, pos = [], 0
     while pos < len(agree):
+        drafted = lookup(pos) if lookup is not None else None
+        run = agree[pos:pos + gamma] if drafted is None else drafted
         n = 0
-        while n < gamma and pos + n < len(agree) and agree[pos + n]:
+        while n < len(run) and run[n]:
             n += 1
         rounds.append(n)
         pos += n + 1  # the target's own token follows the accepted run
     return rounds
 
 
+def lookup_agreement(ids: list[int], position: int, gamma: int, min_match: int, ngram_max: int = 4) -> list[bool] | None:
+    """Agreement with ``ids`` of the context-lookup draft at ``position`` (workers/lookup.py), or
+    None where the context offers none and the model drafts."""
+    tokens, _ = lookup_draft(ids[:position], gamma, ngram_max, min_match)
+    if not tokens:
+        return None
+    return [a == b for a, b in zip(tokens, ids[position:])]
+
+
 @torch.no_grad()
 def acceptance(argmax_fn: Callable[[torch.Tensor], torch.Tensor], sequences: list[tuple[list[int], int]],
-               gamma: int = 4) -> dict:
-    """α and mean accepted length; `argmax_fn(ids [1, T]) -> [1, T]` next-token argmax."""
+               gamma: int = 4, lookup_min_match: int = 0) -> dict:
+    """α and mean accepted length; `argmax_fn(ids [1, T]) -> [1, T]` next-token argmax. With
+    ``lookup_min_match``, rounds (and α's first drafts) come from context lookup wherever it
+    finds a match, as a LookupDrafter drafts."""
     matched, total, rounds = 0, 0, []
     for ids, prompt_len in sequences:
         if len(ids) <= prompt_len:
             continue
         pred = argmax_fn(torch.tensor([ids]))[0]
         agree = (pred[prompt_len - 1 : -1] == torch.tensor(ids[prompt_len:])).tolist()
-        matched += sum(agree)
+        lookup = None
+        if lookup_min_match:
+            def lookup(pos, ids=ids, prompt_len=prompt_len):
+                return lookup_agreement(ids, prompt_len + pos, gamma, lookup_min_match)
+
+            firsts = [lookup(i) for i in range(len(agree))]
+            agree_first = [a if f is None else bool(f) and f[0] for a, f in zip(agree, firsts)]
+        else:
+            agree_first = agree
+        matched += sum(agree_first)
         total += len(agree)
-        rounds += accepted_lengths(agree, gamma)
+        rounds += accepted_lengths(agree, gamma, lookup)
     return {
         "alpha": matched / max(1, total),
         "mean_accepted": sum(rounds) / max(1, len(rounds)),

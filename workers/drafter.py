@@ -71,7 +71,8 @@ def split_draft(drafted: Draft, length: int) -> tuple[Draft, int | None]:
     the target's token (what proactive drafting assumes). A draft is cut at any length without
     harm: each token's q was the distribution it was drawn from, given the tokens before it."""
     guess = drafted.tokens[length] if len(drafted.tokens) > length else None
-    draft = Draft(drafted.tokens[:length], drafted.q_ids[:length], drafted.q_probs[:length], drafted.compute_s)
+    draft = Draft(drafted.tokens[:length], drafted.q_ids[:length], drafted.q_probs[:length], drafted.compute_s,
+                  lookup=drafted.lookup)
     return draft, guess
 
 
@@ -97,6 +98,10 @@ class DrafterService:
         self.by_request: dict[tuple[bytes, str], SessionRun] = {}
         self.stats = DrafterFigures()
         self.row_floor = RowCostFloor()  # the server's cheapest row cost seen: one per drafter (workers/speculation.py)
+        # the adaptive figures of lookup drafts, per repeat length (workers/lookup.py): one per drafter,
+        # shared by its sessions, since how often a repeat is right is the target's habit, not the
+        # session's; a session is too short to learn them alone (a 32-token chat has ~25 rounds)
+        self.lookup_policies: dict[int, SpeculationPolicy] = {}
         self.drafts_waiting = 0  # drafts submitted to the model thread and not back yet
         self.proactive = int(self.cfg.proactive and getattr(strategy, "supports_proactive", False))
         if self.cfg.proactive and not self.proactive:
@@ -339,12 +344,25 @@ class DrafterService:
         state = self.strategy.new_state()
         committed = list(req.prompt)
         stops = set(req.stop_ids)
-        policy = SpeculationPolicy(self.cfg.gamma, floor=self.row_floor) if self.cfg.adaptive else None
+        # one acceptance estimate per way of drafting, chosen from the context each round: the
+        # model's, this session's own, and with context lookup in front of it each repeat length's,
+        # the drafter's (workers/lookup.py)
+        own = SpeculationPolicy(self.cfg.gamma, floor=self.row_floor) if self.cfg.adaptive else None
+        match = getattr(self.strategy, "match", lambda tokens: 0)
+
+        def policy_for(tokens: list[int]) -> SpeculationPolicy | None:
+            key = match(tokens) if own is not None else 0
+            if key == 0:
+                return own
+            if key not in self.lookup_policies:
+                self.lookup_policies[key] = SpeculationPolicy(self.cfg.gamma, floor=self.row_floor)
+            return self.lookup_policies[key]
+
         # per session: rounds with a rejected draft token and rounds per draft length, from which
         # the per-position acceptance probability and the expected tokens per round follow
         figures = {"rounds": 0, "proposed": 0, "accepted": 0, "rejected_rounds": 0,
                    "draft_lengths": [0] * (self.cfg.gamma + 1), "gamma_sum": 0,
-                   "proactive_hits": 0, "proactive_wasted": 0, "proactive_wasted_s": 0.0}
+                   "proactive_hits": 0, "proactive_wasted": 0, "proactive_wasted_s": 0.0, "lookup_rounds": 0}
         feature_layers = list(getattr(self.strategy, "feature_layers", []))
         generated, round_, finish = 0, 0, "length"
         ready: Ahead | None = None  # the next round's draft, made ahead and confirmed by the verdict
@@ -355,6 +373,7 @@ class DrafterService:
         try:
             while generated < req.max_new_tokens:
                 budget = req.max_new_tokens - generated
+                policy = policy_for(committed)
                 gamma = self._length(policy, budget)
                 if ready is not None:  # the proposal leaves at once
                     drafted = await self._finish_ahead(state, committed, ready, sampling)
@@ -376,7 +395,7 @@ class DrafterService:
                 assumed = [*committed, *draft.tokens] if guess is not None else []
                 if assumed and not stops.intersection([*draft.tokens, guess]):
                     assumed.append(guess)
-                    next_gamma = self._length(policy, budget - len(draft.tokens) - 1)
+                    next_gamma = self._length(policy_for(assumed), budget - len(draft.tokens) - 1)
                     if next_gamma > 0:
                         abort = threading.Event()
                         ahead = asyncio.create_task(self._draft_ahead(state, len(committed) + len(draft.tokens),
@@ -425,6 +444,7 @@ class DrafterService:
                 figures["rejected_rounds"] += verdict.accepted < len(draft.tokens)
                 figures["draft_lengths"][min(len(draft.tokens), self.cfg.gamma)] += 1
                 figures["gamma_sum"] += gamma
+                figures["lookup_rounds"] += draft.lookup
                 self.stats.rounds += 1
                 self.stats.proposed += len(draft.tokens)
                 self.stats.accepted += verdict.accepted

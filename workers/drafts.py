@@ -7,7 +7,9 @@
 * FeatureDrafter (workers/feature_drafter.py) -- a small head conditioned on the target's own
   hidden states, which the verifier returns with each verdict (EAGLE-style).
 * NgramDrafter -- model-free prompt lookup for the weakest devices: find the latest earlier
-  occurrence of the longest recent n-gram and propose what followed it.
+  occurrence of the longest recent n-gram and propose what followed it (`lookup_draft`).
+* LookupDrafter (workers/lookup.py) -- that lookup in front of a model or feature drafter
+  (``lookup_min_match``): lookup's draft where the context repeats, the model's elsewhere.
 * ReplayDrafter -- benchmarks only: proposes drafts a real drafter made earlier for the same
   contexts (bench/traces.py records them), with the compute time each took, so that a 2-core
   machine can stand in for a fleet of devices drafting in parallel.
@@ -52,6 +54,7 @@ class Draft:
     compute_s: float = 0.0  # CPU seconds drafting took (measured by the drafter service, or recorded)
     cut: bool = False  # interrupted before gamma tokens (not a confidence stop): the rest may follow
     device_s: float = 0.0  # seconds the device spent on it (set by the drafter service: wall time, or emulated)
+    lookup: bool = False  # drafted by context lookup (workers/lookup.py), not by the model
 
 
 def draft_generator(seed: int) -> torch.Generator:
@@ -139,8 +142,10 @@ class ModelDrafter:
 
     def commit(self, state: ModelDraftState, position: int, accepted: int, verdict=None) -> None:
         """The verifier accepted ``accepted`` draft tokens after ``position`` committed ones:
-        keep the cache for those that were fed, drop the rejected rest."""
-        state.cached = position + min(accepted, state.fed_drafts)
+        keep the cache for those that were fed, drop the rejected rest. A proposal this drafter did
+        not draft (a lookup draft, workers/lookup.py) fed nothing: the cache keeps what it held."""
+        if state.cached >= position:
+            state.cached = position + min(accepted, state.fed_drafts)
         crop_cache(state.cache, state.cached)
 
     def rewind(self, state: ModelDraftState, length: int) -> None:
@@ -150,6 +155,21 @@ class ModelDrafter:
         state.cached = min(length, state.cache.get_seq_length())
         state.fed_drafts = 0
         crop_cache(state.cache, state.cached)
+
+
+def lookup_draft(committed: list[int], gamma: int, ngram_max: int = 4, min_match: int = 1) -> tuple[list[int], int]:
+    """(up to ``gamma`` tokens that followed the latest earlier occurrence of the longest suffix
+    of ``committed`` of ``min_match`` .. ``ngram_max`` tokens, that suffix's length); ([], 0)
+    when no such suffix occurred before."""
+    size = len(committed)
+    if gamma <= 0:
+        return [], 0
+    for n in range(min(ngram_max, size - 1), max(1, min_match) - 1, -1):
+        suffix = committed[size - n:]
+        for start in range(size - n - 1, -1, -1):
+            if committed[start:start + n] == suffix:
+                return committed[start + n:start + n + gamma], n
+    return [], 0
 
 
 class NgramDrafter:
@@ -163,15 +183,7 @@ class NgramDrafter:
         return None
 
     def propose(self, state, committed: list[int], gamma: int, sampling: Sampling, generator, interrupt=None) -> Draft:
-        if gamma <= 0:
-            return Draft([])
-        size = len(committed)
-        for n in range(min(self.ngram_max, size - 1), 0, -1):
-            suffix = committed[size - n:]
-            for start in range(size - n - 1, -1, -1):
-                if committed[start:start + n] == suffix:
-                    return Draft(committed[start + n:start + n + gamma])
-        return Draft([])
+        return Draft(lookup_draft(committed, gamma, self.ngram_max)[0])
 
     def commit(self, state, position: int, accepted: int, verdict=None) -> None:
         pass
@@ -186,7 +198,8 @@ def context_key(tokens: list[int]) -> str:
 
 
 class ReplayDrafter:
-    """Replays a recorded draft trace: ``{"kind": ..., "drafts": {context_key: [tokens, compute_s]}}``.
+    """Replays a recorded draft trace: ``{"kind": ..., "drafts": {context_key: [tokens, compute_s, match]}}``
+    (``match``: the repeat length a lookup draft came from, 0 for the model's; older traces lack it).
 
     Under greedy decoding a drafter's proposal is a function of the committed context, and a
     lossless verifier makes every session follow the recorded path, so each lookup hits. A miss
@@ -220,7 +233,7 @@ class ReplayDrafter:
             self.misses += gamma > 0 and interrupt is None
             return Draft([])
         self.hits += 1
-        tokens, compute_s = entry
+        tokens, compute_s = entry[0], entry[1]
         if 0 < gamma < len(tokens):  # a shorter draft than the recorded one costs its share of the time
             compute_s *= gamma / len(tokens)
         return Draft(list(tokens[:gamma]), compute_s=compute_s)
@@ -231,9 +244,23 @@ class ReplayDrafter:
     def rewind(self, state, length: int) -> None:
         pass
 
+    def match(self, committed: list[int]) -> int:
+        """As LookupDrafter.match, from the recording."""
+        entry = self.drafts.get(context_key(committed))
+        return entry[2] if entry is not None and len(entry) > 2 else 0
+
 
 def build_drafter(cfg, target_spec: str):
     """Build the strategy a drafter config names (``cfg`` is a DrafterConfig)."""
+    strategy = _build_strategy(cfg, target_spec)
+    if cfg.lookup_min_match > 0 and cfg.kind in ("model", "feature") and not cfg.replay:
+        from workers.lookup import LookupDrafter
+
+        return LookupDrafter(strategy, min_match=cfg.lookup_min_match, ngram_max=cfg.ngram_max)
+    return strategy
+
+
+def _build_strategy(cfg, target_spec: str):
     if cfg.replay:
         return ReplayDrafter(cfg.replay)
     if cfg.kind == "ngram":
