@@ -8,7 +8,7 @@
   the drafter side). A full queue answers "overloaded" at once; a dead verifier fails its
   batches with a retriable "verifier_lost"; a bad frame is answered with an error reply.
 * Each verifier's batches are timed into a VerifyTimeEstimator (brokers/estimator.py); every
-  verdict carries its ``row_cost_ms``. With ``broker.slo_tpot_ms`` > 0 a free verifier's batch may
+  verdict carries its ``row_cost_ms`` and ``round_cost_ms``. With ``broker.slo_tpot_ms`` > 0 a free verifier's batch may
   be held for proposals expected soon (brokers/slo.py).
 """
 
@@ -335,9 +335,11 @@ class Broker:
         handle.estimator.observe(len(batch.items), max(batch.tokens, len(batch.items)), max(now - batch.sent, 1e-6),
                                  sent=batch.sent, fit=fit)
         cost = round(handle.estimator.row_cost_ms(), 4)
+        round_cost = round(handle.estimator.round_cost_ms(), 4)
         verdicts = msg.verdicts
         if cost > 0:
-            verdicts = [v if v.error else msgspec.structs.replace(v, row_cost_ms=cost) for v in verdicts]
+            verdicts = [v if v.error else msgspec.structs.replace(v, row_cost_ms=cost, round_cost_ms=round_cost)
+                        for v in verdicts]
         if handle.slo is not None:
             for v in verdicts:
                 if not v.error:
@@ -395,7 +397,8 @@ class Broker:
                 **msgspec.structs.asdict(v.stats), queued=len(v.batcher), superseded=v.batcher.superseded,
                 busy=bool(v.inflight), holds=v.batcher.holds, held_ms=round(1000 * v.batcher.held_s, 3),
                 verify_time_fit_ms=[round(1000 * c, 4) for c in v.estimator.coefficients()],
-                utilisation=round(v.estimator.utilisation, 4), row_cost_ms=round(v.estimator.row_cost_ms(), 4))
+                utilisation=round(v.estimator.utilisation, 4), row_cost_ms=round(v.estimator.row_cost_ms(), 4),
+                round_cost_ms=round(v.estimator.round_cost_ms(), 4))
                 for v in self.verifiers.values()},
         )
 

@@ -19,6 +19,13 @@ what it adds to the forward, and far less than the forward's fixed cost a + b; a
 verifier (ρ → 1, large batches) gives every row's time to someone else's wait, so it costs the
 full slope. Until ``warmup`` batches have been seen there is no fit and it answers 0.0 ("unknown":
 drafters then keep their fixed γ).
+
+``round_cost_ms`` -- ``Verdict.round_cost_ms`` -- is the other half of a round's price: what a
+session's round costs whatever its rows, its share of the forward's fixed cost at the recent
+batch size plus its own, a / sessions + b, at the same utilisation scaling. A drafter weighs a
+draft's rows against it (workers/speculation.py): on a GPU, where a forward's fixed cost dwarfs
+a row, it is worth many rows and drafts stay long; on a CPU, where a row costs about what a
+session's share of the forward does, few.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ class VerifyTimeEstimator:
     theta: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # a, b, c in seconds
     samples: int = 0
     utilisation: float = 0.0
+    batch_sessions: float = 0.0  # EWMA of sessions per fitted batch (same weight as utilisation)
     _p: list[list[float]] = field(default_factory=lambda: [[1e2 if i == j else 0.0 for j in range(3)] for i in range(3)])
     _last: tuple[float, float] | None = None  # (sent, seconds) of the previous batch
 
@@ -55,6 +63,8 @@ class VerifyTimeEstimator:
             self._last = (sent, seconds)
         if not fit:
             return
+        w = self.utilisation_weight
+        self.batch_sessions = sessions if self.samples == 0 else (1 - w) * self.batch_sessions + w * sessions
         x = (1.0, float(sessions), float(rows))
         p = self._p
         px = [sum(p[i][j] * x[j] for j in range(3)) for i in range(3)]
@@ -88,3 +98,10 @@ class VerifyTimeEstimator:
         if not self.ready:
             return 0.0
         return 1000.0 * self.coefficients()[2] * self.utilisation
+
+    def round_cost_ms(self) -> float:
+        """A session's share of a verify round's fixed cost now (module docstring); 0.0 before the warm-up."""
+        if not self.ready:
+            return 0.0
+        a, b, _ = self.coefficients()
+        return 1000.0 * (a / max(1.0, self.batch_sessions) + b) * self.utilisation

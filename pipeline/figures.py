@@ -142,6 +142,7 @@ class VerifierView(VerifierFigures, omit_defaults=False):
     verify_time_fit_ms: list[float] = []
     utilisation: float = 0.0
     row_cost_ms: float = 0.0
+    round_cost_ms: float = 0.0
 
 
 class BrokerSnapshot(BrokerFigures):

@@ -66,7 +66,9 @@ class Verdict(Message, tag="verdict"):
     """``accepted`` draft tokens, then ``token``. ``error``: this item failed (-> ErrorReply).
     ``features``: fp16 hidden states [rows, layers x hidden] from position features_start on.
     ``row_cost_ms``: the broker's estimate of what one more verify row costs the server now (its
-    marginal cost at the current batch); a drafter weighs its next draft length against it."""
+    marginal cost at the current batch); ``round_cost_ms``: what a session's round costs it
+    whatever its rows (its share of the forward's fixed cost); a drafter weighs its next draft
+    length against the two (brokers/estimator.py, workers/speculation.py). 0.0: unknown."""
     session_id: str
     round: int
     accepted: int
@@ -76,6 +78,7 @@ class Verdict(Message, tag="verdict"):
     features: bytes = b""
     features_start: int = 0
     row_cost_ms: float = 0.0
+    round_cost_ms: float = 0.0
 
 class CloseSession(Message, tag="close"):
     session_id: str

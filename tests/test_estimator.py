@@ -73,3 +73,25 @@ def test_prefill_batches_count_as_busy_but_stay_out_of_the_fit():
     assert est.coefficients() == before and est.utilisation > 0.95
     with pytest.raises(ValueError):
         est.observe(2, 1, 0.01)  # fewer rows than sessions
+
+
+def test_round_cost_is_a_sessions_share_of_the_fixed_part():
+    """a / sessions per batch + b, scaled like the row cost: so its ratio to the row cost is the
+    fit's own, and shrinks as batches grow."""
+    est = VerifyTimeEstimator()
+    assert est.round_cost_ms() == 0.0  # unknown until the warm-up is done
+    rng = random.Random(4)
+    now = 0.0
+    for size in (2, 16):
+        for _ in range(300):  # back to back, batches of about ``size`` sessions
+            s = max(1, size + rng.randint(-1, 1))
+            r = s + rng.randint(0, 3 * s)
+            seconds = 0.060 + 0.008 * s + 0.004 * r
+            est.observe(s, r, seconds, sent=now)
+            now += seconds
+        rows_worth = est.round_cost_ms() / est.row_cost_ms()
+        assert rows_worth == pytest.approx((60 / est.batch_sessions + 8) / 4, rel=0.1)
+        assert est.batch_sessions == pytest.approx(size, abs=1.0)
+        if size == 2:
+            small = rows_worth
+    assert rows_worth < 0.5 * small  # sixteen sessions share the forward's fixed cost

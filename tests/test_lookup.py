@@ -2,7 +2,7 @@
 repeats, the round drafts what followed the repeat; elsewhere the model drafts, and the model's
 own cache stays right either way. Over real sockets it stays token-identical to the target alone."""
 
-import torch
+import random
 
 from pipeline.client import DrafterClient
 from pipeline.models import load_causal_lm
@@ -22,6 +22,25 @@ def test_lookup_draft_follows_the_latest_longest_match():
     assert lookup_draft([5, 1, 2, 6, 2], 4, min_match=2) == ([], 0)  # only a 1-token repeat
     assert lookup_draft([5, 1, 2, 6, 2], 4, min_match=1) == ([6, 2], 1)
     assert lookup_draft([1, 2, 1, 2], 0) == ([], 0)
+
+
+def test_lookup_draft_equals_a_plain_search_on_random_contexts():
+    """The packed-bytes search against the obvious loop, on vocabularies with ids of one to three
+    bytes (a match inside a token's bytes must not count)."""
+    def plain(committed, gamma, ngram_max, min_match):
+        size = len(committed)
+        for n in range(min(ngram_max, size - 1), max(1, min_match) - 1, -1):
+            for start in range(size - n - 1, -1, -1):
+                if gamma > 0 and committed[start:start + n] == committed[size - n:]:
+                    return committed[start + n:start + n + gamma], n
+        return [], 0
+
+    rng = random.Random(2)
+    for _ in range(3000):
+        vocab = rng.choice([2, 3, 7, 256, 300, 70_000])
+        context = [rng.randrange(vocab) for _ in range(rng.randint(0, 40))]
+        gamma, ngram_max, min_match = rng.randint(0, 5), rng.randint(1, 6), rng.randint(1, 4)
+        assert lookup_draft(context, gamma, ngram_max, min_match) == plain(context, gamma, ngram_max, min_match), context
 
 
 def test_rounds_with_a_lookup_draft_accept_its_agreeing_run():

@@ -181,7 +181,7 @@ async def test_without_a_trained_estimator_it_never_holds():
     assert (await asyncio.wait_for(task, 1)).reason == "deadline"
 
 
-def test_the_broker_stamps_each_verdict_with_the_row_cost():
+def test_the_broker_stamps_each_verdict_with_the_row_and_round_costs():
     broker = BrokerProcess(deadline_ms=0.5, core=None, extra=["broker.slo_tpot_ms=200.0"])
     ctx = zmq.Context()
     try:
@@ -200,9 +200,13 @@ def test_the_broker_stamps_each_verdict_with_the_row_cost():
             verifier.send(Ready().encode())
             verdict = recv(drafter, DRAFTER_UPSTREAM_ACCEPTS)
             assert isinstance(verdict, Verdict)
-            costs.append(verdict.row_cost_ms)
-        assert costs[0] == 0.0  # unknown before the warm-up
-        assert all(c > 0 for c in costs[6:]), costs
+            costs.append((verdict.row_cost_ms, verdict.round_cost_ms))
+        assert costs[0] == (0.0, 0.0)  # unknown before the warm-up
+        assert all(row > 0 and fixed > 0 for row, fixed in costs[6:]), costs
+        # the "forward" costs 10 ms whatever its rows and 5 ms a draft row: a round's fixed part
+        # is worth about two rows (the fit is young, so only roughly)
+        row, fixed = costs[-1]
+        assert 0.5 < fixed / row < 8, costs
     finally:
         ctx.destroy(0)
         broker.stop()

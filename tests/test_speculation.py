@@ -162,3 +162,18 @@ def test_a_session_that_stopped_drafting_on_its_device_time_probes_again():
         policy.observe(0, 0, row_cost_ms=1.0)  # no draft: no new reading of the device
         rounds += 1
     assert 10 < rounds < 1000  # not at once, and not never
+
+
+def test_the_brokers_round_cost_prices_a_round_when_it_sends_one():
+    """The same weak drafts (α 0.3): on a CPU-like server, where a round's fixed part is worth 2
+    rows, drafting does not pay; on a GPU-like one, where it is worth 200, the whole γ does.
+    Without a round cost the floor rule stays."""
+    cpu = SpeculationPolicy(gamma=4, alphas=[0.3] * 4)
+    cpu.observe(0, 0, row_cost_ms=4.0, now=0.0, round_cost_ms=8.0)
+    assert cpu.fixed_cost == 8.0 and cpu.choose() == 0
+    gpu = SpeculationPolicy(gamma=4, alphas=[0.3] * 4)
+    gpu.observe(0, 0, row_cost_ms=0.05, now=0.0, round_cost_ms=10.0)
+    assert gpu.choose() == 4
+    older = SpeculationPolicy(gamma=4, alphas=[0.3] * 4)
+    older.observe(0, 0, row_cost_ms=4.0, now=0.0)  # a broker that sends no round cost
+    assert older.fixed_cost == ROUND_COST_ROWS * 4.0

@@ -427,7 +427,8 @@ class DrafterService:
                     await loop.run_in_executor(self.executor, self.strategy.commit, state, len(committed),
                                                verdict.accepted, verdict)
                 if policy is not None:
-                    policy.observe(len(draft.tokens), verdict.accepted, verdict.row_cost_ms, time.monotonic())
+                    policy.observe(len(draft.tokens), verdict.accepted, verdict.row_cost_ms, time.monotonic(),
+                                   verdict.round_cost_ms)
                     if round_ > 0:  # the first round's wait is the prompt's prefill
                         policy.observe_wait(len(draft.tokens), waited)
                 new = [*draft.tokens[: verdict.accepted], verdict.token][:budget]

@@ -14,10 +14,15 @@ The draft length k in [0, gamma] minimises the expected server cost per committe
 
 ``row_cost`` is the verdict's ``row_cost_ms``: the broker's marginal cost of one more verify
 row at the current batch. ``fixed`` is what a round costs the server whatever its rows
-(reading the weights once per forward, the session's slot in the batch, acceptance, messages).
-The verdict does not carry it, and it must not scale with the current row cost, or the choice
-would not depend on load at all (multiply both terms by the same number and the best k stays).
-The rule: ``fixed = ROUND_COST_ROWS * floor``, where ``floor`` is the cheapest row cost the
+(reading the weights once per forward, the session's slot in the batch, acceptance, messages):
+the verdict's ``round_cost_ms``, the broker's fit of a session's share of a forward's fixed cost
+at the recent batch size (brokers/estimator.py). It depends on load through the batch size: the
+more sessions share a forward, the smaller each one's share, so drafts shorten as batches grow;
+on a GPU a forward's fixed cost is worth hundreds of rows and drafts stay long, on a CPU a few.
+A broker that sends none (0.0, an older one) leaves the earlier rule, kept as the fallback. It
+must not scale with the current row cost, or the choice would not depend on load at all
+(multiply both terms by the same number and the best k stays):
+``fixed = ROUND_COST_ROWS * floor``, where ``floor`` is the cheapest row cost the
 drafter has been told (a lightly loaded verifier's; one floor per drafter process, shared by
 its sessions, since it describes the server), let back up by ``FLOOR_RISE_PER_S`` per second
 so that a noisy low first estimate or a verifier that became slower for good is learnt
@@ -118,6 +123,7 @@ class SpeculationPolicy:
     floor: RowCostFloor = field(default_factory=RowCostFloor)  # the drafter's, shared by its sessions
     alphas: list[float] = field(default_factory=list)
     row_cost: float = 0.0  # the latest verdict's row cost (ms); 0 = unknown
+    round_cost: float = 0.0  # the latest verdict's round cost (ms); 0 = unknown: the floor rule
     draft_ms: float | None = None  # the device's drafting time per draft token; None = not measured yet
     wait_ms: float | None = None  # proposal sent -> verdict back, less its rows' cost; None = not measured yet
 
@@ -125,8 +131,9 @@ class SpeculationPolicy:
         if not self.alphas:
             self.alphas = [PRIOR_ALPHA] * self.gamma
 
-    def observe(self, proposed: int, accepted: int, row_cost_ms: float = 0.0, now: float = 0.0) -> None:
-        """One verdict: ``accepted`` of ``proposed`` draft tokens, and the server's row cost."""
+    def observe(self, proposed: int, accepted: int, row_cost_ms: float = 0.0, now: float = 0.0,
+                round_cost_ms: float = 0.0) -> None:
+        """One verdict: ``accepted`` of ``proposed`` draft tokens, and the server's row and round costs."""
         tested = min(proposed, accepted + 1, self.gamma)  # positions the target really compared
         for i in range(self.gamma):
             if i < tested:
@@ -136,6 +143,7 @@ class SpeculationPolicy:
                 self.alphas[i] += RELAX * (PRIOR_ALPHA - self.alphas[i])
         if row_cost_ms > 0.0:
             self.row_cost = row_cost_ms
+            self.round_cost = max(0.0, round_cost_ms)
             self.floor.observe(row_cost_ms, now)
         if proposed == 0 and self.draft_ms is not None:
             self.draft_ms *= 1.0 - RELAX  # not measured this round: let a stopped session probe again
@@ -154,6 +162,8 @@ class SpeculationPolicy:
 
     @property
     def fixed_cost(self) -> float:
+        if self.round_cost > 0.0:
+            return self.round_cost
         return ROUND_COST_ROWS * self.floor.value
 
     def choose(self, cap: int | None = None) -> int:
