@@ -1,17 +1,26 @@
 """Context lookup in front of a model or feature drafter (workers/lookup.py): where the context
 repeats, the round drafts what followed the repeat; elsewhere the model drafts, and the model's
-own cache stays right either way. Over real sockets it stays token-identical to the target alone."""
+own cache stays right either way. Over real sockets it stays token-identical to the target alone,
+and against a scripted broker each way of drafting keeps its own adaptive length."""
 
+import asyncio
+import contextlib
 import random
 
+import zmq
+import zmq.asyncio
+
 from pipeline.client import DrafterClient
+from pipeline.config import load_config
 from pipeline.models import load_causal_lm
-from pipeline.protocol import Sampling
+from pipeline.protocol import BROKER_FRONTEND_ACCEPTS, Heartbeat, Propose, Sampling, Verdict
 from pipeline.reference import greedy_reference
-from tests.conftest import make_stack
+from pipeline.sockets import make_socket
+from tests.conftest import make_stack, stack_overrides
 from tests.test_feature_drafter import feature_head_dir, prompts  # noqa: F401 - the module's head fixture
 from training.heldout_alpha import accepted_lengths
-from workers.drafts import ModelDrafter, draft_generator, lookup_draft
+from workers.drafter import DrafterService
+from workers.drafts import Draft, ModelDrafter, draft_generator, lookup_draft
 from workers.lookup import LookupDrafter
 
 
@@ -121,3 +130,89 @@ def test_a_recorded_trace_replays_which_rounds_lookup_drafted(tmp_path, tiny_mod
     recorded = [c for c in replay.drafts]
     assert recorded and replay.match([99, 98]) == 0  # a context never recorded
     assert context_key(prompt) in recorded
+
+
+# --- the adaptive length per way of drafting, against a scripted broker -------------------------
+
+BLOCK = [1, 2, 3, 4, 1, 2, 3, 4]
+
+
+def scripted_text(length: int) -> list[int]:
+    """Fresh tokens (never seen before: the model drafts, and is always wrong) between repeats of
+    one block (lookup drafts, right once two of its tokens have gone by)."""
+    text, fresh = [], 100
+    while len(text) < length:
+        text += list(range(fresh, fresh + 6)) + BLOCK
+        fresh += 6
+    return text[:length]
+
+
+class WrongModel:
+    """A model-kind strategy whose every draft token is wrong."""
+
+    kind = "model"
+    supports_proactive = False
+
+    def new_state(self):
+        return None
+
+    def propose(self, state, committed, gamma, sampling, generator, interrupt=None):
+        return Draft([999] * gamma)
+
+    def commit(self, state, position, accepted, verdict=None):
+        pass
+
+    def rewind(self, state, length):
+        pass
+
+
+async def test_lookup_rounds_keep_drafting_where_the_models_stop():
+    """Dear rows: the model's drafts, always rejected, shrink to nothing, while lookup drafts,
+    mostly right, keep their length; each way of drafting has its own acceptance figures."""
+    text = scripted_text(400)
+    prompt, new_tokens = text[:14], 200
+    drafts: list[list[int]] = []
+
+    async def broker(sock):
+        while True:
+            identity, frame = (await sock.recv_multipart())[:2]
+            msg = BROKER_FRONTEND_ACCEPTS.decode(frame)
+            if isinstance(msg, Heartbeat):
+                await sock.send_multipart([identity, Heartbeat().encode()])
+                continue
+            if not isinstance(msg, Propose):
+                continue
+            drafts.append(list(msg.draft))
+            truth = text[msg.position:msg.position + len(msg.draft) + 1]
+            accepted = next((i for i, t in enumerate(msg.draft) if t != truth[i]), len(msg.draft))
+            # a verifier's time: the round's fixed part and its rows (with none, drafting could never
+            # save the session time, and its clock would stop every draft)
+            await asyncio.sleep((10.0 + 5.0 * (1 + len(msg.draft))) / 1000)
+            verdict = Verdict(msg.session_id, msg.round, accepted, truth[accepted], row_cost_ms=5.0, round_cost_ms=10.0)
+            await sock.send_multipart([identity, verdict.encode()])
+
+    config = load_config(None, stack_overrides("unused", {"lk": {"kind": "model", "gamma": 4, "lookup_min_match": 2}}))
+    ctx = zmq.asyncio.Context()
+    sock = make_socket(ctx, zmq.ROUTER, bind=config.broker.frontend, max_message_bytes=1 << 20)
+    stop = asyncio.Event()
+    service = DrafterService(config, "lk", LookupDrafter(WrongModel(), min_match=2), ctx)
+    tasks = [asyncio.create_task(service.run(stop)), asyncio.create_task(broker(sock))]
+    client = DrafterClient(config.drafter("lk").client, ctx)
+    try:
+        result = await client.complete(prompt, new_tokens, stop_ids=[], timeout=60)
+    finally:
+        client.close()
+        stop.set()
+        tasks[1].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+        sock.close(0)
+        ctx.term()
+    assert result.tokens == text[14:14 + new_tokens]
+    assert result.stats["lookup_rounds"] > 0
+    later = drafts[len(drafts) // 2:]
+    model = [d for d in later if d[:1] == [999] or not d]
+    looked_up = [d for d in later if d and d[0] != 999]
+    assert len(model) >= 10 and len(looked_up) >= 10, drafts
+    assert sum(len(d) for d in model) <= 0.25 * len(model), model  # at most a probe now and then
+    assert sum(len(d) for d in looked_up) >= 2.0 * len(looked_up), looked_up
