@@ -4,22 +4,16 @@ own cache stays right either way. Over real sockets it stays token-identical to 
 and against a scripted broker each way of drafting keeps its own adaptive length."""
 
 import asyncio
-import contextlib
 import random
 
-import zmq
-import zmq.asyncio
-
 from pipeline.client import DrafterClient
-from pipeline.config import load_config
 from pipeline.models import load_causal_lm
-from pipeline.protocol import BROKER_FRONTEND_ACCEPTS, Heartbeat, Propose, Sampling, Verdict
+from pipeline.protocol import Propose, Sampling, Verdict
 from pipeline.reference import greedy_reference
-from pipeline.sockets import make_socket
-from tests.conftest import make_stack, stack_overrides
+from tests.conftest import make_stack
+from tests.scripted_broker import run_drafter
 from tests.test_feature_drafter import feature_head_dir, prompts  # noqa: F401 - the module's head fixture
 from training.heldout_alpha import accepted_lengths
-from workers.drafter import DrafterService
 from workers.drafts import Draft, ModelDrafter, draft_generator, lookup_draft
 from workers.lookup import LookupDrafter
 
@@ -173,41 +167,17 @@ async def test_lookup_rounds_keep_drafting_where_the_models_stop():
     prompt, new_tokens = text[:14], 200
     drafts: list[list[int]] = []
 
-    async def broker(sock):
-        while True:
-            identity, frame = (await sock.recv_multipart())[:2]
-            msg = BROKER_FRONTEND_ACCEPTS.decode(frame)
-            if isinstance(msg, Heartbeat):
-                await sock.send_multipart([identity, Heartbeat().encode()])
-                continue
-            if not isinstance(msg, Propose):
-                continue
-            drafts.append(list(msg.draft))
-            truth = text[msg.position:msg.position + len(msg.draft) + 1]
-            accepted = next((i for i, t in enumerate(msg.draft) if t != truth[i]), len(msg.draft))
-            # a verifier's time: the round's fixed part and its rows (with none, drafting could never
-            # save the session time, and its clock would stop every draft)
-            await asyncio.sleep((10.0 + 5.0 * (1 + len(msg.draft))) / 1000)
-            verdict = Verdict(msg.session_id, msg.round, accepted, truth[accepted], row_cost_ms=5.0, round_cost_ms=10.0)
-            await sock.send_multipart([identity, verdict.encode()])
+    async def answer(msg: Propose) -> Verdict:
+        drafts.append(list(msg.draft))
+        truth = text[msg.position:msg.position + len(msg.draft) + 1]
+        accepted = next((i for i, t in enumerate(msg.draft) if t != truth[i]), len(msg.draft))
+        # a verifier's time: the round's fixed part and its rows (with none, drafting could never
+        # save the session time, and its clock would stop every draft)
+        await asyncio.sleep((10.0 + 5.0 * (1 + len(msg.draft))) / 1000)
+        return Verdict(msg.session_id, msg.round, accepted, truth[accepted], row_cost_ms=5.0, round_cost_ms=10.0)
 
-    config = load_config(None, stack_overrides("unused", {"lk": {"kind": "model", "gamma": 4, "lookup_min_match": 2}}))
-    ctx = zmq.asyncio.Context()
-    sock = make_socket(ctx, zmq.ROUTER, bind=config.broker.frontend, max_message_bytes=1 << 20)
-    stop = asyncio.Event()
-    service = DrafterService(config, "lk", LookupDrafter(WrongModel(), min_match=2), ctx)
-    tasks = [asyncio.create_task(service.run(stop)), asyncio.create_task(broker(sock))]
-    client = DrafterClient(config.drafter("lk").client, ctx)
-    try:
-        result = await client.complete(prompt, new_tokens, stop_ids=[], timeout=60)
-    finally:
-        client.close()
-        stop.set()
-        tasks[1].cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
-        sock.close(0)
-        ctx.term()
+    result = await run_drafter("lk", {"kind": "model", "gamma": 4, "lookup_min_match": 2},
+                               LookupDrafter(WrongModel(), min_match=2), answer, prompt, new_tokens, stop_ids=[])
     assert result.tokens == text[14:14 + new_tokens]
     assert result.stats["lookup_rounds"] > 0
     later = drafts[len(drafts) // 2:]

@@ -102,15 +102,11 @@ def acceptance(argmax_fn: Callable[[torch.Tensor], torch.Tensor], sequences: lis
             continue
         pred = argmax_fn(torch.tensor([ids]))[0]
         agree = (pred[prompt_len - 1 : -1] == torch.tensor(ids[prompt_len:])).tolist()
-        lookup = None
-        if lookup_min_match:
-            def lookup(pos, ids=ids, prompt_len=prompt_len):
-                return lookup_agreement(ids, prompt_len + pos, gamma, lookup_min_match)
-
-            firsts = [lookup(i) for i in range(len(agree))]
-            agree_first = [a if f is None else bool(f) and f[0] for a, f in zip(agree, firsts)]
-        else:
-            agree_first = agree
+        lookup, agree_first = None, agree
+        if lookup_min_match:  # each position's lookup draft, once: α's first drafts and the rounds read it
+            drafts = [lookup_agreement(ids, prompt_len + i, gamma, lookup_min_match) for i in range(len(agree))]
+            agree_first = [a if d is None else d[0] for a, d in zip(agree, drafts)]
+            lookup = drafts.__getitem__
         matched += sum(agree_first)
         total += len(agree)
         rounds += accepted_lengths(agree, gamma, lookup)
