@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from workers.lookup import DEFAULT_MIN_MATCH as LOOKUP
+from workers.token_tree import DEFAULT_TREE_NODES
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class DrafterChoice:
     gamma: int
     min_confidence: float = 0.0
     lookup_min_match: int = 0  # context lookup in front of the drafter (workers/lookup.py); 0 = off
+    tree_nodes: int = 0  # the feature head drafts token trees of at most this many tokens (workers/token_tree.py)
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ DEFAULT = Setup(
     target="smollm2",
     # as config.toml's fleet: the model classes with context lookup in front (workers/lookup.py)
     drafters={"pi5": DrafterChoice("ladder:pi5", 4, 0.5, LOOKUP), "orin": DrafterChoice("ladder:orin", 4, 0.5, LOOKUP),
-              "feature": DrafterChoice("feature", 4, 0.0, LOOKUP), "ngram": DrafterChoice("ngram", 4)},
+              "feature": DrafterChoice("feature", 4, 0.0, LOOKUP, DEFAULT_TREE_NODES), "ngram": DrafterChoice("ngram", 4)},
     server_drafter=DrafterChoice("ladder:orin", 4, 0.5),
     prompts="chat",
     fleet=["pi5", "orin", "feature", "ngram"],  # the classes of `sled demo`'s default fleet

@@ -45,7 +45,7 @@ def target_features(target, tokens: list[int], layers: list[int]) -> torch.Tenso
 
 def record_session(strategy, prompt: list[int], reference: list[int], gamma: int, max_new_tokens: int,
                    stop_ids: list[int], drafts: dict[str, list], features: torch.Tensor | None = None) -> dict:
-    """Walk one session as workers/drafter.py would, adding ``{context_key: [tokens, cpu_s, match]}``.
+    """Walk one session as workers/drafter.py would, adding ``{context_key: [tokens, cpu_s, match, parents]}``.
     ``features`` (a feature-conditioned strategy): the target's, over prompt + reference."""
     state = strategy.new_state()
     match = getattr(strategy, "match", lambda tokens: 0)
@@ -61,10 +61,14 @@ def record_session(strategy, prompt: list[int], reference: list[int], gamma: int
         spent = time.thread_time() - started
         # with context lookup in front (workers/lookup.py): the repeat length it drafted from, which
         # keys the replaying session's acceptance figures as it keys the live drafter's
-        drafts[context_key(committed)] = [draft.tokens, spent, match(committed)]
+        drafts[context_key(committed)] = [draft.tokens, spent, match(committed), draft.parents]
         ahead = reference[generated:]
-        accepted = 0
-        while accepted < len(draft.tokens) and accepted < len(ahead) - 1 and draft.tokens[accepted] == ahead[accepted]:
+        accepted, at = 0, -1
+        links = draft.parents or list(range(-1, len(draft.tokens) - 1))  # a chain is a one-branch tree
+        while accepted < len(ahead) - 1:
+            at = next((i for i, (t, up) in enumerate(zip(draft.tokens, links)) if up == at and t == ahead[accepted]), None)
+            if at is None:
+                break
             accepted += 1
         verdict = None
         if features is not None:  # the verifier's: the token fed first and the accepted drafts
@@ -82,7 +86,7 @@ def record_session(strategy, prompt: list[int], reference: list[int], gamma: int
         rounds += 1
         proposed += len(draft.tokens)
         accepted_total += accepted
-        rejected_rounds += accepted < len(draft.tokens)
+        rejected_rounds += accepted < draft.depth
         compute_s += spent
         if new and new[-1] in stops:
             break
@@ -106,7 +110,8 @@ def record_trace(strategy, kind: str, prompts: list[list[int]], references: list
         for key in totals:
             totals[key] += figures[key]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(msgpack.packb({"kind": kind, "feature_layers": layers, "drafts": drafts}))
+    path.write_bytes(msgpack.packb({"kind": kind, "feature_layers": layers, "drafts": drafts,
+                                    "tree_nodes": getattr(strategy, "tree_nodes", 0), "gamma": gamma}))
     totals["acceptance_rate"] = totals["accepted"] / totals["proposed"] if totals["proposed"] else 0.0
     reached = totals["accepted"] + totals["rejected_rounds"]  # draft positions the verifier decided on
     totals["alpha_per_position"] = totals["accepted"] / reached if reached else 0.0

@@ -103,6 +103,7 @@ class Generation:
             "proactive_hits": stats.get("proactive_hits"),  # rounds whose draft was made during the last verify
             "proactive_wasted": stats.get("proactive_wasted"),  # tokens drafted ahead and dropped
             "lookup_rounds": stats.get("lookup_rounds"),  # rounds drafted by context lookup (workers/lookup.py)
+            "tree_rounds": stats.get("tree_rounds"),  # rounds that proposed a token tree (workers/token_tree.py)
             "seed": self.request.seed,
             **({"session_cancelled": True} if stats.get("session_cancelled") else {}),
         }

@@ -38,7 +38,9 @@ class Sampling(msgspec.Struct, frozen=True):
 class Propose(Message, tag="propose"):
     """``position``: tokens committed so far. ``history``: all of them when the verifier must
     (re)build the session, else None. ``q_ids``/``q_probs``: per draft token, the drafter's top-k
-    distribution (sampling only). ``feature_layers``: hidden states a feature drafter asks for."""
+    distribution (sampling only). ``feature_layers``: hidden states a feature drafter asks for.
+    ``parents``: a token tree instead of a chain (greedy only): draft token i continues draft
+    token ``parents[i]`` (< i), or the last committed token when -1; empty: a chain."""
     session_id: str
     round: int
     position: int
@@ -51,6 +53,7 @@ class Propose(Message, tag="propose"):
     seed: int = 0
     drafter_kind: str = ""
     feature_layers: list[int] = []
+    parents: list[int] = []
 
     @property
     def sampling(self) -> Sampling:
@@ -58,7 +61,8 @@ class Propose(Message, tag="propose"):
 
     @property
     def target_tokens(self) -> int:
-        """Rows this proposal costs in the verify forward: the last committed token + the draft."""
+        """Rows this proposal costs in the verify forward: the last committed token + the draft
+        (every node of a tree is a row)."""
         return 1 + len(self.draft)
 
 
@@ -68,7 +72,9 @@ class Verdict(Message, tag="verdict"):
     ``row_cost_ms``: the broker's estimate of what one more verify row costs the server now (its
     marginal cost at the current batch); ``round_cost_ms``: what a session's round costs it
     whatever its rows (its share of the forward's fixed cost); a drafter weighs its next draft
-    length against the two (brokers/estimator.py, workers/speculation.py). 0.0: unknown."""
+    length against the two (brokers/estimator.py, workers/speculation.py). 0.0: unknown.
+    ``path``: for a tree proposal, the accepted draft tokens' indices, root to leaf
+    (``accepted`` of them); empty for a chain, whose accepted tokens are its first ones."""
     session_id: str
     round: int
     accepted: int
@@ -79,6 +85,11 @@ class Verdict(Message, tag="verdict"):
     features_start: int = 0
     row_cost_ms: float = 0.0
     round_cost_ms: float = 0.0
+    path: list[int] = []
+
+    def accepted_tokens(self, draft: list[int]) -> list[int]:
+        """The draft tokens this verdict accepted, in order (chain or tree)."""
+        return [draft[i] for i in self.path] if self.path else draft[: self.accepted]
 
 class CloseSession(Message, tag="close"):
     session_id: str

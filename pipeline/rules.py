@@ -44,8 +44,23 @@ def propose_problem(item: Propose, limits: LimitsConfig) -> str | None:
         return f"feature_layers: at most {MAX_FEATURE_LAYERS} indices, each >= -1"
     if problem := _sampling_problem(item.temperature, item.top_p):
         return problem
+    if item.parents:
+        return _tree_problem(item)
     if item.q_ids or item.q_probs:
         return _q_problem(item)
+    return None
+
+
+def _tree_problem(item: Propose) -> str | None:
+    """A token tree: one parent per draft token, each an earlier token or -1 (the last committed
+    one). Greedy only: the verifier walks the tree along the target's argmax; a sampled tree would
+    need multi-draft rejection sampling (SpecInfer's), which SLED does not do."""
+    if item.temperature > 0.0:
+        return "a token tree (parents) needs greedy decoding (temperature 0)"
+    if len(item.parents) != len(item.draft):
+        return "parents needs one entry per draft token"
+    if any(not -1 <= parent < i for i, parent in enumerate(item.parents)):
+        return "each parent must be -1 or the index of an earlier draft token"
     return None
 
 

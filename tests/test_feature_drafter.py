@@ -92,14 +92,15 @@ async def test_features_on_the_wire_equal_the_target_hidden_states(tmp_path, tin
     assert torch.allclose(got, expected[: len(committed) - 1], atol=2e-3, rtol=2e-3)
 
 
-def feature_drafters(tiny_models, feature_head_dir):
-    return {"feat": {"kind": "feature", "model": str(feature_head_dir), "gamma": 3},
+def feature_drafters(tiny_models, feature_head_dir, **feat):
+    return {"feat": {"kind": "feature", "model": str(feature_head_dir), "gamma": 3, **feat},
             "small": {"kind": "model", "model": str(tiny_models["small"]), "gamma": 3}}
 
 
-async def test_feature_drafter_is_token_identical_to_the_target_alone(tmp_path, tiny_models, feature_head_dir):
+@pytest.mark.parametrize("tree", [{}, {"tree_nodes": 6, "lookup_min_match": 1}], ids=["chain", "tree+lookup"])
+async def test_feature_drafter_is_token_identical_to_the_target_alone(tmp_path, tiny_models, feature_head_dir, tree):
     batch = prompts(6, 3)
-    stack = make_stack(tmp_path, tiny_models["target"], feature_drafters(tiny_models, feature_head_dir))
+    stack = make_stack(tmp_path, tiny_models["target"], feature_drafters(tiny_models, feature_head_dir, **tree))
     async with stack:
         results = await generate_all(stack, batch, 40)
     target = load_causal_lm(str(tiny_models["target"]))
@@ -107,6 +108,50 @@ async def test_feature_drafter_is_token_identical_to_the_target_alone(tmp_path, 
     feat = [r.stats for r in results if r.stats["drafter"] == "feat"]
     assert sum(s["proposed"] for s in feat) > 0, "the feature head never drafted"
     assert all(s["wire_bytes"] > 0 for s in feat)
+    if tree:
+        assert sum(s["tree_rounds"] for s in feat) > 0 and sum(s["accepted"] for s in feat) > 0
+
+
+def test_a_trees_branches_are_the_heads_likeliest_tokens_along_their_paths():
+    """The committed head on the real target: every node of a drafted tree is one of the
+    TREE_BRANCH likeliest tokens the head gives as a chain along the node's path (drafted one
+    token at a time through its cache), so the tree's attention mask and positions are the
+    chain's; and the head's cache holds only the true entries afterwards."""
+    from pipeline.models import load_tokenizer
+    from pipeline.protocol import Sampling
+    from pipeline.sample_prompts import chat_prompt_ids
+    from workers.drafts import draft_generator
+    from workers.feature_drafter import FeatureDrafter
+    from workers.token_tree import TREE_BRANCH
+    from workers.feature_head import HeadCache, load_head
+
+    torch.set_num_threads(1)
+    target = load_causal_lm("smollm2")
+    head = load_head(target)
+    drafter = FeatureDrafter(head, tree_nodes=10)
+    ids = chat_prompt_ids(load_tokenizer("smollm2"), "What is a river?")
+    with torch.no_grad():
+        feats = target(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, :-1]
+    state = drafter.new_state()
+    drafter.commit(state, len(ids), 0, Verdict("s", 0, 0, 0, features=feats.half().numpy().tobytes(), features_start=0))
+    draft = drafter.propose(state, ids, 4, Sampling(), draft_generator(0))
+    assert 4 < len(draft.tokens) <= 10 and draft.depth == 4 and draft.parents[0] == -1
+    assert state.cache.length == len(ids) - 1
+    for i, token in enumerate(draft.tokens):
+        path = []
+        at = draft.parents[i]
+        while at >= 0:
+            path.insert(0, draft.tokens[at])
+            at = draft.parents[at]
+        cache = HeadCache()
+        cache.k, cache.v = state.cache.k, state.cache.v
+        predicted = state.predicted
+        with torch.no_grad():
+            for depth, previous in enumerate(path, 1):
+                predicted = head.extend(cache, head.entry(predicted[:, -1:], torch.tensor([[previous]])),
+                                        len(ids) - 2 + depth)
+            likeliest = head.vocab_ids[head.logits(predicted[0, -1]).topk(TREE_BRANCH).indices].tolist()
+        assert token in likeliest, (i, path, token, likeliest)
 
 
 async def test_a_killed_verifier_mid_generation_with_a_feature_drafter(tmp_path, tiny_models, feature_head_dir):
@@ -161,9 +206,10 @@ def test_committed_feature_head_drafts_what_the_target_would_say():
     assert stats["alpha"] > 0.2 and stats["tokens_per_round"] > 1.2
 
 
-def test_committed_feature_head_keeps_sled_lossless_on_the_real_target():
+@pytest.mark.parametrize("tree_nodes, backend", [(0, "eager"), (8, "static")])
+def test_committed_feature_head_keeps_sled_lossless_on_the_real_target(tree_nodes, backend):
     """Round by round through the real verifier (features on every verdict): token-identical to
-    the target alone, with the head's drafts really accepted."""
+    the target alone, with the head's drafts really accepted, as chains and as token trees."""
     from pipeline.config import LimitsConfig
     from pipeline.models import load_tokenizer
     from pipeline.sample_prompts import chat_prompt_ids
@@ -171,25 +217,28 @@ def test_committed_feature_head_keeps_sled_lossless_on_the_real_target():
     from workers.drafts import draft_generator
     from workers.feature_drafter import FeatureDrafter
     from workers.feature_head import load_head
+    from workers.static_verifier import StaticVerifier
     from workers.target import TargetVerifier
 
     torch.set_num_threads(1)
     target = load_causal_lm("smollm2")
     tokenizer = load_tokenizer("smollm2")
-    drafter = FeatureDrafter(load_head(target))
-    verifier = TargetVerifier(target, max_sessions=4, limits=LimitsConfig())
+    drafter = FeatureDrafter(load_head(target), tree_nodes=tree_nodes)
+    verifier = (TargetVerifier(target, max_sessions=4, limits=LimitsConfig()) if backend == "eager"
+                else StaticVerifier(target, max_sessions=4, limits=LimitsConfig(max_history_tokens=512), kv_cache_mb=64))
     prompt = chat_prompt_ids(tokenizer, "Name three rivers in Europe.")
     stop, new_tokens = tokenizer.eos_token_id, 24
-    committed, state, accepted, round_ = list(prompt), drafter.new_state(), 0, 0
+    committed, state, accepted, round_, trees = list(prompt), drafter.new_state(), 0, 0, 0
     while len(committed) - len(prompt) < new_tokens and committed[-1] != stop:
         budget = new_tokens - (len(committed) - len(prompt))
         draft = drafter.propose(state, committed, min(4, budget - 1), Sampling(), draft_generator(0))
         item = Propose("real", round_, len(committed), draft.tokens, history=list(committed) if round_ == 0 else None,
-                       feature_layers=drafter.feature_layers)
+                       feature_layers=drafter.feature_layers, parents=draft.parents)
         verdict = verifier.verify_batch([item])[0]
         assert not verdict.error, verdict
         drafter.commit(state, len(committed), verdict.accepted, verdict)
-        new = [*draft.tokens[: verdict.accepted], verdict.token][:budget]
+        trees += bool(draft.parents)
+        new = [*verdict.accepted_tokens(draft.tokens), verdict.token][:budget]
         if stop in new:
             new = new[: new.index(stop) + 1]
         committed += new
@@ -197,6 +246,7 @@ def test_committed_feature_head_keeps_sled_lossless_on_the_real_target():
         round_ += 1
     assert committed[len(prompt):] == greedy_reference(target, prompt, new_tokens, [stop])
     assert accepted > 0
+    assert (trees > 0) == (tree_nodes > 0)
 
 
 def test_a_bench_trace_hands_the_head_what_the_verdicts_would(tmp_path, tiny_models, feature_head_dir):

@@ -4,7 +4,10 @@ The rungs are the ladder's (kind "model") and the feature-conditioned head (kind
 drafters/feature), measured on the same held-out sequences. Each is measured twice: alone, and
 as "NAME+lookup" with context lookup in front of it (workers/lookup.py, ``lookup_min_match`` =
 DEFAULT_MIN_MATCH), which drafts where the context repeats and leaves the rest to the model. A
-lookup rung's draft speed is its model's: lookup costs no model step, so it is a lower bound."""
+lookup rung's draft speed is its model's: lookup costs no model step, so it is a lower bound.
+The feature head is measured a third way, drafting token trees ("feature+tree", and
+"feature+lookup+tree" with the repeat's continuation as one more branch): tokens per round, and
+the tree's draft tokens per round, each a verify row (training/feature_eval.py evaluate_tree)."""
 
 from __future__ import annotations
 
@@ -55,6 +58,8 @@ def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None
     }
     names = rungs if rungs is not None else [*RUNGS, "feature"]
     for name in [*names, *(f"{n}+lookup" for n in names if not n.endswith("+lookup"))]:
+        if name.endswith("+tree"):
+            continue
         base, lookup = name.removesuffix("+lookup"), LOOKUP_MIN_MATCH if name.endswith("+lookup") else 0
         if base == "feature":
             rung = _feature_rung(target, target_spec, gamma, feature_dir, lookup)
@@ -64,7 +69,30 @@ def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None
         if lookup:
             rung.update(name=name, lookup_min_match=lookup)
         report["rungs"].append(rung)
+    if "feature" in names or "feature+tree" in names:
+        for lookup in (0, LOOKUP_MIN_MATCH):
+            report["rungs"].append(_tree_rung(target, target_spec, gamma, feature_dir, lookup))
     return report
+
+
+def _tree_rung(target, target_spec: str, gamma: int, folder=None, lookup: int = 0) -> dict:
+    """The feature head drafting token trees of DEFAULT_TREE_NODES tokens (workers/token_tree.py):
+    tokens per round, and what the tree costs: its tokens are verify rows."""
+    from training.feature_eval import evaluate_tree, heldout_features
+    from workers.token_tree import DEFAULT_TREE_NODES
+    from workers.feature_head import FEATURE_DIR, load_head
+
+    head = load_head(target, folder or FEATURE_DIR)
+    heldout = heldout_features(target_spec, model=target, feature_layers=head.spec.feature_layers)
+    stats = evaluate_tree(head, heldout, gamma, DEFAULT_TREE_NODES, lookup_min_match=lookup)
+    return {
+        "name": "feature+lookup+tree" if lookup else "feature+tree", "kind": "feature", "layers": 1,
+        "params": sum(p.numel() for p in head.parameters()), "tree_nodes": DEFAULT_TREE_NODES,
+        # α of a tree: how often its first level holds the target's next token, per round
+        "alpha": stats["first_level_hit_rate"], **stats,
+        "draft_tokens_per_s": round(1000 * stats["draft_tokens_per_round"] / max(1e-9, stats["draft_ms_per_round"]), 1),
+        **({"lookup_min_match": lookup} if lookup else {}),
+    }
 
 
 def _model_rung(target, target_spec: str, name: str, sequences, prompts, gamma: int, ladder_dir, lookup: int) -> dict:

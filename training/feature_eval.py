@@ -109,6 +109,68 @@ def evaluate_head(head: FeatureHead, heldout: list[tuple], gamma: int = 4, looku
 
 
 @torch.no_grad()
+def evaluate_tree(head: FeatureHead, heldout: list[tuple], gamma: int = 4, tree_nodes: int = 8,
+                  lookup_min_match: int = 0) -> dict:
+    """Token trees (workers/token_tree.py) on the held-out rounds, drafted by the device's own code
+    (FeatureDrafter with ``tree_nodes``, with the lookup branch where ``lookup_min_match`` finds a
+    repeat). Each round's accepted tokens are the longest path of the tree that follows the
+    target's tokens, and every tree token costs one verify row; so besides tokens per round this
+    reports the draft tokens (rows) per round, tokens per verify row, and drafting time per round."""
+    from workers.feature_drafter import FeatureDrafter, FeatureDraftState
+    from workers.drafts import lookup_draft
+    from workers.lookup import with_chain
+
+    drafter = FeatureDrafter(head, tree_nodes=tree_nodes, gamma=gamma)
+    rounds: list[int] = []
+    rows: list[int] = []
+    seconds = 0.0
+    lookup_rounds = first_level_hits = 0
+    for ids, prompt_len, feats in heldout:
+        n = len(ids)
+        if n <= prompt_len or prompt_len < 2:
+            continue
+        tokens = torch.tensor([ids])
+        entries = head.entry(head.fused(feats[None, :-1].float()), tokens[:, 1:])
+        q, k, v = head.layer.qkv(entries, torch.arange(n - 1))
+        level0 = head.norm(head.layer.finish(entries, q, k, v, None))
+        p = prompt_len
+        while p < n:
+            state = FeatureDraftState(predicted=level0[:, p - 2 : p - 1])  # true entries 0 .. p-2, as after a verdict
+            state.cache.k, state.cache.v = k[:, :, : p - 1], v[:, :, : p - 1]
+            started = time.perf_counter()
+            draft = drafter._tree(state, ids[:p], gamma, tree_nodes)
+            seconds += time.perf_counter() - started
+            chain = lookup_draft(ids[:p], gamma, 4, lookup_min_match)[0] if lookup_min_match else []
+            if chain:
+                draft.tokens, draft.parents = with_chain(draft.tokens, draft.parents, chain)
+                lookup_rounds += 1
+            at, accepted = -1, 0
+            while p + accepted < n:
+                want = ids[p + accepted]
+                at = next((i for i, (t, up) in enumerate(zip(draft.tokens, draft.parents)) if up == at and t == want), None)
+                if at is None:
+                    break
+                accepted += 1
+            rounds.append(accepted)
+            rows.append(len(draft.tokens))
+            first_level_hits += accepted > 0
+            p += accepted + 1
+    mean_accepted = sum(rounds) / max(1, len(rounds))
+    mean_rows = sum(rows) / max(1, len(rows))
+    return {
+        # per round, not per position: how often the tree's first level holds the target's token
+        "first_level_hit_rate": round(first_level_hits / max(1, len(rounds)), 4),
+        "tokens_per_round": round(mean_accepted + 1, 3),
+        "mean_accepted_per_round": round(mean_accepted, 3),
+        "draft_tokens_per_round": round(mean_rows, 2),
+        "tokens_per_verify_row": round((mean_accepted + 1) / (1 + mean_rows), 3),
+        "draft_ms_per_round": round(1000 * seconds / max(1, len(rounds)), 2),
+        "rounds": len(rounds),
+        "lookup_rounds_fraction": round(lookup_rounds / max(1, len(rounds)), 4),
+    }
+
+
+@torch.no_grad()
 def head_draft_tokens_per_s(head: FeatureHead, heldout: list[tuple], new_tokens: int = 32, prompts: int = 3) -> float:
     """Batch-1 chained drafting through the head's cache, as the device drafts; median over
     prompts, the prompt's entries not timed."""

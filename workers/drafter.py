@@ -70,6 +70,8 @@ def split_draft(drafted: Draft, length: int) -> tuple[Draft, int | None]:
     """The first ``length`` tokens as the proposal, and the next one, if drafted, as the guess of
     the target's token (what proactive drafting assumes). A draft is cut at any length without
     harm: each token's q was the distribution it was drawn from, given the tokens before it."""
+    if drafted.parents:  # a token tree is drafted to its depth and never guesses past itself
+        return drafted, None
     guess = drafted.tokens[length] if len(drafted.tokens) > length else None
     draft = Draft(drafted.tokens[:length], drafted.q_ids[:length], drafted.q_probs[:length], drafted.compute_s,
                   lookup=drafted.lookup)
@@ -347,22 +349,27 @@ class DrafterService:
         # one acceptance estimate per way of drafting, chosen from the context each round: the
         # model's, this session's own, and with context lookup in front of it each repeat length's,
         # the drafter's (workers/lookup.py)
-        own = SpeculationPolicy(self.cfg.gamma, floor=self.row_floor) if self.cfg.adaptive else None
+        # a drafter of token trees drafts them in greedy sessions: a draft of depth k costs its
+        # tree's rows, and its acceptance per depth is a tree's (workers/token_tree.py)
+        tree_rows = getattr(self.strategy, "tree_rows", None) if sampling.greedy else None
+        own = SpeculationPolicy(self.cfg.gamma, floor=self.row_floor, rows=tree_rows) if self.cfg.adaptive else None
         match = getattr(self.strategy, "match", lambda tokens: 0)
 
         def policy_for(tokens: list[int]) -> SpeculationPolicy | None:
             key = match(tokens) if own is not None else 0
             if key == 0:
                 return own
+            key = (key, tree_rows is not None)
             if key not in self.lookup_policies:
-                self.lookup_policies[key] = SpeculationPolicy(self.cfg.gamma, floor=self.row_floor)
+                self.lookup_policies[key] = SpeculationPolicy(self.cfg.gamma, floor=self.row_floor, rows=tree_rows)
             return self.lookup_policies[key]
 
         # per session: rounds with a rejected draft token and rounds per draft length, from which
         # the per-position acceptance probability and the expected tokens per round follow
         figures = {"rounds": 0, "proposed": 0, "accepted": 0, "rejected_rounds": 0,
                    "draft_lengths": [0] * (self.cfg.gamma + 1), "gamma_sum": 0,
-                   "proactive_hits": 0, "proactive_wasted": 0, "proactive_wasted_s": 0.0, "lookup_rounds": 0}
+                   "proactive_hits": 0, "proactive_wasted": 0, "proactive_wasted_s": 0.0, "lookup_rounds": 0,
+                   "tree_rounds": 0}
         feature_layers = list(getattr(self.strategy, "feature_layers", []))
         generated, round_, finish = 0, 0, "length"
         ready: Ahead | None = None  # the next round's draft, made ahead and confirmed by the verdict
@@ -385,12 +392,14 @@ class DrafterService:
                                  and self._length(policy, budget - gamma - 1) > 0)
                     drafted = await self._draft(state, committed, gamma + guess_too, sampling)
                     if policy is not None and gamma + guess_too > 0:
-                        policy.observe_draft(len(drafted.tokens), drafted.device_s)
+                        # a tree's length in the policy's terms is the one it was asked for (its share of the full tree)
+                        policy.observe_draft(gamma if drafted.parents else len(drafted.tokens), drafted.device_s)
                 draft, guess = split_draft(drafted, gamma)
+                length = gamma if draft.parents else len(draft.tokens)
                 proposal = Propose(
                     run.session_id, round_, len(committed), draft.tokens, draft.q_ids, draft.q_probs,
                     list(committed) if round_ == 0 else None, req.temperature, req.top_p, req.seed, self.strategy.kind,
-                    feature_layers,
+                    feature_layers, draft.parents,
                 )
                 assumed = [*committed, *draft.tokens] if guess is not None else []
                 if assumed and not stops.intersection([*draft.tokens, guess]):
@@ -427,11 +436,11 @@ class DrafterService:
                     await loop.run_in_executor(self.executor, self.strategy.commit, state, len(committed),
                                                verdict.accepted, verdict)
                 if policy is not None:
-                    policy.observe(len(draft.tokens), verdict.accepted, verdict.row_cost_ms, time.monotonic(),
+                    policy.observe(length, verdict.accepted, verdict.row_cost_ms, time.monotonic(),
                                    verdict.round_cost_ms)
                     if round_ > 0:  # the first round's wait is the prompt's prefill
                         policy.observe_wait(len(draft.tokens), waited)
-                new = [*draft.tokens[: verdict.accepted], verdict.token][:budget]
+                new = [*verdict.accepted_tokens(draft.tokens), verdict.token][:budget]
                 for i, token in enumerate(new):
                     if token in stops:
                         new, finish = new[: i + 1], "stop"
@@ -443,9 +452,10 @@ class DrafterService:
                 figures["proposed"] += len(draft.tokens)
                 figures["accepted"] += verdict.accepted
                 figures["rejected_rounds"] += verdict.accepted < len(draft.tokens)
-                figures["draft_lengths"][min(len(draft.tokens), self.cfg.gamma)] += 1
+                figures["draft_lengths"][min(length, self.cfg.gamma)] += 1
                 figures["gamma_sum"] += gamma
                 figures["lookup_rounds"] += draft.lookup
+                figures["tree_rounds"] += bool(draft.parents)
                 self.stats.rounds += 1
                 self.stats.proposed += len(draft.tokens)
                 self.stats.accepted += verdict.accepted

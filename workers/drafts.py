@@ -31,6 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from pipeline.protocol import Sampling
+from workers.token_tree import cut_tree, tree_depths, tree_rows
 
 
 def pick_token(logits: torch.Tensor, sampling: Sampling, top_k: int, generator: torch.Generator):
@@ -55,6 +56,14 @@ class Draft:
     cut: bool = False  # interrupted before gamma tokens (not a confidence stop): the rest may follow
     device_s: float = 0.0  # seconds the device spent on it (set by the drafter service: wall time, or emulated)
     lookup: bool = False  # drafted by context lookup (workers/lookup.py), not by the model
+    parents: list[int] = field(default_factory=list)  # a token tree (workers/token_tree.py); empty: a chain
+
+    @property
+    def depth(self) -> int:
+        """Draft positions a verdict can test: a chain's length, a tree's deepest level."""
+        if not self.parents:
+            return len(self.tokens)
+        return max(tree_depths(self.parents), default=0)
 
 
 def draft_generator(seed: int) -> torch.Generator:
@@ -204,8 +213,9 @@ def context_key(tokens: list[int]) -> str:
 
 
 class ReplayDrafter:
-    """Replays a recorded draft trace: ``{"kind": ..., "drafts": {context_key: [tokens, compute_s, match]}}``
-    (``match``: the repeat length a lookup draft came from, 0 for the model's; older traces lack it).
+    """Replays a recorded draft trace: ``{"kind": ..., "drafts": {context_key: [tokens, compute_s, match, parents]}}``
+    (``match``: the repeat length a lookup draft came from, 0 for the model's; ``parents``: a token
+    tree's, empty for a chain; older traces lack them).
 
     Under greedy decoding a drafter's proposal is a function of the committed context, and a
     lossless verifier makes every session follow the recorded path, so each lookup hits. A miss
@@ -223,6 +233,10 @@ class ReplayDrafter:
         # a lookup finds any recorded context ahead of time too, but a feature class could not
         # draft ahead on a real device (workers/feature_drafter.py)
         self.supports_proactive = not self.feature_layers
+        self.tree_gamma = trace.get("gamma", 4)  # the draft length the trees were recorded at
+        self.tree_nodes = trace.get("tree_nodes", 0)  # its drafts are token trees (greedy, as every replay)
+        if self.tree_nodes:
+            self.tree_rows = lambda length: tree_rows(length, self.tree_nodes, trace.get("gamma", 4))
         self.hits = 0
         self.misses = 0
 
@@ -240,6 +254,12 @@ class ReplayDrafter:
             return Draft([])
         self.hits += 1
         tokens, compute_s = entry[0], entry[1]
+        parents = entry[3] if len(entry) > 3 else []
+        if parents:  # a token tree: as many of its likeliest paths as a draft of length gamma keeps
+            # (a recorded lookup branch, listed last, goes with the first cut: an approximation)
+            if gamma < self.tree_gamma:
+                tokens, parents = cut_tree(tokens, parents, self.tree_rows(gamma))
+            return Draft(list(tokens), compute_s=compute_s, parents=list(parents))
         if 0 < gamma < len(tokens):  # a shorter draft than the recorded one costs its share of the time
             compute_s *= gamma / len(tokens)
         return Draft(list(tokens[:gamma]), compute_s=compute_s)
@@ -280,7 +300,8 @@ def _build_strategy(cfg, target_spec: str):
         target = load_causal_lm(target_spec, dtype="float32")
         head = load_head(target, Path(cfg.model) if cfg.model else FEATURE_DIR)
         del target
-        return FeatureDrafter(head, min_confidence=cfg.min_confidence, top_k=cfg.top_k)
+        return FeatureDrafter(head, min_confidence=cfg.min_confidence, top_k=cfg.top_k, tree_nodes=cfg.tree_nodes,
+                              gamma=cfg.gamma)
     if cfg.kind != "model":
         raise ValueError(f"unknown drafter kind {cfg.kind!r} (model, feature or ngram)")
     if cfg.model.startswith("ladder:"):

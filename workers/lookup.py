@@ -36,6 +36,9 @@ class LookupDrafter:
         self.ngram_max = max(ngram_max, min_match)
         self.kind = inner.kind
         self.supports_proactive = getattr(inner, "supports_proactive", False)
+        self.tree_nodes = getattr(inner, "tree_nodes", 0)
+        if self.tree_nodes:
+            self.tree_rows = inner.tree_rows
         if hasattr(inner, "feature_layers"):
             self.feature_layers = inner.feature_layers  # a feature drafter's verdicts still bring features
 
@@ -52,6 +55,12 @@ class LookupDrafter:
         tokens, _ = lookup_draft(committed, gamma, self.ngram_max, self.min_match)
         if not tokens:
             return self.inner.propose(state, committed, gamma, sampling, generator, interrupt=interrupt)
+        if sampling.greedy and getattr(self.inner, "tree_nodes", 0):
+            # a drafter of token trees verifies both: the repeat's continuation as one more branch
+            tree = self.inner.propose(state, committed, gamma, sampling, generator, interrupt=interrupt)
+            tree.tokens, tree.parents = with_chain(tree.tokens, tree.parents, tokens)
+            tree.lookup = True
+            return tree
         # a zero-length proposal tells the inner drafter that none of its draft tokens are out
         # (the model drafter's commit keeps only the fed drafts of its own last proposal)
         self.inner.propose(state, committed, 0, sampling, generator)
@@ -66,3 +75,16 @@ class LookupDrafter:
 
     def rewind(self, state, length: int) -> None:
         self.inner.rewind(state, length)
+
+
+def with_chain(tokens: list[int], parents: list[int], chain: list[int]) -> tuple[list[int], list[int]]:
+    """A token tree with ``chain`` added as a path from the root, sharing the nodes it already has."""
+    tokens, parents, at = list(tokens), list(parents), -1
+    for token in chain:
+        child = next((i for i, (t, p) in enumerate(zip(tokens, parents)) if p == at and t == token), None)
+        if child is None:
+            tokens.append(token)
+            parents.append(at)
+            child = len(tokens) - 1
+        at = child
+    return tokens, parents

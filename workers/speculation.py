@@ -57,6 +57,7 @@ by RELAX, as an unobserved acceptance drifts to its prior, so it probes again no
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 PRIOR_ALPHA = 0.8  # before any verdict: a decent drafter (the first rounds then draft like today)
@@ -76,16 +77,19 @@ def expected_tokens(alphas: list[float], k: int) -> float:
     return total
 
 
-def best_length(alphas: list[float], gamma: int, row_cost: float, fixed: float, per_draft_token: float = 0.0) -> int:
+def best_length(alphas: list[float], gamma: int, row_cost: float, fixed: float, per_draft_token: float = 0.0,
+                rows: Callable[[int], int] | None = None) -> int:
     """The k in [0, gamma] with the least expected cost per committed token, a round costing
-    ``fixed + row_cost * (1 + k) + per_draft_token * k``; ties go to the shorter draft (fewer rows
-    at risk). row_cost <= 0 (unknown): gamma."""
+    ``fixed + row_cost * (1 + rows(k)) + per_draft_token * k``; ties go to the shorter draft (fewer
+    rows at risk). ``rows(k)``: the draft tokens a draft of depth k holds (a chain: k; a token
+    tree: more). row_cost <= 0 (unknown): gamma."""
     gamma = max(0, min(gamma, len(alphas)))
     if row_cost <= 0.0:
         return gamma
     best_k, best = 0, float("inf")
     for k in range(gamma + 1):
-        per_token = (fixed + row_cost * (1 + k) + per_draft_token * k) / expected_tokens(alphas, k)
+        drafted = k if rows is None else rows(k)
+        per_token = (fixed + row_cost * (1 + drafted) + per_draft_token * k) / expected_tokens(alphas, k)
         if per_token < best - 1e-12:
             best_k, best = k, per_token
     return best_k
@@ -126,6 +130,7 @@ class SpeculationPolicy:
     round_cost: float = 0.0  # the latest verdict's round cost (ms); 0 = unknown: the floor rule
     draft_ms: float | None = None  # the device's drafting time per draft token; None = not measured yet
     wait_ms: float | None = None  # proposal sent -> verdict back, less its rows' cost; None = not measured yet
+    rows: Callable[[int], int] | None = None  # draft tokens of a depth-k draft (token trees); None: k
 
     def __post_init__(self) -> None:
         if not self.alphas:
@@ -170,7 +175,7 @@ class SpeculationPolicy:
         """The next draft's length, at most ``cap`` (the tokens the request still allows): the
         shorter of the server's choice and the session clock's."""
         gamma = self.gamma if cap is None else max(0, min(self.gamma, cap))
-        k = best_length(self.alphas, gamma, self.row_cost, self.fixed_cost)
+        k = best_length(self.alphas, gamma, self.row_cost, self.fixed_cost, rows=self.rows)
         if self.draft_ms is not None and self.wait_ms is not None:
-            k = min(k, best_length(self.alphas, k, self.row_cost, self.wait_ms, self.draft_ms))
+            k = min(k, best_length(self.alphas, k, self.row_cost, self.wait_ms, self.draft_ms, self.rows))
         return k

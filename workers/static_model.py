@@ -92,15 +92,28 @@ class StaticModel(nn.Module):
         self.count = len(self.layers)
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor, block_table: torch.Tensor,
-                hidden_layers: tuple[int, ...] = (), logits: bool = True, hidden_rows: torch.Tensor | None = None):
+                hidden_layers: tuple[int, ...] = (), logits: bool = True, hidden_rows: torch.Tensor | None = None,
+                depths: torch.Tensor | None = None, tree: torch.Tensor | None = None):
+        """``depths`` [B, T] and ``tree`` [B, T, T] (bool, row i may see new token j): token trees.
+        New token t of row b is still stored at slot lengths[b] + t, but sits at position
+        lengths[b] + depths[b, t] and attends to the cache and to the new tokens ``tree`` allows
+        (its ancestors and itself). Without them, the new tokens are a chain."""
         core = self.hf.model
         batch, width = input_ids.shape
         page = self.kv.page_size
-        positions = lengths[:, None] + torch.arange(width, device=input_ids.device)  # [B, T]
-        pages_at = block_table.gather(1, positions // page)  # [B, T]: where each new token goes
-        offsets = positions % page
+        slots = lengths[:, None] + torch.arange(width, device=input_ids.device)  # [B, T]
+        pages_at = block_table.gather(1, slots // page)  # [B, T]: where each new token goes
+        offsets = slots % page
         span = block_table.shape[1] * page
-        visible = torch.arange(span, device=input_ids.device)[None, None, :] <= positions[:, :, None]  # [B, T, span]
+        keys_at = torch.arange(span, device=input_ids.device)[None, None, :]
+        if tree is None:
+            positions = slots
+            visible = keys_at <= slots[:, :, None]  # [B, T, span]
+        else:
+            positions = lengths[:, None] + depths
+            new = keys_at - lengths[:, None, None]  # [B, 1, span]: index among the new tokens, < 0 in the cache
+            allowed = tree.gather(2, new.clamp(0, width - 1).expand(batch, width, span))
+            visible = (new < 0) | ((new < width) & allowed)
         mask = visible[:, None]  # [B, 1, T, span], broadcast over heads
 
         x = core.embed_tokens(input_ids)

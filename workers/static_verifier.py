@@ -33,6 +33,7 @@ from pipeline.protocol import ErrorCode, Propose, SledError, Verdict
 from workers.rejection_sampling import position_generator
 from workers.rejection_sampling_batched import accept_batch
 from workers.prefill import plan_prefill
+from workers.token_tree import tree_inputs, verify_tree_greedy
 from workers.static_model import PagedKV, StaticModel, supports
 from workers.target import MAX_PREFILL_FEATURE_ROWS, SessionState, TargetVerifier
 
@@ -217,6 +218,9 @@ class StaticVerifier(TargetVerifier):
         table = self._table([s.pages for s in states] + [[]] * (batch - len(states)), span)
         tensors = dict(ids=ids, lengths=lengths, table=table, draft=draft, n_draft=n_draft, greedy=greedy,
                        temperature=temperature, top_p=top_p, q_ids=q_ids, q_probs=q_probs, uniforms=uniforms)
+        if any(item.parents for item in items):
+            tensors.update(tree_inputs([item.parents if item.parents else list(range(-1, len(item.draft) - 1))
+                                        for item in items], batch, width))
         out = {name: t.to(self.device, non_blocking=True) for name, t in tensors.items()}
         out["sampling"] = not bool(greedy.all())
         return out
@@ -226,8 +230,9 @@ class StaticVerifier(TargetVerifier):
         hidden states, when a proposal asked for features, in one more (``{layer: [B, T, H]}`` on the host)."""
         x = self._inputs(states, items)
         layers = tuple(sorted({i for item in items for i in item.feature_layers}))
+        trees = {name: x[name] for name in ("depths", "tree") if name in x}
         try:
-            logits, hidden = self.step(x["ids"], x["lengths"], x["table"], hidden_layers=layers)
+            logits, hidden = self.step(x["ids"], x["lengths"], x["table"], hidden_layers=layers, **trees)
         except Exception as exc:
             if self.step is self.net:
                 raise
@@ -235,16 +240,38 @@ class StaticVerifier(TargetVerifier):
             # round: serve uncompiled, which the tests check against the target, and say so once
             log.warning("static_compile_failed", error=repr(exc)[:500], fallback="uncompiled")
             self.step, self.compiled = self.net, False
-            logits, hidden = self.step(x["ids"], x["lengths"], x["table"], hidden_layers=layers)
+            logits, hidden = self.step(x["ids"], x["lengths"], x["table"], hidden_layers=layers, **trees)
         verdicts = accept_batch(logits, x["draft"], x["n_draft"], x["greedy"], x["temperature"], x["top_p"],
                                 x["q_ids"], x["q_probs"], x["uniforms"], x["sampling"])
         rows = sum(1 + len(item.draft) for item in items)
         self.stats.verify_tokens += rows
         self.stats.target_tokens += rows  # prefill + verify, as the eager backend counts them
         self.stats.padded_tokens += x["ids"].numel()
-        results = [tuple(v) for v in verdicts[: len(items)].tolist()]
+        results = [(accepted, token, []) for accepted, token in verdicts[: len(items)].tolist()]
+        if trees:  # a tree row's verdict is a walk down its tree (greedy only: pipeline/rules.py)
+            best = logits[: len(items)].argmax(-1).tolist()
+            for row, item in enumerate(items):
+                if item.parents:
+                    path, token = verify_tree_greedy(best[row], item.draft, item.parents)
+                    results[row] = (len(path), token, path)
         features = dict(zip(layers, hidden[:, : len(items)].cpu())) if layers else {}
         return results, features
+
+    def _keep_path(self, state: PagedSession, path: list[int]) -> None:
+        """Move a tree's accepted tokens' keys/values to the slots right after the last committed
+        token (their order along the path), so the session's cache is a plain prefix again."""
+        moves = [(state.length + 1 + node, state.length + depth) for depth, node in enumerate(path, 1)
+                 if node + 1 != depth]
+        if not moves:
+            return
+        page = self.kv.page_size
+        src, dst = zip(*moves)
+        src_pages = torch.tensor([state.pages[s // page] for s in src], device=self.device)
+        dst_pages = torch.tensor([state.pages[d // page] for d in dst], device=self.device)
+        src_at = torch.tensor([s % page for s in src], device=self.device)
+        dst_at = torch.tensor([d % page for d in dst], device=self.device)
+        for pool in (self.kv.keys, self.kv.values):  # [layers, pages + 1, kv_heads, page, dim]
+            pool[:, dst_pages, :, dst_at] = pool[:, src_pages, :, src_at]
 
     @torch.inference_mode()
     def verify_batch(self, items: list[Propose]) -> list[Verdict]:
@@ -274,20 +301,22 @@ class StaticVerifier(TargetVerifier):
                            for _, item, state in ready if item.history is not None])
             states = [s for _, _, s in ready]
             results, hidden = self.forward_round(states, [item for _, item, _ in ready])
-            for row, ((index, item, state), (accepted, token)) in enumerate(zip(ready, results)):
+            for row, ((index, item, state), (accepted, token, path)) in enumerate(zip(ready, results)):
+                self._keep_path(state, path)
                 # the pool holds the last committed token and the accepted draft tokens; the rest is cut
                 state.length += 1 + accepted
                 self.kv.shrink(state.pages, state.length)
                 features, start = b"", 0
                 if item.feature_layers:  # the token fed first and each accepted draft token
-                    rows = torch.cat([hidden[i][row, : 1 + accepted] for i in item.feature_layers], dim=-1)
+                    kept = [0, *(1 + node for node in path)] if path else slice(0, 1 + accepted)
+                    rows = torch.cat([hidden[i][row, kept] for i in item.feature_layers], dim=-1)
                     features, start = self._features(state, rows)
                 state.committed += accepted + 1
                 state.last_token = token
                 self.stats.draft_tokens += len(item.draft)
                 self.stats.accepted_tokens += accepted
                 verdicts[index] = Verdict(item.session_id, item.round, accepted, token, features=features,
-                                          features_start=start)
+                                          features_start=start, path=path)
         self.busy = set()
         self.stats.batches += 1
         self.stats.items += len(ready)

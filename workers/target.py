@@ -25,6 +25,7 @@ from pipeline.config import LimitsConfig
 from pipeline.figures import VerifierFigures
 from pipeline.protocol import ErrorCode, Propose, Sampling, SledError, Verdict
 from workers.rejection_sampling import position_generator, target_probs, verify_greedy, verify_sampling
+from workers.token_tree import tree_inputs, verify_tree_greedy
 from workers.prefill import plan_prefill
 
 # One tensor per session: [layers, 2 (keys, values), kv_heads, length, head_dim]. One tensor, not
@@ -190,9 +191,10 @@ class TargetVerifier:
         state.last_used = time.monotonic()
         return state
 
-    def _forward(self, states: list[SessionState], drafts: list[list[int]], hidden: bool):
+    def _forward(self, states: list[SessionState], drafts: list[list[int]], hidden: bool,
+                 parents: list[list[int]] | None = None):
         rows = [[s.last_token, *d] for s, d in zip(states, drafts)]
-        out = ragged_forward(self.model, self.device, [s.kv for s in states], rows, hidden=hidden)
+        out = ragged_forward(self.model, self.device, [s.kv for s in states], rows, hidden=hidden, parents=parents)
         self.stats.verify_tokens += sum(map(len, rows))
         self.stats.target_tokens += sum(map(len, rows))
         self.stats.padded_tokens += len(rows) * max(map(len, rows))
@@ -216,10 +218,15 @@ class TargetVerifier:
                            for _, item, state in ready if item.history is not None])
             states = [s for _, _, s in ready]
             drafts = [item.draft for _, item, _ in ready]
-            logits, kv, past, hidden = self._forward(states, drafts, any(item.feature_layers for _, item, _ in ready))
+            logits, kv, past, hidden = self._forward(states, drafts, any(item.feature_layers for _, item, _ in ready),
+                                                     [item.parents for _, item, _ in ready])
             for row, (index, item, state) in enumerate(ready):
                 rows = logits[row, : 1 + len(item.draft)]
-                if state.sampling.greedy:
+                path: list[int] = []
+                if item.parents:  # a token tree: greedy only (pipeline/rules.py)
+                    path, token = verify_tree_greedy(rows.argmax(-1).tolist(), item.draft, item.parents)
+                    accepted = len(path)
+                elif state.sampling.greedy:
                     accepted, token = verify_greedy(rows, item.draft)
                 else:
                     probs = target_probs(rows, state.sampling)
@@ -227,16 +234,18 @@ class TargetVerifier:
                     generator = position_generator(state.sampling.seed, state.committed)
                     accepted, token = verify_sampling(probs, item.draft, item.q_ids, item.q_probs, generator)
                 # keep the cache through the last committed token and the accepted draft tokens
-                state.kv = session_kv(kv, row, past - state.cached, past + 1 + accepted)
+                kept = [0, *(1 + node for node in path)] if path else list(range(1 + accepted))
+                state.kv = session_kv(kv, row, past - state.cached, past + 1 + accepted,
+                                      [past + i for i in kept] if path else None)
                 features, start = b"", 0
                 if item.feature_layers:
-                    features, start = self._features(state, pick_hidden(hidden, item.feature_layers)[row, : 1 + accepted])
+                    features, start = self._features(state, pick_hidden(hidden, item.feature_layers)[row, kept])
                 state.committed += accepted + 1
                 state.last_token = token
                 self.stats.draft_tokens += len(item.draft)
                 self.stats.accepted_tokens += accepted
                 verdicts[index] = Verdict(item.session_id, item.round, accepted, token, features=features,
-                                          features_start=start)
+                                          features_start=start, path=path)
         self.stats.batches += 1
         self.stats.items += len(ready)
         self.stats.compute_s += time.perf_counter() - started
@@ -261,7 +270,7 @@ def pick_hidden(hidden_states, layers: list[int]) -> torch.Tensor:
 
 
 def ragged_forward(model, device, kvs: list[KV | None], rows: list[list[int]], *, hidden: bool = False,
-                   logits: bool = True):
+                   logits: bool = True, parents: list[list[int]] | None = None):
     """One forward over several sequences with different cached lengths and new-token counts.
 
     ``kvs[i]`` caches sequence i's earlier tokens (None: nothing cached); ``rows[i]`` are its new
@@ -272,6 +281,9 @@ def ragged_forward(model, device, kvs: list[KV | None], rows: list[list[int]], *
     the padded cache length (sequence i's new tokens sit at ``past .. past + len(rows[i])``), and
     with ``hidden`` transformers' output_hidden_states tuple (else None). ``logits=False`` runs the
     base model without the head (a prefill needs only the cache) and returns None for the logits.
+    ``parents[i]`` (non-empty): row i's new tokens after the first are a token tree, token 1 + j
+    continuing token 1 + parents[i][j] (the first token when -1); each sits at its depth's
+    position and sees only its ancestors among the new tokens (a 4-D mask).
     Used by the verifier and by the server-side drafting baseline of the benchmarks.
     """
     batch = len(rows)
@@ -294,9 +306,19 @@ def ragged_forward(model, device, kvs: list[KV | None], rows: list[list[int]], *
             if lengths[i]:  # left-padded: each sequence's cache ends where the new tokens start
                 stacked[:, :, i, :, past - lengths[i] :] = kv
         cache = DynamicCache(ddp_cache_data=[(stacked[layer, 0], stacked[layer, 1]) for layer in range(layers)])
+    attention = mask
+    if parents and any(parents):
+        links = [p if p else list(range(-1, len(row) - 2)) for p, row in zip(parents, rows)]
+        trees = tree_inputs(links, batch, width)
+        positions = torch.tensor(lengths)[:, None] + trees["depths"]
+        allowed = torch.cat((mask[:, None, :past].expand(batch, width, past).bool(), trees["tree"]), 2)
+        allowed[:, :, past:] &= mask[:, None, past:].bool()
+        dtype = model.get_input_embeddings().weight.dtype
+        attention = torch.zeros((batch, 1, width, past + width), dtype=dtype).masked_fill(
+            ~allowed[:, None], torch.finfo(dtype).min)  # additive: transformers takes a 4-D mask as given
     out = (model if logits else model.base_model)(
         input_ids=input_ids.to(device),
-        attention_mask=mask.to(device),
+        attention_mask=attention.to(device),
         position_ids=positions.to(device),
         cache=cache,
         use_cache=True,
@@ -307,8 +329,13 @@ def ragged_forward(model, device, kvs: list[KV | None], rows: list[list[int]], *
     return out.logits if logits else None, (keys, values), past, out.hidden_states if hidden else None
 
 
-def session_kv(kv: tuple[torch.Tensor, torch.Tensor], row: int, start: int, stop: int) -> KV:
+def session_kv(kv: tuple[torch.Tensor, torch.Tensor], row: int, start: int, stop: int,
+               new: list[int] | None = None) -> KV:
     """Sequence ``row``'s cache positions ``start:stop`` out of a ragged_forward cache, as one
-    tensor [layers, 2, heads, length, dim] (one copy)."""
+    tensor [layers, 2, heads, length, dim] (one copy). ``new``: take these positions after the
+    cached ones instead (a token tree's accepted path, in order)."""
     keys, values = kv
+    if new is not None:
+        index = torch.tensor([*range(start, new[0]), *new], device=keys.device)
+        return torch.stack((keys[:, row, :, index], values[:, row, :, index]), dim=1)
     return torch.stack((keys[:, row, :, start:stop], values[:, row, :, start:stop]), dim=1)

@@ -1,0 +1,138 @@
+"""Token trees (workers/token_tree.py): a tree's walk, the broker's rules for it, and both
+verifier backends verifying random trees in ragged batches, mixed with chains, round after round:
+the output must equal the target decoding alone (the right continuation hides at a random branch,
+so the accepted path's keys/values must be moved into place for the next rounds to be right),
+and the features a tree round returns must equal the target's own hidden states."""
+
+import random
+
+import pytest
+import torch
+
+from pipeline.config import LimitsConfig
+from pipeline.protocol import Propose
+from pipeline.reference import greedy_reference
+from pipeline.rules import propose_problem
+from tests.conftest import TINY_VOCAB, tiny_llama
+from tests.test_static_verifier import static, tiny_qwen2
+from workers.target import TargetVerifier
+from workers.token_tree import tree_depths, tree_inputs, verify_tree_greedy
+
+
+def test_the_walk_follows_the_targets_argmax_down_the_tree():
+    draft, parents = [7, 5, 8, 6, 9], [-1, -1, 0, 1, 3]  # 7 -> 8 ; 5 -> 6 -> 9
+    best = [5, 0, 6, 0, 0, 4]  # the target's argmax after the root, then after draft token i at 1 + i
+    assert verify_tree_greedy(best, draft, parents) == ([1, 3], 0)  # 5, 6; then the target wants best[1 + 3] = 0
+    best = [5, 0, 6, 0, 9, 4]
+    assert verify_tree_greedy(best, draft, parents) == ([1, 3, 4], 4)
+    assert verify_tree_greedy([1, 0, 0, 0, 0, 0], draft, parents) == ([], 1)
+    assert tree_depths(parents) == [1, 1, 2, 2, 3]
+    tree = tree_inputs([parents], 1, 7)["tree"][0]
+    assert tree[5].tolist() == [True, False, True, False, True, True, False]  # 9 sees root, 5, 6, itself
+
+
+def test_the_broker_refuses_malformed_or_sampled_trees():
+    limits = LimitsConfig()
+    assert propose_problem(Propose("s", 1, 3, [1, 2, 3], parents=[-1, -1, 0]), limits) is None
+    assert "one entry per draft token" in propose_problem(Propose("s", 1, 3, [1, 2, 3], parents=[-1, 0]), limits)
+    assert "earlier draft token" in propose_problem(Propose("s", 1, 3, [1, 2], parents=[-1, 1]), limits)
+    assert "earlier draft token" in propose_problem(Propose("s", 1, 3, [1, 2], parents=[-2, 0]), limits)
+    assert "greedy" in propose_problem(Propose("s", 1, 3, [1, 2], parents=[-1, -1], temperature=0.7), limits)
+
+
+def random_tree(rng: random.Random, right: list[int], nodes: int) -> tuple[list[int], list[int]]:
+    """A random tree of ``nodes`` tokens in which the first ``len(right)`` of them, chained, sit
+    at random places among decoys (wrong tokens, also on branches below the right ones)."""
+    tokens, parents, on_path = [], [], -1
+    keep = rng.randint(0, len(right))  # how deep the right continuation goes in this tree
+    for _ in range(nodes):
+        if keep and rng.random() < 0.5:
+            tokens.append(right[0])
+            parents.append(on_path)
+            on_path, right, keep = len(tokens) - 1, right[1:], keep - 1
+        else:
+            parent = rng.randint(-1, len(tokens) - 1)
+            decoy = rng.randrange(TINY_VOCAB)
+            tokens.append(decoy)
+            parents.append(parent)
+    return tokens, parents
+
+
+BACKENDS = {
+    "eager": lambda model: TargetVerifier(model, max_sessions=16, limits=LimitsConfig()),
+    "static": lambda model: static(model),
+}
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@torch.inference_mode()
+def test_random_trees_in_ragged_batches_decode_exactly_as_the_target_alone(backend, arch, one_torch_thread):
+    model = (tiny_llama if arch == "llama" else tiny_qwen2)(3)
+    ver = BACKENDS[backend](model)
+    rng = random.Random(7)
+    prompts = [[rng.randrange(TINY_VOCAB) for _ in range(rng.randint(1, 30))] for _ in range(5)]
+    new_tokens = 30
+    refs = [greedy_reference(model, p, new_tokens) for p in prompts]
+    hist = [list(p) for p in prompts]
+    opened, rounds, tree_paths = set(), 0, 0
+    while any(len(h) - len(p) < new_tokens for h, p in zip(hist, prompts)):
+        items = []
+        for i, (h, p) in enumerate(zip(hist, prompts)):
+            done = len(h) - len(p)
+            if done >= new_tokens:
+                continue
+            right = refs[i][done : done + 4]
+            if i % 2 == 0 or rng.random() < 0.5:  # trees, and chains in the same batches
+                draft, parents = random_tree(rng, right, rng.randint(1, 10))
+            else:
+                draft, parents = right[: rng.randint(0, 4)], []
+            items.append(Propose(f"s{i}", rounds, len(h), draft, history=None if i in opened else list(h),
+                                 parents=parents, feature_layers=[-1] if i == 0 else []))
+            opened.add(i)
+        for item, verdict in zip(items, ver.verify_batch(items)):
+            assert not verdict.error, verdict
+            i = int(item.session_id[1:])
+            taken = verdict.accepted_tokens(item.draft)
+            assert len(taken) == verdict.accepted
+            if item.parents:
+                tree_paths += any(node + 1 != depth for depth, node in enumerate(verdict.path, 1))
+            start = len(hist[i])
+            hist[i] += taken + [verdict.token]
+            if item.feature_layers:  # the last committed token's and each accepted token's hidden state
+                full = model(input_ids=torch.tensor([hist[i][:-1]]), output_hidden_states=True).hidden_states[-1][0]
+                got = torch.frombuffer(bytearray(verdict.features), dtype=torch.float16).view(-1, full.shape[-1])
+                assert verdict.features_start + got.shape[0] == len(hist[i]) - 1
+                torch.testing.assert_close(got.float(), full[verdict.features_start :].half().float(), atol=2e-3, rtol=1e-2)
+                assert start - 1 >= verdict.features_start
+        rounds += 1
+    assert [h[len(p) : len(p) + new_tokens] for h, p in zip(hist, prompts)] == refs
+    assert tree_paths >= 5  # accepted paths that were not the tree's first tokens: the cache moves were tested
+
+
+def test_a_recorded_tree_replays_its_likeliest_paths_for_a_shorter_length(tmp_path):
+    import msgpack
+
+    from pipeline.protocol import Sampling
+    from workers.drafts import ReplayDrafter, context_key
+
+    tokens, parents = [7, 5, 8, 6, 9, 4, 3, 2], [-1, -1, 0, 1, 3, 2, 0, 4]  # likeliest first, parents before
+    path = tmp_path / "trace.msgpack"
+    path.write_bytes(msgpack.packb({"kind": "feature", "feature_layers": [-1], "tree_nodes": 8, "gamma": 4,
+                                    "drafts": {context_key([1, 2]): [tokens, 0.03, 0, parents]}}))
+    replay = ReplayDrafter(str(path))
+    assert [replay.tree_rows(k) for k in range(5)] == [0, 2, 4, 6, 8]
+    draft = replay.propose(None, [1, 2], 2, Sampling(), None)
+    assert (draft.tokens, draft.parents, draft.depth) == ([7, 5, 8, 6], [-1, -1, 0, 1], 2)
+    whole = replay.propose(None, [1, 2], 4, Sampling(), None)
+    assert (whole.tokens, whole.parents, whole.depth) == (tokens, parents, 4)
+
+
+def test_dear_rows_shorten_a_trees_length_sooner_than_a_chains():
+    from workers.speculation import best_length
+    from workers.token_tree import tree_rows
+
+    alphas = [0.8, 0.8, 0.8, 0.8]
+    chain = best_length(alphas, 4, row_cost=1.0, fixed=2.0)
+    tree = best_length(alphas, 4, row_cost=1.0, fixed=2.0, rows=lambda k: tree_rows(k, 8, 4))
+    assert chain == 3 and tree < chain  # each length step costs a tree two rows

@@ -1,0 +1,83 @@
+"""Token trees: a draft of several candidate continuations verified in one forward (greedy).
+
+A chain proposes one continuation; a tree proposes several that share prefixes, as SpecInfer and
+EAGLE-2 do: draft token i continues token ``parents[i]`` (an earlier one) or, when -1, the last
+committed token. The verifier feeds every node as one row; each sits at the position of its depth
+and attends only to its ancestors (``tree_inputs``), so the target's logits at a node are exactly
+those it would give the chain from the root to that node. The accepted tokens are then the
+longest root-to-node path the target's greedy argmax follows (``verify_tree_greedy``), and the
+rows off that path are cut from the cache. Sampling keeps chains: exact multi-draft rejection
+sampling is another algorithm (pipeline/rules.py refuses a sampled tree).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def verify_tree_greedy(best: list[int], draft: list[int], parents: list[int]) -> tuple[list[int], int]:
+    """A token tree, greedy. ``best[r]``: the target's argmax at row r (row 0 the last committed
+    token, row 1 + i draft token i). From the root, follow the child whose token is the target's
+    argmax while there is one. Returns (the accepted tokens' indices, root to leaf; the next
+    token: the target's argmax after the last of them)."""
+    path, node = [], -1
+    while True:
+        want = best[node + 1]
+        child = next((i for i, p in enumerate(parents) if p == node and draft[i] == want), None)
+        if child is None:
+            return path, want
+        path.append(child)
+        node = child
+
+
+# a drafted tree's branching: each level expands its TREE_BRANCH likeliest tokens with
+# TREE_BRANCH children each (workers/feature_drafter.py). On the held-out set, 8 tokens of depth 4
+# at branch 2 gave 2.10 tokens per round against the chain's 1.81 (docs/incremental-training.md)
+TREE_BRANCH = 2
+# the default fleet's tree (config.toml drafters.feature.tree_nodes, bench/profiles.py, the tree
+# rungs of `sled eval drafters`): at most twice the chain's rows, and with the lookup branch
+# (γ more) within limits.max_draft_tokens = 16
+DEFAULT_TREE_NODES = 8
+
+
+def tree_rows(length: int, nodes: int, gamma: int) -> int:
+    """The tokens of a drafted tree for a draft "length" of ``length`` out of ``gamma``: that
+    share of the full tree's ``nodes`` (the verify rows it costs; workers/speculation.py weighs
+    them). A tree is always drafted ``gamma`` levels deep; a shorter length keeps fewer of its
+    likeliest paths, not fewer levels: at 4 tokens a depth-4 tree beat the 4-token chain on the
+    held-out set (1.96 against 1.81 tokens per round), where 2 siblings would not."""
+    if length <= 0:
+        return 0
+    return min(nodes, -(-nodes * length // max(1, gamma)))
+
+
+def cut_tree(tokens: list[int], parents: list[int], size: int) -> tuple[list[int], list[int]]:
+    """A drafted tree's first ``size`` tokens: its ``size`` likeliest paths, since a tree lists
+    its tokens from the likeliest down (FeatureDrafter._tree), each after its parent."""
+    return tokens[:size], parents[:size]
+
+
+def tree_depths(parents: list[int]) -> list[int]:
+    """Each draft token's depth in its tree (1 for a child of the last committed token)."""
+    depths: list[int] = []
+    for parent in parents:
+        depths.append(1 if parent < 0 else depths[parent] + 1)
+    return depths
+
+
+def tree_inputs(parents: list[list[int]], batch: int, width: int) -> dict[str, torch.Tensor]:
+    """``depths`` [batch, width] and ``tree`` [batch, width, width] for StaticModel's token trees:
+    row r's column 0 is the last committed token (depth 0), column 1 + i its draft token i. Each
+    token sees its ancestors and itself; padding columns (and padding rows) are a chain, which no
+    real token sees."""
+    depths = torch.arange(width).repeat(batch, 1)
+    tree = torch.ones(width, width, dtype=torch.bool).tril().repeat(batch, 1, 1)
+    for row, links in enumerate(parents):
+        n = len(links)
+        depths[row, 1 : 1 + n] = torch.tensor(tree_depths(links), dtype=torch.long)
+        tree[row, 1 : 1 + n, 1 : 1 + n] = False
+        for i, parent in enumerate(links):
+            tree[row, 1 + i, 1 + i] = True
+            if parent >= 0:
+                tree[row, 1 + i, 1 : 1 + n] |= tree[row, 1 + parent, 1 : 1 + n]
+    return {"depths": depths, "tree": tree}
