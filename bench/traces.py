@@ -45,10 +45,12 @@ def target_features(target, tokens: list[int], layers: list[int]) -> torch.Tenso
 
 def record_session(strategy, prompt: list[int], reference: list[int], gamma: int, max_new_tokens: int,
                    stop_ids: list[int], drafts: dict[str, list], features: torch.Tensor | None = None) -> dict:
-    """Walk one session as workers/drafter.py would, adding ``{context_key: [tokens, cpu_s, match, parents]}``.
+    """Walk one session as workers/drafter.py would, adding ``{context_key: [tokens, cpu_s, match]}``
+    (a drafter of token trees: ``+ [parents, tree tokens, tree cpu_s]``, and the walk takes the tree).
     ``features`` (a feature-conditioned strategy): the target's, over prompt + reference."""
     state = strategy.new_state()
     match = getattr(strategy, "match", lambda tokens: 0)
+    trees = bool(getattr(strategy, "tree_nodes", 0))
     generator = draft_generator(0)
     committed = list(prompt)
     stops = set(stop_ids)
@@ -61,7 +63,11 @@ def record_session(strategy, prompt: list[int], reference: list[int], gamma: int
         spent = time.thread_time() - started
         # with context lookup in front (workers/lookup.py): the repeat length it drafted from, which
         # keys the replaying session's acceptance figures as it keys the live drafter's
-        drafts[context_key(committed)] = [draft.tokens, spent, match(committed), draft.parents]
+        entry = drafts[context_key(committed)] = [draft.tokens, spent, match(committed)]
+        if trees and budget > 1:  # a drafter of token trees: its tree too, which the session walks
+            started = time.thread_time()
+            draft = strategy.propose(state, committed, min(gamma, budget - 1), GREEDY, generator, tree=True)
+            entry += [draft.parents, draft.tokens, time.thread_time() - started]
         ahead = reference[generated:]
         accepted, at = 0, -1
         links = draft.parents or list(range(-1, len(draft.tokens) - 1))  # a chain is a one-branch tree
@@ -111,7 +117,7 @@ def record_trace(strategy, kind: str, prompts: list[list[int]], references: list
             totals[key] += figures[key]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(msgpack.packb({"kind": kind, "feature_layers": layers, "drafts": drafts,
-                                    "tree_nodes": getattr(strategy, "tree_nodes", 0), "gamma": gamma}))
+                                    "tree_nodes": getattr(strategy, "tree_nodes", 0)}))
     totals["acceptance_rate"] = totals["accepted"] / totals["proposed"] if totals["proposed"] else 0.0
     reached = totals["accepted"] + totals["rejected_rounds"]  # draft positions the verifier decided on
     totals["alpha_per_position"] = totals["accepted"] / reached if reached else 0.0

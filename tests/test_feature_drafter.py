@@ -134,7 +134,7 @@ def test_a_trees_branches_are_the_heads_likeliest_tokens_along_their_paths():
         feats = target(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, :-1]
     state = drafter.new_state()
     drafter.commit(state, len(ids), 0, Verdict("s", 0, 0, 0, features=feats.half().numpy().tobytes(), features_start=0))
-    draft = drafter.propose(state, ids, 4, Sampling(), draft_generator(0))
+    draft = drafter.propose(state, ids, 4, Sampling(), draft_generator(0), tree=True)
     assert 4 < len(draft.tokens) <= 10 and draft.depth == 4 and draft.parents[0] == -1
     assert state.cache.length == len(ids) - 1
     for i, token in enumerate(draft.tokens):
@@ -231,7 +231,7 @@ def test_committed_feature_head_keeps_sled_lossless_on_the_real_target(tree_node
     committed, state, accepted, round_, trees = list(prompt), drafter.new_state(), 0, 0, 0
     while len(committed) - len(prompt) < new_tokens and committed[-1] != stop:
         budget = new_tokens - (len(committed) - len(prompt))
-        draft = drafter.propose(state, committed, min(4, budget - 1), Sampling(), draft_generator(0))
+        draft = drafter.propose(state, committed, min(4, budget - 1), Sampling(), draft_generator(0), tree=bool(tree_nodes))
         item = Propose("real", round_, len(committed), draft.tokens, history=list(committed) if round_ == 0 else None,
                        feature_layers=drafter.feature_layers, parents=draft.parents)
         verdict = verifier.verify_batch([item])[0]

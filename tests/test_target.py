@@ -107,7 +107,7 @@ def test_least_recently_used_sessions_are_evicted_and_can_come_back():
     assert ver.close("b") and not ver.close("b")
 
 
-@pytest.mark.parametrize("kind", ["model", "ngram", "feature", "model+lookup"])
+@pytest.mark.parametrize("kind", ["model", "ngram", "feature", "model+lookup", "feature+lookup+tree"])
 def test_sampling_through_drafters_keeps_the_sequence_distribution(kind):
     """Two-token continuations sampled by SLED (model drafter sending top-k q, the n-gram
     drafter sending ids only, and the two mixed by lookup) against the exact joint distribution
@@ -131,6 +131,9 @@ def test_sampling_through_drafters_keeps_the_sequence_distribution(kind):
         "feature": lambda: FeatureDrafter(build_head(target, spec_for(target), torch.arange(vocab)), top_k=4),
         # lookup drafts (q = 1) where the context repeats ("1 2" does), the model's top-k elsewhere
         "model+lookup": lambda: LookupDrafter(ModelDrafter(drafter_model, top_k=4), min_match=2),
+        # a drafter of token trees drafts chains for a sampled session (a tree is greedy only)
+        "feature+lookup+tree": lambda: LookupDrafter(FeatureDrafter(build_head(target, spec_for(target), torch.arange(vocab)),
+                                                                    top_k=4, tree_nodes=4, gamma=2), min_match=2),
     }
     for strategy in (strategies[kind](),):
         counts = _sample_pairs(target, strategy, prompt, sampling, vocab, sessions=2500)
@@ -187,10 +190,12 @@ def _sample_pairs(target, strategy, prompt, sampling, vocab, sessions, batch=500
             for sid, (hist, state, gen, smp) in runs.items():
                 if len(hist) >= len(prompt) + 2:
                     continue
-                draft = strategy.propose(state, hist, 2, smp, gen)
+                # a drafter of token trees is asked for one: it must answer a sampled session with a chain
+                draft = strategy.propose(state, hist, 2, smp, gen, **({"tree": True} if getattr(strategy, "tree_nodes", 0) else {}))
                 items.append((sid, draft, Propose(sid, rounds, len(hist), draft.tokens, draft.q_ids, draft.q_probs,
                                                   list(hist) if rounds == 0 else None, smp.temperature, smp.top_p, smp.seed,
-                                                  feature_layers=list(getattr(strategy, "feature_layers", [])))))
+                                                  feature_layers=list(getattr(strategy, "feature_layers", [])),
+                                                  parents=draft.parents)))
             for (sid, draft, item), verdict in zip(items, ver.verify_batch([i for _, _, i in items])):
                 assert not verdict.error, verdict
                 hist, state = runs[sid][0], runs[sid][1]

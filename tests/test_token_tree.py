@@ -110,29 +110,48 @@ def test_random_trees_in_ragged_batches_decode_exactly_as_the_target_alone(backe
     assert tree_paths >= 5  # accepted paths that were not the tree's first tokens: the cache moves were tested
 
 
-def test_a_recorded_tree_replays_its_likeliest_paths_for_a_shorter_length(tmp_path):
+def test_a_recorded_trace_replays_the_tree_or_the_chain_as_asked(tmp_path):
     import msgpack
 
     from pipeline.protocol import Sampling
     from workers.drafts import ReplayDrafter, context_key
 
-    tokens, parents = [7, 5, 8, 6, 9, 4, 3, 2], [-1, -1, 0, 1, 3, 2, 0, 4]  # likeliest first, parents before
+    tree, parents = [7, 5, 8, 6, 9], [-1, -1, 0, 1, 3]
     path = tmp_path / "trace.msgpack"
-    path.write_bytes(msgpack.packb({"kind": "feature", "feature_layers": [-1], "tree_nodes": 8, "gamma": 4,
-                                    "drafts": {context_key([1, 2]): [tokens, 0.03, 0, parents]}}))
+    path.write_bytes(msgpack.packb({"kind": "feature", "feature_layers": [-1], "tree_nodes": 5,
+                                    "drafts": {context_key([1, 2]): [[7, 8, 1, 2], 0.02, 0, parents, tree, 0.03]}}))
     replay = ReplayDrafter(str(path))
-    assert [replay.tree_rows(k) for k in range(5)] == [0, 2, 4, 6, 8]
-    draft = replay.propose(None, [1, 2], 2, Sampling(), None)
-    assert (draft.tokens, draft.parents, draft.depth) == ([7, 5, 8, 6], [-1, -1, 0, 1], 2)
-    whole = replay.propose(None, [1, 2], 4, Sampling(), None)
-    assert (whole.tokens, whole.parents, whole.depth) == (tokens, parents, 4)
+    draft = replay.propose(None, [1, 2], 4, Sampling(), None, tree=True)
+    assert (draft.tokens, draft.parents, draft.depth, draft.compute_s) == (tree, parents, 3, 0.03)
+    chain = replay.propose(None, [1, 2], 2, Sampling(), None)
+    assert (chain.tokens, chain.parents, chain.compute_s) == ([7, 8], [], 0.01)
 
 
-def test_dear_rows_shorten_a_trees_length_sooner_than_a_chains():
-    from workers.speculation import best_length
-    from workers.token_tree import tree_rows
+def test_the_policy_drafts_the_tree_where_rows_are_cheap_and_the_chain_where_they_are_dear():
+    """The same acceptance figures on two servers: a GPU-like one (a forward's fixed cost worth
+    hundreds of rows) takes the 8-token tree that commits 2.5 tokens a round against the chain's
+    1.5, a CPU-like one (a row worth half the fixed cost) the chain; and a chain-only session never
+    drafts a tree."""
+    from workers.speculation import SpeculationPolicy
 
-    alphas = [0.8, 0.8, 0.8, 0.8]
-    chain = best_length(alphas, 4, row_cost=1.0, fixed=2.0)
-    tree = best_length(alphas, 4, row_cost=1.0, fixed=2.0, rows=lambda k: tree_rows(k, 8, 4))
-    assert chain == 3 and tree < chain  # each length step costs a tree two rows
+    def policy(tree_rows):
+        p = SpeculationPolicy(4, tree_rows=tree_rows)
+        for _ in range(40):  # a chain committing 1.5 tokens a round, a tree 2.5
+            p.observe(4, 0, 1.0, 0.0, 10.0)
+            p.observe(4, 1, 1.0, 0.0, 10.0)
+            p.observe(8, 1, 1.0, 0.0, 10.0, tree=True)
+            p.observe(8, 2, 1.0, 0.0, 10.0, tree=True)
+        return p
+
+    gpu = policy(8)
+    gpu.observe(4, 1, 0.05, 0.0, 20.0)
+    gpu.choose()
+    assert gpu.tree
+    cpu = policy(8)
+    cpu.observe(4, 1, 5.0, 0.0, 10.0)
+    cpu.choose()
+    assert not cpu.tree
+    chains = policy(0)
+    chains.observe(4, 1, 0.05, 0.0, 20.0)
+    chains.choose()
+    assert not chains.tree

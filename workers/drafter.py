@@ -262,11 +262,13 @@ class DrafterService:
                 self.stats.stale_replies += 1  # a verdict of an earlier, already retried round
 
     def _timed_propose(self, state, committed: list[int], gamma: int, sampling: Sampling, keep: int | None = None,
-                       abort: threading.Event | None = None, generator: torch.Generator | None = None):
+                       abort: threading.Event | None = None, generator: torch.Generator | None = None,
+                       tree: bool = False):
         """Draft up to ``gamma`` tokens after ``committed`` (in the worker thread). ``keep``: first
         cut the strategy's cache back to that many tokens (a draft made ahead of its verdict, or
         the rest of one). ``abort``: stop between tokens once it is set or another session's draft
-        waits for the model. ``generator``: continue that stream (the rest of a cut draft)."""
+        waits for the model. ``generator``: continue that stream (the rest of a cut draft). ``tree``:
+        the strategy's token tree instead of a chain."""
         started = time.thread_time()  # CPU time of this thread: robust when the host's cores are shared
         if keep is not None:
             self.strategy.rewind(state, keep)
@@ -275,13 +277,14 @@ class DrafterService:
             interrupt = lambda: self.drafts_waiting > 0 or abort.is_set()  # noqa: E731 - read in the thread
         if generator is None:
             generator = round_generator(sampling.seed, len(committed))
-        draft = self.strategy.propose(state, committed, gamma, sampling, generator, interrupt=interrupt)
+        as_tree = {"tree": True} if tree else {}  # only a drafter of token trees takes it
+        draft = self.strategy.propose(state, committed, gamma, sampling, generator, interrupt=interrupt, **as_tree)
         if not draft.compute_s:
             draft.compute_s = time.thread_time() - started
         return draft
 
     async def _draft(self, state, committed: list[int], gamma: int, sampling: Sampling, keep: int | None = None,
-                     generator: torch.Generator | None = None):
+                     generator: torch.Generator | None = None, tree: bool = False):
         """Draft in the worker thread. With ``emulate_slowdown`` (benchmarks), hold the draft until
         the emulated device would have finished it: its compute time times the slowdown. The wait
         is an asyncio sleep, so sessions (each one emulated device) wait in parallel."""
@@ -289,7 +292,7 @@ class DrafterService:
         self.drafts_waiting += 1
         try:
             draft = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self._timed_propose, state, committed, gamma, sampling, keep, None, generator
+                self.executor, self._timed_propose, state, committed, gamma, sampling, keep, None, generator, tree
             )
         finally:
             self.drafts_waiting -= 1
@@ -349,19 +352,19 @@ class DrafterService:
         # one acceptance estimate per way of drafting, chosen from the context each round: the
         # model's, this session's own, and with context lookup in front of it each repeat length's,
         # the drafter's (workers/lookup.py)
-        # a drafter of token trees drafts them in greedy sessions: a draft of depth k costs its
-        # tree's rows, and its acceptance per depth is a tree's (workers/token_tree.py)
-        tree_rows = getattr(self.strategy, "tree_rows", None) if sampling.greedy else None
-        own = SpeculationPolicy(self.cfg.gamma, floor=self.row_floor, rows=tree_rows) if self.cfg.adaptive else None
+        # a drafter of token trees may draft one in a greedy session; the policy weighs the tree's
+        # rows and tokens against the chain's each round (workers/speculation.py)
+        tree_rows = getattr(self.strategy, "tree_nodes", 0) if sampling.greedy else 0
+        own = SpeculationPolicy(self.cfg.gamma, floor=self.row_floor, tree_rows=tree_rows) if self.cfg.adaptive else None
         match = getattr(self.strategy, "match", lambda tokens: 0)
 
         def policy_for(tokens: list[int]) -> SpeculationPolicy | None:
             key = match(tokens) if own is not None else 0
             if key == 0:
                 return own
-            key = (key, tree_rows is not None)
+            key = (key, tree_rows)
             if key not in self.lookup_policies:
-                self.lookup_policies[key] = SpeculationPolicy(self.cfg.gamma, floor=self.row_floor, rows=tree_rows)
+                self.lookup_policies[key] = SpeculationPolicy(self.cfg.gamma, floor=self.row_floor, tree_rows=tree_rows)
             return self.lookup_policies[key]
 
         # per session: rounds with a rejected draft token and rounds per draft length, from which
@@ -382,6 +385,9 @@ class DrafterService:
                 budget = req.max_new_tokens - generated
                 policy = policy_for(committed)
                 gamma = self._length(policy, budget)
+                tree = bool(tree_rows) and budget > 1 and (policy.tree if policy is not None else True)
+                if tree:  # the whole tree, γ levels deep (its last level may pass the request's end: cut below)
+                    gamma = self.cfg.gamma
                 if ready is not None:  # the proposal leaves at once
                     drafted = await self._finish_ahead(state, committed, ready, sampling)
                     gamma, ready = min(gamma, ready.gamma), None  # a draft made ahead is never lengthened
@@ -390,12 +396,11 @@ class DrafterService:
                     # target's token (a device that will not draft next round has no use for it)
                     guess_too = (self.proactive and budget - gamma - 1 >= 2
                                  and self._length(policy, budget - gamma - 1) > 0)
-                    drafted = await self._draft(state, committed, gamma + guess_too, sampling)
-                    if policy is not None and gamma + guess_too > 0:
-                        # a tree's length in the policy's terms is the one it was asked for (its share of the full tree)
-                        policy.observe_draft(gamma if drafted.parents else len(drafted.tokens), drafted.device_s)
+                    drafted = await self._draft(state, committed, gamma + guess_too, sampling, tree=tree)
+                    if policy is not None and gamma + guess_too > 0 and not drafted.parents:  # a chain's time per token
+                        policy.observe_draft(len(drafted.tokens), drafted.device_s)
                 draft, guess = split_draft(drafted, gamma)
-                length = gamma if draft.parents else len(draft.tokens)
+                length = draft.depth
                 proposal = Propose(
                     run.session_id, round_, len(committed), draft.tokens, draft.q_ids, draft.q_probs,
                     list(committed) if round_ == 0 else None, req.temperature, req.top_p, req.seed, self.strategy.kind,
@@ -437,7 +442,7 @@ class DrafterService:
                                                verdict.accepted, verdict)
                 if policy is not None:
                     policy.observe(length, verdict.accepted, verdict.row_cost_ms, time.monotonic(),
-                                   verdict.round_cost_ms)
+                                   verdict.round_cost_ms, tree=bool(draft.parents))
                     if round_ > 0:  # the first round's wait is the prompt's prefill
                         policy.observe_wait(len(draft.tokens), waited)
                 new = [*verdict.accepted_tokens(draft.tokens), verdict.token][:budget]

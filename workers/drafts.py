@@ -31,7 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from pipeline.protocol import Sampling
-from workers.token_tree import cut_tree, tree_depths, tree_rows
+from workers.token_tree import tree_depths
 
 
 def pick_token(logits: torch.Tensor, sampling: Sampling, top_k: int, generator: torch.Generator):
@@ -213,9 +213,9 @@ def context_key(tokens: list[int]) -> str:
 
 
 class ReplayDrafter:
-    """Replays a recorded draft trace: ``{"kind": ..., "drafts": {context_key: [tokens, compute_s, match, parents]}}``
-    (``match``: the repeat length a lookup draft came from, 0 for the model's; ``parents``: a token
-    tree's, empty for a chain; older traces lack them).
+    """Replays a recorded draft trace: ``{"kind": ..., "drafts": {context_key: [tokens, compute_s, match]}}``
+    (``match``: the repeat length a lookup draft came from, 0 for the model's; older traces lack
+    it), and for a drafter of token trees ``+ [parents, tree tokens, tree compute_s]``.
 
     Under greedy decoding a drafter's proposal is a function of the committed context, and a
     lossless verifier makes every session follow the recorded path, so each lookup hits. A miss
@@ -233,17 +233,15 @@ class ReplayDrafter:
         # a lookup finds any recorded context ahead of time too, but a feature class could not
         # draft ahead on a real device (workers/feature_drafter.py)
         self.supports_proactive = not self.feature_layers
-        self.tree_gamma = trace.get("gamma", 4)  # the draft length the trees were recorded at
-        self.tree_nodes = trace.get("tree_nodes", 0)  # its drafts are token trees (greedy, as every replay)
-        if self.tree_nodes:
-            self.tree_rows = lambda length: tree_rows(length, self.tree_nodes, trace.get("gamma", 4))
+        self.tree_nodes = trace.get("tree_nodes", 0)  # its drafts were recorded as token trees
         self.hits = 0
         self.misses = 0
 
     def new_state(self) -> None:
         return None
 
-    def propose(self, state, committed: list[int], gamma: int, sampling: Sampling, generator, interrupt=None) -> Draft:
+    def propose(self, state, committed: list[int], gamma: int, sampling: Sampling, generator, interrupt=None,
+                tree: bool = False) -> Draft:
         if not sampling.greedy:
             raise ValueError("a replayed drafter supports greedy decoding only")
         entry = self.drafts.get(context_key(committed)) if gamma > 0 else None
@@ -254,12 +252,8 @@ class ReplayDrafter:
             return Draft([])
         self.hits += 1
         tokens, compute_s = entry[0], entry[1]
-        parents = entry[3] if len(entry) > 3 else []
-        if parents:  # a token tree: as many of its likeliest paths as a draft of length gamma keeps
-            # (a recorded lookup branch, listed last, goes with the first cut: an approximation)
-            if gamma < self.tree_gamma:
-                tokens, parents = cut_tree(tokens, parents, self.tree_rows(gamma))
-            return Draft(list(tokens), compute_s=compute_s, parents=list(parents))
+        if tree and len(entry) > 5:  # the recorded token tree (drawn whole, whatever gamma)
+            return Draft(list(entry[4]), compute_s=entry[5], parents=list(entry[3]))
         if 0 < gamma < len(tokens):  # a shorter draft than the recorded one costs its share of the time
             compute_s *= gamma / len(tokens)
         return Draft(list(tokens[:gamma]), compute_s=compute_s)

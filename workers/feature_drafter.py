@@ -18,7 +18,7 @@ import torch
 from pipeline.protocol import Sampling, Verdict
 from workers.drafts import Draft, pick_token
 from workers.feature_head import FeatureHead, HeadCache
-from workers.token_tree import TREE_BRANCH, tree_rows
+from workers.token_tree import TREE_BRANCH
 
 
 
@@ -75,12 +75,13 @@ class FeatureDrafter:
 
     @torch.inference_mode()
     def propose(self, state: FeatureDraftState, committed: list[int], gamma: int, sampling: Sampling,
-                generator: torch.Generator, interrupt=None) -> Draft:
+                generator: torch.Generator, interrupt=None, tree: bool = False) -> Draft:
+        """``tree`` (with ``tree_nodes``, greedy only): the full token tree, ``self.gamma`` levels deep."""
         draft = Draft([])
         if gamma <= 0 or len(committed) < 2 or not self._catch_up(state, committed):
             return draft
-        if self.tree_nodes and sampling.greedy:
-            return self._tree(state, committed, max(gamma, self.gamma), self.tree_rows(gamma))
+        if tree and self.tree_nodes and sampling.greedy:
+            return self._tree(state, committed, self.gamma, self.tree_nodes)
         true_entries = state.cache.length
         predicted, position = state.predicted, len(committed) - 1
         for k in range(gamma):
@@ -98,10 +99,6 @@ class FeatureDrafter:
                 predicted = self.head.extend(state.cache, entry, position - 1 + k + 1)
         state.cache.crop(true_entries)  # drafted entries go; verified features replace them
         return draft
-
-    def tree_rows(self, length: int) -> int:
-        """The draft tokens (verify rows) of the tree a draft length of ``length`` asks for."""
-        return tree_rows(length, self.tree_nodes, self.gamma)
 
     def _tree(self, state: FeatureDraftState, committed: list[int], depth: int, size: int) -> Draft:
         """EAGLE-2's dynamic tree: each level expands its TREE_BRANCH likeliest tokens (by the

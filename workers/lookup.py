@@ -37,8 +37,6 @@ class LookupDrafter:
         self.kind = inner.kind
         self.supports_proactive = getattr(inner, "supports_proactive", False)
         self.tree_nodes = getattr(inner, "tree_nodes", 0)
-        if self.tree_nodes:
-            self.tree_rows = inner.tree_rows
         if hasattr(inner, "feature_layers"):
             self.feature_layers = inner.feature_layers  # a feature drafter's verdicts still bring features
 
@@ -51,13 +49,15 @@ class LookupDrafter:
         right far more often than a 2-token one, and both differ from the model)."""
         return lookup_draft(committed, 1, self.ngram_max, self.min_match)[1]
 
-    def propose(self, state, committed: list[int], gamma: int, sampling: Sampling, generator, interrupt=None) -> Draft:
+    def propose(self, state, committed: list[int], gamma: int, sampling: Sampling, generator, interrupt=None,
+                tree: bool = False) -> Draft:
+        """``tree``: the inner drafter's token tree, with the repeat's continuation as one more branch."""
         tokens, _ = lookup_draft(committed, gamma, self.ngram_max, self.min_match)
+        as_tree = {"tree": True} if tree else {}  # a model drafter takes no such argument
         if not tokens:
-            return self.inner.propose(state, committed, gamma, sampling, generator, interrupt=interrupt)
-        if sampling.greedy and getattr(self.inner, "tree_nodes", 0):
-            # a drafter of token trees verifies both: the repeat's continuation as one more branch
-            tree = self.inner.propose(state, committed, gamma, sampling, generator, interrupt=interrupt)
+            return self.inner.propose(state, committed, gamma, sampling, generator, interrupt=interrupt, **as_tree)
+        if tree and sampling.greedy and self.tree_nodes:
+            tree = self.inner.propose(state, committed, gamma, sampling, generator, interrupt=interrupt, tree=True)
             tree.tokens, tree.parents = with_chain(tree.tokens, tree.parents, tokens)
             tree.lookup = True
             return tree

@@ -57,7 +57,6 @@ by RELAX, as an unobserved acceptance drifts to its prior, so it probes again no
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 PRIOR_ALPHA = 0.8  # before any verdict: a decent drafter (the first rounds then draft like today)
@@ -77,19 +76,16 @@ def expected_tokens(alphas: list[float], k: int) -> float:
     return total
 
 
-def best_length(alphas: list[float], gamma: int, row_cost: float, fixed: float, per_draft_token: float = 0.0,
-                rows: Callable[[int], int] | None = None) -> int:
+def best_length(alphas: list[float], gamma: int, row_cost: float, fixed: float, per_draft_token: float = 0.0) -> int:
     """The k in [0, gamma] with the least expected cost per committed token, a round costing
-    ``fixed + row_cost * (1 + rows(k)) + per_draft_token * k``; ties go to the shorter draft (fewer
-    rows at risk). ``rows(k)``: the draft tokens a draft of depth k holds (a chain: k; a token
-    tree: more). row_cost <= 0 (unknown): gamma."""
+    ``fixed + row_cost * (1 + k) + per_draft_token * k``; ties go to the shorter draft (fewer rows
+    at risk). row_cost <= 0 (unknown): gamma."""
     gamma = max(0, min(gamma, len(alphas)))
     if row_cost <= 0.0:
         return gamma
     best_k, best = 0, float("inf")
     for k in range(gamma + 1):
-        drafted = k if rows is None else rows(k)
-        per_token = (fixed + row_cost * (1 + drafted) + per_draft_token * k) / expected_tokens(alphas, k)
+        per_token = (fixed + row_cost * (1 + k) + per_draft_token * k) / expected_tokens(alphas, k)
         if per_token < best - 1e-12:
             best_k, best = k, per_token
     return best_k
@@ -130,16 +126,29 @@ class SpeculationPolicy:
     round_cost: float = 0.0  # the latest verdict's round cost (ms); 0 = unknown: the floor rule
     draft_ms: float | None = None  # the device's drafting time per draft token; None = not measured yet
     wait_ms: float | None = None  # proposal sent -> verdict back, less its rows' cost; None = not measured yet
-    rows: Callable[[int], int] | None = None  # draft tokens of a depth-k draft (token trees); None: k
+    # a drafter of token trees (workers/token_tree.py): the rows of its full tree (0: chains only),
+    # the tokens a tree round commits (EWMA), and whether the last choice was the tree
+    tree_rows: int = 0
+    tree_tokens: float = 0.0
+    tree: bool = False
 
     def __post_init__(self) -> None:
         if not self.alphas:
             self.alphas = [PRIOR_ALPHA] * self.gamma
+        self.tree_prior = expected_tokens([PRIOR_ALPHA] * self.gamma, self.gamma)  # as hopeful as the chain's prior
+        if self.tree_rows and not self.tree_tokens:
+            self.tree_tokens = self.tree_prior
 
     def observe(self, proposed: int, accepted: int, row_cost_ms: float = 0.0, now: float = 0.0,
-                round_cost_ms: float = 0.0) -> None:
-        """One verdict: ``accepted`` of ``proposed`` draft tokens, and the server's row and round costs."""
-        tested = min(proposed, accepted + 1, self.gamma)  # positions the target really compared
+                round_cost_ms: float = 0.0, tree: bool = False) -> None:
+        """One verdict: ``accepted`` of ``proposed`` draft tokens (``tree``: of a token tree), and
+        the server's row and round costs. A tree round teaches the tree's figure only, a chain
+        round the chain's; the figure not observed drifts back towards its prior."""
+        tested = 0 if tree else min(proposed, accepted + 1, self.gamma)  # positions the target really compared
+        if tree:
+            self.tree_tokens += EWMA * (accepted + 1 - self.tree_tokens)
+        elif self.tree_rows:
+            self.tree_tokens += RELAX * (self.tree_prior - self.tree_tokens)
         for i in range(self.gamma):
             if i < tested:
                 hit = 1.0 if i < accepted else 0.0
@@ -175,7 +184,19 @@ class SpeculationPolicy:
         """The next draft's length, at most ``cap`` (the tokens the request still allows): the
         shorter of the server's choice and the session clock's."""
         gamma = self.gamma if cap is None else max(0, min(self.gamma, cap))
-        k = best_length(self.alphas, gamma, self.row_cost, self.fixed_cost, rows=self.rows)
+        k = best_length(self.alphas, gamma, self.row_cost, self.fixed_cost)
         if self.draft_ms is not None and self.wait_ms is not None:
-            k = min(k, best_length(self.alphas, k, self.row_cost, self.wait_ms, self.draft_ms, self.rows))
+            k = min(k, best_length(self.alphas, k, self.row_cost, self.wait_ms, self.draft_ms))
+        self.tree = bool(self.tree_rows) and gamma > 0 and self._tree_pays(k)
         return k
+
+    def _tree_pays(self, k: int) -> bool:
+        """The full token tree instead of the k-token chain: when its expected cost per committed
+        token is lower. Its rows are priced like a chain's; where a forward's fixed cost dwarfs a
+        row (a GPU) the tree's extra tokens pay for them, where a row costs a good part of a
+        forward (this CPU) the chain wins. Unknown costs: the tree, as gamma for a chain."""
+        if self.row_cost <= 0.0:
+            return True
+        chain = (self.fixed_cost + self.row_cost * (1 + k)) / expected_tokens(self.alphas, k)
+        tree = (self.fixed_cost + self.row_cost * (1 + self.tree_rows)) / max(1.0, self.tree_tokens)
+        return tree < chain

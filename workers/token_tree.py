@@ -40,23 +40,6 @@ TREE_BRANCH = 2
 DEFAULT_TREE_NODES = 8
 
 
-def tree_rows(length: int, nodes: int, gamma: int) -> int:
-    """The tokens of a drafted tree for a draft "length" of ``length`` out of ``gamma``: that
-    share of the full tree's ``nodes`` (the verify rows it costs; workers/speculation.py weighs
-    them). A tree is always drafted ``gamma`` levels deep; a shorter length keeps fewer of its
-    likeliest paths, not fewer levels: at 4 tokens a depth-4 tree beat the 4-token chain on the
-    held-out set (1.96 against 1.81 tokens per round), where 2 siblings would not."""
-    if length <= 0:
-        return 0
-    return min(nodes, -(-nodes * length // max(1, gamma)))
-
-
-def cut_tree(tokens: list[int], parents: list[int], size: int) -> tuple[list[int], list[int]]:
-    """A drafted tree's first ``size`` tokens: its ``size`` likeliest paths, since a tree lists
-    its tokens from the likeliest down (FeatureDrafter._tree), each after its parent."""
-    return tokens[:size], parents[:size]
-
-
 def tree_depths(parents: list[int]) -> list[int]:
     """Each draft token's depth in its tree (1 for a child of the last committed token)."""
     depths: list[int] = []
