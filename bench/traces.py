@@ -45,9 +45,13 @@ def target_features(target, tokens: list[int], layers: list[int]) -> torch.Tenso
 
 def record_session(strategy, prompt: list[int], reference: list[int], gamma: int, max_new_tokens: int,
                    stop_ids: list[int], drafts: dict[str, list], features: torch.Tensor | None = None) -> dict:
-    """Walk one session as workers/drafter.py would, adding ``{context_key: [tokens, cpu_s, match]}``
-    (a drafter of token trees: ``+ [parents, tree tokens, tree cpu_s]``, and the walk takes the tree).
-    ``features`` (a feature-conditioned strategy): the target's, over prompt + reference."""
+    """Walk one session, adding ``{context_key: [tokens, cpu_s, match]}`` (a drafter of token
+    trees: ``+ [parents, tree tokens, tree cpu_s]``) for *every* context along the reference, not
+    only where a round of this walk begins: a replaying session whose rounds end elsewhere (an
+    adaptive length, a tree accepted further than a chain) still finds its draft. The figures
+    returned are those of the rounds workers/drafter.py would make at fixed γ (trees where the
+    drafter has them). ``features`` (a feature-conditioned strategy): the target's, over prompt +
+    reference."""
     state = strategy.new_state()
     match = getattr(strategy, "match", lambda tokens: 0)
     trees = bool(getattr(strategy, "tree_nodes", 0))
@@ -56,6 +60,7 @@ def record_session(strategy, prompt: list[int], reference: list[int], gamma: int
     stops = set(stop_ids)
     generated = rounds = proposed = accepted_total = rejected_rounds = 0
     compute_s = 0.0
+    round_at = 0  # where this walk's next round begins (generated tokens)
     while generated < max_new_tokens and generated < len(reference):
         budget = max_new_tokens - generated
         started = time.thread_time()
@@ -64,37 +69,34 @@ def record_session(strategy, prompt: list[int], reference: list[int], gamma: int
         # with context lookup in front (workers/lookup.py): the repeat length it drafted from, which
         # keys the replaying session's acceptance figures as it keys the live drafter's
         entry = drafts[context_key(committed)] = [draft.tokens, spent, match(committed)]
-        if trees and budget > 1:  # a drafter of token trees: its tree too, which the session walks
+        if trees and budget > 1:  # a drafter of token trees: its tree too, which the walk's rounds take
             started = time.thread_time()
             draft = strategy.propose(state, committed, min(gamma, budget - 1), GREEDY, generator, tree=True)
-            entry += [draft.parents, draft.tokens, time.thread_time() - started]
+            spent = time.thread_time() - started
+            entry += [draft.parents, draft.tokens, spent]
         ahead = reference[generated:]
-        accepted, at = 0, -1
-        links = draft.parents or list(range(-1, len(draft.tokens) - 1))  # a chain is a one-branch tree
-        while accepted < len(ahead) - 1:
-            at = next((i for i, (t, up) in enumerate(zip(draft.tokens, links)) if up == at and t == ahead[accepted]), None)
-            if at is None:
-                break
-            accepted += 1
+        if generated == round_at:
+            accepted, at = 0, -1
+            links = draft.parents or list(range(-1, len(draft.tokens) - 1))  # a chain is a one-branch tree
+            while accepted < len(ahead) - 1:
+                at = next((i for i, (t, up) in enumerate(zip(draft.tokens, links)) if up == at and t == ahead[accepted]), None)
+                if at is None:
+                    break
+                accepted += 1
+            round_at += accepted + 1
+            rounds += 1
+            proposed += len(draft.tokens)
+            accepted_total += accepted
+            rejected_rounds += accepted < draft.depth
+            compute_s += spent
         verdict = None
-        if features is not None:  # the verifier's: the token fed first and the accepted drafts
-            start = 0 if rounds == 0 else len(committed) - 1  # (and the prompt, on the first round)
-            rows = features[start : len(committed) + accepted]
-            verdict = SimpleNamespace(features=rows.numpy().tobytes(), features_start=start)
-        strategy.commit(state, len(committed), accepted, verdict)
-        new = ahead[: accepted + 1][:budget]
-        for i, token in enumerate(new):
-            if token in stops:
-                new = new[: i + 1]
-                break
-        committed += new
-        generated += len(new)
-        rounds += 1
-        proposed += len(draft.tokens)
-        accepted_total += accepted
-        rejected_rounds += accepted < draft.depth
-        compute_s += spent
-        if new and new[-1] in stops:
+        if features is not None:  # the verifier's: the token fed first (and the prompt, at the start)
+            start = 0 if generated == 0 else len(committed) - 1
+            verdict = SimpleNamespace(features=features[start : len(committed)].numpy().tobytes(), features_start=start)
+        strategy.commit(state, len(committed), 0, verdict)  # one token at a time: every context is recorded
+        committed.append(ahead[0])
+        generated += 1
+        if ahead[0] in stops:
             break
     return {"rounds": rounds, "proposed": proposed, "accepted": accepted_total, "rejected_rounds": rejected_rounds,
             "compute_s": compute_s, "generated": generated}

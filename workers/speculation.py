@@ -33,6 +33,15 @@ on the CPU eager verifier (docs/architecture.md: 1 session x 1 token 74.7 ms, 8 
 8 x 5 485 ms) a round's fixed part is worth ~27 rows at batch 1 and ~2 rows at 8 sessions,
 where the row costs ~3x its idle cost; 8 / 3 ~ 2.7 meets the loaded end.
 
+A drafter of token trees (workers/token_tree.py; greedy sessions of a feature class with
+``tree_nodes``) has a second way to draft each round: the whole tree, ``tree_rows`` rows, which
+commits ``tree_tokens`` tokens a round (an exponentially weighted reading of its tree rounds,
+starting as hopeful as the chain's prior, drifting back to it while chains are drafted so that
+the tree is tried again). The round drafts the tree when its cost per committed token,
+``(fixed + row_cost * (1 + tree_rows)) / tree_tokens``, is below the best chain's: on a GPU the
+tree's extra rows cost almost nothing and it wins, on a CPU a row costs a good part of a forward
+and the chain does.
+
 A row cost of 0.0 means unknown (an older broker, the session's first round): k = gamma, as a
 fixed-gamma drafter. ``adaptive = false`` never calls this policy.
 
