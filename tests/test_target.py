@@ -24,8 +24,11 @@ def verifier(model, max_sessions=64):
     return TargetVerifier(model, max_sessions=max_sessions, limits=LimitsConfig())
 
 
-def run_greedy(ver, prompts, refs, new_tokens, rng, gamma_max=5, corrupt=0.3):
-    """A simulated fleet: each session drafts a noisy copy of the right answer."""
+def run_rounds(ver, prompts, new_tokens, propose, check=None):
+    """Verify rounds until every session has ``new_tokens``: ``propose(i, history, done, round,
+    first)`` makes session i's Propose (``first``: it must carry the history), ``check(item,
+    verdict, history)`` looks at each verdict once its tokens are in. Returns the continuations
+    and the number of rounds."""
     hist = [list(p) for p in prompts]
     opened = set()
     rounds = 0
@@ -35,16 +38,26 @@ def run_greedy(ver, prompts, refs, new_tokens, rng, gamma_max=5, corrupt=0.3):
             done = len(h) - len(p)
             if done >= new_tokens:
                 continue
-            draft = refs[i][done : done + rng.randint(0, gamma_max)]
-            draft = [t if rng.random() > corrupt else rng.randrange(TINY_VOCAB) for t in draft]
-            items.append(Propose(f"s{i}", rounds, len(h), draft, history=None if i in opened else list(h)))
+            items.append(propose(i, h, done, rounds, i not in opened))
             opened.add(i)
         for item, verdict in zip(items, ver.verify_batch(items)):
             assert not verdict.error, verdict
             i = int(item.session_id[1:])
-            hist[i] += item.draft[: verdict.accepted] + [verdict.token]
+            hist[i] += verdict.accepted_tokens(item.draft) + [verdict.token]
+            if check is not None:
+                check(item, verdict, hist[i])
         rounds += 1
     return [h[len(p) : len(p) + new_tokens] for h, p in zip(hist, prompts)], rounds
+
+
+def run_greedy(ver, prompts, refs, new_tokens, rng, gamma_max=5, corrupt=0.3):
+    """A simulated fleet: each session drafts a noisy copy of the right answer."""
+    def propose(i, h, done, rounds, first):
+        draft = refs[i][done : done + rng.randint(0, gamma_max)]
+        draft = [t if rng.random() > corrupt else rng.randrange(TINY_VOCAB) for t in draft]
+        return Propose(f"s{i}", rounds, len(h), draft, history=list(h) if first else None)
+
+    return run_rounds(ver, prompts, new_tokens, propose)
 
 
 def test_batched_ragged_verification_equals_target_alone():

@@ -15,6 +15,7 @@ from pipeline.reference import greedy_reference
 from pipeline.rules import propose_problem
 from tests.conftest import TINY_VOCAB, tiny_llama
 from tests.test_static_verifier import static, tiny_qwen2
+from tests.test_target import run_rounds
 from workers.target import TargetVerifier
 from workers.token_tree import tree_depths, tree_inputs, verify_tree_greedy
 
@@ -74,39 +75,31 @@ def test_random_trees_in_ragged_batches_decode_exactly_as_the_target_alone(backe
     prompts = [[rng.randrange(TINY_VOCAB) for _ in range(rng.randint(1, 30))] for _ in range(5)]
     new_tokens = 30
     refs = [greedy_reference(model, p, new_tokens) for p in prompts]
-    hist = [list(p) for p in prompts]
-    opened, rounds, tree_paths = set(), 0, 0
-    while any(len(h) - len(p) < new_tokens for h, p in zip(hist, prompts)):
-        items = []
-        for i, (h, p) in enumerate(zip(hist, prompts)):
-            done = len(h) - len(p)
-            if done >= new_tokens:
-                continue
-            right = refs[i][done : done + 4]
-            if i % 2 == 0 or rng.random() < 0.5:  # trees, and chains in the same batches
-                draft, parents = random_tree(rng, right, rng.randint(1, 10))
-            else:
-                draft, parents = right[: rng.randint(0, 4)], []
-            items.append(Propose(f"s{i}", rounds, len(h), draft, history=None if i in opened else list(h),
-                                 parents=parents, feature_layers=[-1] if i == 0 else []))
-            opened.add(i)
-        for item, verdict in zip(items, ver.verify_batch(items)):
-            assert not verdict.error, verdict
-            i = int(item.session_id[1:])
-            taken = verdict.accepted_tokens(item.draft)
-            assert len(taken) == verdict.accepted
-            if item.parents:
-                tree_paths += any(node + 1 != depth for depth, node in enumerate(verdict.path, 1))
-            start = len(hist[i])
-            hist[i] += taken + [verdict.token]
-            if item.feature_layers:  # the last committed token's and each accepted token's hidden state
-                full = model(input_ids=torch.tensor([hist[i][:-1]]), output_hidden_states=True).hidden_states[-1][0]
-                got = torch.frombuffer(bytearray(verdict.features), dtype=torch.float16).view(-1, full.shape[-1])
-                assert verdict.features_start + got.shape[0] == len(hist[i]) - 1
-                torch.testing.assert_close(got.float(), full[verdict.features_start :].half().float(), atol=2e-3, rtol=1e-2)
-                assert start - 1 >= verdict.features_start
-        rounds += 1
-    assert [h[len(p) : len(p) + new_tokens] for h, p in zip(hist, prompts)] == refs
+    tree_paths = 0
+
+    def propose(i, h, done, rounds, first):
+        right = refs[i][done : done + 4]
+        if i % 2 == 0 or rng.random() < 0.5:  # trees, and chains in the same batches
+            draft, parents = random_tree(rng, right, rng.randint(1, 10))
+        else:
+            draft, parents = right[: rng.randint(0, 4)], []
+        return Propose(f"s{i}", rounds, len(h), draft, history=list(h) if first else None, parents=parents,
+                       feature_layers=[-1] if i == 0 else [])
+
+    def check(item, verdict, history):
+        nonlocal tree_paths
+        assert len(verdict.accepted_tokens(item.draft)) == verdict.accepted
+        if item.parents:
+            tree_paths += any(node + 1 != depth for depth, node in enumerate(verdict.path, 1))
+        if item.feature_layers:  # the last committed token's and each accepted token's hidden state
+            full = model(input_ids=torch.tensor([history[:-1]]), output_hidden_states=True).hidden_states[-1][0]
+            got = torch.frombuffer(bytearray(verdict.features), dtype=torch.float16).view(-1, full.shape[-1])
+            assert verdict.features_start + got.shape[0] == len(history) - 1
+            assert verdict.features_start <= item.position - 1
+            torch.testing.assert_close(got.float(), full[verdict.features_start :].half().float(), atol=2e-3, rtol=1e-2)
+
+    outputs, _ = run_rounds(ver, prompts, new_tokens, propose, check)
+    assert outputs == refs
     assert tree_paths >= 5  # accepted paths that were not the tree's first tokens: the cache moves were tested
 
 
