@@ -4,7 +4,8 @@
 # 0. the cost table (bench/gpu_cost_measure.py): eager and static backends, SmolLM2-135M, Qwen2.5-1.5B
 #    and Llama-3-8B shapes, AR (1 token/session) and verify (5) at 1..64 sessions over a 512-token
 #    prefix -> $OUT/gpu_cost_<card>.json (commit it as bench/results/), then the replay of a recorded
-#    `sled bench` run: measured vs projected
+#    `sled bench` run: measured vs projected, then token trees: 5, 9 and 13 rows per session as chains
+#    and as trees (the feature class's 8-token tree + lookup branch) -> $OUT/gpu_tree_cost_<card>.json
 # 1. verifier timings (bench/gpu_verify.py): SLED verify (gamma+1 tokens) vs AR step, per batch size
 # 2. `sled launch --gpus all`: one verifier per GPU registers with a broker
 # 3. `sled demo --verify` with the verifier on CUDA: lossless against the target alone on CUDA
@@ -25,6 +26,9 @@ if [ -n "$RUN" ] && [ -s "$OUT/gpu_cost_$CARD.json" ]; then
   timeout ${SLED_REPLAY_TIMEOUT:-120} python3 -m bench.gpu_cost_measure --replay "$RUN" --method sled --level 16 \
     --shapes SmolLM2-135M --backends eager --table "$OUT/gpu_cost_$CARD.json" 2>&1 | tee "$OUT/gpu_replay.txt"
 fi
+echo "== 0c. token trees: a verify round of the same rows as chains and as trees (SmolLM2 shape)"
+timeout ${SLED_TREE_TIMEOUT:-150} python3 -m bench.gpu_cost_measure --shapes SmolLM2-135M --sessions 1 4 16 32 \
+  --tokens 5 9 13 --trees --out "$OUT/gpu_tree_cost_$CARD.json" 2>&1 | tee "$OUT/gpu_tree_cost.txt"
 [ "${SLED_GPU_ALL:-0}" = 1 ] || exit 0
 
 echo "== 1. verifier timings"

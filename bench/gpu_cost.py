@@ -55,7 +55,7 @@ class CostModel:
     """ms per forward of one shape under one backend."""
 
     def __init__(self, table: dict, shape: str, backend: str, scale: float = 1.0):
-        rows = [r for r in table["rows"] if r["shape"] == shape and r["backend"] == backend]
+        rows = [r for r in table["rows"] if r["shape"] == shape and r["backend"] == backend and not r.get("tree")]
         if not rows:
             raise KeyError(f"the cost table has no {shape!r} rows for backend {backend!r}")
         self.shape, self.backend, self.scale = shape, backend, scale

@@ -11,6 +11,10 @@ leaves what it measured.
 (workers/forward_log.py) are run again on this device with the target's shape, and the measured
 total is printed next to the projection from ``--table`` (goal: within 15 %).
 
+``--trees`` also times each token count above 2 as random token trees of that many rows (rows
+marked ``"tree": true``; the projection prices chains only and skips them): what a tree's mask
+and the accepted path's copy add to a verify round of the same rows.
+
 ``--device cpu --shapes tiny`` is the smoke test on a machine without a GPU (not a cost table).
 """
 
@@ -79,8 +83,10 @@ class Sessions:
             assert not verdict.error, verdict
             self.position[f"s{i}"] = len(history) + 1
 
-    def round(self, rows: list[int], device: str) -> float:
-        items = [Propose(sid, 1, pos, [self.rng.randrange(self.vocab) for _ in range(r - 1)])
+    def round(self, rows: list[int], device: str, tree: bool = False) -> float:
+        """``tree``: each session's draft is a random token tree of its rows - 1 tokens (greedy)."""
+        items = [Propose(sid, 1, pos, [self.rng.randrange(self.vocab) for _ in range(r - 1)],
+                         parents=[self.rng.randint(-1, i - 1) for i in range(r - 1)] if tree else [])
                  for (sid, pos), r in zip(self.position.items(), rows)]
         sync(device)
         started = time.perf_counter()
@@ -120,14 +126,14 @@ def measure(args) -> int:
             context = args.prefix + (args.rounds + args.warmup + 3) * max(args.tokens) + 32
             verifier = make(backend, model, max(args.sessions), context, args.compile)
             for sessions in args.sessions:
-                for tokens in args.tokens:
+                for tokens, tree in [(t, tree) for t in args.tokens for tree in (False, True)[: 1 + (args.trees and t > 2)]]:
                     for sid in list(verifier.sessions):
                         verifier.close(sid)
                     group = Sessions(verifier, sessions, args.prefix, c.vocab_size, seed=sessions)
-                    times = [group.round([tokens] * sessions, device) for _ in range(args.rounds + args.warmup)]
+                    times = [group.round([tokens] * sessions, device, tree) for _ in range(args.rounds + args.warmup)]
                     times = sorted(times[args.warmup:] or times)
                     row = {"shape": shape, "backend": backend, "sessions": sessions, "tokens_per_session": tokens,
-                           "ms": round(1000 * times[len(times) // 2], 3)}
+                           "ms": round(1000 * times[len(times) // 2], 3), **({"tree": True} if tree else {})}
                     table["rows"].append(row)
                     print(json.dumps(row), flush=True)
                     out.write_text(json.dumps(table, indent=1) + "\n")
@@ -184,6 +190,8 @@ def main() -> int:
     p.add_argument("--backends", nargs="+", default=["eager", "static"], choices=["eager", "static", "table"])
     p.add_argument("--sessions", nargs="+", type=int, default=[1, 4, 16, 32, 64])
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 5])
+    p.add_argument("--trees", action="store_true",
+                   help="also time each token count above 2 as token trees (workers/token_tree.py): rows marked tree")
     p.add_argument("--prefix", type=int, default=512)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)

@@ -181,3 +181,28 @@ def test_gpu_cost_model_interpolates_in_sessions_and_rows():
     assert deeper["draft_basis"] == "tiny-deep"
     figures = project({"verify": [[4, 20, 2]], "draft": [[4, 4, 3]], "prefill": {"forwards": 4, "tokens": 80}}, models, 10)
     assert figures["gpu_server_ms"] == 2 * 24 + 3 * 8 and figures["prefill_forwards_not_priced"] == 4
+
+
+def test_the_gpu_cost_script_times_token_trees_beside_chains_and_projects_chains_only(tmp_path):
+    """bench/gpu.sh's step 0c, as its CPU smoke test: rows of the same size as chains and as trees
+    (marked), and a projection that prices the chains' rows only."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig
+
+    from bench.gpu_cost import cost_models
+
+    out = tmp_path / "trees.json"
+    subprocess.run([sys.executable, "-m", "bench.gpu_cost_measure", "--device", "cpu", "--shapes", "tiny",
+                    "--backends", "static", "--sessions", "1", "2", "--tokens", "1", "5", "--trees", "--rounds", "1",
+                    "--warmup", "0", "--prefix", "16", "--threads", "1", "--no-compile", "--out", str(out)],
+                   check=True, capture_output=True, timeout=120)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["sessions"], r["tokens_per_session"], r.get("tree", False)) for r in rows] == [
+        (1, 1, False), (1, 5, False), (1, 5, True), (2, 1, False), (2, 5, False), (2, 5, True)]
+    table = json.loads(out.read_text())
+    model = cost_models(table, LlamaConfig(num_hidden_layers=2, hidden_size=64), None, backend="static")["target"]
+    chain = {(r["sessions"], r["tokens_per_session"]): r["ms"] for r in rows if not r.get("tree")}
+    assert abs(model.ms(2, 10) - chain[(2, 5)]) < 1e-9  # the tree row at the same point is not what it prices
