@@ -31,6 +31,7 @@ import torch
 from pipeline.protocol import Sampling
 from workers.drafts import context_key, draft_generator
 from workers.target import pick_hidden
+from workers.token_tree import accepted_along
 
 GREEDY = Sampling(0.0, 1.0, 0)
 
@@ -76,13 +77,7 @@ def record_session(strategy, prompt: list[int], reference: list[int], gamma: int
             entry += [draft.parents, draft.tokens, spent]
         ahead = reference[generated:]
         if generated == round_at:
-            accepted, at = 0, -1
-            links = draft.parents or list(range(-1, len(draft.tokens) - 1))  # a chain is a one-branch tree
-            while accepted < len(ahead) - 1:
-                at = next((i for i, (t, up) in enumerate(zip(draft.tokens, links)) if up == at and t == ahead[accepted]), None)
-                if at is None:
-                    break
-                accepted += 1
+            accepted = accepted_along(draft.tokens, draft.parents, ahead[:-1])
             round_at += accepted + 1
             rounds += 1
             proposed += len(draft.tokens)

@@ -116,10 +116,13 @@ def evaluate_tree(head: FeatureHead, heldout: list[tuple], gamma: int = 4, tree_
     repeat). Each round's accepted tokens are the longest path of the tree that follows the
     target's tokens, and every tree token costs one verify row; so besides tokens per round this
     reports the draft tokens (rows) per round, tokens per verify row, and drafting time per round."""
-    from workers.feature_drafter import FeatureDrafter, FeatureDraftState
+    from pipeline.protocol import Sampling
     from workers.drafts import lookup_draft
+    from workers.feature_drafter import FeatureDrafter, FeatureDraftState
     from workers.lookup import with_chain
+    from workers.token_tree import accepted_along
 
+    greedy = Sampling()
     drafter = FeatureDrafter(head, tree_nodes=tree_nodes, gamma=gamma)
     rounds: list[int] = []
     rows: list[int] = []
@@ -138,19 +141,13 @@ def evaluate_tree(head: FeatureHead, heldout: list[tuple], gamma: int = 4, tree_
             state = FeatureDraftState(predicted=level0[:, p - 2 : p - 1])  # true entries 0 .. p-2, as after a verdict
             state.cache.k, state.cache.v = k[:, :, : p - 1], v[:, :, : p - 1]
             started = time.perf_counter()
-            draft = drafter._tree(state, ids[:p], gamma, tree_nodes)
+            draft = drafter.propose(state, ids[:p], gamma, greedy, None, tree=True)
             seconds += time.perf_counter() - started
             chain = lookup_draft(ids[:p], gamma, 4, lookup_min_match)[0] if lookup_min_match else []
             if chain:
                 draft.tokens, draft.parents = with_chain(draft.tokens, draft.parents, chain)
                 lookup_rounds += 1
-            at, accepted = -1, 0
-            while p + accepted < n:
-                want = ids[p + accepted]
-                at = next((i for i, (t, up) in enumerate(zip(draft.tokens, draft.parents)) if up == at and t == want), None)
-                if at is None:
-                    break
-                accepted += 1
+            accepted = accepted_along(draft.tokens, draft.parents, ids[p:])
             rounds.append(accepted)
             rows.append(len(draft.tokens))
             first_level_hits += accepted > 0

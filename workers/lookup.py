@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pipeline.protocol import Sampling
 from workers.drafts import Draft, lookup_draft
+from workers.token_tree import child
 
 # the shortest repeat worth drafting from, for the default fleet (config.toml), its benchmark
 # (bench/profiles.py) and the "+lookup" rungs of `sled eval drafters`. Chosen on the target's
@@ -81,10 +82,10 @@ def with_chain(tokens: list[int], parents: list[int], chain: list[int]) -> tuple
     """A token tree with ``chain`` added as a path from the root, sharing the nodes it already has."""
     tokens, parents, at = list(tokens), list(parents), -1
     for token in chain:
-        child = next((i for i, (t, p) in enumerate(zip(tokens, parents)) if p == at and t == token), None)
-        if child is None:
+        found = child(tokens, parents, at, token)
+        if found is None:
             tokens.append(token)
             parents.append(at)
-            child = len(tokens) - 1
-        at = child
+            found = len(tokens) - 1
+        at = found
     return tokens, parents

@@ -219,8 +219,7 @@ class StaticVerifier(TargetVerifier):
         tensors = dict(ids=ids, lengths=lengths, table=table, draft=draft, n_draft=n_draft, greedy=greedy,
                        temperature=temperature, top_p=top_p, q_ids=q_ids, q_probs=q_probs, uniforms=uniforms)
         if any(item.parents for item in items):
-            tensors.update(tree_inputs([item.parents if item.parents else list(range(-1, len(item.draft) - 1))
-                                        for item in items], batch, width))
+            tensors.update(tree_inputs([item.parents for item in items], batch, width))
         out = {name: t.to(self.device, non_blocking=True) for name, t in tensors.items()}
         out["sampling"] = not bool(greedy.all())
         return out

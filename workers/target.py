@@ -308,8 +308,7 @@ def ragged_forward(model, device, kvs: list[KV | None], rows: list[list[int]], *
         cache = DynamicCache(ddp_cache_data=[(stacked[layer, 0], stacked[layer, 1]) for layer in range(layers)])
     attention = mask
     if parents and any(parents):
-        links = [p if p else list(range(-1, len(row) - 2)) for p, row in zip(parents, rows)]
-        trees = tree_inputs(links, batch, width)
+        trees = tree_inputs(parents, batch, width)
         positions = torch.tensor(lengths)[:, None] + trees["depths"]
         allowed = torch.cat((mask[:, None, :past].expand(batch, width, past).bool(), trees["tree"]), 2)
         allowed[:, :, past:] &= mask[:, None, past:].bool()

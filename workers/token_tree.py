@@ -15,21 +15,6 @@ from __future__ import annotations
 import torch
 
 
-def verify_tree_greedy(best: list[int], draft: list[int], parents: list[int]) -> tuple[list[int], int]:
-    """A token tree, greedy. ``best[r]``: the target's argmax at row r (row 0 the last committed
-    token, row 1 + i draft token i). From the root, follow the child whose token is the target's
-    argmax while there is one. Returns (the accepted tokens' indices, root to leaf; the next
-    token: the target's argmax after the last of them)."""
-    path, node = [], -1
-    while True:
-        want = best[node + 1]
-        child = next((i for i, p in enumerate(parents) if p == node and draft[i] == want), None)
-        if child is None:
-            return path, want
-        path.append(child)
-        node = child
-
-
 # a drafted tree's branching: each level expands its TREE_BRANCH likeliest tokens with
 # TREE_BRANCH children each (workers/feature_drafter.py). On the held-out set, 8 tokens of depth 4
 # at branch 2 gave 2.10 tokens per round against the chain's 1.81 (docs/incremental-training.md)
@@ -38,6 +23,32 @@ TREE_BRANCH = 2
 # rungs of `sled eval drafters`): at most twice the chain's rows, and with the lookup branch
 # (γ more) within limits.max_draft_tokens = 16
 DEFAULT_TREE_NODES = 8
+
+
+def child(draft: list[int], parents: list[int], node: int, token: int) -> int | None:
+    """The index of ``node``'s child holding ``token`` (-1: the root), or None."""
+    return next((i for i, (t, up) in enumerate(zip(draft, parents)) if up == node and t == token), None)
+
+
+def verify_tree_greedy(best: list[int], draft: list[int], parents: list[int]) -> tuple[list[int], int]:
+    """A token tree, greedy. ``best[r]``: the target's argmax at row r (row 0 the last committed
+    token, row 1 + i draft token i). From the root, follow the child whose token is the target's
+    argmax while there is one. Returns (the accepted tokens' indices, root to leaf; the next
+    token: the target's argmax after the last of them)."""
+    path, node = [], -1
+    while (node := child(draft, parents, node, best[node + 1])) is not None:
+        path.append(node)
+    return path, best[path[-1] + 1 if path else 0]
+
+
+def accepted_along(draft: list[int], parents: list[int], tokens: list[int]) -> int:
+    """How many of ``tokens`` (the target's own continuation) a tree accepts: the longest path
+    from the root that spells their start (parents empty: a chain)."""
+    parents = parents or list(range(-1, len(draft) - 1))
+    accepted, node = 0, -1
+    while accepted < len(tokens) and (node := child(draft, parents, node, tokens[accepted])) is not None:
+        accepted += 1
+    return accepted
 
 
 def tree_depths(parents: list[int]) -> list[int]:
@@ -51,11 +62,11 @@ def tree_depths(parents: list[int]) -> list[int]:
 def tree_inputs(parents: list[list[int]], batch: int, width: int) -> dict[str, torch.Tensor]:
     """``depths`` [batch, width] and ``tree`` [batch, width, width] for StaticModel's token trees:
     row r's column 0 is the last committed token (depth 0), column 1 + i its draft token i. Each
-    token sees its ancestors and itself; padding columns (and padding rows) are a chain, which no
-    real token sees."""
+    token sees its ancestors and itself; rows without parents (chains), padding columns and
+    padding rows are chains, and no real token sees a padding column."""
     depths = torch.arange(width).repeat(batch, 1)
     tree = torch.ones(width, width, dtype=torch.bool).tril().repeat(batch, 1, 1)
-    for row, links in enumerate(parents):
+    for row, links in enumerate(parents):  # an empty list stays a chain
         n = len(links)
         depths[row, 1 : 1 + n] = torch.tensor(tree_depths(links), dtype=torch.long)
         tree[row, 1 : 1 + n, 1 : 1 + n] = False
