@@ -55,6 +55,14 @@ def pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def packed_rows(counts: list[int], width: int) -> torch.Tensor | None:
+    """Flat indices (b * width + t) of the real tokens of rows holding ``counts`` tokens each,
+    or None when nothing is padding."""
+    if all(count == width for count in counts):
+        return None
+    return torch.tensor([row * width + t for row, count in enumerate(counts) for t in range(count)], dtype=torch.long)
+
+
 @dataclass
 class PagedSession(SessionState):
     pages: list[int] = field(default_factory=list)
@@ -161,13 +169,15 @@ class StaticVerifier(TargetVerifier):
             for row, s in enumerate(forward):
                 ids[row, : s.stop - s.start] = torch.tensor(jobs[s.index][1][s.start : s.stop])
             lengths = torch.tensor([state.length for state in states], dtype=torch.long)
-            # padding positions past a row's slice land in its own pages (overwritten when real
-            # tokens get there, masked until then) or, past them, in the spare page
+            # the padding past a row's slice is not computed (packed) and writes nothing; the table
+            # still spans the padded width, which the attention's layout keeps
             span = max(self.kv.pages_for(max(lengths.tolist()) + width), *(len(state.pages) for state in states))
             table = self._table([state.pages for state in states], span)
             layers = tuple(sorted({i for s in forward for i in jobs[s.index][2]}))
+            packed = packed_rows([s.stop - s.start for s in forward], width)
             _, hidden = self.net(ids.to(self.device), lengths.to(self.device), table.to(self.device),
-                                 hidden_layers=layers, logits=False)
+                                 hidden_layers=layers, logits=False,
+                                 packed=None if packed is None else packed.to(self.device))
             for row, (s, state) in enumerate(zip(forward, states)):
                 state.length += s.stop - s.start
                 asked = jobs[s.index][2]
@@ -220,6 +230,10 @@ class StaticVerifier(TargetVerifier):
                        temperature=temperature, top_p=top_p, q_ids=q_ids, q_probs=q_probs, uniforms=uniforms)
         if any(item.parents for item in items):
             tensors.update(tree_inputs([item.parents for item in items], batch, width))
+        if not self.compiled:  # a ragged batch computes its real rows only (StaticModel's ``packed``)
+            packed = packed_rows([1 + len(item.draft) for item in items], width)
+            if packed is not None:
+                tensors["packed"] = packed
         out = {name: t.to(self.device, non_blocking=True) for name, t in tensors.items()}
         out["sampling"] = not bool(greedy.all())
         return out
@@ -229,7 +243,7 @@ class StaticVerifier(TargetVerifier):
         hidden states, when a proposal asked for features, in one more (``{layer: [B, T, H]}`` on the host)."""
         x = self._inputs(states, items)
         layers = tuple(sorted({i for item in items for i in item.feature_layers}))
-        trees = {name: x[name] for name in ("depths", "tree") if name in x}
+        trees = {name: x[name] for name in ("depths", "tree", "packed") if name in x}
         try:
             logits, hidden = self.step(x["ids"], x["lengths"], x["table"], hidden_layers=layers, **trees)
         except Exception as exc:
@@ -245,7 +259,7 @@ class StaticVerifier(TargetVerifier):
         rows = sum(1 + len(item.draft) for item in items)
         self.stats.verify_tokens += rows
         self.stats.target_tokens += rows  # prefill + verify, as the eager backend counts them
-        self.stats.padded_tokens += x["ids"].numel()
+        self.stats.padded_tokens += len(x["packed"]) if "packed" in x else x["ids"].numel()  # rows computed
         results = [(accepted, token, []) for accepted, token in verdicts[: len(items)].tolist()]
         if trees:  # a tree row's verdict is a walk down its tree (greedy only: pipeline/rules.py)
             best = logits[: len(items)].argmax(-1).tolist()
