@@ -206,3 +206,18 @@ def test_the_gpu_cost_script_times_token_trees_beside_chains_and_projects_chains
     model = cost_models(table, LlamaConfig(num_hidden_layers=2, hidden_size=64), None, backend="static")["target"]
     chain = {(r["sessions"], r["tokens_per_session"]): r["ms"] for r in rows if not r.get("tree")}
     assert abs(model.ms(2, 10) - chain[(2, 5)]) < 1e-9  # the tree row at the same point is not what it prices
+
+
+def test_the_ragged_forward_benchmark_times_padded_and_packed_on_the_same_round():
+    """bench/ragged_forward.py, as its CPU smoke test on a tiny model: the widths spec, both ways
+    timed, and the rows each way computes."""
+    from bench.ragged_forward import measure, parse_widths
+    from pipeline.config import LimitsConfig
+    from tests.conftest import tiny_llama
+    from workers.static_verifier import StaticVerifier
+
+    assert parse_widths("1x3+9") == [1, 1, 1, 9] and parse_widths("2x2") == [2, 2]
+    verifier = StaticVerifier(tiny_llama(3), max_sessions=8, limits=LimitsConfig(), kv_cache_mb=4)
+    out = measure(verifier, [1, 1, 1, 9], history=20, repeats=1)
+    assert out["rows"] == 12 and out["rows_padded"] == 36 and out["padded"] > 0 and out["packed"] > 0
+    assert not verifier.sessions  # the benchmark's sessions are closed again

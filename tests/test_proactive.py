@@ -2,7 +2,7 @@
 processes: a drafter that keeps drafting while its proposal is out stays lossless, greedy
 (token-identical to the target alone) and sampled (the same tokens as without proactive
 drafting for the same seed, and the target's exact distribution), and its drafts made ahead
-are really used. The per-request figures (drafted, accepted, rounds, mean_gamma, proactive
+are really used; a greedy session's first proposal leaves without a draft. The per-request figures (drafted, accepted, rounds, mean_gamma, proactive
 hits) ride on the final Tokens message."""
 
 import asyncio
@@ -72,6 +72,9 @@ async def test_proactive_greedy_is_token_identical_to_the_target_alone(stack, ti
         assert s["drafted"] == s["proposed"] > 0 and s["accepted"] == s["drafted"]
         assert s["rounds"] >= 1 and 0 < s["mean_gamma"] <= 3
         assert s["proactive_hits"] >= 1
+        # greedy: the first proposal leaves without a draft (the device drafts the next round
+        # while the server prefills), and the last has a budget of one token: 1 + 7 x 4 + 1 = 30
+        assert s["draft_lengths"][0] == 2 and s["rounds"] == 9 and s["proposed"] == 21
 
 
 VOCAB = 8

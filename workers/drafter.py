@@ -4,7 +4,8 @@ Local clients (the demo, the gateway, an app on the device) send Generate on the
 client socket. Each request becomes a session: draft up to gamma tokens (in a worker thread),
 send the proposal to the broker through a DEALER, wait on the session's own reply queue for
 the verdict, roll the draft cache back to the accepted prefix, append the target's token, and
-stream the new tokens to the client. The drafter keeps every session's full committed history,
+stream the new tokens to the client (with ``proactive``, the next round is drafted while the
+proposal is out, and a greedy session's first proposal leaves with no draft). The drafter keeps every session's full committed history,
 so whenever the verifier has lost the session (eviction, restart, another verifier) it resends
 it and the session continues where it was.
 """
@@ -17,7 +18,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import msgspec
 import structlog
@@ -76,6 +77,17 @@ def split_draft(drafted: Draft, length: int) -> tuple[Draft, int | None]:
     draft = Draft(drafted.tokens[:length], drafted.q_ids[:length], drafted.q_probs[:length], drafted.compute_s,
                   lookup=drafted.lookup)
     return draft, guess
+
+
+def _first_ahead(made: Ahead, token: int) -> tuple[bool, Ahead]:
+    """A first round's draft made ahead (no draft was proposed): confirmed when its first token is
+    the verdict's, and then the rest of it is the next round's draft."""
+    drafted = made.draft
+    if not drafted.tokens or drafted.tokens[0] != token:
+        return False, made
+    rest = Draft(drafted.tokens[1:], drafted.q_ids[1:], drafted.q_probs[1:], drafted.compute_s, drafted.cut,
+                 lookup=drafted.lookup)
+    return True, replace(made, draft=rest, gamma=made.gamma - 1)
 
 
 @dataclass
@@ -388,7 +400,16 @@ class DrafterService:
                 tree = bool(tree_rows) and budget > 1 and (policy.tree if policy is not None else True)
                 if tree:  # the whole tree, γ levels deep (its last level may pass the request's end: cut below)
                     gamma = self.cfg.gamma
-                if ready is not None:  # the proposal leaves at once
+                # a device that drafts ahead sends its first proposal at once, with no draft: the
+                # server prefills the prompt while the device reads it too and drafts the next round
+                # ahead (below), so its prompt's drafting time leaves the time to the first token.
+                # Greedy only: a sampled session's output for a seed stays the same whether its
+                # device drafts ahead or not (a draft made ahead is the very draft its round would
+                # have made after the verdict), which a first round without a draft would change
+                early = round_ == 0 and ready is None and bool(self.proactive) and budget > 1 and sampling.greedy
+                if early:
+                    drafted, gamma = Draft([]), 0
+                elif ready is not None:  # the proposal leaves at once
                     drafted = await self._finish_ahead(state, committed, ready, sampling)
                     gamma, ready = min(gamma, ready.gamma), None  # a draft made ahead is never lengthened
                 else:
@@ -407,7 +428,15 @@ class DrafterService:
                     feature_layers, draft.parents,
                 )
                 assumed = [*committed, *draft.tokens] if guess is not None else []
-                if assumed and not stops.intersection([*draft.tokens, guess]):
+                if early:
+                    # the next round's draft, one token longer: its first token guesses the
+                    # verdict's, which confirms it or not (_first_ahead)
+                    next_gamma = self._length(policy_for(committed), budget - 1)
+                    if next_gamma > 0:
+                        abort = threading.Event()
+                        ahead = asyncio.create_task(self._draft_ahead(state, None, committed, next_gamma + 1,
+                                                                      sampling, abort))
+                elif assumed and not stops.intersection([*draft.tokens, guess]):
                     assumed.append(guess)
                     next_gamma = self._length(policy_for(assumed), budget - len(draft.tokens) - 1)
                     if next_gamma > 0:
@@ -419,11 +448,13 @@ class DrafterService:
                 waited = time.perf_counter() - sent
                 if ahead is not None:
                     confirmed = verdict.accepted == len(draft.tokens) and verdict.token == guess
-                    if not confirmed:
+                    if not confirmed and not early:
                         abort.set()  # stop drafting on a context that is now known to be wrong
                     async with asyncio.timeout(self.config.limits.verdict_timeout_s):  # a bounded draft; never hang here
                         made = await ahead
                     ahead = None
+                    if early:
+                        confirmed, made = _first_ahead(made, verdict.token)
                     if confirmed:
                         ready = made  # the strategy's state is already the next round's
                         figures["proactive_hits"] += 1

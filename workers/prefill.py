@@ -4,7 +4,8 @@ A batch may open many sessions at once (a wave of arrivals, or every session of 
 resyncing). Prefilling them one forward each made the batch cost one forward per arrival; here
 their histories share forwards instead, under a token budget per forward
 (``verifier.prefill_chunk_tokens``). Both backends' forwards are rectangular (rows padded to the
-widest), so the budget counts padded tokens, ``rows x width``: a forward never computes more
+widest; the static backend, uncompiled, computes the real tokens only but its attention keeps
+that layout), so the budget counts padded tokens, ``rows x width``: a forward never computes more
 than the budget however ragged the histories are. A history longer than the budget's share is
 split into slices over several forwards; each slice attends to the earlier ones through the
 session's cache, exactly as a verify row attends to its session's cache.

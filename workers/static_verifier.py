@@ -10,8 +10,10 @@ errors per item, statistics; it is a subclass), different model side:
   A full pool evicts least recently used sessions that are not in the round.
 * Shapes: compiled (``verifier.compile``, on CUDA by default), the batch is padded to
   (sessions, tokens, pages) buckets, so the forward meets few shapes and replays a CUDA graph
-  per bucket (``torch.compile(mode="reduce-overhead")``). Uncompiled, it runs the batch's own
-  shape: on a CPU every padded row costs its share of the compute.
+  per bucket (``torch.compile(mode="reduce-overhead")``). Uncompiled, it computes the batch's
+  real rows only (``StaticModel``'s ``packed``): on a CPU a forward costs about in proportion to
+  the rows it computes, and padding every session to the longest draft (a tree beside one-token
+  rounds) cost up to 3.4x the compute.
 * No host syncs inside a round: the inputs go to the device, the forward and
   workers/rejection_sampling_batched.py run there, and one ``tolist()`` brings the verdicts back.
 
