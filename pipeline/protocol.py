@@ -65,6 +65,15 @@ class Propose(Message, tag="propose"):
         (every node of a tree is a row)."""
         return 1 + len(self.draft)
 
+    @property
+    def batch_tokens(self) -> int:
+        """What this proposal puts through the target in its batch: its verify rows and, when it
+        (re)opens its session, its history's prefill. The broker's batch budget counts these, so a
+        wave of new sessions is spread over several batches: the first ones get their first token
+        after their own prefill, not after everyone's, and the running sessions that share a
+        batch with them wait for at most a budget's prefill."""
+        return self.target_tokens + (len(self.history) - 1 if self.history else 0)
+
 
 class Verdict(Message, tag="verdict"):
     """``accepted`` draft tokens, then ``token``. ``error``: this item failed (-> ErrorReply).

@@ -62,3 +62,31 @@ def test_a_resent_proposal_replaces_the_queued_copy():
     finally:
         ctx.destroy(0)
         broker.stop()
+
+
+def test_a_wave_of_new_sessions_is_spread_over_batches_by_its_prefill():
+    """Histories count against ``broker.max_batch_tokens``: eight sessions opening at once with
+    60-token histories (60 target tokens each) go out four to a 256-token batch, not all eight in
+    one batch that would answer none of them before every prefill is done."""
+    broker = BrokerProcess(deadline_ms=20.0, core=None)
+    ctx = zmq.Context()
+    try:
+        broker.start()
+        verifier = make_socket(ctx, zmq.DEALER, connect=broker.backend, identity=new_identity("v"), max_message_bytes=1 << 20)
+        drafter = make_socket(ctx, zmq.DEALER, connect=broker.frontend, identity=new_identity("d"), max_message_bytes=1 << 20)
+        verifier.send(Ready().encode())
+        time.sleep(0.5)  # registered
+        for i in range(8):
+            drafter.send(Propose(f"s{i}", 0, 60, [], history=list(range(1, 61))).encode())
+        sizes = []
+        while sum(sizes) < 8:
+            batch = recv(verifier, VERIFIER_ACCEPTS)
+            assert isinstance(batch, VerifyBatch)
+            assert sum(p.batch_tokens for p in batch.items) <= 256
+            sizes.append(len(batch.items))
+            verifier.send(BatchVerdicts(batch.batch_id, [Verdict(p.session_id, 0, 0, 1) for p in batch.items]).encode())
+            verifier.send(Ready().encode())
+        assert sizes == [4, 4]
+    finally:
+        broker.stop()
+        ctx.destroy(linger=0)
