@@ -2,6 +2,7 @@
 long batch) must get one verdict, not a batch holding both copies -- the real broker process,
 a hand-driven verifier and drafter on real sockets."""
 
+import contextlib
 import time
 
 import zmq
@@ -34,8 +35,11 @@ def recv(sock: zmq.Socket, accepts, timeout_s: float = 5.0):
                 return msg
 
 
-def test_a_resent_proposal_replaces_the_queued_copy():
-    broker = BrokerProcess(deadline_ms=1.0, core=None)
+@contextlib.contextmanager
+def hand_driven_broker(deadline_ms: float, extra: list[str] | None = None):
+    """The real broker process with a verifier (registered: it said Ready) and a drafter socket,
+    both driven by the test: yields (verifier, drafter)."""
+    broker = BrokerProcess(deadline_ms=deadline_ms, core=None, extra=extra or [])
     ctx = zmq.Context()
     try:
         broker.start()
@@ -43,6 +47,14 @@ def test_a_resent_proposal_replaces_the_queued_copy():
         drafter = make_socket(ctx, zmq.DEALER, connect=broker.frontend, identity=new_identity("d"), max_message_bytes=1 << 20)
         verifier.send(Ready().encode())
         time.sleep(0.5)  # registered
+        yield verifier, drafter
+    finally:
+        ctx.destroy(0)
+        broker.stop()
+
+
+def test_a_resent_proposal_replaces_the_queued_copy():
+    with hand_driven_broker(1.0) as (verifier, drafter):
         # the verifier gets a batch and stays busy with it (no Ready) ...
         drafter.send(Propose("busy", 0, 3, [], history=HISTORY).encode())
         first = recv(verifier, VERIFIER_ACCEPTS)
@@ -59,23 +71,13 @@ def test_a_resent_proposal_replaces_the_queued_copy():
         replies = [recv(drafter, DRAFTER_UPSTREAM_ACCEPTS) for _ in range(2)]
         assert sorted((r.session_id, type(r).__name__) for r in replies) == [("busy", "Verdict"), ("s1", "Verdict")]
         assert not drafter.poll(300)  # and nothing else: the replaced copy gets no reply
-    finally:
-        ctx.destroy(0)
-        broker.stop()
 
 
 def test_a_wave_of_new_sessions_is_spread_over_batches_by_its_prefill():
     """Histories count against ``broker.max_batch_tokens``: eight sessions opening at once with
     60-token histories (60 target tokens each) go out four to a 256-token batch, not all eight in
     one batch that would answer none of them before every prefill is done."""
-    broker = BrokerProcess(deadline_ms=20.0, core=None)
-    ctx = zmq.Context()
-    try:
-        broker.start()
-        verifier = make_socket(ctx, zmq.DEALER, connect=broker.backend, identity=new_identity("v"), max_message_bytes=1 << 20)
-        drafter = make_socket(ctx, zmq.DEALER, connect=broker.frontend, identity=new_identity("d"), max_message_bytes=1 << 20)
-        verifier.send(Ready().encode())
-        time.sleep(0.5)  # registered
+    with hand_driven_broker(20.0) as (verifier, drafter):
         for i in range(8):
             drafter.send(Propose(f"s{i}", 0, 60, [], history=list(range(1, 61))).encode())
         sizes = []
@@ -87,6 +89,3 @@ def test_a_wave_of_new_sessions_is_spread_over_batches_by_its_prefill():
             verifier.send(BatchVerdicts(batch.batch_id, [Verdict(p.session_id, 0, 0, 1) for p in batch.items]).encode())
             verifier.send(Ready().encode())
         assert sizes == [4, 4]
-    finally:
-        broker.stop()
-        ctx.destroy(linger=0)

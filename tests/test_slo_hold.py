@@ -7,16 +7,13 @@ import asyncio
 import time
 
 import pytest
-import zmq
 
-from bench.broker_micro import BrokerProcess
 from brokers.batcher import BatchPolicy, DeadlineBatcher
 from brokers.clock import ManualClock
 from brokers.estimator import VerifyTimeEstimator
 from brokers.slo import SLACK_TOKENS, SloHold
 from pipeline.protocol import DRAFTER_UPSTREAM_ACCEPTS, VERIFIER_ACCEPTS, BatchVerdicts, Propose, Ready, Verdict
-from pipeline.sockets import make_socket, new_identity
-from tests.test_broker_supersede import HISTORY, recv
+from tests.test_broker_supersede import HISTORY, hand_driven_broker, recv
 
 SLO = 0.200  # seconds per output token
 
@@ -182,14 +179,7 @@ async def test_without_a_trained_estimator_it_never_holds():
 
 
 def test_the_broker_stamps_each_verdict_with_the_row_and_round_costs():
-    broker = BrokerProcess(deadline_ms=0.5, core=None, extra=["broker.slo_tpot_ms=200.0"])
-    ctx = zmq.Context()
-    try:
-        broker.start()
-        verifier = make_socket(ctx, zmq.DEALER, connect=broker.backend, identity=new_identity("v"), max_message_bytes=1 << 20)
-        drafter = make_socket(ctx, zmq.DEALER, connect=broker.frontend, identity=new_identity("d"), max_message_bytes=1 << 20)
-        verifier.send(Ready().encode())
-        time.sleep(0.5)  # registered
+    with hand_driven_broker(0.5, ["broker.slo_tpot_ms=200.0"]) as (verifier, drafter):
         costs = []
         for round_ in range(10):
             draft = [9] * (round_ % 4)  # shapes vary, so rows and sessions can be told apart
@@ -207,9 +197,6 @@ def test_the_broker_stamps_each_verdict_with_the_row_and_round_costs():
         # is worth about two rows (the fit is young, so only roughly)
         row, fixed = costs[-1]
         assert 0.5 < fixed / row < 8, costs
-    finally:
-        ctx.destroy(0)
-        broker.stop()
 
 
 async def test_when_everyone_is_late_either_way_the_cheaper_batch_per_token_is_held_for():
