@@ -487,7 +487,7 @@ class DrafterService:
                 figures["rounds"] += 1
                 figures["proposed"] += len(draft.tokens)
                 figures["accepted"] += verdict.accepted
-                figures["rejected_rounds"] += verdict.accepted < len(draft.tokens)
+                figures["rejected_rounds"] += verdict.accepted < length  # a tree's: short of its depth
                 figures["draft_lengths"][min(length, self.cfg.gamma)] += 1
                 figures["gamma_sum"] += gamma
                 figures["lookup_rounds"] += draft.lookup
