@@ -5,9 +5,9 @@ client socket. Each request becomes a session: draft up to gamma tokens (in a wo
 send the proposal to the broker through a DEALER, wait on the session's own reply queue for
 the verdict, roll the draft cache back to the accepted prefix, append the target's token, and
 stream the new tokens to the client (with ``proactive``, the next round is drafted while the
-proposal is out, and a greedy session's first proposal leaves with no draft). The drafter keeps every session's full committed history,
-so whenever the verifier has lost the session (eviction, restart, another verifier) it resends
-it and the session continues where it was.
+proposal is out, and a greedy session's first proposal leaves with no draft). The drafter keeps
+every session's full committed history, so whenever the verifier has lost the session
+(eviction, restart, another verifier) it resends it and the session continues where it was.
 """
 
 from __future__ import annotations

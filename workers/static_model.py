@@ -88,9 +88,9 @@ class StaticModel(nn.Module):
     but the attention (embeddings, projections, MLP, norms, head: nearly all the compute) runs
     on those tokens only, and only they write keys and values; the attention alone sees the
     padded ``[B, T]`` layout, the padding's queries zeros. Why: uncompiled, a CPU forward costs
-    in proportion to its rows, and padding to the longest row cost 3.4x the compute of 13
-    one-token rows and one nine-token tree (measured: 470 ms against 137 ms for 14 rows). The
-    padding's logits and hidden states come back as zeros."""
+    about in proportion to its rows, and 13 one-token rows beside one nine-token tree took 487 ms
+    padded against 177 ms packed (bench/ragged_forward.py). The padding's logits and hidden
+    states come back as zeros."""
 
     def __init__(self, hf_model, kv: PagedKV):
         super().__init__()

@@ -13,7 +13,7 @@ errors per item, statistics; it is a subclass), different model side:
   per bucket (``torch.compile(mode="reduce-overhead")``). Uncompiled, it computes the batch's
   real rows only (``StaticModel``'s ``packed``): on a CPU a forward costs about in proportion to
   the rows it computes, and padding every session to the longest draft (a tree beside one-token
-  rounds) cost up to 3.4x the compute.
+  rounds) cost up to 2.8x the time (bench/ragged_forward.py).
 * No host syncs inside a round: the inputs go to the device, the forward and
   workers/rejection_sampling_batched.py run there, and one ``tolist()`` brings the verdicts back.
 
