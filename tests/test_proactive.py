@@ -2,8 +2,9 @@
 processes: a drafter that keeps drafting while its proposal is out stays lossless, greedy
 (token-identical to the target alone) and sampled (the same tokens as without proactive
 drafting for the same seed, and the target's exact distribution), and its drafts made ahead
-are really used; a greedy session's first proposal leaves without a draft. The per-request figures (drafted, accepted, rounds, mean_gamma, proactive
-hits) ride on the final Tokens message."""
+are really used; a greedy session's first proposal leaves without a draft. The per-request
+figures (drafted, accepted, rounds, mean_gamma, proactive hits) ride on the final Tokens
+message."""
 
 import asyncio
 import random

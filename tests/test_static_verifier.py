@@ -1,8 +1,8 @@
 """The static backend (workers/static_verifier.py, compile off): its forward equals transformers'
 at every layer count, its logits equal the eager backend's on a ragged batch (padded, and packed:
-the real rows only), greedy SLED through
-it is token-identical to the target alone (Llama and Qwen2), sampling keeps the target's
-distribution, and the page pool is reused, evicts and refuses as documented."""
+the real rows only), greedy SLED through it is token-identical to the target alone (Llama and
+Qwen2), sampling keeps the target's distribution, and the page pool is reused, evicts and
+refuses as documented."""
 
 import asyncio
 import random
@@ -78,7 +78,7 @@ def test_logits_equal_the_eager_backends_on_a_ragged_batch(arch):
     want = ragged_forward(model, "cpu", [s.kv for s in eager_states], rows)[0]
     x = fast._inputs(fast_states, [Propose(f"s{i}", 0, len(h), d) for i, (h, d) in enumerate(zip(histories, drafts))])
     got, _ = fast.net(x["ids"], x["lengths"], x["table"])
-    # uncompiled, the verifier computes the real rows only (the padding, 20 - 13 here, is skipped)
+    # uncompiled, the verifier computes the real rows only (14 of the 20 padded places here)
     assert x["packed"].tolist() == [0, 1, 2, 3, 4, 5, 10, 11, 12, 15, 16, 17, 18, 19]
     packed, hidden = fast.net(x["ids"], x["lengths"], x["table"], packed=x["packed"], hidden_layers=(-1,))
     for i, row in enumerate(rows):
