@@ -245,9 +245,10 @@ class StaticVerifier(TargetVerifier):
         hidden states, when a proposal asked for features, in one more (``{layer: [B, T, H]}`` on the host)."""
         x = self._inputs(states, items)
         layers = tuple(sorted({i for item in items for i in item.feature_layers}))
-        trees = {name: x[name] for name in ("depths", "tree", "packed") if name in x}
+        trees = {name: x[name] for name in ("depths", "tree") if name in x}
+        shape = {name: x[name] for name in ("packed",) if name in x}
         try:
-            logits, hidden = self.step(x["ids"], x["lengths"], x["table"], hidden_layers=layers, **trees)
+            logits, hidden = self.step(x["ids"], x["lengths"], x["table"], hidden_layers=layers, **trees, **shape)
         except Exception as exc:
             if self.step is self.net:
                 raise
@@ -255,7 +256,7 @@ class StaticVerifier(TargetVerifier):
             # round: serve uncompiled, which the tests check against the target, and say so once
             log.warning("static_compile_failed", error=repr(exc)[:500], fallback="uncompiled")
             self.step, self.compiled = self.net, False
-            logits, hidden = self.step(x["ids"], x["lengths"], x["table"], hidden_layers=layers, **trees)
+            logits, hidden = self.step(x["ids"], x["lengths"], x["table"], hidden_layers=layers, **trees, **shape)
         verdicts = accept_batch(logits, x["draft"], x["n_draft"], x["greedy"], x["temperature"], x["top_p"],
                                 x["q_ids"], x["q_probs"], x["uniforms"], x["sampling"])
         rows = sum(1 + len(item.draft) for item in items)
