@@ -79,8 +79,9 @@ class DrafterConfig:
     # that occurred before, draft what followed it instead of the model's tokens (workers/lookup.py);
     # 0 = off
     lookup_min_match: int = 0
-    # kind "feature", greedy requests: draft a token tree of at most this many tokens instead of a
-    # chain (workers/token_tree.py; each token is a verify row); 0 = chains
+    # kinds "feature" and "model" (not one translating another tokenizer), greedy requests: draft a
+    # token tree of at most this many tokens instead of a chain (workers/token_tree.py; each token
+    # is a verify row); 0 = chains
     tree_nodes: int = 0
     max_sessions: int = 64
     dtype: str = "float32"

@@ -59,3 +59,37 @@ def test_ngram_proposes_what_followed_the_latest_match():
     assert ngram.propose(None, [1, 2, 3], 3, GREEDY, None).tokens == []
     assert ngram.propose(None, [7, 7], 4, GREEDY, None).tokens == [7]
     assert ngram.propose(None, history, 0, GREEDY, None).tokens == []
+
+
+def test_a_model_drafters_tree_follows_its_chains_and_leaves_the_cache_as_it_was():
+    """Every node of a drafted token tree is one of the TREE_BRANCH likeliest tokens the model
+    gives after the node's path as a plain sequence (a fresh forward, no cache), so the tree's
+    mask and positions are right; the cache ends at the committed context, and the rounds after a
+    tree draft as a fresh drafter would."""
+    from workers.token_tree import TREE_BRANCH, accepted_along
+
+    for model in (tiny_llama(2, layers=2, hidden=32), tiny_gpt2(3)):
+        drafter = ModelDrafter(model, tree_nodes=10, gamma=4)
+        state = drafter.new_state()
+        committed = [5, 9, 13, 2, 7, 7, 1]
+        for _ in range(3):
+            draft = drafter.propose(state, committed, 4, GREEDY, draft_generator(0), tree=True)
+            assert 4 < len(draft.tokens) <= 10 and 2 <= draft.depth <= 4 and draft.parents[0] == -1
+            assert state.cache.get_seq_length() == state.cached == len(committed)
+            for i, token in enumerate(draft.tokens):
+                path, at = [], draft.parents[i]
+                while at >= 0:
+                    path.insert(0, draft.tokens[at])
+                    at = draft.parents[at]
+                with torch.inference_mode():
+                    logits = model(input_ids=torch.tensor([committed + path])).logits[0, -1]
+                assert token in logits.topk(TREE_BRANCH).indices.tolist(), (i, path, token)
+            # the target follows the path to the tree's last node, then adds a token of its own
+            accepted = accepted_along(draft.tokens, draft.parents, path + [token])
+            assert accepted == len(path) + 1
+            drafter.commit(state, len(committed), accepted)
+            committed = committed + path + [token, 3]
+            chain = drafter.propose(state, committed, 3, GREEDY, draft_generator(0))
+            assert chain.tokens == drafter.propose(drafter.new_state(), committed, 3, GREEDY, draft_generator(0)).tokens
+            drafter.commit(state, len(committed), 0)
+            committed = committed + [4]  # the target rejects the chain's first token

@@ -99,8 +99,14 @@ def feature_drafters(tiny_models, feature_head_dir, **feat):
 
 @pytest.mark.parametrize("tree", [{}, {"tree_nodes": 6, "lookup_min_match": 1}], ids=["chain", "tree+lookup"])
 async def test_feature_drafter_is_token_identical_to_the_target_alone(tmp_path, tiny_models, feature_head_dir, tree):
-    batch = prompts(6, 3)
-    stack = make_stack(tmp_path, tiny_models["target"], feature_drafters(tiny_models, feature_head_dir, **tree))
+    """With trees, a model drafter drafts them too: a twin of the target (its first path is always
+    the target's) and the small model (mostly rejected, often off its first path)."""
+    batch = prompts(6 if not tree else 9, 3)
+    drafters = feature_drafters(tiny_models, feature_head_dir, **tree)
+    if tree:
+        drafters["small"].update(tree)
+        drafters["twin"] = {"kind": "model", "model": str(tiny_models["copy"]), "gamma": 3, **tree}
+    stack = make_stack(tmp_path, tiny_models["target"], drafters)
     async with stack:
         results = await generate_all(stack, batch, 40)
     target = load_causal_lm(str(tiny_models["target"]))
@@ -109,7 +115,11 @@ async def test_feature_drafter_is_token_identical_to_the_target_alone(tmp_path, 
     assert sum(s["proposed"] for s in feat) > 0, "the feature head never drafted"
     assert all(s["wire_bytes"] > 0 for s in feat)
     if tree:
-        assert sum(s["tree_rounds"] for s in feat) > 0 and sum(s["accepted"] for s in feat) > 0
+        for name in drafters:
+            stats = [r.stats for r in results if r.stats["drafter"] == name]
+            assert sum(s["tree_rounds"] for s in stats) > 0, name
+        twin = [r.stats for r in results if r.stats["drafter"] == "twin"]
+        assert sum(s["accepted"] for s in twin) > sum(s["rounds"] for s in twin), "the twin's trees were not accepted"
 
 
 def test_a_trees_branches_are_the_heads_likeliest_tokens_along_their_paths():

@@ -106,7 +106,25 @@ TRAIN_TOPICS_4 = [
     "starfish", "pigeons", "trout", "eclipses", "stand-up comedy", "circuses", "zoos", "podcasts",
     "team meetings",
 ]
-TRAIN_TOPIC_SETS = {1: TRAIN_TOPICS, 2: TRAIN_TOPICS_2, 3: TRAIN_TOPICS_3, 4: TRAIN_TOPICS_4}  # build_prompts(topic_set=N)
+# A fifth list, for data beyond the fourth set (build_prompts(topic_set=5)); disjoint from the
+# other four and from the held-out topics.
+TRAIN_TOPICS_5 = [
+    "koalas", "the Khmer Empire", "table tennis", "perfume making", "the spleen", "3D printing",
+    "water purification", "dragonflies", "the Mississippi", "dumplings", "rulers", "the Carthaginians",
+    "cinnamon", "hair", "kayaking", "obsidian", "the flute", "hail", "bookbinding", "flamingos",
+    "the Berlin Wall", "fiber in food", "acid rain", "lighthouses", "llamas", "the Silk trade of Venice",
+    "linen", "smoking fish", "the barometer", "flour", "learning to ski", "a hidden staircase",
+    "a gardener's last summer", "a river that forgot the sea", "a shy giant", "an island of cats",
+    "password managers", "binary trees", "pair programming", "APIs", "logging", "group chats",
+    "mortgages", "savings accounts", "planning a wedding", "starting a small business",
+    "saying no", "procrastination", "note taking", "fire safety", "the spine", "colds",
+    "roses", "grapes", "wheat", "mint", "geysers", "salt flats", "the Pyrenees", "the Urals",
+    "Iceland", "the Pacific Crest Trail", "the Etruscans", "medieval guilds", "the sewing machine",
+    "the microwave oven", "the thermometer", "barcodes", "electric bikes", "the James Webb telescope",
+    "Saturn", "sea turtles", "sparrows", "bats", "meteor showers", "magic tricks", "puppet shows",
+    "aquariums", "audiobooks", "weekly planning",
+]
+TRAIN_TOPIC_SETS = {1: TRAIN_TOPICS, 2: TRAIN_TOPICS_2, 3: TRAIN_TOPICS_3, 4: TRAIN_TOPICS_4, 5: TRAIN_TOPICS_5}  # build_prompts(topic_set=N)
 HELDOUT_TOPICS = [
     "glaciers", "the violin", "penguins", "nuclear fusion", "the Silk Road", "board games",
     "lightning", "coral reefs", "the Industrial Revolution", "yoga", "submarines", "maps",
@@ -162,7 +180,7 @@ def _chat(tokenizer, question: str) -> str:
 def build_prompts(tokenizer, *, held_out: bool, n_chat: int, n_prose: int, seed: int = 0,
                   topic_set: int = 1) -> list[str]:
     """Prompt strings, half chat (templated) and half prose (raw prefix or 'continue this').
-    ``topic_set`` 2, 3 or 4 draws training chat from TRAIN_TOPICS_2, _3 or _4 (more data that repeats no
+    ``topic_set`` 2 to 5 draws training chat from TRAIN_TOPICS_2 to _5 (more data that repeats no
     question)."""
     rng = random.Random(seed + (1 if held_out else 0))
     templates = HELDOUT_TEMPLATES if held_out else TRAIN_TEMPLATES

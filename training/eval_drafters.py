@@ -5,9 +5,9 @@ drafters/feature), measured on the same held-out sequences. Each is measured twi
 as "NAME+lookup" with context lookup in front of it (workers/lookup.py, ``lookup_min_match`` =
 DEFAULT_MIN_MATCH), which drafts where the context repeats and leaves the rest to the model. A
 lookup rung's draft speed is its model's: lookup costs no model step, so it is a lower bound.
-The feature head is measured a third way, drafting token trees ("feature+tree", and
-"feature+lookup+tree" with the repeat's continuation as one more branch): tokens per round, and
-the tree's draft tokens per round, each a verify row (training/feature_eval.py evaluate_tree)."""
+Every rung is measured a third way, drafting token trees ("NAME+tree", and "NAME+lookup+tree" with
+the repeat's continuation as one more branch) by the device's own code: tokens per round, and the
+tree's draft tokens per round, each a verify row (training/tree_eval.py)."""
 
 from __future__ import annotations
 
@@ -69,10 +69,29 @@ def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None
         if lookup:
             rung.update(name=name, lookup_min_match=lookup)
         report["rungs"].append(rung)
-    if "feature" in names or "feature+tree" in names:
+    for base in dict.fromkeys(n.split("+")[0] for n in names):
         for lookup in (0, LOOKUP_MIN_MATCH):
-            report["rungs"].append(_tree_rung(target, target_spec, gamma, feature_dir, lookup))
+            if base == "feature":
+                report["rungs"].append(_tree_rung(target, target_spec, gamma, feature_dir, lookup))
+            else:
+                report["rungs"].append(_model_tree_rung(target, target_spec, base, sequences, gamma, ladder_dir, lookup))
     return report
+
+
+def _model_tree_rung(target, target_spec: str, name: str, sequences, gamma: int, ladder_dir, lookup: int) -> dict:
+    """A ladder rung drafting token trees of DEFAULT_TREE_NODES tokens through its KV cache."""
+    from training.tree_eval import evaluate_model_tree
+    from workers.token_tree import DEFAULT_TREE_NODES
+
+    model = load_rung(name, target_spec, target=target, **({"folder": ladder_dir} if ladder_dir else {}))
+    stats = evaluate_model_tree(model, sequences, gamma, DEFAULT_TREE_NODES, lookup_min_match=lookup)
+    return {
+        "name": f"{name}+lookup+tree" if lookup else f"{name}+tree", "kind": "model",
+        "layers": model.config.num_hidden_layers, "params": sum(p.numel() for p in model.parameters()),
+        "tree_nodes": DEFAULT_TREE_NODES, "alpha": stats["first_level_hit_rate"], **stats,
+        "draft_tokens_per_s": round(1000 * stats["draft_tokens_per_round"] / max(1e-9, stats["draft_ms_per_round"]), 1),
+        **({"lookup_min_match": lookup} if lookup else {}),
+    }
 
 
 def _tree_rung(target, target_spec: str, gamma: int, folder=None, lookup: int = 0) -> dict:

@@ -18,8 +18,11 @@ import time
 
 import torch
 
+from pipeline.protocol import Sampling
 from training.heldout_alpha import heldout_sequences, lookup_agreement
 from workers.feature_head import FeatureHead, HeadCache
+
+GREEDY = Sampling()
 
 
 def heldout_features(target: str = "smollm2", *, model=None, feature_layers=(-1,)) -> list[tuple]:
@@ -111,60 +114,32 @@ def evaluate_head(head: FeatureHead, heldout: list[tuple], gamma: int = 4, looku
 @torch.no_grad()
 def evaluate_tree(head: FeatureHead, heldout: list[tuple], gamma: int = 4, tree_nodes: int = 8,
                   lookup_min_match: int = 0) -> dict:
-    """Token trees (workers/token_tree.py) on the held-out rounds, drafted by the device's own code
-    (FeatureDrafter with ``tree_nodes``, with the lookup branch where ``lookup_min_match`` finds a
-    repeat). Each round's accepted tokens are the longest path of the tree that follows the
-    target's tokens, and every tree token costs one verify row; so besides tokens per round this
-    reports the draft tokens (rows) per round, tokens per verify row, and drafting time per round."""
-    from pipeline.protocol import Sampling
-    from workers.drafts import lookup_draft
+    """Token trees (workers/token_tree.py) drafted by the device's own code (FeatureDrafter with
+    ``tree_nodes``) on the held-out rounds: training/tree_eval.py ``tree_rounds``. Each round
+    starts from the true entries of positions 0..p-2, as after a verdict."""
     from workers.feature_drafter import FeatureDrafter, FeatureDraftState
-    from workers.lookup import with_chain
-    from workers.token_tree import accepted_along
+    from training.tree_eval import tree_rounds
 
-    greedy = Sampling()
     drafter = FeatureDrafter(head, tree_nodes=tree_nodes, gamma=gamma)
-    rounds: list[int] = []
-    rows: list[int] = []
-    seconds = 0.0
-    lookup_rounds = first_level_hits = 0
-    for ids, prompt_len, feats in heldout:
-        n = len(ids)
-        if n <= prompt_len or prompt_len < 2:
-            continue
-        tokens = torch.tensor([ids])
-        entries = head.entry(head.fused(feats[None, :-1].float()), tokens[:, 1:])
-        q, k, v = head.layer.qkv(entries, torch.arange(n - 1))
-        level0 = head.norm(head.layer.finish(entries, q, k, v, None))
-        p = prompt_len
-        while p < n:
-            state = FeatureDraftState(predicted=level0[:, p - 2 : p - 1])  # true entries 0 .. p-2, as after a verdict
-            state.cache.k, state.cache.v = k[:, :, : p - 1], v[:, :, : p - 1]
-            started = time.perf_counter()
-            draft = drafter.propose(state, ids[:p], gamma, greedy, None, tree=True)
-            seconds += time.perf_counter() - started
-            chain = lookup_draft(ids[:p], gamma, 4, lookup_min_match)[0] if lookup_min_match else []
-            if chain:
-                draft.tokens, draft.parents = with_chain(draft.tokens, draft.parents, chain)
-                lookup_rounds += 1
-            accepted = accepted_along(draft.tokens, draft.parents, ids[p:])
-            rounds.append(accepted)
-            rows.append(len(draft.tokens))
-            first_level_hits += accepted > 0
-            p += accepted + 1
-    mean_accepted = sum(rounds) / max(1, len(rounds))
-    mean_rows = sum(rows) / max(1, len(rows))
-    return {
-        # per round, not per position: how often the tree's first level holds the target's token
-        "first_level_hit_rate": round(first_level_hits / max(1, len(rounds)), 4),
-        "tokens_per_round": round(mean_accepted + 1, 3),
-        "mean_accepted_per_round": round(mean_accepted, 3),
-        "draft_tokens_per_round": round(mean_rows, 2),
-        "tokens_per_verify_row": round((mean_accepted + 1) / (1 + mean_rows), 3),
-        "draft_ms_per_round": round(1000 * seconds / max(1, len(rounds)), 2),
-        "rounds": len(rounds),
-        "lookup_rounds_fraction": round(lookup_rounds / max(1, len(rounds)), 4),
-    }
+
+    def sequences():
+        for ids, prompt_len, feats in heldout:
+            n = len(ids)
+            if n <= prompt_len or prompt_len < 2:
+                continue
+            tokens = torch.tensor([ids])
+            entries = head.entry(head.fused(feats[None, :-1].float()), tokens[:, 1:])
+            q, k, v = head.layer.qkv(entries, torch.arange(n - 1))
+            level0 = head.norm(head.layer.finish(entries, q, k, v, None))
+
+            def draft_round(p: int, level0=level0, k=k, v=v, ids=ids):
+                state = FeatureDraftState(predicted=level0[:, p - 2 : p - 1])
+                state.cache.k, state.cache.v = k[:, :, : p - 1], v[:, :, : p - 1]
+                return drafter.propose(state, ids[:p], gamma, GREEDY, None, tree=True)
+
+            yield ids, prompt_len, draft_round
+
+    return tree_rounds(sequences(), gamma, lookup_min_match)
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from pipeline.protocol import Sampling
-from workers.token_tree import tree_depths
+from workers.token_tree import grow_tree, tree_depths
 
 
 def pick_token(logits: torch.Tensor, sampling: Sampling, top_k: int, generator: torch.Generator):
@@ -105,10 +105,13 @@ class ModelDrafter:
     kind = "model"
     supports_proactive = True  # see rewind
 
-    def __init__(self, model, *, min_confidence: float = 0.0, top_k: int = 8):
+    def __init__(self, model, *, min_confidence: float = 0.0, top_k: int = 8, tree_nodes: int = 0, gamma: int = 4):
         self.model = model
         self.min_confidence = min_confidence
         self.top_k = top_k
+        # > 0: greedy rounds may draft a token tree, ``gamma`` levels deep, of at most this many tokens
+        self.tree_nodes = tree_nodes
+        self.gamma = gamma
         self.device = next(model.parameters()).device
 
     def new_state(self) -> ModelDraftState:
@@ -122,15 +125,18 @@ class ModelDrafter:
 
     @torch.inference_mode()
     def propose(self, state: ModelDraftState, committed: list[int], gamma: int, sampling: Sampling,
-                generator: torch.Generator, interrupt=None) -> Draft:
+                generator: torch.Generator, interrupt=None, tree: bool = False) -> Draft:
         """``interrupt``: called between tokens; True ends the draft there (proactive drafting
-        yields the model to a draft that is needed now)."""
+        yields the model to a draft that is needed now). ``tree`` (with ``tree_nodes``, greedy
+        only): the full token tree, ``self.gamma`` levels deep."""
         draft = Draft([])
         state.fed_drafts = 0
         if gamma <= 0:
             return draft
         logits = self._step(state, committed[state.cached:])
         state.cached = len(committed)
+        if tree and self.tree_nodes and sampling.greedy:
+            return self._tree(state, logits, self.gamma, self.tree_nodes)
         for k in range(gamma):
             token, confidence, top_ids, q = pick_token(logits, sampling, self.top_k, generator)
             if top_ids is not None:
@@ -148,6 +154,33 @@ class ModelDrafter:
                 logits = self._step(state, [token])
                 state.fed_drafts += 1
         return draft
+
+    def _tree(self, state: ModelDraftState, logits: torch.Tensor, depth: int, size: int) -> Draft:
+        """EAGLE-2's dynamic tree (workers/token_tree.py grow_tree) through the model's own KV cache:
+        each level's expanded nodes go in one step, at their depth's position, under a mask that
+        lets each see the committed context, its ancestors and itself. The tree's entries are cut
+        from the cache after, so the next round feeds the accepted tokens as committed ones."""
+        cached = state.cached
+        fed: dict[int, int] = {}  # node -> its column among the tree entries in the cache
+        dtype = next(self.model.parameters()).dtype
+        blocked = torch.finfo(dtype).min
+
+        def expand(level: int, picked: list[tuple[int, int, list[int]]]) -> torch.Tensor:
+            width = state.cache.get_seq_length()
+            mask = torch.full((len(picked), width + len(picked)), blocked, dtype=dtype)
+            mask[:, :cached] = 0.0
+            for row, (node, _, path) in enumerate(picked):
+                fed[node] = width - cached + row
+                for a in path:
+                    mask[row, cached + fed[a]] = 0.0
+            out = self.model(input_ids=torch.tensor([[token for _, token, _ in picked]], device=self.device),
+                             position_ids=torch.full((1, len(picked)), cached - 1 + level, device=self.device),
+                             attention_mask=mask[None, None].to(self.device), cache=state.cache, use_cache=True)
+            return torch.log_softmax(out.logits[0].float(), -1)
+
+        tokens, parents = grow_tree(torch.log_softmax(logits, -1), expand, depth, size)
+        crop_cache(state.cache, cached)
+        return Draft(tokens, parents=parents)
 
     def commit(self, state: ModelDraftState, position: int, accepted: int, verdict=None) -> None:
         """The verifier accepted ``accepted`` draft tokens after ``position`` committed ones:
@@ -311,4 +344,5 @@ def _build_strategy(cfg, target_spec: str):
     tokenizers = tokenizers_to_translate(cfg, target_spec)  # a drafter of another model family
     if tokenizers:
         return TranslatingDrafter(model, *tokenizers, min_confidence=cfg.min_confidence, top_k=cfg.top_k)
-    return ModelDrafter(model, min_confidence=cfg.min_confidence, top_k=cfg.top_k)
+    return ModelDrafter(model, min_confidence=cfg.min_confidence, top_k=cfg.top_k, tree_nodes=cfg.tree_nodes,
+                        gamma=cfg.gamma)

@@ -18,7 +18,7 @@ import torch
 from pipeline.protocol import Sampling, Verdict
 from workers.drafts import Draft, pick_token
 from workers.feature_head import FeatureHead, HeadCache
-from workers.token_tree import TREE_BRANCH
+from workers.token_tree import grow_tree
 
 
 
@@ -101,54 +101,41 @@ class FeatureDrafter:
         return draft
 
     def _tree(self, state: FeatureDraftState, committed: list[int], depth: int, size: int) -> Draft:
-        """EAGLE-2's dynamic tree: each level expands its TREE_BRANCH likeliest tokens (by the
-        head's probability of the whole path) with their TREE_BRANCH likeliest next tokens, all of
-        one level in one step of the head (each new entry sees the true entries, its ancestors'
-        and itself); the draft keeps the ``size`` likeliest paths' tokens, listed from the likeliest
-        down (so any prefix of it is the tree a smaller size would keep). Drafted entries are
-        dropped after, as in a chain."""
+        """EAGLE-2's dynamic tree (workers/token_tree.py grow_tree): all nodes of one level go
+        through the head in one step, each new entry seeing the true entries, its ancestors' and
+        itself. Drafted entries are dropped after, as in a chain."""
         head, cache = self.head, state.cache
         position = len(committed) - 1  # where the first draft token's entry sits
-        nodes: list[tuple[float, int, int, int]] = []  # (path log-probability, depth, parent, token)
-        frontier = [(0.0, -1, state.predicted[0, -1])]  # (log-probability, node, the feature predicted there)
         tree_keys: list[torch.Tensor] = []
         tree_values: list[torch.Tensor] = []
         entry_of: dict[int, int] = {}  # node -> its entry among the drafted ones
-        ancestors: dict[int, list[int]] = {-1: []}
-        predicted_at: dict[int, torch.Tensor] = {}  # node -> the feature the head predicted after it
-        for level in range(1, depth + 1):
-            children = []
-            for logp, node, feature in frontier:
-                top = torch.log_softmax(head.logits(feature).float(), -1).topk(TREE_BRANCH)
-                for lp, index in zip(top.values.tolist(), top.indices.tolist()):
-                    children.append((logp + lp, node, int(head.vocab_ids[index])))
-            for logp, parent, token in children:
-                nodes.append((logp, level, parent, token))
-                ancestors[len(nodes) - 1] = [*ancestors[parent], len(nodes) - 1]
-            if level == depth:
-                break
-            expand = sorted(range(len(nodes) - len(children), len(nodes)), key=lambda n: -nodes[n][0])[:TREE_BRANCH]
-            feats = torch.stack([state.predicted[0, -1] if nodes[n][2] < 0 else predicted_at[nodes[n][2]] for n in expand])
-            entries = head.entry(feats[None], torch.tensor([[nodes[n][3] for n in expand]]))
-            q, k, v = head.layer.qkv(entries, torch.full((len(expand),), position - 1 + level))
+        predicted_at: dict[int, torch.Tensor] = {-1: state.predicted[0, -1]}  # node -> the feature predicted after it
+
+        def log_probs(features: torch.Tensor) -> torch.Tensor:
+            return torch.log_softmax(head.logits(features).float(), -1)
+
+        def expand(level: int, picked: list[tuple[int, int, list[int]]]) -> torch.Tensor:
+            feats = torch.stack([predicted_at[path[-2] if len(path) > 1 else -1] for _, _, path in picked])
+            entries = head.entry(feats[None], torch.tensor([[token for _, token, _ in picked]]))
+            q, k, v = head.layer.qkv(entries, torch.full((len(picked),), position - 1 + level))
             drafted = sum(t.shape[2] for t in tree_keys)
-            mask = torch.zeros(len(expand), cache.length + drafted + len(expand), dtype=torch.bool)
+            mask = torch.zeros(len(picked), cache.length + drafted + len(picked), dtype=torch.bool)
             mask[:, : cache.length] = True
-            for row, n in enumerate(expand):
-                entry_of[n] = drafted + row
-                for a in ancestors[n]:
+            for row, (node, _, path) in enumerate(picked):
+                entry_of[node] = drafted + row
+                for a in path:
                     mask[row, cache.length + entry_of[a]] = True
             keys = torch.cat([cache.k, *tree_keys, k], 2)
             values = torch.cat([cache.v, *tree_values, v], 2)
             out = head.norm(head.layer.finish(entries, q, keys, values, mask))[0]
             tree_keys.append(k)
             tree_values.append(v)
-            predicted_at.update({n: out[row] for row, n in enumerate(expand)})
-            frontier = [(nodes[n][0], n, out[row]) for row, n in enumerate(expand)]
-        # the likeliest paths: a child is never likelier than its parent, so ties go to the shallower
-        kept = sorted(range(len(nodes)), key=lambda n: (-nodes[n][0], nodes[n][1]))[:size]
-        index = {n: i for i, n in enumerate(kept)}
-        return Draft([nodes[n][3] for n in kept], parents=[index.get(nodes[n][2], -1) for n in kept])
+            predicted_at.update({node: out[row] for row, (node, _, _) in enumerate(picked)})
+            return log_probs(out)
+
+        tokens, parents = grow_tree(log_probs(predicted_at[-1]), expand, depth, size,
+                                    token_of=lambda index: int(head.vocab_ids[index]))
+        return Draft(tokens, parents=parents)
 
     def commit(self, state: FeatureDraftState, position: int, accepted: int, verdict: Verdict | None = None) -> None:
         """Keep the verdict's true features for positions the cache does not hold yet."""

@@ -54,7 +54,7 @@ class LookupDrafter:
                 tree: bool = False) -> Draft:
         """``tree``: the inner drafter's token tree, with the repeat's continuation as one more branch."""
         tokens, _ = lookup_draft(committed, gamma, self.ngram_max, self.min_match)
-        as_tree = {"tree": True} if tree else {}  # a model drafter takes no such argument
+        as_tree = {"tree": True} if tree else {}  # a translating drafter takes no such argument
         if not tokens:
             return self.inner.propose(state, committed, gamma, sampling, generator, interrupt=interrupt, **as_tree)
         if tree and sampling.greedy and self.tree_nodes:

@@ -25,6 +25,39 @@ TREE_BRANCH = 2
 DEFAULT_TREE_NODES = 8
 
 
+def grow_tree(root: torch.Tensor, expand, depth: int, size: int, token_of=int) -> tuple[list[int], list[int]]:
+    """EAGLE-2's dynamic tree, for any drafter: (tokens, parents) of a tree ``depth`` levels deep.
+
+    Each level expands its TREE_BRANCH likeliest tokens (by the drafter's probability of the whole
+    path) with their TREE_BRANCH likeliest next tokens. ``root``: the drafter's log-probabilities
+    for the first draft token. ``expand(level, picked)``, with ``picked`` a list of (node, token,
+    ancestors: the node's path from the root, itself last), runs the drafter one step over all of
+    them at once and returns their next-token log-probabilities, one row each. ``token_of`` maps a
+    row's index to a token id (a drafter with a draft vocabulary). The draft keeps the ``size``
+    likeliest paths' tokens, listed from the likeliest down, so any prefix of it is the tree a
+    smaller size would keep."""
+    nodes: list[tuple[float, int, int, int]] = []  # (path log-probability, depth, parent, token)
+    ancestors: dict[int, list[int]] = {-1: []}
+    frontier = [(0.0, -1, root)]  # (log-probability, node, its next-token log-probabilities)
+    for level in range(1, depth + 1):
+        children = []
+        for logp, node, row in frontier:
+            top = row.topk(TREE_BRANCH)
+            children += [(logp + lp, node, token_of(index)) for lp, index in zip(top.values.tolist(), top.indices.tolist())]
+        for logp, parent, token in children:
+            nodes.append((logp, level, parent, token))
+            ancestors[len(nodes) - 1] = [*ancestors[parent], len(nodes) - 1]
+        if level == depth:
+            break
+        picked = sorted(range(len(nodes) - len(children), len(nodes)), key=lambda n: -nodes[n][0])[:TREE_BRANCH]
+        rows = expand(level, [(n, nodes[n][3], ancestors[n]) for n in picked])
+        frontier = [(nodes[n][0], n, rows[i]) for i, n in enumerate(picked)]
+    # the likeliest paths: a child is never likelier than its parent, so ties go to the shallower
+    kept = sorted(range(len(nodes)), key=lambda n: (-nodes[n][0], nodes[n][1]))[:size]
+    index = {n: i for i, n in enumerate(kept)}
+    return [nodes[n][3] for n in kept], [index.get(nodes[n][2], -1) for n in kept]
+
+
 def child(draft: list[int], parents: list[int], node: int, token: int) -> int | None:
     """The index of ``node``'s child holding ``token`` (-1: the root), or None."""
     return next((i for i, (t, up) in enumerate(zip(draft, parents)) if up == node and t == token), None)
