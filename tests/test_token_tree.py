@@ -148,3 +148,22 @@ def test_the_policy_drafts_the_tree_where_rows_are_cheap_and_the_chain_where_the
     chains.observe(4, 1, 0.05, 0.0, 20.0)
     chains.choose()
     assert not chains.tree
+
+
+def test_held_out_tree_figures_of_a_model_drafter():
+    """training/tree_eval.py: a twin of the target always has the target's next token on its
+    tree's first level (its likeliest node), so every round accepts at least one token; the rounds
+    account for every continuation token; a stranger's trees accept less; both cost their tree's
+    tokens in rows."""
+    from training.tree_eval import evaluate_model_tree
+
+    target = tiny_llama(1)
+    prompts = [[5, 9, 13], [7, 7, 2, 40], [11]]
+    sequences = [(p + greedy_reference(target, p, 21), len(p)) for p in prompts]
+    twin = evaluate_model_tree(tiny_llama(1), sequences, gamma=4, tree_nodes=8)
+    assert twin["first_level_hit_rate"] == 1.0 and twin["draft_tokens_per_round"] == 8.0
+    assert twin["mean_accepted_per_round"] >= 1.0
+    # a sequence's last round may count the target's token past its end, as the chains' figures do
+    assert 3 * 21 - 0.01 <= twin["tokens_per_round"] * twin["rounds"] <= 3 * 22 + 0.01
+    stranger = evaluate_model_tree(tiny_llama(2, hidden=32), sequences, gamma=4, tree_nodes=8)
+    assert stranger["tokens_per_round"] < twin["tokens_per_round"] and stranger["rounds"] > twin["rounds"]

@@ -87,6 +87,9 @@ def register(subparsers) -> None:
     ed.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ed.add_argument("--ladder-dir", type=Path, default=None, help="a ladder folder (default: the committed drafters/ladder)")
     ed.add_argument("--feature-dir", type=Path, default=None, help="a feature head folder (default: drafters/feature)")
+    ed.add_argument("--trees", action="store_true",
+                    help="also the ladder rungs' token trees (NAME+tree, NAME+lookup+tree: a few minutes each); "
+                         "the feature head's are always measured")
     ed.set_defaults(handler=_eval_drafters)
 
 
@@ -171,7 +174,7 @@ def _eval_drafters(args: argparse.Namespace) -> int:
 
     _threads(args.threads)
     report = evaluate_ladder(args.target, args.rungs, args.gamma, feature_dir=args.feature_dir,
-                             ladder_dir=args.ladder_dir)
+                             ladder_dir=args.ladder_dir, model_trees=args.trees)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

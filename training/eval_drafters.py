@@ -5,9 +5,11 @@ drafters/feature), measured on the same held-out sequences. Each is measured twi
 as "NAME+lookup" with context lookup in front of it (workers/lookup.py, ``lookup_min_match`` =
 DEFAULT_MIN_MATCH), which drafts where the context repeats and leaves the rest to the model. A
 lookup rung's draft speed is its model's: lookup costs no model step, so it is a lower bound.
-Every rung is measured a third way, drafting token trees ("NAME+tree", and "NAME+lookup+tree" with
-the repeat's continuation as one more branch) by the device's own code: tokens per round, and the
-tree's draft tokens per round, each a verify row (training/tree_eval.py)."""
+The feature head is measured a third way, and with ``model_trees`` (`--trees`) the ladder's rungs
+too: drafting token trees ("NAME+tree", and "NAME+lookup+tree" with the repeat's continuation as
+one more branch) by the device's own code: tokens per round, and the tree's draft tokens per
+round, each a verify row (training/tree_eval.py). A rung's trees take a few minutes of this CPU,
+its model runs once per tree level and round, hence opt-in."""
 
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ def draft_tokens_per_s(model, prompts: list[list[int]], new_tokens: int = 32) ->
 
 
 def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None, gamma: int = 4,
-                    speed_prompts: int = 3, feature_dir=None, ladder_dir=None) -> dict:
+                    speed_prompts: int = 3, feature_dir=None, ladder_dir=None, model_trees: bool = False) -> dict:
     from pipeline.models import load_causal_lm
 
     target = load_causal_lm(target_spec)
@@ -70,6 +72,8 @@ def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None
             rung.update(name=name, lookup_min_match=lookup)
         report["rungs"].append(rung)
     for base in dict.fromkeys(n.split("+")[0] for n in names):
+        if base != "feature" and not model_trees:
+            continue
         for lookup in (0, LOOKUP_MIN_MATCH):
             if base == "feature":
                 report["rungs"].append(_tree_rung(target, target_spec, gamma, feature_dir, lookup))
