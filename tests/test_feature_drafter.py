@@ -101,7 +101,7 @@ def feature_drafters(tiny_models, feature_head_dir, **feat):
 async def test_feature_drafter_is_token_identical_to_the_target_alone(tmp_path, tiny_models, feature_head_dir, tree):
     """With trees, a model drafter drafts them too: a twin of the target (its first path is always
     the target's) and the small model (mostly rejected, often off its first path)."""
-    batch = prompts(6 if not tree else 9, 3)
+    batch = prompts(6, 3)
     drafters = feature_drafters(tiny_models, feature_head_dir, **tree)
     if tree:
         drafters["small"].update(tree)
