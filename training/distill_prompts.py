@@ -124,7 +124,26 @@ TRAIN_TOPICS_5 = [
     "Saturn", "sea turtles", "sparrows", "bats", "meteor showers", "magic tricks", "puppet shows",
     "aquariums", "audiobooks", "weekly planning",
 ]
-TRAIN_TOPIC_SETS = {1: TRAIN_TOPICS, 2: TRAIN_TOPICS_2, 3: TRAIN_TOPICS_3, 4: TRAIN_TOPICS_4, 5: TRAIN_TOPICS_5}  # build_prompts(topic_set=N)
+# A sixth list, for data beyond the fifth set (build_prompts(topic_set=6)); disjoint from the
+# other five and from the held-out topics.
+TRAIN_TOPICS_6 = [
+    "otters", "the Moors in Spain", "volleyball", "soap carving", "the thyroid", "robot vacuums",
+    "desalination", "fireflies", "the Rhine", "tortillas", "compasses", "the Hittites",
+    "nutmeg", "fingernails", "canoeing", "marble", "the harp", "frost", "calligraphy", "pelicans",
+    "the fall of Constantinople", "protein", "smog", "windmills", "alpacas", "the spice trade",
+    "silk worms", "making jam", "the sundial", "yeast", "learning to swim", "a locked attic",
+    "a tailor's lost needle", "a cloud that wanted to rain", "a lonely robot", "a village of owls",
+    "two-factor login", "queues and stacks", "refactoring", "spreadsheet formulas", "unit tests", "writing a cover letter",
+    "credit scores", "pension plans", "hosting a dinner party", "running a bake sale",
+    "asking for help", "daydreaming", "speed reading", "earthquake safety", "the liver", "sunburn",
+    "daisies", "olives", "quinoa", "basil", "hot springs", "canyons", "the Carpathians", "the Dolomites",
+    "Norway", "the Camino de Santiago", "the Minoans", "feudal castles", "the abacus",
+    "the dishwasher", "the gyroscope", "QR codes", "electric scooters", "the Voyager probes",
+    "Neptune", "squids", "magpies", "hedgehogs", "auroras", "juggling", "the bagpipes",
+    "botanical gardens", "newsletters", "morning routines",
+]
+TRAIN_TOPIC_SETS = {1: TRAIN_TOPICS, 2: TRAIN_TOPICS_2, 3: TRAIN_TOPICS_3, 4: TRAIN_TOPICS_4, 5: TRAIN_TOPICS_5,
+                    6: TRAIN_TOPICS_6}  # build_prompts(topic_set=N)
 HELDOUT_TOPICS = [
     "glaciers", "the violin", "penguins", "nuclear fusion", "the Silk Road", "board games",
     "lightning", "coral reefs", "the Industrial Revolution", "yoga", "submarines", "maps",
@@ -180,7 +199,7 @@ def _chat(tokenizer, question: str) -> str:
 def build_prompts(tokenizer, *, held_out: bool, n_chat: int, n_prose: int, seed: int = 0,
                   topic_set: int = 1) -> list[str]:
     """Prompt strings, half chat (templated) and half prose (raw prefix or 'continue this').
-    ``topic_set`` 2 to 5 draws training chat from TRAIN_TOPICS_2 to _5 (more data that repeats no
+    ``topic_set`` 2 to 6 draws training chat from TRAIN_TOPICS_2 to _6 (more data that repeats no
     question)."""
     rng = random.Random(seed + (1 if held_out else 0))
     templates = HELDOUT_TEMPLATES if held_out else TRAIN_TEMPLATES

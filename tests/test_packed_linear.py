@@ -1,0 +1,86 @@
+"""oneDNN-reordered linear weights (workers/packed_linear.py): the same map as nn.Linear, one copy of
+every weight, and greedy decoding through the packed static verifier equal to the target alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import load_config
+from pipeline.protocol import Propose
+from tests.conftest import tiny_gpt2, tiny_llama
+from workers.packed_linear import PackedLinear, available, prepack_linears
+from workers.static_verifier import StaticVerifier, make_verifier
+
+pytestmark = pytest.mark.skipif(not available(), reason="this torch build has no oneDNN linear")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 48), (5, 48), (2, 3, 48), (1, 7, 48)])
+def test_a_packed_linear_computes_the_same_map(bias, shape):
+    torch.manual_seed(0)
+    dense = nn.Linear(48, 80, bias=bias)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        want = dense(x)
+        got = PackedLinear.from_linear(dense)(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_prepacking_replaces_every_linear_once_and_keeps_tied_weights():
+    model = tiny_llama(1)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as the default target's head is
+    ids = torch.tensor([[5, 9, 33, 2, 71, 8]])
+    with torch.no_grad():
+        want = model(ids).logits
+    linears = sum(type(m) is nn.Linear for m in model.modules())
+    assert prepack_linears(model) == linears
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert prepack_linears(model) == 0  # idempotent
+    # the tied head keeps its dense weight (the embedding needs it); the projections hold only the packed one
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not hasattr(model.model.layers[0].self_attn.q_proj, "weight")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_the_factory_prepacks_on_the_cpu_unless_told_not_to():
+    packed = tiny_llama(1)
+    make_verifier(packed, load_config(None, []))
+    assert isinstance(packed.model.layers[0].mlp.up_proj, PackedLinear)
+    dense = tiny_llama(1)
+    make_verifier(dense, load_config(None, ["verifier.prepack=false"]))
+    assert type(dense.model.layers[0].mlp.up_proj) is nn.Linear
+    gpt2 = tiny_gpt2(1)  # transformers' Conv1D projections stay; its head is a Linear
+    make_verifier(gpt2, load_config(None, []))
+    assert isinstance(gpt2.lm_head, PackedLinear)
+
+
+@torch.no_grad()
+def test_greedy_through_a_prepacked_static_verifier_equals_the_target_alone():
+    """Rounds of random drafts (some right, most wrong) through the packed verifier commit exactly
+    the tokens that the unpacked target's own greedy decoding produces."""
+    reference = tiny_llama(1, layers=3)
+    prompt = [3, 17, 42, 8, 99, 5, 61]
+    want = reference.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, min_new_tokens=40)[0, len(prompt):].tolist()
+    served = tiny_llama(1, layers=3)
+    assert prepack_linears(served) > 0
+    verifier = StaticVerifier(served, max_sessions=4, limits=load_config(None, []).limits, kv_cache_mb=8.0)
+    rng = torch.Generator().manual_seed(0)
+    out: list[int] = []
+    step = 0
+    while len(out) < len(want):
+        # draft a few tokens: the true continuation with one token replaced at a random place
+        k = int(torch.randint(0, 5, (1,), generator=rng))
+        draft = list(want[len(out):len(out) + k])
+        if draft and torch.rand(1, generator=rng).item() < 0.6:
+            draft[int(torch.randint(0, len(draft), (1,), generator=rng))] = int(torch.randint(1, 256, (1,), generator=rng))
+        item = Propose("s", step, len(prompt) + len(out), draft, history=list(prompt) if step == 0 else None)
+        (verdict,) = verifier.verify_batch([item])
+        assert not verdict.error, verdict.detail
+        out += [*draft[: verdict.accepted], verdict.token]
+        step += 1
+    assert out[: len(want)] == want
+    assert step < len(want)  # some drafts were accepted
