@@ -5,6 +5,9 @@ sockets. The repeats of the two ways are interleaved, so the machine's load drif
 alike; the median is reported, in ms.
 
     OMP_NUM_THREADS=1 python -m bench.ragged_forward --widths 1x13+9 1x8+9 1x14 9x8
+
+``--prepack`` measures every width twice: with ``nn.Linear`` as loaded, then with the weights
+reordered for oneDNN (workers/packed_linear.py, ``verifier.prepack``); the ``linears`` field says which.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from pipeline.config import LimitsConfig
 from pipeline.models import load_causal_lm
 from pipeline.protocol import Propose
+from workers.packed_linear import prepack_linears
 from workers.static_verifier import StaticVerifier
 
 
@@ -62,12 +66,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--history", type=int, default=40, help="tokens each session holds before the round")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--prepack", action="store_true", help="also measure with oneDNN-reordered linear weights")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_causal_lm(args.target)
-    verifier = StaticVerifier(model, max_sessions=64, limits=LimitsConfig(), kv_cache_mb=256)
-    for spec in args.widths:
-        print(json.dumps({"widths": spec, **measure(verifier, parse_widths(spec), args.history, args.repeats)}), flush=True)
+    for linears in ("dense", "prepacked") if args.prepack else ("dense",):
+        if linears == "prepacked":
+            prepack_linears(model)
+        verifier = StaticVerifier(model, max_sessions=64, limits=LimitsConfig(), kv_cache_mb=256)
+        for spec in args.widths:
+            print(json.dumps({"widths": spec, "linears": linears,
+                              **measure(verifier, parse_widths(spec), args.history, args.repeats)}), flush=True)
+        del verifier
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from pipeline.sample_prompts import SAMPLE_PROMPTS, chat_prompt_ids
 from pipeline.reference import greedy_reference
 from workers.drafts import ModelDrafter, NgramDrafter
 from workers.lookup import LookupDrafter
+from workers.packed_linear import prepack_linears, weight_bytes
 from workers.static_verifier import make_verifier
 
 log = structlog.get_logger("sled.bench")
@@ -89,8 +90,11 @@ def load_drafter_model(choice, target):
     if choice.model.startswith("ladder:"):
         from training.ladder import load_rung
 
-        return load_rung(choice.model.removeprefix("ladder:"), target=target)
-    return load_causal_lm(choice.model)
+        model = load_rung(choice.model.removeprefix("ladder:"), target=target)
+    else:
+        model = load_causal_lm(choice.model)
+    prepack_linears(model)  # as a device's drafter (drafters.NAME.prepack) and, for server-side SD, the server
+    return model
 
 
 def feature_strategy(choice, target):
@@ -99,8 +103,9 @@ def feature_strategy(choice, target):
     from workers.feature_drafter import FeatureDrafter
     from workers.feature_head import FEATURE_DIR, load_head
 
-    return FeatureDrafter(load_head(target, FEATURE_DIR), min_confidence=choice.min_confidence,
-                          tree_nodes=choice.tree_nodes, gamma=choice.gamma)
+    head = load_head(target, FEATURE_DIR)
+    head.prepack()  # as the device does (drafters.NAME.prepack)
+    return FeatureDrafter(head, min_confidence=choice.min_confidence, tree_nodes=choice.tree_nodes, gamma=choice.gamma)
 
 
 def model_strategy(choice, model, target_spec: str):
@@ -228,7 +233,7 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
     started = time.perf_counter()
     torch.set_num_threads(options.threads)  # the verifier's budget: the same for every method
     target = load_causal_lm(setup.target)
-    weights_mb = sum(p.numel() * p.element_size() for p in target.parameters()) / 2**20
+    weights_mb = weight_bytes(target) / 2**20
     if prompts is None:
         tokenizer = load_tokenizer(setup.target)
         prompts = prompt_ids(setup, tokenizer, options.prompts)
@@ -269,7 +274,7 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
     if sd_choice.model not in drafter_models:
         drafter_models[sd_choice.model] = load_drafter_model(sd_choice, target)
     sd_model = drafter_models[sd_choice.model]
-    sd_weights = sum(p.numel() * p.element_size() for p in sd_model.parameters()) / 2**20
+    sd_weights = weight_bytes(sd_model) / 2**20
     table, table_path = load_table(options.gpu_cost)
     gpu = cost_models(table, target.config, sd_model.config) if table else {"error": "no GPU cost table"}
     gpu_table = table_summary(table, table_path, gpu) if table else {"error": "no bench/results/gpu_cost_*.json and no --gpu-cost"}

@@ -327,6 +327,8 @@ def _build_strategy(cfg, target_spec: str):
         target = load_causal_lm(target_spec, dtype="float32")
         head = load_head(target, Path(cfg.model) if cfg.model else FEATURE_DIR)
         del target
+        if cfg.prepack:
+            head.prepack()
         return FeatureDrafter(head, min_confidence=cfg.min_confidence, top_k=cfg.top_k, tree_nodes=cfg.tree_nodes,
                               gamma=cfg.gamma)
     if cfg.kind != "model":
@@ -339,6 +341,10 @@ def _build_strategy(cfg, target_spec: str):
         from pipeline.models import load_causal_lm
 
         model = load_causal_lm(cfg.model, dtype=cfg.dtype)
+    if cfg.prepack:
+        from workers.packed_linear import prepack_linears
+
+        prepack_linears(model)
     from workers.translating_drafter import TranslatingDrafter, tokenizers_to_translate
 
     tokenizers = tokenizers_to_translate(cfg, target_spec)  # a drafter of another model family

@@ -34,6 +34,7 @@ from pipeline.config import Config, LimitsConfig
 from pipeline.protocol import ErrorCode, Propose, SledError, Verdict
 from workers.rejection_sampling import position_generator
 from workers.rejection_sampling_batched import accept_batch
+from workers.packed_linear import prepack_linears
 from workers.prefill import plan_prefill
 from workers.token_tree import tree_inputs, verify_tree_greedy
 from workers.static_model import PagedKV, StaticModel, supports
@@ -345,6 +346,8 @@ def make_verifier(model, config: Config) -> TargetVerifier:
     """The backend ``verifier.backend`` names; "static" falls back to "eager" (with a log line)
     for a model the static forward does not cover."""
     v = config.verifier
+    if v.prepack:
+        prepack_linears(model)  # a no-op off the CPU
     if v.backend not in ("eager", "static"):
         raise ValueError(f"verifier.backend must be 'eager' or 'static', got {v.backend!r}")
     if v.compile not in ("auto", "on", "off"):
