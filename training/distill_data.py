@@ -135,9 +135,11 @@ def generate_shards(
     ``workers`` processes (each one torch thread: OpenMP teams stall on shared cores) fill one
     folder together, worker w writing the shards w, w + workers, ..."""
     from pipeline.models import load_causal_lm, load_tokenizer
+    from workers.packed_linear import prepack_linears
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_causal_lm(target, dtype="float32")
+    prepack_linears(model)  # batched generation and the teacher-forced forward: many rows per linear
     tokenizer = load_tokenizer(target)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
