@@ -3,12 +3,12 @@
 Why: on a CPU, ``F.linear`` with a few rows reads the weights through MKL's sgemm, which
 repacks them on every call. One row takes the fast GEMV path, so a verify forward of two to
 nine rows cost 1.6-1.8x a one-row step of the same session (SmolLM2-135M, fp32, one thread:
-57 ms for 1 row, 92 ms for 2, 90 ms for 5), and every drafted token looked expensive next to
+55.8 ms for 1 row, 91.0 ms for 5), and every drafted token looked expensive next to
 autoregressive decoding. With the weights reordered once into oneDNN's blocked layout (what
 torch.compile's CPU freezing does: ``torch.ops.mkldnn._reorder_linear_weight`` and
-``_linear_pointwise``), the same forward takes 49 ms for 1 row, 46 ms for 5 and 82 ms for 16
-rows against 132 ms (``python -m bench.ragged_forward --prepack``). Every method on the server
-gains, AR included; extra rows gain most.
+``_linear_pointwise``), the same forward takes 55.8 ms for 1 row, 48.7 ms for 5 and 82.1 ms for
+16 rows against 128.7 ms (``python -m bench.ragged_forward --prepack``, docs/benchmarks.md).
+Every method on the server gains, AR included; extra rows gain most.
 
 The outputs are the same linear map with another summation order (logits differ from
 ``F.linear``'s by about 1e-3 on the default target), as a one-row GEMV already differs from a
