@@ -84,3 +84,12 @@ def test_greedy_through_a_prepacked_static_verifier_equals_the_target_alone():
         step += 1
     assert out[: len(want)] == want
     assert step < len(want)  # some drafts were accepted
+
+
+def test_without_the_onednn_ops_the_model_keeps_its_linears(monkeypatch):
+    import workers.packed_linear as packed_linear
+
+    monkeypatch.setattr(packed_linear, "available", lambda: False)
+    model = tiny_llama(1)
+    assert packed_linear.prepack_linears(model) == 0
+    assert type(model.lm_head) is nn.Linear and type(model.model.layers[0].mlp.down_proj) is nn.Linear

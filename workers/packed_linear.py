@@ -74,7 +74,10 @@ def prepack_linears(model: nn.Module) -> int:
     place; returns how many. Idempotent, and a no-op where oneDNN is missing or off the CPU."""
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype in PACKABLE_DTYPES]
-    if not targets or not available():
+    if not targets:
+        return 0
+    if not available():  # e.g. a torch whose oneDNN lacks these ops: nn.Linear as loaded, and say so
+        log.warning("linears_not_prepacked", layers=len(targets), reason="oneDNN linear ops unavailable in this torch")
         return 0
     # weights used by more than one module (a head tied to the embedding) stay dense as well
     owners: dict[int, int] = {}
