@@ -75,7 +75,7 @@ class DrafterConfig:
     gamma: int = 4  # most draft tokens per round (the cap when ``adaptive``)
     adaptive: bool = True  # draft length follows measured acceptance and the verdict's row_cost_ms
     # kinds "model" and "feature" on a CPU: weights reordered once for oneDNN (workers/packed_linear.py);
-    # a token tree's levels and the rows fed after a verdict cost much less (a pi5 tree round 154 -> 101 ms)
+    # a token tree's levels and the rows fed after a verdict cost much less (a pi5 tree round 154 -> 101 ms, under load)
     prepack: bool = True
     proactive: bool = False  # keep drafting past an outstanding proposal, assuming it is accepted
     min_confidence: float = 0.0  # stop a draft early when the drafter's top probability drops below

@@ -135,7 +135,7 @@ class FeatureHead(nn.Module):
     def prepack(self) -> None:
         """Drafting on a CPU: the trained layers and the frozen head projection reordered once for
         oneDNN (workers/packed_linear.py): a tree round drafted 27 % faster (23.4 -> 17.1 ms on
-        this CPU). Inference only; training keeps the dense weights."""
+        this CPU, measured beside a data-generation job). Inference only; training keeps the dense weights."""
         from workers.packed_linear import PackedLinear, prepack_linears
 
         if prepack_linears(self) and self.packed_head is None:
