@@ -23,6 +23,8 @@ Only float32 CPU weights with oneDNN present are packed; anything else keeps
 
 from __future__ import annotations
 
+import functools
+
 import structlog
 import torch
 from torch import nn
@@ -57,8 +59,9 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN"
 
 
+@functools.cache
 def available() -> bool:
-    """oneDNN is built in and its linear ops answer (a CPU build of torch)."""
+    """oneDNN is built in and its linear ops answer (a CPU build of torch); probed once."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:

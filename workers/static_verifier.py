@@ -346,12 +346,12 @@ def make_verifier(model, config: Config) -> TargetVerifier:
     """The backend ``verifier.backend`` names; "static" falls back to "eager" (with a log line)
     for a model the static forward does not cover."""
     v = config.verifier
-    if v.prepack:
-        prepack_linears(model)  # a no-op off the CPU
     if v.backend not in ("eager", "static"):
         raise ValueError(f"verifier.backend must be 'eager' or 'static', got {v.backend!r}")
     if v.compile not in ("auto", "on", "off"):
         raise ValueError(f"verifier.compile must be 'auto', 'on' or 'off', got {v.compile!r}")
+    if v.prepack:  # after the checks: a refused config leaves the caller's model as it was
+        prepack_linears(model)  # a no-op off the CPU
     if v.backend == "static":
         reason = supports(model)
         if not reason:
