@@ -84,6 +84,28 @@ async def test_an_expected_session_that_does_not_come_is_waited_for_until_its_ti
     assert batch.payloads == ["a"] and batch.reason == "held"
 
 
+async def test_an_overdue_session_is_still_expected_within_its_usual_spread():
+    batcher, hold, clock = make()
+    past_round(hold, "a", arrived=-0.5, answered=-0.35, accepted=2)
+    # b's device answered 40 ms and then 60 ms after its verdicts: it is expected ~44 ms after its
+    # last one (-20 ms): at +26 ms, give or take its spread (an EWMA of 20 ms misses: 6 ms), so
+    # still until +38 ms (two spreads); past that it is not waited for
+    hold.arrived("b", -0.5, 5)
+    hold.answered("b", -0.4, 2)
+    hold.arrived("b", -0.36, 5)
+    hold.answered("b", -0.3, 2)
+    hold.arrived("b", -0.24, 5)
+    hold.answered("b", -0.02, 2)
+    pace = hold.sessions["b"]
+    assert pace.device_s == pytest.approx(0.046) and pace.spread == pytest.approx(0.006)
+    task = a_arrives(batcher, hold)
+    await clock.advance(0.030)  # b's mean (+26 ms) has passed: it is overdue, but within its spread
+    assert not task.done()
+    await clock.advance(0.0081)  # two spreads too: the batch leaves without it
+    batch = await asyncio.wait_for(task, 1)
+    assert batch.payloads == ["a"] and batch.reason == "held"
+
+
 async def test_no_hold_that_would_push_a_session_past_its_objective():
     batcher, hold, clock = make()
     # a's last verdict left at -150 ms and its rounds commit one token: its verdict is due at +50 ms;
@@ -110,13 +132,38 @@ async def test_an_overloaded_convoy_is_merged_when_that_lowers_the_lateness():
     hold.arrived("b", clock.now(), 5)
     await clock.advance(0)
     assert sorted((await asyncio.wait_for(task, 1)).payloads) == ["a", "b"]
-    # the same, but b's objective is loose enough on its own: merging only makes a later
+    # the same, but b's objective is loose enough on its own: b meets it either way and a, late
+    # either way, does not veto the hold by its own wait (it is bounded by the forward the hold
+    # saves, which the verifier would otherwise spend on b before a's next round)
     batcher, hold, clock = make(cost=lambda s, r: 0.100 + 0.001 * s + 0.002 * r)
     past_round(hold, "a", arrived=-0.5, answered=-0.35, accepted=0)
     past_round(hold, "b", arrived=-0.3, answered=-0.2, accepted=4, next_arrival=-0.15, answered_again=-0.04)
     task = a_arrives(batcher, hold)
     await clock.advance(0.006)
-    assert (await asyncio.wait_for(task, 1)).payloads == ["a"]
+    assert not task.done()
+    batcher.submit("b", 5, key="b")
+    hold.arrived("b", clock.now(), 5)
+    await clock.advance(0)
+    assert sorted((await asyncio.wait_for(task, 1)).payloads) == ["a", "b"]
+
+
+async def test_a_late_session_does_not_veto_a_hold_that_keeps_everyone_elses_objective():
+    # a is behind its average already (due at -150 ms); b, c and d are on time and expected at
+    # +20 ms: one forward for all four instead of a's now and theirs after it
+    batcher, hold, clock = make(cost=lambda s, r: 0.040 + 0.001 * s + 0.002 * r)
+    past_round(hold, "a", arrived=-0.5, answered=-0.35, accepted=0)
+    for name in "bcd":
+        past_round(hold, name, arrived=-0.3, answered=-0.2, accepted=2, next_arrival=-0.15, answered_again=-0.03)
+    task = a_arrives(batcher, hold)
+    await clock.advance(0.006)
+    assert not task.done()
+    await clock.advance(0.014)
+    for name in "bcd":
+        batcher.submit(name, 5, key=name)
+        hold.arrived(name, clock.now(), 5)
+    await clock.advance(0)
+    batch = await asyncio.wait_for(task, 1)
+    assert sorted(batch.payloads) == ["a", "b", "c", "d"] and batch.reason == "held"
 
 
 async def test_no_hold_when_the_bigger_batch_costs_more_per_token():
