@@ -93,3 +93,28 @@ def test_without_the_onednn_ops_the_model_keeps_its_linears(monkeypatch):
     model = tiny_llama(1)
     assert packed_linear.prepack_linears(model) == 0
     assert type(model.lm_head) is nn.Linear and type(model.model.layers[0].mlp.down_proj) is nn.Linear
+
+
+def test_eval_drafters_times_a_rung_packed_and_measures_its_alpha_and_size_as_loaded(monkeypatch):
+    """`sled eval drafters` drafts as the device does (packed weights) but measures α on the rung
+    as loaded, and counts its parameters before packing drops the dense copies."""
+    from training import eval_drafters
+    from training.heldout_alpha import acceptance
+
+    torch.manual_seed(3)
+    reference = tiny_llama(2)
+    rung = tiny_llama(2)
+    rung.load_state_dict(reference.state_dict())
+    monkeypatch.setattr(eval_drafters, "load_rung", lambda *a, **k: rung)
+    sequences = []
+    with torch.no_grad():  # a prompt, the reference's own greedy tokens, then noise: 0 < α < 1
+        for _ in range(3):
+            ids = reference.generate(torch.randint(0, 100, (1, 8)), max_new_tokens=8, do_sample=False)[0].tolist()
+            sequences.append((ids + torch.randint(0, 100, (8,)).tolist(), 8))
+        want = acceptance(lambda ids: reference(input_ids=ids).logits.argmax(-1), sequences, 4)
+    assert 0 < want["alpha"] < 1
+    report = eval_drafters._model_rung(None, "tiny", "pi5", sequences, [s[0][:8] for s in sequences], 4, None, 0)
+    assert report["alpha"] == round(want["alpha"], 4)
+    assert report["params"] == sum(p.numel() for p in reference.parameters())
+    assert report["draft_weights_packed"] and not any(type(m) is nn.Linear for m in rung.modules())
+    assert report["draft_tokens_per_s"] > 0
