@@ -92,17 +92,35 @@ class Stack:
         await self.supervisor.wait_ready(ready, timeout, what=f"drafters {sorted(pending)} or verifiers")
 
     async def _gateway_up(self) -> bool:
+        """The gateway answers and has itself seen every started drafter answer (``/v1/models``
+        lists it available). Its own client sockets connected before the drafters bound, and
+        ZeroMQ's reconnect backs off (up to 5 s), so a request sent as soon as the drafters answer
+        us could still find the gateway's view of one down: a 503 in a test that started at once."""
         if not self.gateway:
             return True
         import aiohttp
 
-        url = f"http://{self.config.gateway.host}:{self.config.gateway.port}/health"
+        url = f"http://{self.config.gateway.host}:{self.config.gateway.port}/v1/models"
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as http:
-                async with http.get(url) as response:
-                    return response.status == 200
-        except (aiohttp.ClientError, TimeoutError):
+                async with http.get(url, headers=self._gateway_auth()) as response:
+                    if response.status != 200:
+                        return False
+                    models = (await response.json())["data"]
+        except (aiohttp.ClientError, TimeoutError, KeyError, ValueError):
             return False
+        available = {m["id"] for m in models if m.get("sled", {}).get("available")}
+        return set(self.drafters) <= available
+
+    def _gateway_auth(self) -> dict:
+        g = self.config.gateway
+        keys = list(g.api_keys)
+        if not keys and g.api_keys_file:
+            from gateway.serve import read_api_keys
+
+            with contextlib.suppress(OSError):
+                keys = read_api_keys(g.api_keys_file)
+        return {"Authorization": f"Bearer {keys[0]}"} if keys else {}
 
     async def wait_any_exit(self, stop: asyncio.Event | None = None) -> str | None:
         """The name of the first child to exit (for `sled up`); None once ``stop`` is set."""
