@@ -142,8 +142,27 @@ TRAIN_TOPICS_6 = [
     "Neptune", "squids", "magpies", "hedgehogs", "auroras", "juggling", "the bagpipes",
     "botanical gardens", "newsletters", "morning routines",
 ]
+# A seventh list, for data beyond the sixth set (build_prompts(topic_set=7)); disjoint from the
+# other six and from the held-out topics.
+TRAIN_TOPICS_7 = [
+    "beavers", "the Byzantine mosaics", "smart thermostats", "tidal power", "eyelashes", "granite",
+    "the cello", "dew", "water wheels", "the tea trade", "the hourglass", "sourdough starters",
+    "learning to skate", "a hidden cellar", "a baker's missing recipe", "a curious satellite",
+    "a town of foxes", "pivot tables", "integration tests", "writing a thank-you note",
+    "student loans", "emergency funds", "planning a picnic", "organizing a book swap", "boredom",
+    "flood safety", "hiccups", "figs", "lentils", "rosemary", "fjords", "the slide rule",
+    "the barcode scanner", "e-readers", "cargo bikes", "armadillos", "unicycling", "the accordion",
+    "evening routines", "the tuba", "pangolins", "the Inca roads", "the axolotl", "bonsai pruning",
+    "the Mekong", "paella", "the astrolabe", "cardamom", "knuckles", "slate", "the oboe",
+    "stained glass", "vitamin D", "light pollution", "yaks", "felt making", "candle dipping",
+    "the water clock", "kombucha", "learning to dive", "a forgotten lighthouse",
+    "a cobbler's magic boots", "a river that ran uphill", "a shy dragon", "rate limiting",
+    "binary search", "technical debt", "mail merge", "linting", "writing a eulogy", "index funds",
+    "hosting a game night", "running a car wash fundraiser", "forgiving a friend", "nostalgia",
+    "wildfire evacuation", "the gallbladder", "dates", "millet", "thyme",
+]
 TRAIN_TOPIC_SETS = {1: TRAIN_TOPICS, 2: TRAIN_TOPICS_2, 3: TRAIN_TOPICS_3, 4: TRAIN_TOPICS_4, 5: TRAIN_TOPICS_5,
-                    6: TRAIN_TOPICS_6}  # build_prompts(topic_set=N)
+                    6: TRAIN_TOPICS_6, 7: TRAIN_TOPICS_7}  # build_prompts(topic_set=N)
 HELDOUT_TOPICS = [
     "glaciers", "the violin", "penguins", "nuclear fusion", "the Silk Road", "board games",
     "lightning", "coral reefs", "the Industrial Revolution", "yoga", "submarines", "maps",
@@ -199,7 +218,7 @@ def _chat(tokenizer, question: str) -> str:
 def build_prompts(tokenizer, *, held_out: bool, n_chat: int, n_prose: int, seed: int = 0,
                   topic_set: int = 1) -> list[str]:
     """Prompt strings, half chat (templated) and half prose (raw prefix or 'continue this').
-    ``topic_set`` 2 to 6 draws training chat from TRAIN_TOPICS_2 to _6 (more data that repeats no
+    ``topic_set`` 2 to 7 draws training chat from TRAIN_TOPICS_2 to _7 (more data that repeats no
     question)."""
     rng = random.Random(seed + (1 if held_out else 0))
     templates = HELDOUT_TEMPLATES if held_out else TRAIN_TEMPLATES
