@@ -54,6 +54,15 @@ def a_arrives(batcher, hold):
     return asyncio.create_task(batcher.next_batch())
 
 
+async def arrive(batcher, hold, clock, task, *names: str):
+    """5-row proposals of ``names`` arrive now; the batch that then leaves."""
+    for name in names:
+        batcher.submit(name, 5, key=name)
+        hold.arrived(name, clock.now(), 5)
+    await clock.advance(0)
+    return await asyncio.wait_for(task, 1)
+
+
 async def test_holds_for_a_session_expected_soon_and_leaves_when_it_arrives():
     batcher, hold, clock = make()
     past_round(hold, "a", arrived=-0.3, answered=-0.15, accepted=2)
@@ -64,10 +73,7 @@ async def test_holds_for_a_session_expected_soon_and_leaves_when_it_arrives():
     assert not task.done()
     await clock.advance(0.014)
     assert not task.done()
-    batcher.submit("b", 5, key="b")  # b arrives early: the batch leaves at once with both
-    hold.arrived("b", clock.now(), 5)
-    await clock.advance(0)
-    batch = await asyncio.wait_for(task, 1)
+    batch = await arrive(batcher, hold, clock, task, "b")  # b arrives early: the batch leaves at once with both
     assert sorted(batch.payloads) == ["a", "b"] and batch.reason == "held"
     assert batcher.holds == 1 and batcher.held_s == pytest.approx(0.014)  # from the first look past the deadline
 
@@ -128,10 +134,7 @@ async def test_an_overloaded_convoy_is_merged_when_that_lowers_the_lateness():
     task = a_arrives(batcher, hold)
     await clock.advance(0.006)
     assert not task.done()
-    batcher.submit("b", 5, key="b")
-    hold.arrived("b", clock.now(), 5)
-    await clock.advance(0)
-    assert sorted((await asyncio.wait_for(task, 1)).payloads) == ["a", "b"]
+    assert sorted((await arrive(batcher, hold, clock, task, "b")).payloads) == ["a", "b"]
     # the same, but b's objective is loose enough on its own: b meets it either way and a, late
     # either way, does not veto the hold by its own wait (it is bounded by the forward the hold
     # saves, which the verifier would otherwise spend on b before a's next round)
@@ -141,10 +144,7 @@ async def test_an_overloaded_convoy_is_merged_when_that_lowers_the_lateness():
     task = a_arrives(batcher, hold)
     await clock.advance(0.006)
     assert not task.done()
-    batcher.submit("b", 5, key="b")
-    hold.arrived("b", clock.now(), 5)
-    await clock.advance(0)
-    assert sorted((await asyncio.wait_for(task, 1)).payloads) == ["a", "b"]
+    assert sorted((await arrive(batcher, hold, clock, task, "b")).payloads) == ["a", "b"]
 
 
 async def test_a_late_session_does_not_veto_a_hold_that_keeps_everyone_elses_objective():
@@ -158,11 +158,7 @@ async def test_a_late_session_does_not_veto_a_hold_that_keeps_everyone_elses_obj
     await clock.advance(0.006)
     assert not task.done()
     await clock.advance(0.014)
-    for name in "bcd":
-        batcher.submit(name, 5, key=name)
-        hold.arrived(name, clock.now(), 5)
-    await clock.advance(0)
-    batch = await asyncio.wait_for(task, 1)
+    batch = await arrive(batcher, hold, clock, task, "b", "c", "d")
     assert sorted(batch.payloads) == ["a", "b", "c", "d"] and batch.reason == "held"
 
 
@@ -197,10 +193,7 @@ async def test_past_the_batchs_own_time_a_hold_spends_only_slack():
     task = a_arrives(batcher, hold)
     await clock.advance(0.12)
     assert not task.done()
-    batcher.submit("b", 5, key="b")
-    hold.arrived("b", clock.now(), 5)
-    await clock.advance(0)
-    assert sorted((await asyncio.wait_for(task, 1)).payloads) == ["a", "b"]
+    assert sorted((await arrive(batcher, hold, clock, task, "b")).payloads) == ["a", "b"]
 
 
 async def test_closest_to_its_objective_goes_first():
@@ -263,10 +256,7 @@ async def test_when_everyone_is_late_either_way_the_cheaper_batch_per_token_is_h
     task = asyncio.create_task(batcher.next_batch())
     await clock.advance(0.006)
     assert not task.done()  # b is expected at +20 ms: held for it
-    batcher.submit("b", 5, key="b")
-    hold.arrived("b", clock.now(), 5)
-    await clock.advance(0)
-    assert sorted((await asyncio.wait_for(task, 1)).payloads) == sorted([*queued, "b"])
+    assert sorted((await arrive(batcher, hold, clock, task, "b")).payloads) == sorted([*queued, "b"])
 
 
 def ran(hold: SloHold, session: str, *, first: float, last: float, rounds: int, accepted: int = 0) -> None:
@@ -288,10 +278,7 @@ async def test_a_session_ahead_of_its_average_spends_its_slack_on_a_hold():
     task = a_arrives(batcher, hold)
     await clock.advance(0.0051)
     assert not task.done()  # held for b, expected at +30 ms
-    batcher.submit("b", 5, key="b")
-    hold.arrived("b", clock.now(), 5)
-    await clock.advance(0)
-    assert sorted((await asyncio.wait_for(task, 1)).payloads) == ["a", "b"]
+    assert sorted((await arrive(batcher, hold, clock, task, "b")).payloads) == ["a", "b"]
 
 
 async def test_a_session_behind_its_average_is_late_already_and_goes_first():
