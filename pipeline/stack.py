@@ -89,13 +89,15 @@ class Stack:
                     return True
             return False
 
-        await self.supervisor.wait_ready(ready, timeout, what=f"drafters {sorted(pending)} or verifiers")
+        what = f"drafters {sorted(pending)} or verifiers" + (" (or the gateway's view of the drafters)" if self.gateway else "")
+        await self.supervisor.wait_ready(ready, timeout, what=what)
 
     async def _gateway_up(self) -> bool:
         """The gateway answers and has itself seen every started drafter answer (``/v1/models``
-        lists it available, from its poll every ``gateway.stats_interval_s``). Its own client sockets connected before the drafters bound, and
-        ZeroMQ's reconnect backs off (up to 5 s), so a request sent as soon as the drafters answer
-        us could still find the gateway's view of one down: a 503 in a test that started at once."""
+        lists it available, from its poll every ``gateway.stats_interval_s``). Its own client
+        sockets connected before the drafters bound, and ZeroMQ's reconnect backs off (up to 5 s),
+        so a request sent as soon as the drafters answer us could still find the gateway's view of
+        one down: a 503 in a test that started at once."""
         if not self.gateway:
             return True
         import aiohttp
