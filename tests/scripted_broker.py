@@ -30,9 +30,10 @@ async def _serve(sock: zmq.asyncio.Socket, answer: Callable[[Propose], Awaitable
 
 
 async def run_drafter(name: str, drafter: dict, strategy, answer: Callable[[Propose], Awaitable[Verdict]],
-                      prompt: list[int], new_tokens: int, **complete):
+                      prompt: list[int], new_tokens: int, requests: int = 1, **complete):
     """Serve one request of ``new_tokens`` through a DrafterService (``[drafters.NAME]`` settings
-    ``drafter``, draft ``strategy``) whose proposals ``answer`` turns into verdicts."""
+    ``drafter``, draft ``strategy``) whose proposals ``answer`` turns into verdicts; ``requests`` > 1:
+    that many, one after another, through the same service (a list of their results)."""
     config = load_config(None, stack_overrides("unused", {name: drafter}))
     ctx = zmq.asyncio.Context()
     sock = make_socket(ctx, zmq.ROUTER, bind=config.broker.frontend, max_message_bytes=1 << 20)
@@ -41,7 +42,8 @@ async def run_drafter(name: str, drafter: dict, strategy, answer: Callable[[Prop
     tasks = [asyncio.create_task(service.run(stop)), asyncio.create_task(_serve(sock, answer))]
     client = DrafterClient(config.drafter(name).client, ctx)
     try:
-        return await client.complete(prompt, new_tokens, timeout=60, **complete)
+        results = [await client.complete(prompt, new_tokens, timeout=60, **complete) for _ in range(requests)]
+        return results[0] if requests == 1 else results
     finally:
         client.close()
         stop.set()

@@ -51,3 +51,23 @@ async def test_drafts_shorten_under_rejection_at_a_dear_row_and_lengthen_when_ro
 async def test_a_fixed_gamma_drafter_ignores_acceptance_and_cost():
     lengths = await draft_lengths(adaptive=False)
     assert lengths[:-1] == [4] * (len(lengths) - 1)  # the last round is cut by max_new_tokens
+
+
+@pytest.mark.asyncio
+async def test_a_new_session_starts_from_what_the_drafters_last_session_learnt():
+    """Every draft rejected at a dear row: the first session starts at gamma and learns to stop
+    drafting; the next session of the same drafter starts where it ended, not at gamma again."""
+    lengths: dict[str, list[int]] = {}
+
+    async def reject_all(msg: Propose) -> Verdict:
+        lengths.setdefault(msg.session_id, []).append(len(msg.draft))
+        await asyncio.sleep(VERIFY_FIXED_S)
+        return Verdict(msg.session_id, msg.round, 0, (msg.position % PERIOD) + 1, row_cost_ms=5.0)
+
+    results = await run_drafter("ng", {"kind": "ngram", "gamma": 4, "adaptive": True}, NgramDrafter(ngram_max=4),
+                                reject_all, PROMPT, 24, requests=2)
+    assert [r.tokens for r in results] == [[(len(PROMPT) + i) % PERIOD + 1 for i in range(24)]] * 2
+    first, second = lengths.values()
+    assert first[0] == 4 and first[-1] == 0, first  # no reading yet: gamma; then learnt
+    assert second[0] <= 1, second  # starts from the first session's readings
+    assert sum(second) < sum(first), (first, second)

@@ -177,3 +177,16 @@ def test_the_brokers_round_cost_prices_a_round_when_it_sends_one():
     older = SpeculationPolicy(gamma=4, alphas=[0.3] * 4)
     older.observe(0, 0, row_cost_ms=4.0, now=0.0)  # a broker that sends no round cost
     assert older.fixed_cost == ROUND_COST_ROWS * 4.0
+
+
+def test_a_fork_starts_from_the_readings_and_learns_on_its_own():
+    floor = RowCostFloor()
+    done = SpeculationPolicy(4, floor=floor, tree_rows=8)
+    for _ in range(10):
+        done.observe(4, 0, row_cost_ms=3.0, round_cost_ms=6.0, tree=False)
+    done.observe(8, 1, row_cost_ms=3.0, round_cost_ms=6.0, tree=True)
+    new = done.fork()
+    assert (new.alphas, new.tree_tokens, new.row_cost, new.round_cost) == (done.alphas, done.tree_tokens, 3.0, 6.0)
+    assert new.choose() == done.choose() < 4  # not gamma, as a session with no readings would draft
+    new.observe(4, 4, row_cost_ms=3.0, round_cost_ms=6.0)
+    assert new.alphas != done.alphas and new.floor is done.floor  # its own estimates; the drafter's floor

@@ -116,6 +116,9 @@ class DrafterService:
         # shared by its sessions, since how often a repeat is right is the target's habit, not the
         # session's; a session is too short to learn them alone (a 32-token chat has ~25 rounds)
         self.lookup_policies: dict[int, SpeculationPolicy] = {}
+        # the policy of the drafter's last finished session, per tree size: the next session starts
+        # from its readings (SpeculationPolicy.fork), the device and the target being the same
+        self.session_priors: dict[int, SpeculationPolicy] = {}
         self.drafts_waiting = 0  # drafts submitted to the model thread and not back yet
         self.proactive = int(self.cfg.proactive and getattr(strategy, "supports_proactive", False))
         if self.cfg.proactive and not self.proactive:
@@ -367,7 +370,11 @@ class DrafterService:
         # a drafter of token trees may draft one in a greedy session; the policy weighs the tree's
         # rows and tokens against the chain's each round (workers/speculation.py)
         tree_rows = getattr(self.strategy, "tree_nodes", 0) if sampling.greedy else 0
-        own = SpeculationPolicy(self.cfg.gamma, floor=self.row_floor, tree_rows=tree_rows) if self.cfg.adaptive else None
+        own = None
+        if self.cfg.adaptive:
+            prior = self.session_priors.get(tree_rows)
+            own = prior.fork() if prior is not None else SpeculationPolicy(self.cfg.gamma, floor=self.row_floor,
+                                                                            tree_rows=tree_rows)
         match = getattr(self.strategy, "match", lambda tokens: 0)
 
         def policy_for(tokens: list[int]) -> SpeculationPolicy | None:
@@ -500,6 +507,8 @@ class DrafterService:
                 self._to_client(run.client, Tokens(req.request_id, new))
                 if finish == "stop":
                     break
+            if own is not None and figures["rounds"] > 1:
+                self.session_priors[tree_rows] = own
             figures.update(wire_bytes=run.wire_bytes, generated=generated, drafter=self.name, drafter_kind=self.strategy.kind,
                            session_id=run.session_id, drafted=figures["proposed"],
                            mean_gamma=figures["gamma_sum"] / figures["rounds"] if figures["rounds"] else 0.0)

@@ -42,8 +42,11 @@ the tree is tried again). The round drafts the tree when its cost per committed 
 tree's extra rows cost almost nothing and it wins, on a CPU a row costs a good part of a forward
 and the chain does.
 
-A row cost of 0.0 means unknown (an older broker, the session's first round): k = gamma, as a
-fixed-gamma drafter. ``adaptive = false`` never calls this policy.
+A row cost of 0.0 means unknown (an older broker, the first round of a drafter's first session):
+k = gamma, as a fixed-gamma drafter. A later session starts from the readings of the drafter's
+last finished one (``fork``): same device, same target, so its acceptance, drafting time and the
+server's costs are a far better first guess than the hopeful prior. ``adaptive = false`` never
+calls this policy.
 
 The server's rows are not the only price of a draft: the device pays its drafting time, and the
 session waits for it. A Pi 5 running a ladder rung spends ~80 ms per draft token; at α 0.36
@@ -66,7 +69,7 @@ by RELAX, as an unobserved acceptance drifts to its prior, so it probes again no
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 PRIOR_ALPHA = 0.8  # before any verdict: a decent drafter (the first rounds then draft like today)
 EWMA = 0.25  # weight of the newest observation of a position
@@ -147,6 +150,15 @@ class SpeculationPolicy:
         self.tree_prior = expected_tokens([PRIOR_ALPHA] * self.gamma, self.gamma)  # as hopeful as the chain's prior
         if self.tree_rows and not self.tree_tokens:
             self.tree_tokens = self.tree_prior
+
+    def fork(self) -> SpeculationPolicy:
+        """A new session's policy that starts from this one's readings (a finished session of the
+        same drafter) instead of the hopeful prior: its acceptance per position, its tree's tokens,
+        the device's drafting time and wait, and the server's last costs. Without them every
+        session began drafting γ tokens (or its whole tree) and unlearnt it over its first rounds:
+        a 32-token chat is ~25 rounds, and at 4 sessions ~3 of every 5 verify rows were rejected
+        drafts (the quick bench, session 17; docs/benchmarks.md)."""
+        return replace(self, alphas=list(self.alphas), tree=False)
 
     def observe(self, proposed: int, accepted: int, row_cost_ms: float = 0.0, now: float = 0.0,
                 round_cost_ms: float = 0.0, tree: bool = False) -> None:
