@@ -161,8 +161,27 @@ TRAIN_TOPICS_7 = [
     "hosting a game night", "running a car wash fundraiser", "forgiving a friend", "nostalgia",
     "wildfire evacuation", "the gallbladder", "dates", "millet", "thyme",
 ]
+# An eighth list, for data beyond the seventh set (build_prompts(topic_set=8)); disjoint from the
+# other seven and from the held-out topics.
+TRAIN_TOPICS_8 = [
+    "walruses", "the Venetian Republic", "smart locks", "geothermal heat pumps", "eyebrows", "basalt",
+    "the sitar", "frost flowers", "lock gates", "the spice routes", "the sextant", "fermented hot sauce",
+    "learning to row", "a secret garden door", "a tailor's lost thimble", "a talkative comet",
+    "a village of hares", "conditional formatting", "mob programming", "writing a resignation letter",
+    "car insurance", "sinking funds", "planning a road trip", "organizing a potluck", "curiosity",
+    "heat wave safety", "yawning", "pomegranates", "chickpeas", "oregano", "deltas", "the star chart",
+    "the cash register", "smartwatches", "tandem bicycles", "sloths", "stilt walking", "the banjo",
+    "weekend chores", "the French horn", "okapis", "the Roman aqueducts", "the mudskipper",
+    "terrarium building", "the Zambezi", "risotto", "the quadrant", "saffron", "elbows", "sandstone",
+    "the clarinet", "mosaic tiles", "iron in the diet", "noise pollution", "reindeer", "rope making",
+    "paper marbling", "the pendulum clock", "kefir", "learning to surf", "an abandoned observatory",
+    "a weaver's enchanted loom", "a lake that sang", "a timid giant", "caching", "memoization",
+    "code comments", "spreadsheet macros", "unit conversion", "writing a toast", "bond ladders",
+    "hosting a quiz night", "running a plant sale", "apologizing at work", "gratitude",
+    "earthquake drills", "the appendix", "apricots", "buckwheat", "sage",
+]
 TRAIN_TOPIC_SETS = {1: TRAIN_TOPICS, 2: TRAIN_TOPICS_2, 3: TRAIN_TOPICS_3, 4: TRAIN_TOPICS_4, 5: TRAIN_TOPICS_5,
-                    6: TRAIN_TOPICS_6, 7: TRAIN_TOPICS_7}  # build_prompts(topic_set=N)
+                    6: TRAIN_TOPICS_6, 7: TRAIN_TOPICS_7, 8: TRAIN_TOPICS_8}  # build_prompts(topic_set=N)
 HELDOUT_TOPICS = [
     "glaciers", "the violin", "penguins", "nuclear fusion", "the Silk Road", "board games",
     "lightning", "coral reefs", "the Industrial Revolution", "yoga", "submarines", "maps",
@@ -218,7 +237,7 @@ def _chat(tokenizer, question: str) -> str:
 def build_prompts(tokenizer, *, held_out: bool, n_chat: int, n_prose: int, seed: int = 0,
                   topic_set: int = 1) -> list[str]:
     """Prompt strings, half chat (templated) and half prose (raw prefix or 'continue this').
-    ``topic_set`` 2 to 7 draws training chat from TRAIN_TOPICS_2 to _7 (more data that repeats no
+    ``topic_set`` 2 to 8 draws training chat from TRAIN_TOPICS_2 to _8 (more data that repeats no
     question)."""
     rng = random.Random(seed + (1 if held_out else 0))
     templates = HELDOUT_TEMPLATES if held_out else TRAIN_TEMPLATES
