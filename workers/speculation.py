@@ -156,8 +156,8 @@ class SpeculationPolicy:
         same drafter) instead of the hopeful prior: its acceptance per position, its tree's tokens,
         the device's drafting time and wait, and the server's last costs. Without them every
         session began drafting γ tokens (or its whole tree) and unlearnt it over its first rounds:
-        a 32-token chat is ~25 rounds, and at 4 sessions ~3 of every 5 verify rows were rejected
-        drafts (the quick bench, session 17; docs/benchmarks.md)."""
+        a 32-token chat is ~25 rounds, and at 16 sessions a fifth of the quick bench's verify rows
+        were rejected drafts, against about a tenth since (docs/benchmarks.md, session 17)."""
         return replace(self, alphas=list(self.alphas), tree=False)
 
     def observe(self, proposed: int, accepted: int, row_cost_ms: float = 0.0, now: float = 0.0,
