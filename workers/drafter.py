@@ -373,8 +373,7 @@ class DrafterService:
         own = None
         if self.cfg.adaptive:
             prior = self.session_priors.get(tree_rows)
-            own = prior.fork() if prior is not None else SpeculationPolicy(self.cfg.gamma, floor=self.row_floor,
-                                                                            tree_rows=tree_rows)
+            own = prior.fork() if prior is not None else self._new_policy(tree_rows)
         match = getattr(self.strategy, "match", lambda tokens: 0)
 
         def policy_for(tokens: list[int]) -> SpeculationPolicy | None:
@@ -383,7 +382,7 @@ class DrafterService:
                 return own
             key = (key, tree_rows)
             if key not in self.lookup_policies:
-                self.lookup_policies[key] = SpeculationPolicy(self.cfg.gamma, floor=self.row_floor, tree_rows=tree_rows)
+                self.lookup_policies[key] = self._new_policy(tree_rows)
             return self.lookup_policies[key]
 
         # per session: rounds with a rejected draft token and rounds per draft length, from which
@@ -530,6 +529,10 @@ class DrafterService:
             self.broker.send(CloseSession(run.session_id).encode())  # free the verifier's cache
             self.sessions.pop(run.session_id, None)
             self.by_request.pop((run.client, req.request_id), None)
+
+    def _new_policy(self, tree_rows: int) -> SpeculationPolicy:
+        """A policy with no readings yet (the hopeful prior), sharing the drafter's row-cost floor."""
+        return SpeculationPolicy(self.cfg.gamma, floor=self.row_floor, tree_rows=tree_rows)
 
     def snapshot(self) -> DrafterFigures:
         return self.stats.reply(drafter=self.name, kind=self.strategy.kind, gamma=self.cfg.gamma,
