@@ -180,8 +180,29 @@ TRAIN_TOPICS_8 = [
     "hosting a quiz night", "running a plant sale", "apologizing at work", "gratitude",
     "earthquake drills", "the appendix", "apricots", "buckwheat", "sage",
 ]
+# A ninth list, for data beyond the eighth set (build_prompts(topic_set=9)); disjoint from the
+# other eight and from the held-out topics.
+TRAIN_TOPICS_9 = [
+    "narwhals", "video doorbells", "solar water heaters", "the oud", "ice halos", "canal locks",
+    "the amber road", "pickled ginger", "learning to kayak", "a hidden attic room",
+    "a cobbler's missing awl", "a shy meteor", "code reviews", "renters insurance",
+    "planning a camping trip", "patience", "cold snap safety", "the compass rose", "the typewriter",
+    "unicycles", "the ukulele", "spring cleaning", "tapirs", "the Great Wall", "bonsai care",
+    "the theodolite", "knees", "limestone", "caribou", "basket weaving", "a potter's talking wheel",
+    "a river that froze in summer", "a brave mouse", "pagination", "naming variables",
+    "keyboard shortcuts", "time zones", "certificates of deposit", "hosting a karaoke night",
+    "saying no politely", "hope", "flood preparedness", "plums", "dill", "mangroves",
+    "the Ottoman navy", "eardrums", "the armillary sphere", "a city of owls", "data validation",
+    "writing a job ad", "rainy day budgets", "organizing a clothing swap", "yodeling", "mung beans",
+    "tarragon", "atolls", "tablet computers", "plate spinning", "the trombone", "manatees",
+    "gazpacho", "the bassoon", "leaded glass", "zinc", "glare", "sauerkraut",
+    "an empty castle keep", "retry logic", "writing a get-well card", "running a car boot sale",
+    "amaranth", "the Silk Weavers of Lyon", "weather vanes", "tide pools", "marmots",
+    "a lantern maker's apprentice", "a cloud that lost its rain", "debouncing", "feature flags",
+]
 TRAIN_TOPIC_SETS = {1: TRAIN_TOPICS, 2: TRAIN_TOPICS_2, 3: TRAIN_TOPICS_3, 4: TRAIN_TOPICS_4, 5: TRAIN_TOPICS_5,
-                    6: TRAIN_TOPICS_6, 7: TRAIN_TOPICS_7, 8: TRAIN_TOPICS_8}  # build_prompts(topic_set=N)
+                    6: TRAIN_TOPICS_6, 7: TRAIN_TOPICS_7, 8: TRAIN_TOPICS_8,
+                    9: TRAIN_TOPICS_9}  # build_prompts(topic_set=N)
 HELDOUT_TOPICS = [
     "glaciers", "the violin", "penguins", "nuclear fusion", "the Silk Road", "board games",
     "lightning", "coral reefs", "the Industrial Revolution", "yoga", "submarines", "maps",
@@ -237,7 +258,7 @@ def _chat(tokenizer, question: str) -> str:
 def build_prompts(tokenizer, *, held_out: bool, n_chat: int, n_prose: int, seed: int = 0,
                   topic_set: int = 1) -> list[str]:
     """Prompt strings, half chat (templated) and half prose (raw prefix or 'continue this').
-    ``topic_set`` 2 to 8 draws training chat from TRAIN_TOPICS_2 to _8 (more data that repeats no
+    ``topic_set`` 2 to 9 draws training chat from TRAIN_TOPICS_2 to _9 (more data that repeats no
     question)."""
     rng = random.Random(seed + (1 if held_out else 0))
     templates = HELDOUT_TEMPLATES if held_out else TRAIN_TEMPLATES

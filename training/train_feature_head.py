@@ -26,6 +26,7 @@ from workers.feature_head import (FEATURE_DIR, FeatureHead, build_head, draft_vo
                                   spec_for)
 
 log = structlog.get_logger(__name__)
+TREE_NODES = 8  # the held-out tree figure is measured for the default feature class's tree (config.toml)
 
 
 def load_feature_records(folder: Path, feature_layers: tuple[int, ...], max_shards: int | None = None,
@@ -126,7 +127,7 @@ def train_head(
     must match) instead of starting from the target's last layer."""
     from pipeline.models import load_causal_lm
 
-    from training.feature_eval import evaluate_head, heldout_features
+    from training.feature_eval import evaluate_head, evaluate_tree, heldout_features
 
     started = time.monotonic()
     torch.manual_seed(seed)
@@ -180,6 +181,10 @@ def train_head(
     head.eval()
     heldout = heldout_features(target, model=model, feature_layers=feature_layers)
     result = evaluate_head(head, heldout, gamma=4)
+    # and as the default fleet's feature class drafts greedy rounds (config.toml: tree_nodes = 8),
+    # so that each round's summary has its tree figure too
+    tree = evaluate_tree(head, heldout, gamma=4, tree_nodes=TREE_NODES)
+    result.update(tree_tokens_per_round=tree["tokens_per_round"], tree_nodes=TREE_NODES)
     wall = time.monotonic() - started
     summary = {"target": target, "positions": positions, "records": len(records), "steps": steps,
                "epochs": epochs, "vocab": len(vocab_ids), "levels": levels, "noise": noise,
