@@ -7,9 +7,12 @@ from workers.speculation import (
     PRIOR_ALPHA,
     ROUND_COST_ROWS,
     RowCostFloor,
+    TIME_SLACK,
     SpeculationPolicy,
     best_length,
     expected_tokens,
+    longest_within,
+    per_token,
 )
 
 
@@ -127,6 +130,28 @@ def test_a_fast_device_keeps_the_server_choice():
     server = best_length([0.6] * 4, 4, row_cost=1.0, fixed=fast.fixed_cost)
     assert server > 0
     assert fast.choose() == server
+
+
+def test_a_high_acceptance_drafter_keeps_the_servers_choice_where_its_clock_barely_cares():
+    """The Qwen pair's shape (session 18): α 0.9, ~190 ms per draft token, ~300 ms of wait. On the
+    session's clock 2, 3 and 4 tokens are within a few percent of each other, while the server's
+    cost per token falls all the way to γ: the draft stays γ, not the clock's exact minimum."""
+    alphas, draft_ms, wait_ms, row_ms = [0.9] * 4, 190.0, 300.0, 1.0
+    times = [per_token(alphas, k, row_ms, wait_ms, draft_ms) for k in range(5)]
+    assert min(times) < times[4] <= min(times) * (1 + TIME_SLACK)  # the clock's best is shorter, but barely
+    policy = SpeculationPolicy(gamma=4, alphas=list(alphas))
+    _measured(policy, draft_ms=draft_ms, wait_ms=wait_ms)
+    policy.alphas = list(alphas)
+    assert best_length(alphas, 4, row_ms, policy.fixed_cost) == 4
+    assert policy.choose() == 4
+
+
+def test_longest_within_takes_the_longest_draft_near_the_best():
+    costs_of = [0.9] * 4  # flat-ish: every k within a few percent on this clock
+    assert longest_within(costs_of, 4, 20.0, 300.0, 190.0, slack=0.0) == best_length(costs_of, 4, 20.0, 300.0, 190.0)
+    assert longest_within(costs_of, 4, 20.0, 300.0, 190.0, slack=0.1) == 4
+    assert longest_within([0.2] * 4, 4, 1.0, 80.0, 100.0, slack=0.1) == 0  # steep: drafting costs far more
+    assert longest_within([0.2] * 4, 3, 0.0, 80.0, 100.0, slack=0.1) == 3  # row cost unknown: gamma
 
 
 @pytest.mark.parametrize("alpha", [0.3, 0.5, 0.7, 0.9])

@@ -59,9 +59,19 @@ committed token of the session itself:
 ``draft_ms`` is the device's measured drafting time per token; ``wait_ms`` the measured wait from
 sending a proposal to its verdict, less its rows' cost (the link's round trip, the queue, the
 verifier's fixed part). Both are the session's own exponentially weighted readings; until both
-are measured the time rule stays out. The draft is the shorter of the two choices: a draft token
-must pay for itself both at the server and on the session's clock (a fast drafter is held back by
-dear rows, a slow one by its own drafting time, which drafting less frees at once). A session that
+are measured the time rule stays out. The time rule may shorten the server's choice, never
+lengthen it: a draft token must pay for itself at the server, and must not cost the session's clock
+(a fast drafter is held back by dear rows, a slow one by its own drafting time, which drafting less
+frees at once). It shortens it only to the longest draft whose time per token is within
+TIME_SLACK (10 %) of the best: where α is high, time(k) is nearly flat in k, while the server's
+cost per token falls steeply with k. Taking the exact minimum of a flat curve cut the Qwen pair's
+drafts (α 0.91, a 0.5B drafter at ~190 ms a token on an emulated Pi 5) to 2-3 tokens. That gave
+2.9 tokens a round against the fixed policy's 3.8, and 1.4x the fixed policy's server time per
+token at 1 session, for no gain in TPOT. With the slack, replays gave 3.4 tokens a round and 0.85x
+the server time, at the same TPOT (docs/benchmarks.md, session 18). Where α is low the curve is
+steep (a Pi 5 ladder rung's first draft token costs ~30 % more time per token) and the rule cuts
+as before. Proactive drafting, which hides part of the drafting behind the verify wait, is not in
+time(k): one more reason not to trust its small differences. A session that
 stopped drafting cannot measure its device again, and the device may have got faster (its model
 thread was shared with sessions that have ended): each round without a draft lowers ``draft_ms``
 by RELAX, as an unobserved acceptance drifts to its prior, so it probes again now and then.
@@ -77,6 +87,7 @@ RELAX = 0.01  # per round, an unobserved position moves this far back towards th
 ROUND_COST_ROWS = 8.0
 FLOOR_RISE_PER_S = 0.01
 TIMING_EWMA = 0.2  # weight of the newest reading of draft time per token and of the round's wait
+TIME_SLACK = 0.1  # the session clock shortens the server's choice only past this much of its best time per token
 
 
 def expected_tokens(alphas: list[float], k: int) -> float:
@@ -88,19 +99,36 @@ def expected_tokens(alphas: list[float], k: int) -> float:
     return total
 
 
+def per_token(alphas: list[float], k: int, row_cost: float, fixed: float, per_draft_token: float = 0.0) -> float:
+    """Expected cost per committed token of a k-token draft, a round costing
+    ``fixed + row_cost * (1 + k) + per_draft_token * k``."""
+    return (fixed + row_cost * (1 + k) + per_draft_token * k) / expected_tokens(alphas, k)
+
+
 def best_length(alphas: list[float], gamma: int, row_cost: float, fixed: float, per_draft_token: float = 0.0) -> int:
-    """The k in [0, gamma] with the least expected cost per committed token, a round costing
-    ``fixed + row_cost * (1 + k) + per_draft_token * k``; ties go to the shorter draft (fewer rows
-    at risk). row_cost <= 0 (unknown): gamma."""
+    """The k in [0, gamma] with the least expected cost per committed token; ties go to the shorter
+    draft (fewer rows at risk). row_cost <= 0 (unknown): gamma."""
     gamma = max(0, min(gamma, len(alphas)))
     if row_cost <= 0.0:
         return gamma
     best_k, best = 0, float("inf")
     for k in range(gamma + 1):
-        per_token = (fixed + row_cost * (1 + k) + per_draft_token * k) / expected_tokens(alphas, k)
-        if per_token < best - 1e-12:
-            best_k, best = k, per_token
+        cost = per_token(alphas, k, row_cost, fixed, per_draft_token)
+        if cost < best - 1e-12:
+            best_k, best = k, cost
     return best_k
+
+
+def longest_within(alphas: list[float], gamma: int, row_cost: float, fixed: float, per_draft_token: float,
+                   slack: float) -> int:
+    """The longest k in [0, gamma] whose cost per committed token is within ``slack`` (a fraction)
+    of the least one's. row_cost <= 0 (unknown): gamma."""
+    gamma = max(0, min(gamma, len(alphas)))
+    if row_cost <= 0.0:
+        return gamma
+    costs = [per_token(alphas, k, row_cost, fixed, per_draft_token) for k in range(gamma + 1)]
+    bound = min(costs) * (1.0 + slack)
+    return max(k for k, cost in enumerate(costs) if cost <= bound + 1e-12)
 
 
 def ewma(old: float | None, new: float) -> float:
@@ -207,7 +235,7 @@ class SpeculationPolicy:
         gamma = self.gamma if cap is None else max(0, min(self.gamma, cap))
         k = best_length(self.alphas, gamma, self.row_cost, self.fixed_cost)
         if self.draft_ms is not None and self.wait_ms is not None:
-            k = min(k, best_length(self.alphas, k, self.row_cost, self.wait_ms, self.draft_ms))
+            k = longest_within(self.alphas, k, self.row_cost, self.wait_ms, self.draft_ms, TIME_SLACK)
         self.tree = bool(self.tree_rows) and gamma > 0 and self._tree_pays(k)
         return k
 
