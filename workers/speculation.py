@@ -105,30 +105,28 @@ def per_token(alphas: list[float], k: int, row_cost: float, fixed: float, per_dr
     return (fixed + row_cost * (1 + k) + per_draft_token * k) / expected_tokens(alphas, k)
 
 
+def _costs(alphas: list[float], gamma: int, row_cost: float, fixed: float, per_draft_token: float) -> list[float]:
+    """Expected cost per committed token of every k in [0, gamma]."""
+    return [per_token(alphas, k, row_cost, fixed, per_draft_token) for k in range(max(0, min(gamma, len(alphas))) + 1)]
+
+
 def best_length(alphas: list[float], gamma: int, row_cost: float, fixed: float, per_draft_token: float = 0.0) -> int:
     """The k in [0, gamma] with the least expected cost per committed token; ties go to the shorter
     draft (fewer rows at risk). row_cost <= 0 (unknown): gamma."""
-    gamma = max(0, min(gamma, len(alphas)))
     if row_cost <= 0.0:
-        return gamma
-    best_k, best = 0, float("inf")
-    for k in range(gamma + 1):
-        cost = per_token(alphas, k, row_cost, fixed, per_draft_token)
-        if cost < best - 1e-12:
-            best_k, best = k, cost
-    return best_k
+        return max(0, min(gamma, len(alphas)))
+    costs = _costs(alphas, gamma, row_cost, fixed, per_draft_token)
+    return min(k for k, cost in enumerate(costs) if cost <= min(costs) + 1e-12)
 
 
 def longest_within(alphas: list[float], gamma: int, row_cost: float, fixed: float, per_draft_token: float,
                    slack: float) -> int:
     """The longest k in [0, gamma] whose cost per committed token is within ``slack`` (a fraction)
     of the least one's. row_cost <= 0 (unknown): gamma."""
-    gamma = max(0, min(gamma, len(alphas)))
     if row_cost <= 0.0:
-        return gamma
-    costs = [per_token(alphas, k, row_cost, fixed, per_draft_token) for k in range(gamma + 1)]
-    bound = min(costs) * (1.0 + slack)
-    return max(k for k, cost in enumerate(costs) if cost <= bound + 1e-12)
+        return max(0, min(gamma, len(alphas)))
+    costs = _costs(alphas, gamma, row_cost, fixed, per_draft_token)
+    return max(k for k, cost in enumerate(costs) if cost <= min(costs) * (1.0 + slack) + 1e-12)
 
 
 def ewma(old: float | None, new: float) -> float:
