@@ -214,8 +214,10 @@ async def _sled_levels(setup: Setup, options: BenchOptions, classes: list[Device
 def _by_device(records: list[SessionRecord]) -> dict:
     out: dict[str, dict] = {}
     for r in records:
-        d = out.setdefault(r.device, {"sessions": 0, "proposed": 0, "accepted": 0, "rounds": 0, "tokens": 0})
+        d = out.setdefault(r.device, {"sessions": 0, "proposed": 0, "accepted": 0, "rounds": 0, "tokens": 0,
+                                      "plain_rounds": 0})
         d["sessions"] += 1
+        d["plain_rounds"] += r.plain_rounds
         d["proposed"] += r.proposed
         d["accepted"] += r.accepted
         d["rounds"] += r.rounds

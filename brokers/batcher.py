@@ -120,6 +120,10 @@ class DeadlineBatcher(Generic[T]):
         self._changed.set()
         return future
 
+    def has(self, key: object) -> bool:
+        """Whether an item of ``key`` is queued."""
+        return key in self._by_key
+
     def withdraw(self, key: object) -> bool:
         """Drop the queued item of ``key`` (its session was closed) and cancel its future."""
         item = self._by_key.pop(key, None)

@@ -7,6 +7,9 @@
 * Every proposal's verdict goes back to the drafter that sent it (the session's reply queue on
   the drafter side). A full queue answers "overloaded" at once; a dead verifier fails its
   batches with a retriable "verifier_lost"; a bad frame is answered with an error reply.
+* A proposal with ``plain_after`` = n is followed by n rounds the broker queues itself, each with
+  no draft, as soon as the previous verdict is out (``_follow``): the session stays in the
+  verifier's batches, as in centralized decoding, while its drafter only streams the tokens.
 * Each verifier's batches are timed into a VerifyTimeEstimator (brokers/estimator.py); every
   verdict carries its ``row_cost_ms`` and ``round_cost_ms``. With ``broker.slo_tpot_ms`` > 0 a free verifier's batch may
   be held for proposals expected soon (brokers/slo.py).
@@ -192,7 +195,8 @@ class Broker:
         self.stats.count_rejection(code)
         self._reply(identity, ErrorReply.of(SledError(code, detail), session_id=item.session_id, round=item.round))
 
-    def _on_propose(self, identity: bytes, principal: bytes, item: Propose) -> None:
+    def _on_propose(self, identity: bytes, principal: bytes, item: Propose, followed: bool = False) -> None:
+        """``followed``: a plain round the broker queued itself (``_follow``), not the drafter."""
         self.stats.proposals += 1
         owner = self.session_owner.get(item.session_id)
         if owner is not None and owner.principal != principal:
@@ -215,7 +219,7 @@ class Broker:
             self.session_owner[item.session_id] = Owner(principal, identity)
         handle.sessions.add(item.session_id)
         if handle.slo is not None:
-            handle.slo.arrived(item.session_id, self.clock.now(), item.target_tokens)
+            handle.slo.arrived(item.session_id, self.clock.now(), item.target_tokens, followed=followed)
         future.add_done_callback(lambda f: self._deliver(identity, item, f))
 
     def _deliver(self, identity: bytes, item: Propose, future: asyncio.Future) -> None:
@@ -230,6 +234,21 @@ class Broker:
             return self._reject(identity, item, verdict.error, verdict.detail)
         self.stats.verdicts += 1
         self._reply(identity, verdict)
+        if item.plain_after > 0:
+            self._follow(identity, item, verdict)
+
+    def _follow(self, identity: bytes, item: Propose, verdict: Verdict) -> None:
+        """The next of the plain rounds ``item`` asked for (Propose.plain_after), queued as if its
+        drafter had proposed it with no draft: same checks, same queue, its verdict to the same
+        drafter. Not for a session closed meanwhile (a stop token, a cancel, its drafter lost), nor
+        for one whose drafter already proposed again itself (it resent a round it gave up waiting
+        for, asking for the rest of the burst): one chain of rounds per session."""
+        owner = self.session_owner.get(item.session_id)
+        holder = self._holder(item.session_id)
+        if owner is None or (holder is not None and holder.batcher.has(item.session_id)):
+            return
+        self.stats.plain_rounds += 1
+        self._on_propose(identity, owner.principal, item.follow(verdict), followed=True)
 
     def _on_close(self, identity: bytes, principal: bytes | None, session_id: str) -> None:
         """principal None: the broker itself closes (the owner is gone)."""

@@ -95,9 +95,11 @@ class SloHold:
 
     # --- what the broker sees ------------------------------------------------------------------
 
-    def arrived(self, session: str, now: float, rows: int) -> None:
+    def arrived(self, session: str, now: float, rows: int, followed: bool = False) -> None:
+        """``followed``: a plain round the broker queued itself (Propose.plain_after): it never
+        went out to the device, so it says nothing of the device's pace."""
         pace = self.sessions.setdefault(session, Pace())
-        if pace.out and pace.last_verdict is not None:
+        if pace.out and pace.last_verdict is not None and not followed:
             interval = now - pace.last_verdict
             if pace.device_s is not None:
                 pace.spread = self._ewma(pace.spread, abs(interval - pace.device_s))

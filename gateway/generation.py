@@ -104,6 +104,7 @@ class Generation:
             "proactive_wasted": stats.get("proactive_wasted"),  # tokens drafted ahead and dropped
             "lookup_rounds": stats.get("lookup_rounds"),  # rounds drafted by context lookup (workers/lookup.py)
             "tree_rounds": stats.get("tree_rounds"),  # rounds that proposed a token tree (workers/token_tree.py)
+            "plain_rounds": stats.get("plain_rounds"),  # rounds the broker ran on its own (drafters.NAME.burst)
             "seed": self.request.seed,
             **({"session_cancelled": True} if stats.get("session_cancelled") else {}),
         }

@@ -78,6 +78,10 @@ class DrafterConfig:
     # a token tree's levels and the rows fed after a verdict cost much less (a pi5 tree round 154 -> 101 ms, under load)
     prepack: bool = True
     proactive: bool = False  # keep drafting past an outstanding proposal, assuming it is accepted
+    # adaptive: when the policy drafts nothing, the server decodes this many more rounds of the
+    # session on its own (Propose.plain_after) before the device proposes again; 0 = every round
+    # crosses the link
+    burst: int = 8
     min_confidence: float = 0.0  # stop a draft early when the drafter's top probability drops below
     top_k: int = 8  # sampling mode: size of the truncated draft distribution sent with each token
     ngram_max: int = 4  # longest context suffix looked up (kind "ngram", and lookup_min_match)

@@ -78,9 +78,10 @@ class BrokerFigures(msgspec.Struct):
     """The broker's counters and histograms, observed where they happen (brokers/broker.py) and
     carried as they are in its StatsReply: sums and bucket counts, never means."""
 
-    proposals: int = 0
+    proposals: int = 0  # plain_rounds included
     verdicts: int = 0
     batches: int = 0
+    plain_rounds: int = 0  # rounds the broker queued itself after a proposal's (Propose.plain_after)
     undeliverable: int = 0
     verifiers_lost: int = 0
     drafters_lost: int = 0

@@ -40,7 +40,12 @@ class Propose(Message, tag="propose"):
     (re)build the session, else None. ``q_ids``/``q_probs``: per draft token, the drafter's top-k
     distribution (sampling only). ``feature_layers``: hidden states a feature drafter asks for.
     ``parents``: a token tree instead of a chain (greedy only): draft token i continues draft
-    token ``parents[i]`` (< i), or the last committed token when -1; empty: a chain."""
+    token ``parents[i]`` (< i), or the last committed token when -1; empty: a chain.
+    ``plain_after``: after this round, the broker queues that many more rounds of the session by
+    itself, each with no draft (the target decoding alone, one token a round), and sends each
+    verdict as it comes; the drafter proposes again after the last. A drafter whose policy drafts
+    nothing asks for them, so that the session stays in the verifier's batches instead of paying a
+    link round trip and a place in a later batch for every token (workers/speculation.py)."""
     session_id: str
     round: int
     position: int
@@ -54,10 +59,17 @@ class Propose(Message, tag="propose"):
     drafter_kind: str = ""
     feature_layers: list[int] = []
     parents: list[int] = []
+    plain_after: int = 0
 
     @property
     def sampling(self) -> Sampling:
         return Sampling(self.temperature, self.top_p, self.seed)
+
+    def follow(self, verdict: "Verdict") -> "Propose":
+        """The next of the plain rounds this proposal asked for (``plain_after``), given its verdict."""
+        return Propose(self.session_id, self.round + 1, self.position + verdict.accepted + 1, [],
+                       temperature=self.temperature, top_p=self.top_p, seed=self.seed, drafter_kind=self.drafter_kind,
+                       feature_layers=self.feature_layers, plain_after=self.plain_after - 1)
 
     @property
     def target_tokens(self) -> int:

@@ -17,6 +17,7 @@ from pipeline.protocol import Generate, Propose
 MAX_ID_CHARS = 128  # session and request ids: keys in several maps, and in every log line
 MAX_TOP_K = 64  # (id, probability) pairs per draft token in q_ids/q_probs
 MAX_FEATURE_LAYERS = 4  # hidden-state layers a feature drafter may ask for
+MAX_PLAIN_AFTER = 64  # plain rounds one proposal may ask the broker to run on its own (Propose.plain_after)
 
 
 def _sampling_problem(temperature: float, top_p: float) -> str | None:
@@ -35,7 +36,9 @@ def propose_problem(item: Propose, limits: LimitsConfig) -> str | None:
             return f"history must hold 1..{limits.max_history_tokens} tokens"
         if item.position != len(item.history):
             return "position must equal the history's length"
-    if item.position < 0 or item.position + len(item.draft) + 1 > limits.max_history_tokens:
+    if not 0 <= item.plain_after <= MAX_PLAIN_AFTER:
+        return f"plain_after must be 0..{MAX_PLAIN_AFTER}"
+    if item.position < 0 or item.position + len(item.draft) + 1 + item.plain_after > limits.max_history_tokens:
         return f"session would exceed {limits.max_history_tokens} tokens"
     # min() in C: this runs for every proposal the broker receives
     if (item.draft and min(item.draft) < 0) or (item.history and min(item.history) < 0):

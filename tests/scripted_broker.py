@@ -1,6 +1,7 @@
 """One drafter service against a scripted broker, over real sockets: the script answers each
-Propose with a Verdict (after whatever verify time it sleeps), heartbeats are echoed, and the
-request's result comes back. Tests of the drafter's adaptive draft length use it."""
+Propose with a Verdict (after whatever verify time it sleeps), and then the plain rounds it
+asks for (``plain_after``) as the broker would; heartbeats are echoed, and the request's result
+comes back. Tests of the drafter's adaptive draft length use it."""
 
 from __future__ import annotations
 
@@ -26,7 +27,12 @@ async def _serve(sock: zmq.asyncio.Socket, answer: Callable[[Propose], Awaitable
         if isinstance(msg, Heartbeat):
             await sock.send_multipart([identity, Heartbeat().encode()])
         elif isinstance(msg, Propose):
-            await sock.send_multipart([identity, (await answer(msg)).encode()])
+            while True:  # the proposal's round, then the plain rounds it asked for, as the broker runs them
+                verdict = await answer(msg)
+                await sock.send_multipart([identity, verdict.encode()])
+                if msg.plain_after <= 0 or verdict.error:
+                    break
+                msg = msg.follow(verdict)
 
 
 async def run_drafter(name: str, drafter: dict, strategy, answer: Callable[[Propose], Awaitable[Verdict]],

@@ -71,3 +71,35 @@ async def test_a_new_session_starts_from_what_the_drafters_last_session_learnt()
     assert first[0] == 4 and first[-1] == 0, first  # no reading yet: gamma; then learnt
     assert second[0] <= 1, second  # starts from the first session's readings
     assert sum(second) < sum(first), (first, second)
+
+
+@pytest.mark.asyncio
+async def test_a_drafter_that_stops_drafting_hands_the_next_rounds_to_the_broker():
+    """Every draft rejected at a dear row: once the policy drafts nothing, the proposal asks the
+    broker for ``burst`` plain rounds (Propose.plain_after) and the drafter follows them without
+    proposing; the scripted broker runs them as the broker does. With burst = 0 every round is
+    the drafter's own."""
+    async def reject_all(msg: Propose, seen: list[tuple[int, int]]) -> Verdict:
+        seen.append((len(msg.draft), msg.plain_after))
+        await asyncio.sleep(VERIFY_FIXED_S)
+        return Verdict(msg.session_id, msg.round, 0, (msg.position % PERIOD) + 1, row_cost_ms=5.0)
+
+    expected = [(len(PROMPT) + i) % PERIOD + 1 for i in range(40)]
+    for burst in (3, 0):
+        seen: list[tuple[int, int]] = []
+        result = await run_drafter("ng", {"kind": "ngram", "gamma": 4, "adaptive": True, "burst": burst},
+                                   NgramDrafter(ngram_max=4), lambda msg: reject_all(msg, seen), PROMPT, 40)
+        assert result.tokens == expected and len(seen) == 40 == result.stats["rounds"]
+        asked, i = [], 0  # (round, plain rounds asked) of the drafter's own proposals that asked for some
+        while i < len(seen):
+            if seen[i][1]:
+                asked.append((i, seen[i][1]))
+            i += 1 + seen[i][1]
+        if burst == 0:
+            assert not asked and result.stats["plain_rounds"] == 0
+            continue
+        assert seen[0] == (4, 0) and asked and asked[0][0] > 0, seen  # no cost known yet: a draft of gamma first
+        for i, after in asked:
+            assert seen[i][0] == 0 and after <= burst
+            assert seen[i + 1:i + 1 + after] == [(0, after - 1 - j) for j in range(after)], seen  # the broker's rounds
+        assert result.stats["plain_rounds"] == sum(after for _, after in asked) >= 20, seen

@@ -154,6 +154,7 @@ async def test_openai_client_streams_and_not_equal_to_the_target_alone(stack, ta
     assert sled["proactive_wasted"] == 0  # its guesses are the target's own tokens
     assert sled["lookup_rounds"] == 0  # a class without lookup_min_match
     assert sled["tree_rounds"] == 0  # nor token trees
+    assert sled["plain_rounds"] == 0  # every draft accepted: it never stops drafting
     assert sled["proactive_hits"] >= (1 if chat.usage.completion_tokens >= 11 else 0)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want_chat
     assert chunks[0].choices[0].delta.role == "assistant"

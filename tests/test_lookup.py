@@ -176,7 +176,9 @@ async def test_lookup_rounds_keep_drafting_where_the_models_stop():
         await asyncio.sleep((10.0 + 5.0 * (1 + len(msg.draft))) / 1000)
         return Verdict(msg.session_id, msg.round, accepted, truth[accepted], row_cost_ms=5.0, round_cost_ms=10.0)
 
-    result = await run_drafter("lk", {"kind": "model", "gamma": 4, "lookup_min_match": 2},
+    # burst = 0: a burst hands the next rounds to the broker whatever a lookup would have drafted
+    # in them (drafters.NAME.burst); here each way of drafting must be seen choosing its own length
+    result = await run_drafter("lk", {"kind": "model", "gamma": 4, "lookup_min_match": 2, "burst": 0},
                                LookupDrafter(WrongModel(), min_match=2), answer, prompt, new_tokens, stop_ids=[])
     assert result.tokens == text[14:14 + new_tokens]
     assert result.stats["lookup_rounds"] > 0

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.config import LimitsConfig
 from pipeline.protocol import Generate, Propose
-from pipeline.rules import MAX_ID_CHARS, MAX_TOP_K, generate_problem, propose_problem
+from pipeline.rules import MAX_ID_CHARS, MAX_PLAIN_AFTER, MAX_TOP_K, generate_problem, propose_problem
 
 LIMITS = LimitsConfig(max_draft_tokens=4, max_history_tokens=64, max_new_tokens=32)
 GOOD_PROPOSE = dict(session_id="s", round=0, position=3, draft=[4, 5], history=[1, 2, 3])
@@ -20,6 +20,7 @@ def test_good_messages_pass():
     assert propose_problem(Propose(**GOOD_SAMPLED), LIMITS) is None
     assert propose_problem(Propose("s", 5, 10, [1]), LIMITS) is None  # no history: the verifier holds it
     assert propose_problem(Propose(**dict(GOOD_PROPOSE, feature_layers=[-1, 0, 29, 30])), LIMITS) is None
+    assert propose_problem(Propose("s", 5, 10, [], plain_after=8), LIMITS) is None  # then 8 plain rounds
     assert generate_problem(Generate(**GOOD_GENERATE), LIMITS) is None
     assert generate_problem(Generate(**dict(GOOD_GENERATE, prompt=[1] * 56)), LIMITS) is None  # 56 + 8 = 64
 
@@ -33,6 +34,9 @@ def test_good_messages_pass():
     (dict(position=4), "position must equal"),
     (dict(history=None, position=62), "session would exceed"),
     (dict(history=None, position=-1), "session would exceed"),
+    (dict(history=None, position=40, draft=[], plain_after=30), "session would exceed"),  # 40 + 1 + 30 > 64
+    (dict(plain_after=-1), "plain_after"),
+    (dict(plain_after=MAX_PLAIN_AFTER + 1), "plain_after"),
     (dict(draft=[4, -5]), "non-negative"),
     (dict(history=[1, -2, 3]), "non-negative"),
     (dict(feature_layers=[0, 1, 2, 3, 4]), "feature_layers"),

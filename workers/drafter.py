@@ -268,6 +268,21 @@ class DrafterService:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
 
+    async def _followed(self, run: SessionRun, proposal: Propose, committed: list[int]) -> Verdict:
+        """The verdict of a plain round the broker runs on its own (Propose.plain_after). When it
+        does not come (the broker failed it with its verifier, a reconnect, a timeout), the drafter
+        proposes that round itself, like any other (_exchange)."""
+        try:
+            reply = await self._reply_for(run, proposal.round, self.config.limits.verdict_timeout_s)
+        except TimeoutError:
+            self.stats.timeouts += 1
+            reply = None
+        if isinstance(reply, Verdict):
+            return reply
+        if reply is None or reply is RECONNECTED or reply.code in ErrorCode.RESYNC or reply.code == ErrorCode.VERIFIER_LOST:
+            proposal = msgspec.structs.replace(proposal, history=list(committed))
+        return await self._exchange(run, proposal, committed)
+
     async def _reply_for(self, run: SessionRun, round_: int, timeout: float):
         async with asyncio.timeout(timeout):
             while True:
@@ -390,9 +405,10 @@ class DrafterService:
         figures = {"rounds": 0, "proposed": 0, "accepted": 0, "rejected_rounds": 0,
                    "draft_lengths": [0] * (self.cfg.gamma + 1), "gamma_sum": 0,
                    "proactive_hits": 0, "proactive_wasted": 0, "proactive_wasted_s": 0.0, "lookup_rounds": 0,
-                   "tree_rounds": 0}
+                   "tree_rounds": 0, "plain_rounds": 0}
         feature_layers = list(getattr(self.strategy, "feature_layers", []))
         generated, round_, finish = 0, 0, "length"
+        plain_left = 0  # plain rounds the broker still runs for this session on its own (Propose.plain_after)
         ready: Ahead | None = None  # the next round's draft, made ahead and confirmed by the verdict
         ahead: asyncio.Task | None = None
         self.stats.requests += 1
@@ -402,8 +418,8 @@ class DrafterService:
             while generated < req.max_new_tokens:
                 budget = req.max_new_tokens - generated
                 policy = policy_for(committed)
-                gamma = self._length(policy, budget)
-                tree = bool(tree_rows) and budget > 1 and (policy.tree if policy is not None else True)
+                gamma = 0 if plain_left else self._length(policy, budget)
+                tree = not plain_left and bool(tree_rows) and budget > 1 and (policy.tree if policy is not None else True)
                 if tree:  # the whole tree, γ levels deep (its last level may pass the request's end: cut below)
                     gamma = self.cfg.gamma
                 # a device that drafts ahead sends its first proposal at once, with no draft: the
@@ -412,9 +428,19 @@ class DrafterService:
                 # Greedy only: a sampled session's output for a seed stays the same whether its
                 # device drafts ahead or not (a draft made ahead is the very draft its round would
                 # have made after the verdict), which a first round without a draft would change
-                early = round_ == 0 and ready is None and bool(self.proactive) and budget > 1 and sampling.greedy
+                early = (round_ == 0 and ready is None and bool(self.proactive) and budget > 1 and sampling.greedy
+                         and not plain_left)
+                # the policy drafts nothing: the server decodes this round and the next ``burst`` ones
+                # by itself, as a centralized server would, and the device proposes again after them
+                # (config.toml: burst). A draft is worth its rows again once the load falls or the
+                # acceptance estimates drift back up, which the policy reads again after the burst.
+                burst = 0
+                if policy is not None and gamma == 0 and not tree and not early and ready is None and not plain_left:
+                    burst = max(0, min(self.cfg.burst, budget - 1))
                 if early:
                     drafted, gamma = Draft([]), 0
+                elif plain_left or burst:
+                    drafted = Draft([])
                 elif ready is not None:  # the proposal leaves at once
                     drafted = await self._finish_ahead(state, committed, ready, sampling)
                     gamma, ready = min(gamma, ready.gamma), None  # a draft made ahead is never lengthened
@@ -432,6 +458,9 @@ class DrafterService:
                     run.session_id, round_, len(committed), draft.tokens, draft.q_ids, draft.q_probs,
                     list(committed) if round_ == 0 else None, req.temperature, req.top_p, req.seed, self.strategy.kind,
                     feature_layers, draft.parents,
+                    # a plain round's own proposal leaves only when its verdict did not come
+                    # (_followed): it then asks for the rest of the burst
+                    plain_left - 1 if plain_left else burst,
                 )
                 assumed = [*committed, *draft.tokens] if guess is not None else []
                 if early:
@@ -450,7 +479,13 @@ class DrafterService:
                         ahead = asyncio.create_task(self._draft_ahead(state, len(committed) + len(draft.tokens),
                                                                       assumed, next_gamma, sampling, abort))
                 sent = time.perf_counter()
-                verdict = await self._exchange(run, proposal, committed)
+                followed = bool(plain_left)
+                if followed:
+                    verdict = await self._followed(run, proposal, committed)
+                    plain_left -= 1
+                else:
+                    verdict = await self._exchange(run, proposal, committed)
+                    plain_left = burst
                 waited = time.perf_counter() - sent
                 if ahead is not None:
                     confirmed = verdict.accepted == len(draft.tokens) and verdict.token == guess
@@ -480,7 +515,8 @@ class DrafterService:
                 if policy is not None:
                     policy.observe(length, verdict.accepted, verdict.row_cost_ms, time.monotonic(),
                                    verdict.round_cost_ms, tree=bool(draft.parents))
-                    if round_ > 0:  # the first round's wait is the prompt's prefill
+                    if round_ > 0 and not followed:  # the first round's wait is the prompt's prefill; a
+                        # followed round never crossed the link
                         policy.observe_wait(len(draft.tokens), waited)
                 new = [*verdict.accepted_tokens(draft.tokens), verdict.token][:budget]
                 for i, token in enumerate(new):
@@ -498,6 +534,7 @@ class DrafterService:
                 figures["gamma_sum"] += gamma
                 figures["lookup_rounds"] += draft.lookup
                 figures["tree_rounds"] += bool(draft.parents)
+                figures["plain_rounds"] += followed
                 self.stats.rounds += 1
                 self.stats.proposed += len(draft.tokens)
                 self.stats.accepted += verdict.accepted

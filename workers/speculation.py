@@ -48,6 +48,15 @@ last finished one (``fork``): same device, same target, so its acceptance, draft
 server's costs are a far better first guess than the hopeful prior. ``adaptive = false`` never
 calls this policy.
 
+A choice of k = 0 hands the session to the server for a while: the drafter asks the broker for
+``burst`` plain rounds (Propose.plain_after; workers/drafter.py), each observed here as a round
+without a draft (the unobserved positions drift back to the prior, the costs are the newest),
+and chooses again after them. So a session that stops drafting stays in every verify batch, as
+centralized decoding would keep it, instead of paying a link round trip and a place in a later
+batch for each token (docs/benchmarks.md, session 19). A context lookup (workers/lookup.py) that
+would have drafted during the burst does not: taking the session back for it was tried, and
+cut the bursts of the default fleet (whose repeats are frequent) to a few, for no saving.
+
 The server's rows are not the only price of a draft: the device pays its drafting time, and the
 session waits for it. A Pi 5 running a ladder rung spends ~80 ms per draft token; at α 0.36
 that token earns 0.36 tokens, while the round it delays (link, queue, verify) commits one token
