@@ -14,15 +14,13 @@ import random
 
 import pytest
 import pytest_asyncio
-import torch
-from scipy.stats import chisquare
 
 from pipeline.client import DrafterClient, broker_stats
 from pipeline.models import load_causal_lm
 from pipeline.reference import greedy_reference
 from tests.conftest import TINY_VOCAB, make_stack
 from tests.test_faults import FAST_LIVENESS
-from tests.test_proactive import PROMPT, VOCAB, exact_pair_distribution, vocab8_models  # noqa: F401 - a fixture
+from tests.test_proactive import PROMPT, assert_target_pair_distribution, vocab8_models  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -109,13 +107,7 @@ async def test_bursts_keep_the_target_distribution(vocab8_stack, vocab8_models):
     finally:
         client.close()
     assert all(r.stats["plain_rounds"] == 3 for r in results)
-    counts = torch.zeros(VOCAB * VOCAB)
-    for r in results:
-        counts[r.tokens[2] * VOCAB + r.tokens[3]] += 1
-    joint = exact_pair_distribution(load_causal_lm(str(vocab8_models["target"])), temperature, top_p)
-    keep = joint > 0
-    assert counts[~keep].sum() == 0
-    assert chisquare(counts[keep].numpy(), (joint[keep] * counts.sum()).numpy()).pvalue > 1e-3
+    assert_target_pair_distribution(results, vocab8_models["target"], temperature, top_p)
 
 
 async def test_a_verifier_lost_mid_burst_changes_no_token(tmp_path, tiny_models):

@@ -110,6 +110,18 @@ def exact_pair_distribution(target, temperature: float, top_p: float) -> torch.T
     return out.flatten()
 
 
+def assert_target_pair_distribution(results, target_dir, temperature: float, top_p: float) -> None:
+    """Tokens 3 and 4 of the sessions' outputs follow the target's joint distribution (chi-square
+    against the exact one, from the logits), and never a pair it cannot produce."""
+    counts = torch.zeros(VOCAB * VOCAB)
+    for r in results:
+        counts[r.tokens[2] * VOCAB + r.tokens[3]] += 1
+    joint = exact_pair_distribution(load_causal_lm(str(target_dir)), temperature, top_p)
+    keep = joint > 0
+    assert counts[~keep].sum() == 0
+    assert chisquare(counts[keep].numpy(), (joint[keep] * counts.sum()).numpy()).pvalue > 1e-3
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def vocab8_stack(tmp_path_factory, vocab8_models):
     """Two classes of the same small drafter over an 8-token vocabulary (sharp logits, so guesses
@@ -160,11 +172,5 @@ async def test_proactive_sampling_keeps_the_target_distribution(vocab8_stack, vo
         figures = await client.stats()
     finally:
         client.close()
-    counts = torch.zeros(VOCAB * VOCAB)
-    for r in results:
-        counts[r.tokens[2] * VOCAB + r.tokens[3]] += 1
-    joint = exact_pair_distribution(load_causal_lm(str(vocab8_models["target"])), temperature, top_p)
-    keep = joint > 0
-    assert counts[~keep].sum() == 0
-    assert chisquare(counts[keep].numpy(), (joint[keep] * counts.sum()).numpy()).pvalue > 1e-3
+    assert_target_pair_distribution(results, vocab8_models["target"], temperature, top_p)
     assert figures["proactive_hits"] - before["proactive_hits"] > sessions // 10  # the proactive path was really taken
