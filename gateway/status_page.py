@@ -45,6 +45,7 @@ def status_snapshot(gateway, since: float = 0.0) -> dict:
             "tokens_per_round": s.get("generated", 0) / s["rounds"] if s.get("rounds") else None,
             "proactive_hits": s.get("proactive_hits", 0),
             "proactive_wasted": s.get("proactive_wasted", 0),
+            "plain_rounds": s.get("plain_rounds", 0),  # rounds the server decoded on its own (burst)
         })
     return {
         "now": time.time(),

@@ -182,6 +182,7 @@ class DrafterFigures(msgspec.Struct):
     proactive_misses: int = 0
     proactive_wasted: int = 0  # tokens drafted ahead and dropped
     proactive_wasted_s: float = 0.0  # device seconds those took
+    plain_rounds: int = 0  # rounds the broker ran on its own after a proposal without a draft (drafters.NAME.burst)
     refused: dict[str, int] = {}  # client-socket handshakes refused, by reason
     acceptance_rate: float = 0.0  # accepted / proposed, set in each reply
     mean_gamma: float = 0.0  # gamma_sum / rounds, set in each reply

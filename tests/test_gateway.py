@@ -342,7 +342,7 @@ async def test_health_ready_models_and_status_page_data(stack):
     pi5 = [d for d in status["drafters"] if d["name"] == "pi5"][0]
     assert pi5["requests"] == 0 or (0 < pi5["mean_gamma"] <= 4 and pi5["tokens_per_round"] >= 1)
     # the twin's greedy guesses never miss, but a sampled request earlier in the module may waste one
-    assert all(isinstance(pi5[k], int) and pi5[k] >= 0 for k in ("proactive_hits", "proactive_wasted"))
+    assert all(isinstance(pi5[k], int) and pi5[k] >= 0 for k in ("proactive_hits", "proactive_wasted", "plain_rounds"))
 
 
 async def sled(*args: str) -> tuple[int, str]:
@@ -439,6 +439,7 @@ async def test_status_page_renders_live_numbers_in_headless_chromium(stack, chro
     assert row, dom
     pi5 = [d for d in status["drafters"] if d["name"] == "pi5"][0]
     assert 0 < int(row.group(1)) <= pi5["proactive_hits"] and int(row.group(2)) <= pi5["proactive_wasted"]
+    assert re.search(r'<tr data-drafter="pi5">.*?data-field="plain_rounds">\d+<', dom)
     assert dom.count('class="series"') >= 4  # the plots have lines
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if os.environ.get("SLED_STATUS_SCREENSHOT"):  # e.g. docs/img/status-page.png

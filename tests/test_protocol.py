@@ -69,7 +69,7 @@ GOLDEN = [
          "drafter": "pi5", "kind": "model", "gamma": 4, "requests": 2, "active": 0, "rounds": 0, "proposed": 8,
          "accepted": 6, "generated": 0, "resyncs": 0, "retries": 0, "timeouts": 0, "stale_replies": 0, "failed": 0,
          "rejected_frames": 0, "reconnects": 0, "bytes_sent": 0, "bytes_received": 0, "draft_s": 0.0, "gamma_sum": 0,
-         "proactive_hits": 0, "proactive_misses": 0, "proactive_wasted": 0, "proactive_wasted_s": 0.0,
+         "proactive_hits": 0, "proactive_misses": 0, "proactive_wasted": 0, "proactive_wasted_s": 0.0, "plain_rounds": 0,
          "refused": {"unauthorised": 1}, "acceptance_rate": 0.75, "mean_gamma": 0.0}]]),
     (Ready(), [PV, ["ready", None]]),
     (Ready(FIGURES), [PV, ["ready", {"batches": 3, "items": 5, "errors": {"invalid": 1}}]]),

@@ -535,6 +535,7 @@ class DrafterService:
                 figures["lookup_rounds"] += draft.lookup
                 figures["tree_rounds"] += bool(draft.parents)
                 figures["plain_rounds"] += followed
+                self.stats.plain_rounds += followed
                 self.stats.rounds += 1
                 self.stats.proposed += len(draft.tokens)
                 self.stats.accepted += verdict.accepted
