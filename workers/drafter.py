@@ -432,7 +432,7 @@ class DrafterService:
                          and not plain_left)
                 # the policy drafts nothing: the server decodes this round and the next ``burst`` ones
                 # by itself, as a centralized server would, and the device proposes again after them
-                # (config.toml: burst). A draft is worth its rows again once the load falls or the
+                # (drafters.NAME.burst). A draft is worth its rows again once the load falls or the
                 # acceptance estimates drift back up, which the policy reads again after the burst.
                 burst = 0
                 if policy is not None and gamma == 0 and not tree and not early and ready is None and not plain_left:
