@@ -154,6 +154,9 @@ def derive(method: str, records: list[SessionRecord], server: dict, *, weights_m
         # verify rows spent on draft tokens the target rejected, of all verify rows (each round
         # verifies its last committed token plus its draft)
         figures["wasted_verify_rows_fraction"] = round((proposed - sum(r.accepted for r in records)) / (rounds + proposed), 4)
+    if rounds and any(r.device for r in records):
+        # rounds the broker ran on its own, in bursts (drafters.NAME.burst), of all rounds
+        figures["plain_rounds_fraction"] = round(sum(r.plain_rounds for r in records) / rounds, 4)
     if "broker_holds" in server:
         figures["broker_holds"] = server["broker_holds"]
         figures["broker_held_ms_per_batch"] = round(server["broker_held_ms"] / max(1, server.get("broker_batches", 0)), 3)
@@ -403,6 +406,7 @@ def adaptive_headline(result: dict, options: BenchOptions) -> dict:
             out["wasted_verify_rows_fraction_fixed"] = fixed[level].get("wasted_verify_rows_fraction")
             out["server_cost_ratio_adaptive_vs_fixed"] = round(
                 sled[level]["server_cpu_ms_per_token"] / fixed[level]["server_cpu_ms_per_token"], 3)
+        out["plain_rounds_fraction"] = sled[level].get("plain_rounds_fraction")
         out["sled_ttft_p99_ms"] = sled[level]["ttft_p99_ms"]
         if "1" in sled and sled["1"]["ttft_p50_ms"]:
             out["sled_ttft_single_session_ms"] = sled["1"]["ttft_p50_ms"]

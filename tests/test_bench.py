@@ -151,6 +151,7 @@ def test_bench_run_on_tiny_models_is_lossless_for_every_method(tiny_models, tmp_
     proposed, accepted = sum(d["proposed"] for d in by_device), sum(d["accepted"] for d in by_device)
     rounds = sum(d["rounds"] for d in by_device)
     assert head["wasted_verify_rows_fraction"] == round((proposed - accepted) / (rounds + proposed), 4)
+    assert head["plain_rounds_fraction"] == round(sum(d["plain_rounds"] for d in by_device) / rounds, 4)
     assert head["sled_ttft_p99_ms"] == sled["ttft_p99_ms"] and head["sled_ttft_single_session_ms"] > 0
     assert set(head["server_cost_vs_ar_by_level"]) == set(head["gpu_server_cost_vs_ar_by_level"]) == {"1", "3"}
     assert head["sled_worse_than_ar_at"]["cpu"] == [int(n) for n, r in head["server_cost_vs_ar_by_level"].items() if r > 1]
