@@ -47,7 +47,7 @@ from pipeline.protocol import (
 )
 from pipeline.security import CLIENT, HandshakeWatch, client_keys, drafter_client_curve, start_authenticator
 from pipeline.roles import cancel_and_wait, supervise
-from pipeline.rules import generate_problem
+from pipeline.rules import MAX_PLAIN_AFTER, generate_problem
 from pipeline.sockets import BrokerLink, make_socket, new_identity, send_now
 from workers.drafts import Draft, build_drafter, round_generator
 from workers.speculation import RowCostFloor, SpeculationPolicy
@@ -436,7 +436,7 @@ class DrafterService:
                 # acceptance estimates drift back up, which the policy reads again after the burst.
                 burst = 0
                 if policy is not None and gamma == 0 and not tree and not early and ready is None and not plain_left:
-                    burst = max(0, min(self.cfg.burst, budget - 1))
+                    burst = max(0, min(self.cfg.burst, MAX_PLAIN_AFTER, budget - 1))
                 if early:
                     drafted, gamma = Draft([]), 0
                 elif plain_left or burst:
