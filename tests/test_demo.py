@@ -31,6 +31,7 @@ def test_demo_is_lossless_and_batches_sessions():
     # the trained drafters' drafts are really accepted (per rung: tests/test_ladder_lossless.py;
     # adaptive draft length may leave a weak rung at no drafts in a short demo)
     assert sum(d["accepted"] for d in trained) > 0
+    assert all(0 <= d["plain_rounds"] < d["rounds"] for d in summary["drafters"].values())  # bursts counted per class
     assert set(summary["tokens_per_round_by_drafter"]) == set(summary["wire_bytes_per_token_by_drafter"]) == set(drafters)
     # KV reuse: the target processes about (1 + draft) tokens per round, never the history again
     assert summary["target_tokens_per_generated"] < 6
