@@ -152,6 +152,7 @@ def run_central(target, sessions: list[SessionRecord], concurrency: int, max_new
         "draft_forwards": drafter.forwards if drafter else 0,
         "target_tokens": stats.prefill_tokens + stats.verify_tokens,
         "prefill_cpu_s": stats.prefill_cpu_s,
+        "batch_cpu_s": stats.batch_cpu_s,
         "mean_batch_sessions": stats.items / stats.batches if stats.batches else 0.0,
         "peak_kv_cache_mb": peak_cache / 2**20,
         "forwards": forwards.as_dict(),

@@ -16,6 +16,9 @@ class VerifierFigures(msgspec.Struct, omit_defaults=True):
     prefills: int = 0  # sessions (re)built from a history
     prefill_tokens: int = 0
     prefill_cpu_s: float = 0.0  # process CPU time spent prefilling (to tell prefill from decode work)
+    # process CPU time while verify_batch ran (workers/forward_log.py): the rest of a verifier
+    # process's CPU time is its messaging between batches (decode, encode, sockets, heartbeats)
+    batch_cpu_s: float = 0.0
     verify_tokens: int = 0  # real (unpadded) rows of verify forwards
     padded_tokens: int = 0  # rows including padding
     target_tokens: int = 0  # prefill + verify

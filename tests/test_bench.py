@@ -153,6 +153,11 @@ def test_bench_run_on_tiny_models_is_lossless_for_every_method(tiny_models, tmp_
     assert head["wasted_verify_rows_fraction"] == round((proposed - accepted) / (rounds + proposed), 4)
     assert head["plain_rounds_fraction"] == round(sum(d["plain_rounds"] for d in by_device) / rounds, 4)
     assert head["sled_ttft_p99_ms"] == sled["ttft_p99_ms"] and head["sled_ttft_single_session_ms"] > 0
+    ar = methods["ar"]
+    assert head["ar_ttft_p99_vs_single_session"] == round(ar["3"]["ttft_p99_ms"] / ar["1"]["ttft_p50_ms"], 3)
+    # the server's CPU outside its forwards (messaging, bookkeeping) is a part of its CPU time
+    for figures in (sled, ar["3"]):
+        assert 0 <= figures["outside_batch_cpu_ms_per_token"] < figures["server_cpu_ms_per_token"]
     assert set(head["server_cost_vs_ar_by_level"]) == set(head["gpu_server_cost_vs_ar_by_level"]) == {"1", "3"}
     assert head["sled_worse_than_ar_at"]["cpu"] == [int(n) for n, r in head["server_cost_vs_ar_by_level"].items() if r > 1]
 

@@ -6,6 +6,7 @@ refuses as documented."""
 
 import asyncio
 import random
+import time
 
 import pytest
 import torch
@@ -225,6 +226,8 @@ def test_forward_log_records_each_backends_forwards_the_same():
         # two sessions with 3 + 1 rows (the failed one is in no forward); one prefill (b had nothing to cache)
         assert first == {"verify": [[2, 4, 1]], "draft": [], "prefill": {"forwards": 1, "tokens": 2}, "dropped": 0}
         assert delta(first, log.as_dict())["verify"] == [[1, 4, 1]]
+        # the CPU time inside verify_batch, which tells the bench a worker's messaging from its forwards
+        assert 0.0 < ver.stats.batch_cpu_s <= time.process_time()
     assert logs[0] == logs[1]
 
 

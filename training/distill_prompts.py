@@ -200,9 +200,31 @@ TRAIN_TOPICS_9 = [
     "amaranth", "the Silk Weavers of Lyon", "weather vanes", "tide pools", "marmots",
     "a lantern maker's apprentice", "a cloud that lost its rain", "debouncing", "feature flags",
 ]
+# A tenth list, for data beyond the ninth set (build_prompts(topic_set=10)); disjoint from the
+# other nine and from the held-out topics.
+TRAIN_TOPICS_10 = [
+    "the zither", "moon bows", "wind chimes", "the spice islands", "rhubarb crumble",
+    "learning to fence", "a door that hums at night", "a baker's lost rolling pin",
+    "a nervous thundercloud", "snapshot testing", "travel insurance", "planning a family reunion",
+    "humility", "frostbite prevention", "the gramophone", "stilts", "the kazoo",
+    "clearing out a shed", "capybaras", "the Alhambra", "fern care", "the planisphere", "wrists",
+    "a lighthouse with no light", "a bridge made of paper", "a stubborn tortoise",
+    "circuit breakers in software", "commit messages", "mouse gestures", "daylight saving time",
+    "hosting a trivia brunch", "declining an invitation", "landslide warnings", "quinces",
+    "fennel", "peat bogs", "the Venetian arsenal", "the cochlea", "the tellurion",
+    "a valley of kites", "schema migrations", "organizing a seed swap", "beatboxing",
+    "adzuki beans", "sorrel", "sea stacks", "diabolo", "the euphonium", "sea otters", "pho",
+    "nickel", "whiteouts", "miso", "idempotency keys", "writing a condolence note",
+    "running a jumble sale", "teff", "the silversmiths of Taxco", "barometers", "mudflats",
+    "chinchillas", "a mapmaker's apprentice", "a moon that wanted to set early", "tooltips",
+    "axolotls", "rain barrels", "sun dogs", "drawbridges", "the incense route",
+    "candied orange peel", "a staircase to nowhere", "a tailor's runaway thimble",
+    "a sleepy comet", "pet insurance", "kindness", "the phonograph", "pogo sticks",
+    "the harmonica", "decluttering a garage", "Machu Picchu",
+]
 TRAIN_TOPIC_SETS = {1: TRAIN_TOPICS, 2: TRAIN_TOPICS_2, 3: TRAIN_TOPICS_3, 4: TRAIN_TOPICS_4, 5: TRAIN_TOPICS_5,
                     6: TRAIN_TOPICS_6, 7: TRAIN_TOPICS_7, 8: TRAIN_TOPICS_8,
-                    9: TRAIN_TOPICS_9}  # build_prompts(topic_set=N)
+                    9: TRAIN_TOPICS_9, 10: TRAIN_TOPICS_10}  # build_prompts(topic_set=N)
 HELDOUT_TOPICS = [
     "glaciers", "the violin", "penguins", "nuclear fusion", "the Silk Road", "board games",
     "lightning", "coral reefs", "the Industrial Revolution", "yoga", "submarines", "maps",
@@ -258,7 +280,7 @@ def _chat(tokenizer, question: str) -> str:
 def build_prompts(tokenizer, *, held_out: bool, n_chat: int, n_prose: int, seed: int = 0,
                   topic_set: int = 1) -> list[str]:
     """Prompt strings, half chat (templated) and half prose (raw prefix or 'continue this').
-    ``topic_set`` 2 to 9 draws training chat from TRAIN_TOPICS_2 to _9 (more data that repeats no
+    ``topic_set`` 2 to 10 draws training chat from TRAIN_TOPICS_2 to _10 (more data that repeats no
     question)."""
     rng = random.Random(seed + (1 if held_out else 0))
     templates = HELDOUT_TEMPLATES if held_out else TRAIN_TEMPLATES

@@ -9,6 +9,7 @@ plus the prefill forwards that filled the sessions it (re)opened (several sessio
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 
@@ -53,10 +54,14 @@ def delta(before: dict | None, after: dict | None) -> dict:
 
 
 def verify_recorded(verifier, items: list, log: ForwardLog) -> list:
-    """``verifier.verify_batch(items)``, with its forwards added to ``log`` (from its statistics)."""
+    """``verifier.verify_batch(items)``, with its forwards added to ``log`` (from its statistics) and
+    the process's CPU time while it ran to the verifier's ``batch_cpu_s``
+    (process time, as ``prefill_cpu_s``: a forward on several torch threads counts whole)."""
     s = verifier.stats
     items0, rows0, prefills0, prefill_tokens0 = s.items, s.verify_tokens, s.prefill_forwards, s.prefill_tokens
+    cpu0 = time.process_time()
     verdicts = verifier.verify_batch(items)
+    s.batch_cpu_s += time.process_time() - cpu0
     if s.items > items0:
         log.add("verify", s.items - items0, s.verify_tokens - rows0)
     log.prefill_forwards += s.prefill_forwards - prefills0
