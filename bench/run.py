@@ -221,9 +221,14 @@ def _by_device(records: list[SessionRecord]) -> dict:
     out: dict[str, dict] = {}
     for r in records:
         d = out.setdefault(r.device, {"sessions": 0, "proposed": 0, "accepted": 0, "rounds": 0, "tokens": 0,
-                                      "plain_rounds": 0})
+                                      "plain_rounds": 0, "tree_rounds": 0, "draft_lengths": []})
         d["sessions"] += 1
         d["plain_rounds"] += r.plain_rounds
+        d["tree_rounds"] += r.tree_rounds
+        lengths = d["draft_lengths"]  # rounds per draft length (a tree's: its depth), all sessions
+        lengths += [0] * (len(r.draft_lengths) - len(lengths))
+        for k, n in enumerate(r.draft_lengths):
+            lengths[k] += n
         d["proposed"] += r.proposed
         d["accepted"] += r.accepted
         d["rounds"] += r.rounds

@@ -26,6 +26,7 @@ class SessionRecord:
     rejected_rounds: int = 0  # rounds in which a draft token was rejected
     draft_lengths: list[int] = field(default_factory=list)  # rounds per draft length
     plain_rounds: int = 0  # SLED: rounds the broker ran on its own (drafters.NAME.burst)
+    tree_rounds: int = 0  # SLED: rounds that proposed a token tree (their draft_lengths entry is the tree's depth)
 
     def count_round(self, drafted: int, accepted: int) -> None:
         self.rounds += 1
