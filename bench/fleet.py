@@ -248,7 +248,10 @@ def _level_delta(before: dict, after: dict, elapsed: float) -> dict:
         "draft_forwards": 0,  # on the devices
         "target_tokens": v1["target_tokens"] - v0["target_tokens"],
         "prefill_cpu_s": v1["prefill_cpu_s"] - v0["prefill_cpu_s"],
-        "batch_cpu_s": v1.get("batch_cpu_s", 0.0) - v0.get("batch_cpu_s", 0.0),
+        # both from the same two snapshots of the verifier's figures (its CPU total beside the part
+        # inside verify_batch), not from /proc read at another instant
+        "outside_batch_cpu_s": ((v1.get("process_cpu_s", 0.0) - v0.get("process_cpu_s", 0.0))
+                                - (v1.get("batch_cpu_s", 0.0) - v0.get("batch_cpu_s", 0.0))),
         "mean_batch_sessions": sessions_in_batches / batches if batches else 0.0,
         "broker_batches": batches,
         "mean_queue_wait_ms": 1000 * (f1.queue_wait.sum - f0.queue_wait.sum) / waits if waits else 0.0,

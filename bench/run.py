@@ -135,7 +135,7 @@ def derive(method: str, records: list[SessionRecord], server: dict, *, weights_m
         "decode_cpu_ms_per_token": round(1000 * (cpu - server["prefill_cpu_s"]) / generated, 2) if "prefill_cpu_s" in server else None,
         # the server's CPU time outside verify_batch: the verifier worker's messaging (SLED), the
         # baseline loop's bookkeeping (AR, server SD), per generated token
-        "outside_batch_cpu_ms_per_token": round(1000 * (cpu - server["batch_cpu_s"]) / generated, 2) if "batch_cpu_s" in server else None,
+        "outside_batch_cpu_ms_per_token": round(1000 * server["outside_batch_cpu_s"] / generated, 2) if "outside_batch_cpu_s" in server else None,
         "target_forwards_per_token": round(server.get("target_forwards", 0) / generated, 3) if "target_forwards" in server else None,
         "draft_forwards_per_token": round(server.get("draft_forwards", 0) / generated, 3) if "draft_forwards" in server else None,
         "target_tokens_per_token": round(server["target_tokens"] / generated, 3) if "target_tokens" in server else None,

@@ -19,6 +19,9 @@ class VerifierFigures(msgspec.Struct, omit_defaults=True):
     # process CPU time while verify_batch ran (workers/forward_log.py): the rest of a verifier
     # process's CPU time is its messaging between batches (decode, encode, sockets, heartbeats)
     batch_cpu_s: float = 0.0
+    # the verifier process's CPU time when these figures were taken (set by the worker), so that a
+    # reader subtracts batch_cpu_s from a total of the same instant
+    process_cpu_s: float = 0.0
     verify_tokens: int = 0  # real (unpadded) rows of verify forwards
     padded_tokens: int = 0  # rows including padding
     target_tokens: int = 0  # prefill + verify

@@ -70,7 +70,7 @@ class VerifierWorker:
 
     def _stats(self) -> VerifierFigures:
         return msgspec.structs.replace(self.verifier.stats, rejected_frames=self.rejected_frames,
-                                       forwards=self.forwards.as_dict(),
+                                       forwards=self.forwards.as_dict(), process_cpu_s=time.process_time(),
                                        backend=getattr(self.verifier, "backend", "eager"))
 
     async def run(self, stop: asyncio.Event) -> None:
