@@ -1,6 +1,7 @@
 """Data selection of the feature head's trainer: a warm-started run must see only shards the
 head has not seen, and workers write shard numbers out of order."""
 
+import pytest
 import torch
 
 from training.train_feature_head import load_feature_records
@@ -27,3 +28,26 @@ def test_only_the_asked_feature_layers_are_kept(tmp_path):
     assert record["features"].shape == (5, 4)
     (both,) = load_feature_records(tmp_path, (2, -1))
     assert both["features"].shape == (5, 8)
+
+
+def test_widening_a_head_to_more_layers_keeps_what_it_computes(tiny_models):
+    """A head grown from the top layer to (low, top) starts where the saved head was: the added
+    layer's features change nothing until training gives them weight."""
+    from pipeline.models import load_causal_lm
+    from training.train_feature_head import widen_inputs
+    from workers.feature_head import build_head, spec_for
+
+    torch.manual_seed(3)
+    target = load_causal_lm(str(tiny_models["target"]))
+    head = build_head(target, spec_for(target), torch.arange(40)).eval()
+    wide = widen_inputs(head, target, (1, -1)).eval()
+    h = head.spec.hidden
+    feats, tokens = torch.randn(2, 7, 2 * h), torch.randint(0, 40, (2, 7))
+    with torch.no_grad():
+        before = head.unrolled(feats[..., h:], tokens, levels=2)
+        after = wide.unrolled(feats, tokens, levels=2)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(before, after))
+        feats[..., :h] += 1.0  # the added layer: no weight yet
+        assert torch.allclose(wide.unrolled(feats, tokens, levels=2)[1], after[1], atol=1e-5)
+    with pytest.raises(ValueError, match="include"):
+        widen_inputs(head, target, (1, 2))

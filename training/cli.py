@@ -69,7 +69,8 @@ def register(subparsers) -> None:
     dr.add_argument("--vocab", type=int, default=8192, help="feature head: draft vocabulary (most frequent target tokens)")
     dr.add_argument("--levels", type=int, default=3, help="feature head: training-time-test unroll levels")
     dr.add_argument("--feature-layers", type=int, nargs="+", default=[-1],
-                    help="feature head: target hidden-state indices it is conditioned on (-1 = final norm)")
+                    help="feature head: target hidden-state indices it is conditioned on (-1 = final norm); with "
+                         "--init-from a head on one of them, the head is widened to all (training/train_feature_head.py)")
     dr.add_argument("--budget-s", type=float, default=None, help="feature head: stop training after this long")
     dr.add_argument("--init-from", type=Path, default=None,
                     help="continue training this saved head or ladder (drafters/feature, drafters/ladder) on more data")

@@ -48,6 +48,27 @@ def load_feature_records(folder: Path, feature_layers: tuple[int, ...], max_shar
     return records
 
 
+def widen_inputs(head: FeatureHead, target, feature_layers: tuple[int, ...]) -> FeatureHead:
+    """The saved head grown to condition on more of the target's layers (EAGLE-3 fuses a low, a
+    middle and the top one), without changing what it computes: the new fuse layer starts as
+    the identity on the layer the head was trained on and zero on the added ones, so training
+    starts from the saved head's figures and learns what the other layers add
+    (docs/incremental-training.md, rounds 19 and 20)."""
+    old = tuple(head.spec.feature_layers)
+    if len(old) != 1 or old[0] not in feature_layers:
+        raise ValueError(f"a head on layers {old} can only be widened to layers that include {old[0]}, not {feature_layers}")
+    grown = FeatureHead(dataclasses.replace(head.spec, feature_layers=feature_layers),
+                        target.get_input_embeddings().weight, head.vocab_ids)
+    missing, unexpected = grown.load_state_dict(head.state_dict(), strict=False)
+    assert not unexpected and set(missing) == {"fuse.weight"}, (missing, unexpected)
+    h, at = head.spec.hidden, feature_layers.index(old[0])
+    with torch.no_grad():
+        grown.fuse.weight.zero_()
+        grown.fuse.weight[:, at * h:(at + 1) * h] = torch.eye(h)
+    log.info("feature_head_widened", from_layers=list(old), to_layers=list(feature_layers))
+    return grown
+
+
 def vocab_counts(records: list[dict], vocab_size: int) -> torch.Tensor:
     counts = torch.zeros(vocab_size, dtype=torch.long)
     for r in records:
@@ -139,7 +160,7 @@ def train_head(
     if init_from is not None:
         head = load_head(model, init_from)
         if tuple(head.spec.feature_layers) != tuple(feature_layers):
-            raise ValueError(f"{init_from} is conditioned on layers {head.spec.feature_layers}, not {feature_layers}")
+            head = widen_inputs(head, model, tuple(feature_layers))
         head.requires_grad_(True)
         vocab_ids = head.vocab_ids
     else:
