@@ -222,9 +222,29 @@ TRAIN_TOPICS_10 = [
     "a sleepy comet", "pet insurance", "kindness", "the phonograph", "pogo sticks",
     "the harmonica", "decluttering a garage", "Machu Picchu",
 ]
+# An eleventh list, for data beyond the tenth set (build_prompts(topic_set=11)); disjoint from the
+# other ten and from the held-out topics.
+TRAIN_TOPICS_11 = [
+    "the hurdy-gurdy", "noctilucent clouds", "sundials in gardens", "the Cinque Ports", "gooseberry fool",
+    "learning to juggle", "a clock that runs backwards on Sundays", "a fisherman's missing net",
+    "a shy rainbow", "property-based testing", "bicycle insurance", "planning a surprise party", "modesty",
+    "heatstroke prevention", "the telegraph", "penny-farthings", "the ocarina", "tidying a basement",
+    "wombats", "Petra", "orchid care", "the plumb bob", "ankles", "a well that answers questions",
+    "a boat made of leaves", "a forgetful owl", "canary releases", "code review etiquette",
+    "dark mode in apps", "leap years", "hosting a board game night", "asking for a raise", "avalanche safety",
+    "persimmons", "kohlrabi", "salt marshes", "the Hagia Sophia", "the retina", "the orrery",
+    "a village of lanterns", "database indexes", "organizing a toy library", "throat singing", "fava beans",
+    "purslane", "blowholes", "yo-yos", "the sousaphone", "aye-ayes", "ramen", "cobalt", "sandstorms",
+    "tempeh", "retry backoff", "writing a thank-you letter", "running a jam stall", "fonio",
+    "the glassblowers of Murano", "hygrometers", "kelp forests", "quokkas", "a cartographer's lost compass",
+    "a star that was afraid of the dark", "breadcrumbs in web design", "tardigrades", "compost bins",
+    "fogbows", "lock keepers", "the tea horse road", "marzipan", "a corridor that never ends",
+    "a cobbler's stolen awl", "a drowsy volcano", "flood insurance", "forgiveness", "the jukebox",
+    "roller skates", "the bandoneon", "sorting a garden shed", "Angkor Wat",
+]
 TRAIN_TOPIC_SETS = {1: TRAIN_TOPICS, 2: TRAIN_TOPICS_2, 3: TRAIN_TOPICS_3, 4: TRAIN_TOPICS_4, 5: TRAIN_TOPICS_5,
                     6: TRAIN_TOPICS_6, 7: TRAIN_TOPICS_7, 8: TRAIN_TOPICS_8,
-                    9: TRAIN_TOPICS_9, 10: TRAIN_TOPICS_10}  # build_prompts(topic_set=N)
+                    9: TRAIN_TOPICS_9, 10: TRAIN_TOPICS_10, 11: TRAIN_TOPICS_11}  # build_prompts(topic_set=N)
 HELDOUT_TOPICS = [
     "glaciers", "the violin", "penguins", "nuclear fusion", "the Silk Road", "board games",
     "lightning", "coral reefs", "the Industrial Revolution", "yoga", "submarines", "maps",
@@ -280,7 +300,7 @@ def _chat(tokenizer, question: str) -> str:
 def build_prompts(tokenizer, *, held_out: bool, n_chat: int, n_prose: int, seed: int = 0,
                   topic_set: int = 1) -> list[str]:
     """Prompt strings, half chat (templated) and half prose (raw prefix or 'continue this').
-    ``topic_set`` 2 to 10 draws training chat from TRAIN_TOPICS_2 to _10 (more data that repeats no
+    ``topic_set`` 2 to 11 draws training chat from TRAIN_TOPICS_2 to _11 (more data that repeats no
     question)."""
     rng = random.Random(seed + (1 if held_out else 0))
     templates = HELDOUT_TEMPLATES if held_out else TRAIN_TEMPLATES
