@@ -354,7 +354,7 @@ class Broker:
         handle.estimator.observe(len(batch.items), max(batch.tokens, len(batch.items)), max(now - batch.sent, 1e-6),
                                  sent=batch.sent, fit=fit)
         cost = round(handle.estimator.row_cost_ms(), 4)
-        round_cost = round(handle.estimator.round_cost_ms(), 4)
+        round_cost = round(self._round_cost_ms(handle), 4)
         verdicts = msg.verdicts
         if cost > 0:
             verdicts = [v if v.error else msgspec.structs.replace(v, row_cost_ms=cost, round_cost_ms=round_cost)
@@ -364,6 +364,11 @@ class Broker:
                 if not v.error:
                     handle.slo.answered(v.session_id, now, v.accepted)
         batch.resolve(verdicts)
+
+    def _round_cost_ms(self, handle: VerifierHandle) -> float:
+        """A session's share of a forward that all of this verifier's sessions (at most a batch)
+        would split (brokers/estimator.py)."""
+        return handle.estimator.round_cost_ms(max(1, min(len(handle.sessions), self.policy.max_sessions)))
 
     # --- liveness ------------------------------------------------------------------------
 
@@ -417,7 +422,7 @@ class Broker:
                 busy=bool(v.inflight), holds=v.batcher.holds, held_ms=round(1000 * v.batcher.held_s, 3),
                 verify_time_fit_ms=[round(1000 * c, 4) for c in v.estimator.coefficients()],
                 utilisation=round(v.estimator.utilisation, 4), row_cost_ms=round(v.estimator.row_cost_ms(), 4),
-                round_cost_ms=round(v.estimator.round_cost_ms(), 4))
+                round_cost_ms=round(self._round_cost_ms(v), 4))
                 for v in self.verifiers.values()},
         )
 

@@ -21,8 +21,14 @@ full slope. Until ``warmup`` batches have been seen there is no fit and it answe
 drafters then keep their fixed γ).
 
 ``round_cost_ms`` -- ``Verdict.round_cost_ms`` -- is the other half of a round's price: what a
-session's round costs whatever its rows, its share of the forward's fixed cost at the recent
-batch size plus its own, a / sessions + b, at the same utilisation scaling. A drafter weighs a
+session's round costs whatever its rows, its share of the forward's fixed cost plus its own,
+a / sessions + b, at the same utilisation scaling. The broker takes ``sessions`` as the sessions
+the verifier serves (at most a batch's): the share each would pay if all were in one forward.
+The recent batches' mean size, the earlier divisor, fed back on itself: sessions that draft miss
+batches, so batches shrink, each session's share of a forward grows, drafting looks cheaper
+against it, and more sessions draft. With better ladder rungs (session 22) that loop took the
+default fleet at 16 sessions from 12.2 to 9.7 sessions a batch and 1.10x to 1.20-1.33x AR's
+server time (docs/benchmarks.md). A drafter weighs a
 draft's rows against it (workers/speculation.py): on a GPU, where a forward's fixed cost dwarfs
 a row, it is worth many rows and drafts stay long; on a CPU, where a row costs about what a
 session's share of the forward does, few.
@@ -99,9 +105,12 @@ class VerifyTimeEstimator:
             return 0.0
         return 1000.0 * self.coefficients()[2] * self.utilisation
 
-    def round_cost_ms(self) -> float:
-        """A session's share of a verify round's fixed cost now (module docstring); 0.0 before the warm-up."""
+    def round_cost_ms(self, sessions: int | None = None) -> float:
+        """A session's share of a verify round's fixed cost now (module docstring); 0.0 before the
+        warm-up. ``sessions``: the sessions the verifier serves (at most a batch's), whose full
+        batch would share the forward; None: the recent batches' mean size."""
         if not self.ready:
             return 0.0
         a, b, _ = self.coefficients()
-        return 1000.0 * (a / max(1.0, self.batch_sessions) + b) * self.utilisation
+        share = self.batch_sessions if sessions is None else sessions
+        return 1000.0 * (a / max(1.0, share) + b) * self.utilisation

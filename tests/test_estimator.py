@@ -95,3 +95,23 @@ def test_round_cost_is_a_sessions_share_of_the_fixed_part():
         if size == 2:
             small = rows_worth
     assert rows_worth < 0.5 * small  # sixteen sessions share the forward's fixed cost
+
+
+def test_round_cost_over_the_served_sessions_does_not_follow_the_batches():
+    """The broker divides the fixed part among the sessions the verifier serves, not among those
+    recent batches happened to hold: when drafting sessions miss batches, the batches shrink, and a
+    share over them would grow and make drafting look cheaper still (estimator.py)."""
+    est = VerifyTimeEstimator()
+    rng = random.Random(7)
+    now = 0.0
+    for _ in range(300):  # batches of about 4 though 16 sessions are served (the others out drafting)
+        s = 4 + rng.randint(-1, 1)
+        r = s + rng.randint(0, 3 * s)
+        seconds = 0.048 + 0.001 * s + 0.0026 * r
+        est.observe(s, r, seconds, sent=now)
+        now += seconds
+    assert est.round_cost_ms() == pytest.approx(1000 * (0.048 / est.batch_sessions + 0.001) * est.utilisation, rel=0.05)
+    served = est.round_cost_ms(16)
+    assert served == pytest.approx(1000 * (0.048 / 16 + 0.001) * est.utilisation, rel=0.05)
+    assert served < 0.5 * est.round_cost_ms()
+    assert est.round_cost_ms(0) == est.round_cost_ms(1)  # never divided by nothing
