@@ -26,9 +26,9 @@ a / sessions + b, at the same utilisation scaling. The broker takes ``sessions``
 the verifier serves (at most a batch's): the share each would pay if all were in one forward.
 The recent batches' mean size, the earlier divisor, fed back on itself: sessions that draft miss
 batches, so batches shrink, each session's share of a forward grows, drafting looks cheaper
-against it, and more sessions draft. With better ladder rungs (session 22) that loop took the
-default fleet at 16 sessions from 12.2 to 9.7 sessions a batch and 1.10x to 1.20-1.33x AR's
-server time (docs/benchmarks.md). A drafter weighs a
+against it, and more sessions draft. With the ladder's better round-9 rungs, two quick benches
+gave 1.33x and 1.20x AR's server time at 16 sessions with the mean batch, 1.13x and 1.02x with the
+served sessions (docs/benchmarks.md, session 22). A drafter weighs a
 draft's rows against it (workers/speculation.py): on a GPU, where a forward's fixed cost dwarfs
 a row, it is worth many rows and drafts stay long; on a CPU, where a row costs about what a
 session's share of the forward does, few.
