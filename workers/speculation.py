@@ -16,8 +16,8 @@ The draft length k in [0, gamma] minimises the expected server cost per committe
 row at the current batch. ``fixed`` is what a round costs the server whatever its rows
 (reading the weights once per forward, the session's slot in the batch, acceptance, messages):
 the verdict's ``round_cost_ms``, the broker's fit of a session's share of a forward's fixed cost
-at the recent batch size (brokers/estimator.py). It depends on load through the batch size: the
-more sessions share a forward, the smaller each one's share, so drafts shorten as batches grow;
+among the sessions the verifier serves (brokers/estimator.py). It depends on load through that
+number: the more sessions share a forward, the smaller each one's share, so drafts shorten as load grows;
 on a GPU a forward's fixed cost is worth hundreds of rows and drafts stay long, on a CPU a few.
 A broker that sends none (0.0, an older one) leaves the earlier rule, kept as the fallback. It
 must not scale with the current row cost, or the choice would not depend on load at all
