@@ -82,6 +82,9 @@ class VerifierHandle:
     dispatcher: asyncio.Task | None = None
     estimator: VerifyTimeEstimator = field(default_factory=VerifyTimeEstimator)
     slo: SloHold | None = None  # with broker.slo_tpot_ms > 0: the batcher's hold policy
+    # the round cost the last verdicts carried: the status snapshot reports it, since one computed
+    # when the figures are read (after a level's sessions closed) would be a lone session's share
+    round_cost_ms: float = 0.0
 
     @property
     def name(self) -> str:
@@ -354,7 +357,7 @@ class Broker:
         handle.estimator.observe(len(batch.items), max(batch.tokens, len(batch.items)), max(now - batch.sent, 1e-6),
                                  sent=batch.sent, fit=fit)
         cost = round(handle.estimator.row_cost_ms(), 4)
-        round_cost = round(self._round_cost_ms(handle), 4)
+        round_cost = handle.round_cost_ms = round(self._round_cost_ms(handle), 4)
         verdicts = msg.verdicts
         if cost > 0:
             verdicts = [v if v.error else msgspec.structs.replace(v, row_cost_ms=cost, round_cost_ms=round_cost)
@@ -422,7 +425,7 @@ class Broker:
                 busy=bool(v.inflight), holds=v.batcher.holds, held_ms=round(1000 * v.batcher.held_s, 3),
                 verify_time_fit_ms=[round(1000 * c, 4) for c in v.estimator.coefficients()],
                 utilisation=round(v.estimator.utilisation, 4), row_cost_ms=round(v.estimator.row_cost_ms(), 4),
-                round_cost_ms=round(self._round_cost_ms(v), 4))
+                round_cost_ms=v.round_cost_ms)
                 for v in self.verifiers.values()},
         )
 
