@@ -10,6 +10,11 @@
 * A proposal with ``plain_after`` = n is followed by n rounds the broker queues itself, each with
   no draft, as soon as the previous verdict is out (``_follow``): the session stays in the
   verifier's batches, as in centralized decoding, while its drafter only streams the tokens.
+* A proposal sent *ahead* (``Propose.if_accepted`` >= 0: drafted while its predecessor was out,
+  on an assumption about that round's verdict) waits here for that verdict (``_hold_ahead``). If
+  the verdict confirms it, it is queued at once, so the session misses no batch for its drafter's
+  link round trip; if not, it is dropped, and the drafter, which reads the same verdict, proposes
+  anew.
 * Each verifier's batches are timed into a VerifyTimeEstimator (brokers/estimator.py); every
   verdict carries its ``row_cost_ms`` and ``round_cost_ms``. With ``broker.slo_tpot_ms`` > 0 a free verifier's batch may
   be held for proposals expected soon (brokers/slo.py).
@@ -107,6 +112,10 @@ class Broker:
         self.max_bytes = config.limits.max_message_bytes
         self.verifiers: dict[bytes, VerifierHandle] = {}
         self.session_owner: dict[str, Owner] = {}
+        # per session: the proposal sent ahead of the next verdict (at most one), and what the last
+        # verdict said (round, accepted, token), against which a late one is checked
+        self.held: dict[str, tuple[bytes, bytes, Propose]] = {}
+        self.last_verdict: dict[str, tuple[int, int, int]] = {}
         self.drafter_seen: dict[bytes, float] = {}
         self.stats = BrokerFigures()
         self._batch_ids = itertools.count(1)
@@ -199,13 +208,20 @@ class Broker:
         self._reply(identity, ErrorReply.of(SledError(code, detail), session_id=item.session_id, round=item.round))
 
     def _on_propose(self, identity: bytes, principal: bytes, item: Propose, followed: bool = False) -> None:
-        """``followed``: a plain round the broker queued itself (``_follow``), not the drafter."""
-        self.stats.proposals += 1
+        """``followed``: a round the broker queued itself (``_follow``, or one sent ahead and
+        confirmed at its predecessor's verdict), not the drafter."""
+        if not item.ahead:  # one sent ahead counts once it is queued, as an unconditional one
+            self.stats.proposals += 1
         owner = self.session_owner.get(item.session_id)
         if owner is not None and owner.principal != principal:
             return self._reject(identity, item, ErrorCode.NOT_OWNER, "session belongs to another peer")
         if problem := propose_problem(item, self.config.limits):  # the one check of a drafter's proposal
             return self._reject(identity, item, ErrorCode.INVALID, problem)
+        if item.ahead:
+            return self._hold_ahead(identity, principal, item)
+        held = self.held.get(item.session_id)
+        if held is not None and held[2].round <= item.round:  # the drafter proposed that round (or a later one) anew
+            del self.held[item.session_id]
         handle = self._verifier_for(item.session_id)
         if handle is None:
             return self._reject(identity, item, ErrorCode.NO_VERIFIER, "no verifier is registered yet")
@@ -237,8 +253,39 @@ class Broker:
             return self._reject(identity, item, verdict.error, verdict.detail)
         self.stats.verdicts += 1
         self._reply(identity, verdict)
+        self.last_verdict[item.session_id] = (verdict.round, verdict.accepted, verdict.token)
+        held = self.held.get(item.session_id)
+        if held is not None and held[2].round <= verdict.round + 1:
+            # a proposal sent ahead for the next round takes the place of any plain round this one asked for
+            del self.held[item.session_id]
+            if held[2].round == verdict.round + 1:
+                return self._release_ahead(*held, followed=True)
         if item.plain_after > 0:
             self._follow(identity, item, verdict)
+
+    def _hold_ahead(self, identity: bytes, principal: bytes, item: Propose) -> None:
+        """A proposal sent ahead (Propose.if_accepted): held until the verdict of the round before
+        it, or checked at once when that verdict is already out (the draft took longer than the
+        verify). Of a session closed meanwhile: dropped."""
+        if item.session_id not in self.session_owner:
+            self.stats.ahead_void += 1
+            return
+        last_round = self.last_verdict.get(item.session_id, (-1,))[0]
+        if last_round >= item.round:  # its round was already proposed anew
+            self.stats.ahead_void += 1
+            return
+        if last_round == item.round - 1:
+            return self._release_ahead(identity, principal, item, followed=False)
+        self.held[item.session_id] = (identity, principal, item)  # a newer one replaces an older one
+
+    def _release_ahead(self, identity: bytes, principal: bytes, item: Propose, followed: bool) -> None:
+        """Queue a proposal sent ahead if the last verdict confirms it, else drop it. ``followed``:
+        queued at that verdict, without crossing the link (the SLO hold's pace, brokers/slo.py)."""
+        if item.holds_after(*self.last_verdict[item.session_id]):
+            self.stats.ahead_queued += 1
+            self._on_propose(identity, principal, item.unconditional(), followed=followed)
+        else:
+            self.stats.ahead_void += 1
 
     def _follow(self, identity: bytes, item: Propose, verdict: Verdict) -> None:
         """The next of the plain rounds ``item`` asked for (Propose.plain_after), queued as if its
@@ -260,6 +307,8 @@ class Broker:
             self.stats.count_rejection(ErrorCode.NOT_OWNER)
             return
         self.session_owner.pop(session_id, None)
+        self.held.pop(session_id, None)
+        self.last_verdict.pop(session_id, None)
         handle = self._holder(session_id)
         if handle is not None:
             handle.sessions.discard(session_id)

@@ -105,6 +105,8 @@ class Generation:
             "lookup_rounds": stats.get("lookup_rounds"),  # rounds drafted by context lookup (workers/lookup.py)
             "tree_rounds": stats.get("tree_rounds"),  # rounds that proposed a token tree (workers/token_tree.py)
             "plain_rounds": stats.get("plain_rounds"),  # rounds the broker ran on its own (drafters.NAME.burst)
+            # rounds sent ahead of the verdict they assumed, which confirmed them: no link round trip
+            "sent_ahead_confirmed": stats.get("sent_ahead_confirmed"),
             "seed": self.request.seed,
             **({"session_cancelled": True} if stats.get("session_cancelled") else {}),
         }

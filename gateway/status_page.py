@@ -46,6 +46,7 @@ def status_snapshot(gateway, since: float = 0.0) -> dict:
             "proactive_hits": s.get("proactive_hits", 0),
             "proactive_wasted": s.get("proactive_wasted", 0),
             "plain_rounds": s.get("plain_rounds", 0),  # rounds the server decoded on its own (burst)
+            "sent_ahead_confirmed": s.get("sent_ahead_confirmed", 0),  # rounds queued at the verdict they assumed
         })
     return {
         "now": time.time(),

@@ -72,6 +72,9 @@ class DrafterConfig:
     kind: str = "model"  # "model" (any causal LM sharing the target's tokenizer), "feature" or "ngram"
     model: str = ""
     client: str = "tcp://127.0.0.1:5600"  # where local clients (demo, gateway) send Generate
+    # where this device reaches the broker's frontend: "" = broker.frontend. A device behind NAT, a
+    # proxy or another name for the server connects to an address other than the one the broker binds
+    broker: str = ""
     gamma: int = 4  # most draft tokens per round (the cap when ``adaptive``)
     adaptive: bool = True  # draft length follows measured acceptance and the verdict's row_cost_ms
     # kinds "model" and "feature" on a CPU: weights reordered once for oneDNN (workers/packed_linear.py);

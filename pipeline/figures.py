@@ -88,6 +88,8 @@ class BrokerFigures(msgspec.Struct):
     verdicts: int = 0
     batches: int = 0
     plain_rounds: int = 0  # rounds the broker queued itself after a proposal's (Propose.plain_after)
+    ahead_queued: int = 0  # proposals sent ahead whose condition held (Propose.if_accepted): queued at once
+    ahead_void: int = 0  # proposals sent ahead that their predecessor's verdict refuted: dropped
     undeliverable: int = 0
     verifiers_lost: int = 0
     drafters_lost: int = 0
@@ -189,6 +191,8 @@ class DrafterFigures(msgspec.Struct):
     proactive_wasted: int = 0  # tokens drafted ahead and dropped
     proactive_wasted_s: float = 0.0  # device seconds those took
     plain_rounds: int = 0  # rounds the broker ran on its own after a proposal without a draft (drafters.NAME.burst)
+    sent_ahead: int = 0  # proposals sent before the verdict they assume (Propose.if_accepted)
+    sent_ahead_confirmed: int = 0  # of them, those the verdict confirmed: queued at the verdict, no link round trip
     refused: dict[str, int] = {}  # client-socket handshakes refused, by reason
     acceptance_rate: float = 0.0  # accepted / proposed, set in each reply
     mean_gamma: float = 0.0  # gamma_sum / rounds, set in each reply

@@ -45,7 +45,12 @@ class Propose(Message, tag="propose"):
     itself, each with no draft (the target decoding alone, one token a round), and sends each
     verdict as it comes; the drafter proposes again after the last. A drafter whose policy drafts
     nothing asks for them, so that the session stays in the verifier's batches instead of paying a
-    link round trip and a place in a later batch for every token (workers/speculation.py)."""
+    link round trip and a place in a later batch for every token (workers/speculation.py).
+    ``if_accepted`` >= 0: a proposal sent *ahead*, while the session's round ``round - 1`` is
+    still out. It holds only if that round's verdict accepts ``if_accepted`` draft tokens and then
+    gives ``if_token`` (-1: any token). The broker keeps it until that verdict, queues it at once
+    if it holds (the session keeps its place in the next batch, as in centralized decoding) and
+    drops it if not: the drafter reads the same verdict and proposes anew."""
     session_id: str
     round: int
     position: int
@@ -60,6 +65,21 @@ class Propose(Message, tag="propose"):
     feature_layers: list[int] = []
     parents: list[int] = []
     plain_after: int = 0
+    if_accepted: int = -1
+    if_token: int = -1
+
+    @property
+    def ahead(self) -> bool:
+        """Sent ahead of its predecessor's verdict, on a condition (``if_accepted``)."""
+        return self.if_accepted >= 0
+
+    def holds_after(self, round_: int, accepted: int, token: int) -> bool:
+        """Whether a verdict (its round, accepted drafts and token) confirms what this proposal,
+        sent ahead, was drafted on: the verdict of the round before it, as assumed."""
+        return round_ == self.round - 1 and accepted == self.if_accepted and self.if_token in (-1, token)
+
+    def unconditional(self) -> "Propose":
+        return msgspec.structs.replace(self, if_accepted=-1, if_token=-1)
 
     @property
     def sampling(self) -> Sampling:

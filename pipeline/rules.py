@@ -38,6 +38,8 @@ def propose_problem(item: Propose, limits: LimitsConfig) -> str | None:
             return "position must equal the history's length"
     if not 0 <= item.plain_after <= MAX_PLAIN_AFTER:
         return f"plain_after must be 0..{MAX_PLAIN_AFTER}"
+    if item.ahead and (item.round < 1 or item.history is not None or item.if_token < -1):
+        return "a proposal sent ahead follows an earlier round of a running session, with if_token >= -1"
     if item.position < 0 or item.position + len(item.draft) + 1 + item.plain_after > limits.max_history_tokens:
         return f"session would exceed {limits.max_history_tokens} tokens"
     # min() in C: this runs for every proposal the broker receives

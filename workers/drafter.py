@@ -126,8 +126,8 @@ class DrafterService:
                      reason="needs the verdict's features; drafts after each verdict instead")
         max_bytes = config.limits.max_message_bytes
         # one identity for the process's life: the broker binds sessions to it, across reconnects
-        self.broker = BrokerLink(ctx, config.broker.frontend, new_identity(name), max_message_bytes=max_bytes,
-                                 curve=client_keys(config, self.cfg.key or name))
+        self.broker = BrokerLink(ctx, self.cfg.broker or config.broker.frontend, new_identity(name),
+                                 max_message_bytes=max_bytes, curve=client_keys(config, self.cfg.key or name))
         self.broker.connect()
         # local by design: plain on loopback or ipc; elsewhere CURVE admitting admin and client keys only
         client_curve = drafter_client_curve(config, name)
@@ -269,7 +269,8 @@ class DrafterService:
             backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     async def _followed(self, run: SessionRun, proposal: Propose, committed: list[int]) -> Verdict:
-        """The verdict of a plain round the broker runs on its own (Propose.plain_after). When it
+        """The verdict of a plain round the broker runs on its own (Propose.plain_after), or of a
+        proposal sent ahead that its predecessor's verdict confirmed (the broker queued it). When it
         does not come (the broker failed it with its verifier, a reconnect, a timeout), the drafter
         proposes that round itself, like any other (_exchange)."""
         try:
@@ -279,6 +280,7 @@ class DrafterService:
             reply = None
         if isinstance(reply, Verdict):
             return reply
+        proposal = proposal.unconditional()  # one sent ahead and lost: its predecessor's verdict is in
         if reply is None or reply is RECONNECTED or reply.code in ErrorCode.RESYNC or reply.code == ErrorCode.VERIFIER_LOST:
             proposal = msgspec.structs.replace(proposal, history=list(committed))
         return await self._exchange(run, proposal, committed)
@@ -290,6 +292,49 @@ class DrafterService:
                 if reply is RECONNECTED or reply.round == round_:
                     return reply
                 self.stats.stale_replies += 1  # a verdict of an earlier, already retried round
+
+    async def _verdict_sending_ahead(self, run: SessionRun, waiting, ahead: asyncio.Task | None, present) -> tuple[Verdict, tuple | None]:
+        """Await ``waiting`` (a round's verdict). Meanwhile, when the draft made ahead (``ahead``)
+        is done before the verdict, send the next round's proposal at once, ahead of the verdict it
+        assumes (``present(made)`` builds it, or None): the broker queues it the moment that
+        verdict confirms it. Returns the verdict, and (proposal, made) when one was sent."""
+        if ahead is None:
+            return await waiting, None
+        task = asyncio.ensure_future(waiting)
+        sent = None
+        try:
+            await asyncio.wait({task, ahead}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done() and not ahead.cancelled() and ahead.exception() is None:
+                made = ahead.result()
+                delay = made.done_at - time.perf_counter()  # an emulated device is still drafting
+                if delay > 0:
+                    await asyncio.wait({task}, timeout=delay)
+                if not task.done() and (proposal := present(made)) is not None:
+                    self._send_ahead(run, proposal)
+                    sent = (proposal, made)
+            return await task, sent
+        except BaseException:
+            task.cancel()
+            raise
+
+    def _send_ahead(self, run: SessionRun, proposal: Propose) -> None:
+        frame = proposal.encode()
+        self.stats.bytes_sent += len(frame)
+        run.wire_bytes += len(frame)
+        self.stats.sent_ahead += 1
+        self.broker.send(frame)
+
+    def _plain_ahead(self, run: SessionRun, last: Propose, budget: int) -> Propose:
+        """Sent while a burst's last plain round (``last``) is out, when the policy would draft
+        nothing again: the next round, asking for another burst, on no condition but that round's
+        verdict. Without it the session left the batches for a link round trip at every burst's
+        end (docs/benchmarks.md, session 22)."""
+        proposal = Propose(run.session_id, last.round + 1, last.position + 1, [], temperature=last.temperature,
+                           top_p=last.top_p, seed=last.seed, drafter_kind=last.drafter_kind,
+                           feature_layers=last.feature_layers,
+                           plain_after=max(0, min(self.cfg.burst, MAX_PLAIN_AFTER, budget - 2)), if_accepted=0)
+        self._send_ahead(run, proposal)
+        return proposal
 
     def _timed_propose(self, state, committed: list[int], gamma: int, sampling: Sampling, keep: int | None = None,
                        abort: threading.Event | None = None, generator: torch.Generator | None = None,
@@ -405,12 +450,14 @@ class DrafterService:
         figures = {"rounds": 0, "proposed": 0, "accepted": 0, "rejected_rounds": 0,
                    "draft_lengths": [0] * (self.cfg.gamma + 1), "gamma_sum": 0,
                    "proactive_hits": 0, "proactive_wasted": 0, "proactive_wasted_s": 0.0, "lookup_rounds": 0,
-                   "tree_rounds": 0, "plain_rounds": 0}
+                   "tree_rounds": 0, "plain_rounds": 0, "sent_ahead_confirmed": 0}
         feature_layers = list(getattr(self.strategy, "feature_layers", []))
         generated, round_, finish = 0, 0, "length"
         plain_left = 0  # plain rounds the broker still runs for this session on its own (Propose.plain_after)
         ready: Ahead | None = None  # the next round's draft, made ahead and confirmed by the verdict
         ahead: asyncio.Task | None = None
+        # this round's proposal, sent ahead of the last verdict, which confirmed it: the broker queued it
+        presented: Propose | None = None
         self.stats.requests += 1
         self.stats.active += 1
         log.debug("session_opened", session_id=run.session_id, prompt_tokens=len(committed))
@@ -418,43 +465,50 @@ class DrafterService:
             while generated < req.max_new_tokens:
                 budget = req.max_new_tokens - generated
                 policy = policy_for(committed)
-                gamma = 0 if plain_left else self._length(policy, budget)
-                tree = not plain_left and bool(tree_rows) and budget > 1 and (policy.tree if policy is not None else True)
-                if tree:  # the whole tree, γ levels deep (its last level may pass the request's end: cut below)
-                    gamma = self.cfg.gamma
-                # a device that drafts ahead sends its first proposal at once, with no draft: the
-                # server prefills the prompt while the device reads it too and drafts the next round
-                # ahead (below), so its prompt's drafting time leaves the time to the first token.
-                # Greedy only: a sampled session's output for a seed stays the same whether its
-                # device drafts ahead or not (a draft made ahead is the very draft its round would
-                # have made after the verdict), which a first round without a draft would change
-                early = (round_ == 0 and ready is None and bool(self.proactive) and budget > 1 and sampling.greedy
-                         and not plain_left)
-                # the policy drafts nothing: the server decodes this round and the next ``burst`` ones
-                # by itself, as a centralized server would, and the device proposes again after them
-                # (drafters.NAME.burst). A draft is worth its rows again once the load falls or the
-                # acceptance estimates drift back up, which the policy reads again after the burst.
-                burst = 0
-                if policy is not None and gamma == 0 and not tree and not early and ready is None and not plain_left:
-                    burst = max(0, min(self.cfg.burst, MAX_PLAIN_AFTER, budget - 1))
-                if early:
-                    drafted, gamma = Draft([]), 0
-                elif plain_left or burst:
+                if presented is not None:  # already out: the broker queued it at the last verdict
+                    burst, gamma, tree, early = presented.plain_after, len(presented.draft), False, False
                     drafted = Draft([])
-                elif ready is not None:  # the proposal leaves at once
-                    drafted = await self._finish_ahead(state, committed, ready, sampling)
-                    gamma, ready = min(gamma, ready.gamma), None  # a draft made ahead is never lengthened
+                    if ready is not None:  # complete (only such a draft is sent ahead): returns at once
+                        drafted = await self._finish_ahead(state, committed, ready, sampling)
+                        ready = None
                 else:
-                    # one token more when a next round may follow and would draft: the guess of the
-                    # target's token (a device that will not draft next round has no use for it)
-                    guess_too = (self.proactive and budget - gamma - 1 >= 2
-                                 and self._length(policy, budget - gamma - 1) > 0)
-                    drafted = await self._draft(state, committed, gamma + guess_too, sampling, tree=tree)
-                    if policy is not None and gamma + guess_too > 0 and not drafted.parents:  # a chain's time per token
-                        policy.observe_draft(len(drafted.tokens), drafted.device_s)
+                    gamma = 0 if plain_left else self._length(policy, budget)
+                    tree = not plain_left and bool(tree_rows) and budget > 1 and (policy.tree if policy is not None else True)
+                    if tree:  # the whole tree, γ levels deep (its last level may pass the request's end: cut below)
+                        gamma = self.cfg.gamma
+                    # a device that drafts ahead sends its first proposal at once, with no draft: the
+                    # server prefills the prompt while the device reads it too and drafts the next round
+                    # ahead (below), so its prompt's drafting time leaves the time to the first token.
+                    # Greedy only: a sampled session's output for a seed stays the same whether its
+                    # device drafts ahead or not (a draft made ahead is the very draft its round would
+                    # have made after the verdict), which a first round without a draft would change
+                    early = (round_ == 0 and ready is None and bool(self.proactive) and budget > 1 and sampling.greedy
+                             and not plain_left)
+                    # the policy drafts nothing: the server decodes this round and the next ``burst`` ones
+                    # by itself, as a centralized server would, and the device proposes again after them
+                    # (drafters.NAME.burst). A draft is worth its rows again once the load falls or the
+                    # acceptance estimates drift back up, which the policy reads again after the burst.
+                    burst = 0
+                    if policy is not None and gamma == 0 and not tree and not early and ready is None and not plain_left:
+                        burst = max(0, min(self.cfg.burst, MAX_PLAIN_AFTER, budget - 1))
+                    if early:
+                        drafted, gamma = Draft([]), 0
+                    elif plain_left or burst:
+                        drafted = Draft([])
+                    elif ready is not None:  # the proposal leaves at once
+                        drafted = await self._finish_ahead(state, committed, ready, sampling)
+                        gamma, ready = min(gamma, ready.gamma), None  # a draft made ahead is never lengthened
+                    else:
+                        # one token more when a next round may follow and would draft: the guess of the
+                        # target's token (a device that will not draft next round has no use for it)
+                        guess_too = (self.proactive and budget - gamma - 1 >= 2
+                                     and self._length(policy, budget - gamma - 1) > 0)
+                        drafted = await self._draft(state, committed, gamma + guess_too, sampling, tree=tree)
+                        if policy is not None and gamma + guess_too > 0 and not drafted.parents:  # a chain's time per token
+                            policy.observe_draft(len(drafted.tokens), drafted.device_s)
                 draft, guess = split_draft(drafted, gamma)
                 length = draft.depth
-                proposal = Propose(
+                proposal = presented or Propose(
                     run.session_id, round_, len(committed), draft.tokens, draft.q_ids, draft.q_probs,
                     list(committed) if round_ == 0 else None, req.temperature, req.top_p, req.seed, self.strategy.kind,
                     feature_layers, draft.parents,
@@ -462,15 +516,28 @@ class DrafterService:
                     # (_followed): it then asks for the rest of the burst
                     plain_left - 1 if plain_left else burst,
                 )
+                # the next round's draft, made while this proposal is out (proactive). ``guessing``:
+                # its first token guesses this round's verdict (a round without a draft: the first
+                # one, or a burst's last), which confirms it or not (_first_ahead)
                 assumed = [*committed, *draft.tokens] if guess is not None else []
-                if early:
-                    # the next round's draft, one token longer: its first token guesses the
-                    # verdict's, which confirms it or not (_first_ahead)
-                    next_gamma = self._length(policy_for(committed), budget - 1)
-                    if next_gamma > 0:
-                        abort = threading.Event()
+                guessing = False
+                sent_ahead = None  # the next round's proposal, sent before this round's verdict
+                last_plain = plain_left == 1 and presented is None  # a burst's last round is out
+                if early or (last_plain and sampling.greedy and budget > 2):
+                    next_policy = policy_for(committed)
+                    next_gamma = self._length(next_policy, budget - 1)
+                    if last_plain and next_gamma == 0 and not (tree_rows and next_policy.tree):
+                        # the burst goes on: its next round is queued the moment this one's verdict
+                        # is out, so the session keeps its place in the batches
+                        sent_ahead = (self._plain_ahead(run, proposal, budget), None)
+                    elif next_gamma > 0 and self.proactive:
+                        abort, guessing = threading.Event(), True
                         ahead = asyncio.create_task(self._draft_ahead(state, None, committed, next_gamma + 1,
                                                                       sampling, abort))
+                elif last_plain and budget > 1 and policy is not None:
+                    next_policy = policy_for(committed)
+                    if self._length(next_policy, budget - 1) == 0 and not (tree_rows and next_policy.tree):
+                        sent_ahead = (self._plain_ahead(run, proposal, budget), None)
                 elif assumed and not stops.intersection([*draft.tokens, guess]):
                     assumed.append(guess)
                     next_gamma = self._length(policy_for(assumed), budget - len(draft.tokens) - 1)
@@ -478,23 +545,45 @@ class DrafterService:
                         abort = threading.Event()
                         ahead = asyncio.create_task(self._draft_ahead(state, len(committed) + len(draft.tokens),
                                                                       assumed, next_gamma, sampling, abort))
+
+                def present(made: Ahead) -> Propose | None:
+                    """The next round's proposal from the draft made ahead, unless it was cut short:
+                    sent before this round's verdict, on the condition that the verdict is as assumed."""
+                    first = int(guessing)  # a guessed verdict token leads the draft
+                    tokens = made.draft.tokens
+                    n = min(made.gamma, len(tokens)) - first  # an unconfident draft stops early
+                    if made.draft.cut or n < 1 or (guessing and tokens[0] in stops):
+                        return None
+                    return Propose(run.session_id, round_ + 1, len(committed) + len(draft.tokens) + 1,
+                                   tokens[first : first + n], made.draft.q_ids[first : first + n],
+                                   made.draft.q_probs[first : first + n], None, req.temperature, req.top_p, req.seed,
+                                   self.strategy.kind, feature_layers, if_accepted=len(draft.tokens),
+                                   if_token=tokens[0] if guessing else guess)
+
                 sent = time.perf_counter()
-                followed = bool(plain_left)
+                plain = bool(plain_left) and presented is None  # a round the broker ran on its own
+                followed = plain or presented is not None  # queued by the broker: no link round trip
                 if followed:
-                    verdict = await self._followed(run, proposal, committed)
-                    plain_left -= 1
+                    waiting = self._followed(run, proposal, committed)
                 else:
-                    verdict = await self._exchange(run, proposal, committed)
-                    plain_left = burst
+                    waiting = self._exchange(run, proposal, committed)
+                verdict, sent_by_race = await self._verdict_sending_ahead(run, waiting, ahead, present)
+                sent_ahead = sent_ahead or sent_by_race
+                plain_left = burst if presented is not None or not plain_left else plain_left - 1
+                presented = None
+                if sent_ahead is not None and sent_ahead[0].holds_after(verdict.round, verdict.accepted, verdict.token):
+                    presented = sent_ahead[0]  # the broker queued it at this verdict
+                    self.stats.sent_ahead_confirmed += 1
+                    figures["sent_ahead_confirmed"] += 1
                 waited = time.perf_counter() - sent
                 if ahead is not None:
                     confirmed = verdict.accepted == len(draft.tokens) and verdict.token == guess
-                    if not confirmed and not early:
+                    if not confirmed and not guessing:
                         abort.set()  # stop drafting on a context that is now known to be wrong
                     async with asyncio.timeout(self.config.limits.verdict_timeout_s):  # a bounded draft; never hang here
                         made = await ahead
                     ahead = None
-                    if early:
+                    if guessing:
                         confirmed, made = _first_ahead(made, verdict.token)
                     if confirmed:
                         ready = made  # the strategy's state is already the next round's
@@ -534,8 +623,8 @@ class DrafterService:
                 figures["gamma_sum"] += gamma
                 figures["lookup_rounds"] += draft.lookup
                 figures["tree_rounds"] += bool(draft.parents)
-                figures["plain_rounds"] += followed
-                self.stats.plain_rounds += followed
+                figures["plain_rounds"] += plain
+                self.stats.plain_rounds += plain
                 self.stats.rounds += 1
                 self.stats.proposed += len(draft.tokens)
                 self.stats.accepted += verdict.accepted

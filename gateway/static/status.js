@@ -106,7 +106,8 @@ function render(s) {
     + `<td>${esc(d.kind)}</td><td>${d.gamma}</td><td data-field="active">${d.active}</td><td data-field="requests">${d.requests}</td>`
     + `<td data-field="generated">${d.generated}</td><td data-field="acceptance">${d.acceptance_rate === null ? "–" : bar(d.acceptance_rate)}</td>`
     + `<td data-field="mean_gamma">${d.mean_gamma === null ? "–" : fmt(d.mean_gamma)}</td><td data-field="tokens_per_round">${d.tokens_per_round === null ? "–" : fmt(d.tokens_per_round)}</td>`
-    + `<td data-field="proactive">${d.proactive_hits} / ${d.proactive_wasted}</td><td data-field="plain_rounds">${d.plain_rounds}</td></tr>`).join("");
+    + `<td data-field="proactive">${d.proactive_hits} / ${d.proactive_wasted}</td><td data-field="plain_rounds">${d.plain_rounds}</td>`
+    + `<td data-field="sent_ahead">${d.sent_ahead_confirmed}</td></tr>`).join("");
 
   const pts = (key) => history.map((p) => [p.t, p[key]]);
   lineChart("chart-tokens", [{name: "tokens/s", points: pts("tokens_per_s")}]);
