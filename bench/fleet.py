@@ -207,6 +207,7 @@ class Fleet:
                         s.rounds, s.proposed, s.accepted = st["rounds"], st["proposed"], st["accepted"]
                         s.rejected_rounds, s.draft_lengths = st["rejected_rounds"], list(st["draft_lengths"])
                         s.plain_rounds, s.tree_rounds = st.get("plain_rounds", 0), st.get("tree_rounds", 0)
+                        s.ahead_rounds = st.get("sent_ahead_confirmed", 0)
 
         before = await self._figures()
         started = time.perf_counter()

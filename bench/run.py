@@ -160,6 +160,8 @@ def derive(method: str, records: list[SessionRecord], server: dict, *, weights_m
     if rounds and any(r.device for r in records):
         # rounds the broker ran on its own, in bursts (drafters.NAME.burst), of all rounds
         figures["plain_rounds_fraction"] = round(sum(r.plain_rounds for r in records) / rounds, 4)
+        # rounds sent ahead of their predecessor's verdict and queued at it, of all rounds
+        figures["ahead_rounds_fraction"] = round(sum(r.ahead_rounds for r in records) / rounds, 4)
     if "broker_holds" in server:
         figures["broker_holds"] = server["broker_holds"]
         figures["broker_held_ms_per_batch"] = round(server["broker_held_ms"] / max(1, server.get("broker_batches", 0)), 3)
@@ -221,9 +223,10 @@ def _by_device(records: list[SessionRecord]) -> dict:
     out: dict[str, dict] = {}
     for r in records:
         d = out.setdefault(r.device, {"sessions": 0, "proposed": 0, "accepted": 0, "rounds": 0, "tokens": 0,
-                                      "plain_rounds": 0, "tree_rounds": 0, "draft_lengths": []})
+                                      "plain_rounds": 0, "tree_rounds": 0, "ahead_rounds": 0, "draft_lengths": []})
         d["sessions"] += 1
         d["plain_rounds"] += r.plain_rounds
+        d["ahead_rounds"] += r.ahead_rounds
         d["tree_rounds"] += r.tree_rounds
         lengths = d["draft_lengths"]  # rounds per draft length (a tree's: its depth), all sessions
         lengths += [0] * (len(r.draft_lengths) - len(lengths))
@@ -415,6 +418,7 @@ def adaptive_headline(result: dict, options: BenchOptions) -> dict:
             out["server_cost_ratio_adaptive_vs_fixed"] = round(
                 sled[level]["server_cpu_ms_per_token"] / fixed[level]["server_cpu_ms_per_token"], 3)
         out["plain_rounds_fraction"] = sled[level].get("plain_rounds_fraction")
+        out["ahead_rounds_fraction"] = sled[level].get("ahead_rounds_fraction")
         out["sled_ttft_p99_ms"] = sled[level]["ttft_p99_ms"]
         if "1" in sled and sled["1"]["ttft_p50_ms"]:
             out["sled_ttft_single_session_ms"] = sled["1"]["ttft_p50_ms"]

@@ -152,6 +152,7 @@ def test_bench_run_on_tiny_models_is_lossless_for_every_method(tiny_models, tmp_
     rounds = sum(d["rounds"] for d in by_device)
     assert head["wasted_verify_rows_fraction"] == round((proposed - accepted) / (rounds + proposed), 4)
     assert head["plain_rounds_fraction"] == round(sum(d["plain_rounds"] for d in by_device) / rounds, 4)
+    assert head["ahead_rounds_fraction"] == round(sum(d["ahead_rounds"] for d in by_device) / rounds, 4)
     # every round has a draft length (0 for a plain one); these tiny drafters draft chains only
     assert all(sum(d["draft_lengths"]) == d["rounds"] and d["tree_rounds"] == 0 for d in by_device)
     assert head["sled_ttft_p99_ms"] == sled["ttft_p99_ms"] and head["sled_ttft_single_session_ms"] > 0
