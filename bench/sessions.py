@@ -27,7 +27,7 @@ class SessionRecord:
     draft_lengths: list[int] = field(default_factory=list)  # rounds per draft length
     plain_rounds: int = 0  # SLED: rounds the broker ran on its own (drafters.NAME.burst)
     tree_rounds: int = 0  # SLED: rounds that proposed a token tree (their draft_lengths entry is the tree's depth)
-    ahead_rounds: int = 0  # SLED: rounds sent ahead of their predecessor's verdict and queued at it (Propose.if_accepted)
+    ahead_rounds: int = 0  # SLED: rounds sent ahead of their predecessor's verdict, queued at it (Propose.if_accepted)
 
     def count_round(self, drafted: int, accepted: int) -> None:
         self.rounds += 1

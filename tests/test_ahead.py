@@ -68,7 +68,8 @@ def test_the_broker_holds_a_proposal_sent_ahead_until_its_verdict():
         assert {(p.session_id, p.round) for p in second.items} == {("s", 1), ("t", 0)}
         s1 = next(p for p in second.items if p.session_id == "s")
         assert s1.draft == [10, 11] and s1.position == 5 and not s1.ahead  # the verifier sees a plain proposal
-        verifier.send(BatchVerdicts(second.batch_id, [Verdict(p.session_id, p.round, 0, 5) for p in second.items]).encode())
+        verdicts = [Verdict(p.session_id, p.round, 0, 5) for p in second.items]
+        verifier.send(BatchVerdicts(second.batch_id, verdicts).encode())
         verifier.send(Ready().encode())
         assert replies(drafter, 3) == {("s", 0), ("s", 1), ("t", 0)}
         assert silent(verifier, VERIFIER_ACCEPTS)  # t's round 1 assumed token 99, the verdict said 5: dropped

@@ -5,9 +5,12 @@ client socket. Each request becomes a session: draft up to gamma tokens (in a wo
 send the proposal to the broker through a DEALER, wait on the session's own reply queue for
 the verdict, roll the draft cache back to the accepted prefix, append the target's token, and
 stream the new tokens to the client (with ``proactive``, the next round is drafted while the
-proposal is out, and a greedy session's first proposal leaves with no draft). The drafter keeps
-every session's full committed history, so whenever the verifier has lost the session
-(eviction, restart, another verifier) it resends it and the session continues where it was.
+proposal is out, and a greedy session's first proposal leaves with no draft). A next proposal
+that is ready before the verdict it builds on leaves at once, on the condition that the verdict
+is as assumed (Propose.if_accepted; the broker holds it until then): a draft made ahead, or the
+round after a burst of plain rounds. The drafter keeps every session's full committed history,
+so whenever the verifier has lost the session (eviction, restart, another verifier) it resends
+it and the session continues where it was.
 """
 
 from __future__ import annotations
@@ -293,7 +296,8 @@ class DrafterService:
                     return reply
                 self.stats.stale_replies += 1  # a verdict of an earlier, already retried round
 
-    async def _verdict_sending_ahead(self, run: SessionRun, waiting, ahead: asyncio.Task | None, present) -> tuple[Verdict, tuple | None]:
+    async def _verdict_sending_ahead(self, run: SessionRun, waiting, ahead: asyncio.Task | None,
+                                     present) -> tuple[Verdict, tuple | None]:
         """Await ``waiting`` (a round's verdict). Meanwhile, when the draft made ahead (``ahead``)
         is done before the verdict, send the next round's proposal at once, ahead of the verdict it
         assumes (``present(made)`` builds it, or None): the broker queues it the moment that
@@ -473,7 +477,8 @@ class DrafterService:
                         ready = None
                 else:
                     gamma = 0 if plain_left else self._length(policy, budget)
-                    tree = not plain_left and bool(tree_rows) and budget > 1 and (policy.tree if policy is not None else True)
+                    tree = (not plain_left and bool(tree_rows) and budget > 1
+                            and (policy.tree if policy is not None else True))
                     if tree:  # the whole tree, γ levels deep (its last level may pass the request's end: cut below)
                         gamma = self.cfg.gamma
                     # a device that drafts ahead sends its first proposal at once, with no draft: the
@@ -489,7 +494,8 @@ class DrafterService:
                     # (drafters.NAME.burst). A draft is worth its rows again once the load falls or the
                     # acceptance estimates drift back up, which the policy reads again after the burst.
                     burst = 0
-                    if policy is not None and gamma == 0 and not tree and not early and ready is None and not plain_left:
+                    if (policy is not None and gamma == 0 and not tree and not early and ready is None
+                            and not plain_left):
                         burst = max(0, min(self.cfg.burst, MAX_PLAIN_AFTER, budget - 1))
                     if early:
                         drafted, gamma = Draft([]), 0
@@ -504,7 +510,8 @@ class DrafterService:
                         guess_too = (self.proactive and budget - gamma - 1 >= 2
                                      and self._length(policy, budget - gamma - 1) > 0)
                         drafted = await self._draft(state, committed, gamma + guess_too, sampling, tree=tree)
-                        if policy is not None and gamma + guess_too > 0 and not drafted.parents:  # a chain's time per token
+                        # a chain's time per token
+                        if policy is not None and gamma + guess_too > 0 and not drafted.parents:
                             policy.observe_draft(len(drafted.tokens), drafted.device_s)
                 draft, guess = split_draft(drafted, gamma)
                 length = draft.depth
