@@ -87,9 +87,14 @@ class Propose(Message, tag="propose"):
 
     def follow(self, verdict: "Verdict") -> "Propose":
         """The next of the plain rounds this proposal asked for (``plain_after``), given its verdict."""
-        return Propose(self.session_id, self.round + 1, self.position + verdict.accepted + 1, [],
+        return self.plain_next(verdict.accepted, self.plain_after - 1)
+
+    def plain_next(self, accepted: int, plain_after: int) -> "Propose":
+        """The session's next round with no draft, after this one commits ``accepted`` draft
+        tokens and the target's own, asking for ``plain_after`` more such rounds."""
+        return Propose(self.session_id, self.round + 1, self.position + accepted + 1, [],
                        temperature=self.temperature, top_p=self.top_p, seed=self.seed, drafter_kind=self.drafter_kind,
-                       feature_layers=self.feature_layers, plain_after=self.plain_after - 1)
+                       feature_layers=self.feature_layers, plain_after=plain_after)
 
     @property
     def target_tokens(self) -> int:

@@ -333,10 +333,8 @@ class DrafterService:
         nothing again: the next round, asking for another burst, on no condition but that round's
         verdict. Without it the session left the batches for a link round trip at every burst's
         end (docs/benchmarks.md, session 22)."""
-        proposal = Propose(run.session_id, last.round + 1, last.position + 1, [], temperature=last.temperature,
-                           top_p=last.top_p, seed=last.seed, drafter_kind=last.drafter_kind,
-                           feature_layers=last.feature_layers,
-                           plain_after=max(0, min(self.cfg.burst, MAX_PLAIN_AFTER, budget - 2)), if_accepted=0)
+        proposal = msgspec.structs.replace(
+            last.plain_next(0, max(0, min(self.cfg.burst, MAX_PLAIN_AFTER, budget - 2))), if_accepted=0)
         self._send_ahead(run, proposal)
         return proposal
 
@@ -530,21 +528,17 @@ class DrafterService:
                 guessing = False
                 sent_ahead = None  # the next round's proposal, sent before this round's verdict
                 last_plain = plain_left == 1 and presented is None  # a burst's last round is out
-                if early or (last_plain and sampling.greedy and budget > 2):
+                if early or (last_plain and budget > 1):
                     next_policy = policy_for(committed)
                     next_gamma = self._length(next_policy, budget - 1)
                     if last_plain and next_gamma == 0 and not (tree_rows and next_policy.tree):
                         # the burst goes on: its next round is queued the moment this one's verdict
                         # is out, so the session keeps its place in the batches
                         sent_ahead = (self._plain_ahead(run, proposal, budget), None)
-                    elif next_gamma > 0 and self.proactive:
+                    elif next_gamma > 0 and self.proactive and sampling.greedy and (early or budget > 2):
                         abort, guessing = threading.Event(), True
                         ahead = asyncio.create_task(self._draft_ahead(state, None, committed, next_gamma + 1,
                                                                       sampling, abort))
-                elif last_plain and budget > 1 and policy is not None:
-                    next_policy = policy_for(committed)
-                    if self._length(next_policy, budget - 1) == 0 and not (tree_rows and next_policy.tree):
-                        sent_ahead = (self._plain_ahead(run, proposal, budget), None)
                 elif assumed and not stops.intersection([*draft.tokens, guess]):
                     assumed.append(guess)
                     next_gamma = self._length(policy_for(assumed), budget - len(draft.tokens) - 1)
