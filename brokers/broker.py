@@ -90,6 +90,7 @@ class VerifierHandle:
     # the round cost the last verdicts carried: the status snapshot reports it, since one computed
     # when the figures are read (after a level's sessions closed) would be a lone session's share
     round_cost_ms: float = 0.0
+    dispatched: int = 0  # its batches so far: each verdict carries its batch's number (Verdict.batch_seq)
 
     @property
     def name(self) -> str:
@@ -379,6 +380,8 @@ class Broker:
             handle.ready.clear()
             batch.sent = self.clock.now()
             handle.inflight[batch.batch_id] = batch
+            handle.dispatched += 1
+            batch.meta["seq"] = handle.dispatched
             payload = VerifyBatch(batch.batch_id, batch.payloads).encode()
             self.stats.batches += 1
             self.stats.batch_sessions.observe(len(batch.items))
@@ -407,10 +410,12 @@ class Broker:
                                  sent=batch.sent, fit=fit)
         cost = round(handle.estimator.row_cost_ms(), 4)
         round_cost = handle.round_cost_ms = round(self._round_cost_ms(handle), 4)
-        verdicts = msg.verdicts
+        # what the verifier's costs are now, and which of its batches this was: with the number of
+        # the session's last verdict, the drafter counts the batches that ran without it
+        fields = {"batch_seq": batch.meta["seq"]}
         if cost > 0:
-            verdicts = [v if v.error else msgspec.structs.replace(v, row_cost_ms=cost, round_cost_ms=round_cost)
-                        for v in verdicts]
+            fields.update(row_cost_ms=cost, round_cost_ms=round_cost)
+        verdicts = [v if v.error else msgspec.structs.replace(v, **fields) for v in msg.verdicts]
         if handle.slo is not None:
             for v in verdicts:
                 if not v.error:

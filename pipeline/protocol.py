@@ -120,7 +120,10 @@ class Verdict(Message, tag="verdict"):
     whatever its rows (its share of the forward's fixed cost); a drafter weighs its next draft
     length against the two (brokers/estimator.py, workers/speculation.py). 0.0: unknown.
     ``path``: for a tree proposal, the accepted draft tokens' indices, root to leaf
-    (``accepted`` of them); empty for a chain, whose accepted tokens are its first ones."""
+    (``accepted`` of them); empty for a chain, whose accepted tokens are its first ones.
+    ``batch_seq``: the number of this verdict's batch among its verifier's batches (1, 2, ...; 0:
+    unknown): two verdicts of a session tell it how many batches ran without it in between, which
+    prices its drafting time (workers/speculation.py)."""
     session_id: str
     round: int
     accepted: int
@@ -132,6 +135,7 @@ class Verdict(Message, tag="verdict"):
     row_cost_ms: float = 0.0
     round_cost_ms: float = 0.0
     path: list[int] = []
+    batch_seq: int = 0
 
     def accepted_tokens(self, draft: list[int]) -> list[int]:
         """The draft tokens this verdict accepted, in order (chain or tree)."""

@@ -219,8 +219,10 @@ async def test_without_a_trained_estimator_it_never_holds():
 
 
 def test_the_broker_stamps_each_verdict_with_the_row_and_round_costs():
+    """... and with its batch's number among the verifier's batches (Verdict.batch_seq): one
+    session's rounds, each in the next batch, are numbered 1, 2, 3 ..."""
     with hand_driven_broker(0.5, ["broker.slo_tpot_ms=200.0"]) as (verifier, drafter):
-        costs = []
+        costs, seqs = [], []
         for round_ in range(10):
             draft = [9] * (round_ % 4)  # shapes vary, so rows and sessions can be told apart
             drafter.send(Propose("s", round_, 3 + round_, draft, history=HISTORY if round_ == 0 else None).encode())
@@ -231,6 +233,8 @@ def test_the_broker_stamps_each_verdict_with_the_row_and_round_costs():
             verdict = recv(drafter, DRAFTER_UPSTREAM_ACCEPTS)
             assert isinstance(verdict, Verdict)
             costs.append((verdict.row_cost_ms, verdict.round_cost_ms))
+            seqs.append(verdict.batch_seq)
+        assert seqs == list(range(1, 11))
         assert costs[0] == (0.0, 0.0)  # unknown before the warm-up
         assert all(row > 0 and fixed > 0 for row, fixed in costs[6:]), costs
         # the "forward" costs 10 ms whatever its rows and 5 ms a draft row: a round's fixed part

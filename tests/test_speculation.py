@@ -4,10 +4,12 @@ follows acceptance and the server's row cost, and an unknown cost keeps today's 
 import pytest
 
 from workers.speculation import (
+    MAX_MISSED,
     PRIOR_ALPHA,
     ROUND_COST_ROWS,
     RowCostFloor,
     TIME_SLACK,
+    Absence,
     SpeculationPolicy,
     best_length,
     expected_tokens,
@@ -215,3 +217,68 @@ def test_a_fork_starts_from_the_readings_and_learns_on_its_own():
     assert new.choose() == done.choose() < 4  # not gamma, as a session with no readings would draft
     new.observe(4, 4, row_cost_ms=3.0, round_cost_ms=6.0)
     assert new.alphas != done.alphas and new.floor is done.floor  # its own estimates; the drafter's floor
+
+
+def test_a_draft_its_drafter_did_not_make_counts_as_a_miss_at_that_position():
+    """A drafter that stops where it is unconfident (min_confidence) returns an empty draft on
+    most rounds: each is a round trip for the target's one token. The policy that asked for it
+    learns the position as a miss, so under load it stops asking (the server decodes the session
+    in bursts); the positions after it stay untested."""
+    def loaded(empty: bool) -> SpeculationPolicy:
+        policy = SpeculationPolicy(gamma=4)
+        for _ in range(30):
+            # the policy asked for 4; the drafter had no confident first token: nothing was proposed
+            if empty:
+                policy.observe(0, 0, row_cost_ms=3.0, round_cost_ms=4.0, wanted=4)
+            else:
+                policy.observe(0, 0, row_cost_ms=3.0, round_cost_ms=4.0)  # a plain round it chose
+        return policy
+
+    unconfident, untested = loaded(True), loaded(False)
+    assert unconfident.alphas[0] < 0.05 and unconfident.choose() == 0
+    assert untested.alphas[0] == pytest.approx(PRIOR_ALPHA) and untested.choose() > 0
+    assert unconfident.alphas[1] == pytest.approx(PRIOR_ALPHA)
+    # a chain cut short after two accepted tokens: position 2 is the miss, 3 untested
+    policy = SpeculationPolicy(gamma=4)
+    policy.observe(2, 2, row_cost_ms=3.0, wanted=4)
+    assert policy.alphas[:2] == [pytest.approx(PRIOR_ALPHA + 0.25 * (1 - PRIOR_ALPHA))] * 2
+    assert policy.alphas[2] == pytest.approx(0.75 * PRIOR_ALPHA) and policy.alphas[3] == PRIOR_ALPHA
+    # a rejection before the stop says nothing about the stop's position
+    policy = SpeculationPolicy(gamma=4)
+    policy.observe(2, 0, row_cost_ms=3.0, wanted=4)
+    assert policy.alphas[1:] == [PRIOR_ALPHA] * 3
+
+
+def test_the_batches_a_draft_sits_out_are_counted_per_length_and_scaled_where_unseen():
+    absence = Absence(4)
+    assert [absence.of(k) for k in range(5)] == [0.0] * 5  # nothing seen: no price
+    absence.observe(2, 2)
+    assert [absence.of(k) for k in range(5)] == [0.0, 1.0, 2.0, 3.0, 4.0]  # per draft token from k = 2
+    absence.observe(4, 1)  # a draft made ahead of its verdict sat out little
+    assert absence.of(4) == 1.0 and absence.of(3) == pytest.approx(0.99 * 2.0 * 3 / 2)
+    for _ in range(200):
+        absence.observe(0, None)  # bursts: nothing drafted, every reading drifts towards none
+    assert 0 < absence.of(4) < 0.2
+    absence.observe(1, 99)
+    assert absence.of(1) == MAX_MISSED  # a count no draft can explain is capped
+
+
+def test_a_draft_that_keeps_the_session_out_of_the_batches_pays_their_fixed_shares():
+    """α 0.5, rows cheap against a round's fixed share: the server's rule drafts. A slow device
+    whose draft sits out a batch per token pays a fixed share for each and drafts nothing; a lone
+    session (no batch leaves while it drafts) drafts as if there were no such price."""
+    def policy(missed_per_token: float | None) -> SpeculationPolicy:
+        p = SpeculationPolicy(gamma=4, alphas=[0.5] * 4)
+        p.observe(0, 0, row_cost_ms=1.0, round_cost_ms=8.0)
+        p.alphas = [0.5] * 4
+        if missed_per_token is not None:
+            p.absence.observe(2, round(2 * missed_per_token))
+        return p
+
+    unpriced = policy(None)
+    assert unpriced.choose() > 0
+    assert policy(0.0).choose() == unpriced.choose()
+    slow = policy(1.0)
+    assert slow.choose() == 0
+    fork = slow.fork()
+    assert fork.absence.missed == slow.absence.missed and fork.absence is not slow.absence

@@ -242,9 +242,33 @@ TRAIN_TOPICS_11 = [
     "a cobbler's stolen awl", "a drowsy volcano", "flood insurance", "forgiveness", "the jukebox",
     "roller skates", "the bandoneon", "sorting a garden shed", "Angkor Wat",
 ]
+# A twelfth list, for data beyond the eleventh set (build_prompts(topic_set=12)); disjoint from the
+# other eleven and from the held-out topics.
+TRAIN_TOPICS_12 = [
+    "the dulcimer", "the green flash at sunset", "topiary", "the Cinque Terre trails",
+    "bread and butter pudding", "learning to whittle", "a kettle that sings only in the morning",
+    "a beekeeper's missing veil", "a timid drizzle", "mutation testing", "pet grooming costs",
+    "planning a class reunion", "thriftiness", "hypothermia prevention", "signal flags at sea",
+    "sack races", "the tin whistle", "clearing out an attic", "binturongs", "Great Zimbabwe",
+    "cactus care", "the dividers of a navigator", "shins", "a mirror that tells the weather",
+    "a raft made of bottles", "a clumsy heron", "blue-green deployments", "talking through a bug aloud",
+    "font pairing", "the international date line", "hosting a potluck picnic", "negotiating rent",
+    "rip current safety", "loquats", "celeriac", "mangrove swamps", "the Forbidden City", "the eardrum",
+    "the gnomon", "a town of painted chimneys", "query planners", "organizing a clothes swap",
+    "whistling languages", "black-eyed peas", "chicory", "sea arches", "spinning tops",
+    "the flugelhorn", "fossas", "pierogi", "tungsten", "graupel", "natto", "request coalescing",
+    "writing an apology letter", "running a lemonade stand", "sorghum", "the lacemakers of Bruges",
+    "anemometers", "seagrass meadows", "kinkajous", "a surveyor's lost chain",
+    "a cloud that wanted to be a mountain", "infinite scroll", "water bears in moss", "worm farms",
+    "glories around shadows", "canal boats", "the royal road of Persia", "nougat",
+    "an elevator that visits the past", "a potter's borrowed wheel", "a grumpy glacier lake",
+    "travel vaccinations", "generosity", "the music box", "skateboards", "the concertina",
+    "tidying a tool bench", "Chichen Itza",
+]
 TRAIN_TOPIC_SETS = {1: TRAIN_TOPICS, 2: TRAIN_TOPICS_2, 3: TRAIN_TOPICS_3, 4: TRAIN_TOPICS_4, 5: TRAIN_TOPICS_5,
                     6: TRAIN_TOPICS_6, 7: TRAIN_TOPICS_7, 8: TRAIN_TOPICS_8,
-                    9: TRAIN_TOPICS_9, 10: TRAIN_TOPICS_10, 11: TRAIN_TOPICS_11}  # build_prompts(topic_set=N)
+                    9: TRAIN_TOPICS_9, 10: TRAIN_TOPICS_10, 11: TRAIN_TOPICS_11,
+                    12: TRAIN_TOPICS_12}  # build_prompts(topic_set=N)
 HELDOUT_TOPICS = [
     "glaciers", "the violin", "penguins", "nuclear fusion", "the Silk Road", "board games",
     "lightning", "coral reefs", "the Industrial Revolution", "yoga", "submarines", "maps",
@@ -300,7 +324,7 @@ def _chat(tokenizer, question: str) -> str:
 def build_prompts(tokenizer, *, held_out: bool, n_chat: int, n_prose: int, seed: int = 0,
                   topic_set: int = 1) -> list[str]:
     """Prompt strings, half chat (templated) and half prose (raw prefix or 'continue this').
-    ``topic_set`` 2 to 11 draws training chat from TRAIN_TOPICS_2 to _11 (more data that repeats no
+    ``topic_set`` 2 to 12 draws training chat from TRAIN_TOPICS_2 to _12 (more data that repeats no
     question)."""
     rng = random.Random(seed + (1 if held_out else 0))
     templates = HELDOUT_TEMPLATES if held_out else TRAIN_TEMPLATES

@@ -460,6 +460,7 @@ class DrafterService:
         ahead: asyncio.Task | None = None
         # this round's proposal, sent ahead of the last verdict, which confirmed it: the broker queued it
         presented: Propose | None = None
+        last_seq = 0  # the batch number of the last verdict (Verdict.batch_seq)
         self.stats.requests += 1
         self.stats.active += 1
         log.debug("session_opened", session_id=run.session_id, prompt_tokens=len(committed))
@@ -604,10 +605,17 @@ class DrafterService:
                                                verdict.accepted, verdict)
                 if policy is not None:
                     policy.observe(length, verdict.accepted, verdict.row_cost_ms, time.monotonic(),
-                                   verdict.round_cost_ms, tree=bool(draft.parents))
+                                   verdict.round_cost_ms, tree=bool(draft.parents),
+                                   wanted=0 if draft.parents or drafted.cut else gamma)
                     if round_ > 0 and not followed:  # the first round's wait is the prompt's prefill; a
                         # followed round never crossed the link
                         policy.observe_wait(len(draft.tokens), waited)
+                    # the batches that left without the session while this round was drafted and
+                    # sent (a tree is drafted γ levels deep; an empty chain still cost one token)
+                    seq = verdict.batch_seq
+                    policy.absence.observe(self.cfg.gamma if draft.parents else max(length, int(gamma > 0)),
+                                           seq - last_seq - 1 if 0 < last_seq < seq else None)
+                last_seq = verdict.batch_seq
                 new = [*verdict.accepted_tokens(draft.tokens), verdict.token][:budget]
                 for i, token in enumerate(new):
                     if token in stops:

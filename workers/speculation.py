@@ -57,6 +57,15 @@ batch for each token (docs/benchmarks.md, session 19). A context lookup (workers
 would have drafted during the burst does not: taking the session back for it was tried, and
 cut the bursts of the default fleet (whose repeats are frequent) to a few, for no saving.
 
+A draft also keeps its session out of the batches that leave while the device drafts it (and
+while the proposal crosses the link): each of them runs anyway, its fixed cost split over one
+session fewer, so the drafting session has paid its share of it for no token. So a round of k
+draft tokens is priced at ``fixed * (1 + absent(k))``, where ``absent(k)`` is counted, not
+modelled (``Absence``): two verdicts' batch numbers (Verdict.batch_seq) tell the session how many
+batches left without it. Proactive drafting and proposals sent ahead hide some of it; on an idle
+verifier no batch leaves at all, so a lone session pays nothing (a price from the drafting time
+over the interval between batches, tried in session 23, charged it for batches that never ran).
+
 The server's rows are not the only price of a draft: the device pays its drafting time, and the
 session waits for it. A Pi 5 running a ladder rung spends ~80 ms per draft token; at α 0.36
 that token earns 0.36 tokens, while the round it delays (link, queue, verify) commits one token
@@ -96,6 +105,7 @@ RELAX = 0.01  # per round, an unobserved position moves this far back towards th
 ROUND_COST_ROWS = 8.0
 FLOOR_RISE_PER_S = 0.01
 TIMING_EWMA = 0.2  # weight of the newest reading of draft time per token and of the round's wait
+MAX_MISSED = 16  # batches one round may be counted as sitting out (Absence)
 TIME_SLACK = 0.1  # the session clock shortens the server's choice only past this much of its best time per token
 
 
@@ -108,23 +118,29 @@ def expected_tokens(alphas: list[float], k: int) -> float:
     return total
 
 
-def per_token(alphas: list[float], k: int, row_cost: float, fixed: float, per_draft_token: float = 0.0) -> float:
+def per_token(alphas: list[float], k: int, row_cost: float, fixed: float, per_draft_token: float = 0.0,
+              absent: float = 0.0) -> float:
     """Expected cost per committed token of a k-token draft, a round costing
-    ``fixed + row_cost * (1 + k) + per_draft_token * k``."""
-    return (fixed + row_cost * (1 + k) + per_draft_token * k) / expected_tokens(alphas, k)
+    ``fixed * (1 + absent) + row_cost * (1 + k) + per_draft_token * k`` (``absent``: the batches
+    the session sits out while it drafts, each priced at its fixed share)."""
+    return (fixed * (1.0 + absent) + row_cost * (1 + k) + per_draft_token * k) / expected_tokens(alphas, k)
 
 
-def _costs(alphas: list[float], gamma: int, row_cost: float, fixed: float, per_draft_token: float) -> list[float]:
+def _costs(alphas: list[float], gamma: int, row_cost: float, fixed: float, per_draft_token: float,
+           absent=lambda k: 0.0) -> list[float]:
     """Expected cost per committed token of every k in [0, gamma]."""
-    return [per_token(alphas, k, row_cost, fixed, per_draft_token) for k in range(max(0, min(gamma, len(alphas))) + 1)]
+    return [per_token(alphas, k, row_cost, fixed, per_draft_token, absent(k))
+            for k in range(max(0, min(gamma, len(alphas))) + 1)]
 
 
-def best_length(alphas: list[float], gamma: int, row_cost: float, fixed: float, per_draft_token: float = 0.0) -> int:
+def best_length(alphas: list[float], gamma: int, row_cost: float, fixed: float, per_draft_token: float = 0.0,
+                absent=lambda k: 0.0) -> int:
     """The k in [0, gamma] with the least expected cost per committed token; ties go to the shorter
-    draft (fewer rows at risk). row_cost <= 0 (unknown): gamma."""
+    draft (fewer rows at risk). ``absent(k)``: the batches a k-token draft keeps the session out
+    of. row_cost <= 0 (unknown): gamma."""
     if row_cost <= 0.0:
         return max(0, min(gamma, len(alphas)))
-    costs = _costs(alphas, gamma, row_cost, fixed, per_draft_token)
+    costs = _costs(alphas, gamma, row_cost, fixed, per_draft_token, absent)
     return min(k for k, cost in enumerate(costs) if cost <= min(costs) + 1e-12)
 
 
@@ -163,6 +179,48 @@ class RowCostFloor:
 
 
 @dataclass
+class Absence:
+    """How many of the verifier's batches a session sits out when it drafts k tokens, k in
+    1..gamma (EWMA per k; None: not seen). A draft's device time, and the link's round trip it
+    brings with it, keep the session out of the batches that leave meanwhile; proactive drafting
+    and proposals sent ahead hide some of it, and on an idle verifier no batch leaves at all. So
+    it is counted, not modelled: two verdicts' batch numbers (Verdict.batch_seq) less one. A
+    length not seen is scaled from the nearest one seen (per draft token); each round that
+    sees none lets every reading drift towards none (RELAX), as acceptance drifts to its prior,
+    so that a load that has gone does not keep a session from drafting."""
+
+    gamma: int
+    missed: list[float | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.missed:
+            self.missed = [None] * (self.gamma + 1)
+
+    def observe(self, k: int, missed: int | None) -> None:
+        """One round: ``k`` draft tokens, ``missed`` batches left without the session (None: a round
+        that drafted nothing, or whose count is unknown)."""
+        for j in range(1, self.gamma + 1):
+            if self.missed[j] is not None and (j != k or missed is None):
+                self.missed[j] *= 1.0 - RELAX
+        if 1 <= k <= self.gamma and missed is not None:
+            missed = min(missed, MAX_MISSED)  # a session moved to another verifier, a lost verdict resent
+            old = self.missed[k]
+            self.missed[k] = float(missed) if old is None else old + EWMA * (missed - old)
+
+    def of(self, k: int) -> float:
+        if k <= 0:
+            return 0.0  # a plain round is queued by the broker at its last verdict (a burst)
+        k = min(k, self.gamma)
+        if self.missed[k] is not None:
+            return self.missed[k]
+        seen = [j for j in range(1, self.gamma + 1) if self.missed[j] is not None]
+        if not seen:
+            return 0.0
+        j = min(seen, key=lambda j: (abs(j - k), j))
+        return self.missed[j] * k / j
+
+
+@dataclass
 class SpeculationPolicy:
     """One session's acceptance estimates and its choice of draft length."""
 
@@ -178,10 +236,13 @@ class SpeculationPolicy:
     tree_rows: int = 0
     tree_tokens: float = 0.0
     tree: bool = False
+    absence: Absence | None = None  # the batches each draft length sits out (Verdict.batch_seq)
 
     def __post_init__(self) -> None:
         if not self.alphas:
             self.alphas = [PRIOR_ALPHA] * self.gamma
+        if self.absence is None:
+            self.absence = Absence(self.gamma)
         self.tree_prior = expected_tokens([PRIOR_ALPHA] * self.gamma, self.gamma)  # as hopeful as the chain's prior
         if self.tree_rows and not self.tree_tokens:
             self.tree_tokens = self.tree_prior
@@ -193,14 +254,25 @@ class SpeculationPolicy:
         session began drafting γ tokens (or its whole tree) and unlearnt it over its first rounds:
         a 32-token chat is ~25 rounds, and at 16 sessions a fifth of the quick bench's verify rows
         were rejected drafts, against about a tenth since (docs/benchmarks.md, session 17)."""
-        return replace(self, alphas=list(self.alphas), tree=False)
+        return replace(self, alphas=list(self.alphas), tree=False,
+                       absence=Absence(self.gamma, list(self.absence.missed)))
 
     def observe(self, proposed: int, accepted: int, row_cost_ms: float = 0.0, now: float = 0.0,
-                round_cost_ms: float = 0.0, tree: bool = False) -> None:
+                round_cost_ms: float = 0.0, tree: bool = False, wanted: int = 0) -> None:
         """One verdict: ``accepted`` of ``proposed`` draft tokens (``tree``: of a token tree), and
         the server's row and round costs. A tree round teaches the tree's figure only, a chain
-        round the chain's; the figure not observed drifts back towards its prior."""
+        round the chain's; the figure not observed drifts back towards its prior.
+
+        ``wanted``: the chain's length this policy chose. A chain that came back shorter (the
+        drafter was unconfident at the next position, ``min_confidence``, or a repeat ran out),
+        all of it accepted, observes that position as a miss: a position the device will not
+        draft earns no token, whatever the target would have said. Unobserved, it drifted back to
+        the hopeful prior, and the policy went on asking for drafts that came back empty, each
+        one a link round trip out of the batches for the target's one token (the Pi 5 class at
+        32 sessions: 87 of its 129 rounds, docs/benchmarks.md, session 24)."""
         tested = 0 if tree else min(proposed, accepted + 1, self.gamma)  # positions the target really compared
+        if not tree and accepted >= proposed and proposed < min(wanted, self.gamma):
+            tested = proposed + 1  # the drafter's own stop: a miss at the position it did not draft
         if tree:
             self.tree_tokens += EWMA * (accepted + 1 - self.tree_tokens)
         elif self.tree_rows:
@@ -240,7 +312,7 @@ class SpeculationPolicy:
         """The next draft's length, at most ``cap`` (the tokens the request still allows): the
         shorter of the server's choice and the session clock's."""
         gamma = self.gamma if cap is None else max(0, min(self.gamma, cap))
-        k = best_length(self.alphas, gamma, self.row_cost, self.fixed_cost)
+        k = best_length(self.alphas, gamma, self.row_cost, self.fixed_cost, absent=self.absence.of)
         if self.draft_ms is not None and self.wait_ms is not None:
             k = longest_within(self.alphas, k, self.row_cost, self.wait_ms, self.draft_ms, TIME_SLACK)
         self.tree = bool(self.tree_rows) and gamma > 0 and self._tree_pays(k)
@@ -253,6 +325,7 @@ class SpeculationPolicy:
         forward (this CPU) the chain wins. Unknown costs: the tree, as gamma for a chain."""
         if self.row_cost <= 0.0:
             return True
-        chain = (self.fixed_cost + self.row_cost * (1 + k)) / expected_tokens(self.alphas, k)
-        tree = (self.fixed_cost + self.row_cost * (1 + self.tree_rows)) / max(1.0, self.tree_tokens)
+        chain = per_token(self.alphas, k, self.row_cost, self.fixed_cost, absent=self.absence.of(k))
+        # a tree is drafted level by level, γ of them: it sits out what a γ-token chain does
+        tree = (self.fixed_cost * (1.0 + self.absence.of(self.gamma)) + self.row_cost * (1 + self.tree_rows)) / max(1.0, self.tree_tokens)
         return tree < chain
