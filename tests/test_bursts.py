@@ -31,7 +31,8 @@ PLAIN = {"kind": "ngram", "gamma": 0, "burst": BURST}
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(tmp_path_factory, tiny_models):
     s = make_stack(tmp_path_factory.mktemp("bursts"), tiny_models["target"],
-                   {"plain": PLAIN, "none": {**PLAIN, "burst": 0}}, broker__max_wait_ms=5.0)
+                   {"plain": PLAIN, "none": {**PLAIN, "burst": 0}, "ahead": {**PLAIN, "proactive": True}},
+                   broker__max_wait_ms=5.0)
     async with s:
         yield s
 
@@ -60,6 +61,22 @@ async def test_a_bursting_session_is_token_identical_to_the_target_alone(stack, 
     assert after["plain_rounds"] - before["plain_rounds"] == 6 * 25
     assert after["proposals"] - before["proposals"] == 6 * 30  # the broker's own rounds count as proposals
     assert unbursted.tokens == results[0].tokens and unbursted.stats["plain_rounds"] == 0  # burst = 0: every round proposed
+
+
+async def test_a_device_that_drafts_ahead_but_would_draft_nothing_bursts_from_its_first_round(stack, tiny_models):
+    """A proactive device's greedy first round goes without a draft, so that the prompt's prefill
+    hides the drafting of the next round; a session its policy would not draft for has nothing to
+    hide, and its first round asks for the burst itself, as a device that does not draft ahead
+    does: it is never out of the batches for a link round trip after its prefill."""
+    prompt = prompts(1, 7)[0]
+    client = DrafterClient(stack.config.drafter("ahead").client)
+    try:
+        result = await client.complete(prompt, 30, stop_ids=[], timeout=60)
+    finally:
+        client.close()
+    assert result.tokens == greedy_reference(load_causal_lm(str(tiny_models["target"])), prompt, 30)
+    # rounds 0, 6, 12, 18 and 24 asked for 5 plain rounds each; the last four were sent ahead
+    assert result.stats["plain_rounds"] == 25 and result.stats["sent_ahead_confirmed"] == 4
 
 
 async def test_a_stop_token_or_the_requests_end_cuts_a_burst_short(stack, tiny_models):

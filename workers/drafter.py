@@ -485,9 +485,12 @@ class DrafterService:
                     # ahead (below), so its prompt's drafting time leaves the time to the first token.
                     # Greedy only: a sampled session's output for a seed stays the same whether its
                     # device drafts ahead or not (a draft made ahead is the very draft its round would
-                    # have made after the verdict), which a first round without a draft would change
+                    # have made after the verdict), which a first round without a draft would change.
+                    # Only when the policy would draft: a session it would not draft for starts with a
+                    # burst (below), so that it is in the batches from its first verdict on, not out of
+                    # them for a link round trip after its prefill (docs/benchmarks.md, session 24)
                     early = (round_ == 0 and ready is None and bool(self.proactive) and budget > 1 and sampling.greedy
-                             and not plain_left)
+                             and not plain_left and gamma > 0)
                     # the policy drafts nothing: the server decodes this round and the next ``burst`` ones
                     # by itself, as a centralized server would, and the device proposes again after them
                     # (drafters.NAME.burst). A draft is worth its rows again once the load falls or the
