@@ -261,7 +261,7 @@ class Broker:
             del self.held[item.session_id]
             if held[2].round == verdict.round + 1:
                 return self._release_ahead(*held, followed=True)
-        if item.plain_after > 0:
+        if item.plain_after > 0 and not item.ends(verdict):
             self._follow(identity, item, verdict)
 
     def _hold_ahead(self, identity: bytes, principal: bytes, item: Propose) -> None:
@@ -291,7 +291,8 @@ class Broker:
     def _follow(self, identity: bytes, item: Propose, verdict: Verdict) -> None:
         """The next of the plain rounds ``item`` asked for (Propose.plain_after), queued as if its
         drafter had proposed it with no draft: same checks, same queue, its verdict to the same
-        drafter. Not for a session closed meanwhile (a stop token, a cancel, its drafter lost), nor
+        drafter. Not after a stop token (the caller checks Propose.ends), nor for a session closed
+        meanwhile (a cancel, its drafter lost), nor
         for one whose drafter already proposed again itself (it resent a round it gave up waiting
         for, asking for the rest of the burst): one chain of rounds per session."""
         owner = self.session_owner.get(item.session_id)

@@ -50,7 +50,10 @@ class Propose(Message, tag="propose"):
     still out. It holds only if that round's verdict accepts ``if_accepted`` draft tokens and then
     gives ``if_token`` (-1: any token). The broker keeps it until that verdict, queues it at once
     if it holds (the session keeps its place in the next batch, as in centralized decoding) and
-    drops it if not: the drafter reads the same verdict and proposes anew."""
+    drops it if not: the drafter reads the same verdict and proposes anew.
+    ``stop_ids``: the request's stop tokens. A verdict whose token is one of them ends the session,
+    so the broker queues no plain round after it and drops a proposal held for it: the drafter
+    closes the session instead of having the target decode past its end."""
     session_id: str
     round: int
     position: int
@@ -67,6 +70,7 @@ class Propose(Message, tag="propose"):
     plain_after: int = 0
     if_accepted: int = -1
     if_token: int = -1
+    stop_ids: list[int] = []
 
     @property
     def ahead(self) -> bool:
@@ -76,7 +80,8 @@ class Propose(Message, tag="propose"):
     def holds_after(self, round_: int, accepted: int, token: int) -> bool:
         """Whether a verdict (its round, accepted drafts and token) confirms what this proposal,
         sent ahead, was drafted on: the verdict of the round before it, as assumed."""
-        return round_ == self.round - 1 and accepted == self.if_accepted and self.if_token in (-1, token)
+        return (round_ == self.round - 1 and accepted == self.if_accepted and self.if_token in (-1, token)
+                and token not in self.stop_ids)
 
     def unconditional(self) -> "Propose":
         return msgspec.structs.replace(self, if_accepted=-1, if_token=-1)
@@ -84,6 +89,10 @@ class Propose(Message, tag="propose"):
     @property
     def sampling(self) -> Sampling:
         return Sampling(self.temperature, self.top_p, self.seed)
+
+    def ends(self, verdict: "Verdict") -> bool:
+        """Whether this proposal's verdict ended its session (a stop token)."""
+        return verdict.token in self.stop_ids
 
     def follow(self, verdict: "Verdict") -> "Propose":
         """The next of the plain rounds this proposal asked for (``plain_after``), given its verdict."""
@@ -94,7 +103,7 @@ class Propose(Message, tag="propose"):
         tokens and the target's own, asking for ``plain_after`` more such rounds."""
         return Propose(self.session_id, self.round + 1, self.position + accepted + 1, [],
                        temperature=self.temperature, top_p=self.top_p, seed=self.seed, drafter_kind=self.drafter_kind,
-                       feature_layers=self.feature_layers, plain_after=plain_after)
+                       feature_layers=self.feature_layers, plain_after=plain_after, stop_ids=self.stop_ids)
 
     @property
     def target_tokens(self) -> int:

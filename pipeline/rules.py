@@ -18,6 +18,7 @@ MAX_ID_CHARS = 128  # session and request ids: keys in several maps, and in ever
 MAX_TOP_K = 64  # (id, probability) pairs per draft token in q_ids/q_probs
 MAX_FEATURE_LAYERS = 4  # hidden-state layers a feature drafter may ask for
 MAX_PLAIN_AFTER = 64  # plain rounds one proposal may ask the broker to run on its own (Propose.plain_after)
+MAX_STOP_IDS = 64  # stop tokens per request (Generate.stop_ids, carried on as Propose.stop_ids)
 
 
 def _sampling_problem(temperature: float, top_p: float) -> str | None:
@@ -42,8 +43,11 @@ def propose_problem(item: Propose, limits: LimitsConfig) -> str | None:
         return "a proposal sent ahead follows an earlier round of a running session, with if_token >= -1"
     if item.position < 0 or item.position + len(item.draft) + 1 + item.plain_after > limits.max_history_tokens:
         return f"session would exceed {limits.max_history_tokens} tokens"
+    if len(item.stop_ids) > MAX_STOP_IDS:
+        return f"at most {MAX_STOP_IDS} stop_ids"
     # min() in C: this runs for every proposal the broker receives
-    if (item.draft and min(item.draft) < 0) or (item.history and min(item.history) < 0):
+    if ((item.draft and min(item.draft) < 0) or (item.history and min(item.history) < 0)
+            or (item.stop_ids and min(item.stop_ids) < 0)):
         return "token ids must be non-negative"
     if item.feature_layers and (len(item.feature_layers) > MAX_FEATURE_LAYERS or min(item.feature_layers) < -1):
         return f"feature_layers: at most {MAX_FEATURE_LAYERS} indices, each >= -1"
@@ -96,6 +100,8 @@ def generate_problem(req: Generate, limits: LimitsConfig) -> str | None:
         return f"prompt + max_new_tokens exceeds {limits.max_history_tokens} tokens"
     if problem := _sampling_problem(req.temperature, req.top_p):
         return problem
+    if len(req.stop_ids) > MAX_STOP_IDS:
+        return f"at most {MAX_STOP_IDS} stop_ids"
     if min(req.prompt) < 0 or (req.stop_ids and min(req.stop_ids) < 0):
         return "token ids must be non-negative"
     return None

@@ -84,6 +84,26 @@ def test_the_broker_holds_a_proposal_sent_ahead_until_its_verdict():
         assert figures.ahead_queued == 2 and figures.ahead_void == 1
 
 
+def test_a_stop_token_ends_what_the_broker_would_queue_on_its_own():
+    """A verdict that gives one of the request's stop tokens (Propose.stop_ids) ends the session:
+    the broker queues no plain round after it and drops a plain round sent ahead for it, which
+    the target would otherwise decode past the session's end."""
+    with hand_driven_broker(1.0) as (verifier, drafter):
+        drafter.send(Propose("s", 0, 3, [], history=HISTORY, plain_after=5, stop_ids=[4]).encode())
+        drafter.send(Propose("t", 0, 3, [9], history=HISTORY, stop_ids=[4]).encode())
+        first = recv(verifier, VERIFIER_ACCEPTS)
+        assert {p.session_id for p in first.items} == {"s", "t"}
+        drafter.send(Propose("t", 1, 5, [], if_accepted=1, plain_after=5, stop_ids=[4]).encode())  # any token
+        time.sleep(0.2)
+        verifier.send(BatchVerdicts(first.batch_id, [Verdict(p.session_id, 0, len(p.draft), 4) for p in first.items]).encode())
+        verifier.send(Ready().encode())
+        assert replies(drafter, 2) == {("s", 0), ("t", 0)}
+        assert silent(verifier, VERIFIER_ACCEPTS)  # neither s's plain round 1 nor t's round 1 sent ahead
+        drafter.send(StatsRequest().encode())
+        figures = recv(drafter, CLIENT_ACCEPTS).broker
+        assert figures.plain_rounds == 0 and figures.ahead_queued == 0 and figures.ahead_void == 1
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def linked(tmp_path_factory, vocab8_models):  # noqa: F811 - the fixture imported above
     """Drafters that reach the broker across a link of LINK_S each way (drafters.NAME.broker)."""

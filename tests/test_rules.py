@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.config import LimitsConfig
 from pipeline.protocol import Generate, Propose
-from pipeline.rules import MAX_ID_CHARS, MAX_PLAIN_AFTER, MAX_TOP_K, generate_problem, propose_problem
+from pipeline.rules import MAX_ID_CHARS, MAX_PLAIN_AFTER, MAX_STOP_IDS, MAX_TOP_K, generate_problem, propose_problem
 
 LIMITS = LimitsConfig(max_draft_tokens=4, max_history_tokens=64, max_new_tokens=32)
 GOOD_PROPOSE = dict(session_id="s", round=0, position=3, draft=[4, 5], history=[1, 2, 3])
@@ -39,6 +39,8 @@ def test_good_messages_pass():
     (dict(plain_after=MAX_PLAIN_AFTER + 1), "plain_after"),
     (dict(draft=[4, -5]), "non-negative"),
     (dict(history=[1, -2, 3]), "non-negative"),
+    (dict(stop_ids=[2, -1]), "non-negative"),
+    (dict(stop_ids=[2] * (MAX_STOP_IDS + 1)), "stop_ids"),
     (dict(feature_layers=[0, 1, 2, 3, 4]), "feature_layers"),
     (dict(feature_layers=[-2]), "feature_layers"),
     (dict(temperature=-0.1), "temperature"),
@@ -78,6 +80,7 @@ def test_each_draft_distribution_rule_is_checked(change, words):
     (dict(top_p=0.0), "top_p"),
     (dict(prompt=[1, -1]), "non-negative"),
     (dict(stop_ids=[-3]), "non-negative"),
+    (dict(stop_ids=[0] * (MAX_STOP_IDS + 1)), "stop_ids"),
 ])
 def test_each_request_rule_is_checked(change, words):
     problem = generate_problem(Generate(**dict(GOOD_GENERATE, **change)), LIMITS)

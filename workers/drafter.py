@@ -523,7 +523,7 @@ class DrafterService:
                     feature_layers, draft.parents,
                     # a plain round's own proposal leaves only when its verdict did not come
                     # (_followed): it then asks for the rest of the burst
-                    plain_left - 1 if plain_left else burst,
+                    plain_left - 1 if plain_left else burst, stop_ids=req.stop_ids,
                 )
                 # the next round's draft, made while this proposal is out (proactive). ``guessing``:
                 # its first token guesses this round's verdict (a round without a draft: the first
@@ -563,7 +563,7 @@ class DrafterService:
                                    tokens[first : first + n], made.draft.q_ids[first : first + n],
                                    made.draft.q_probs[first : first + n], None, req.temperature, req.top_p, req.seed,
                                    self.strategy.kind, feature_layers, if_accepted=len(draft.tokens),
-                                   if_token=tokens[0] if guessing else guess)
+                                   if_token=tokens[0] if guessing else guess, stop_ids=req.stop_ids)
 
                 sent = time.perf_counter()
                 plain = bool(plain_left) and presented is None  # a round the broker ran on its own
