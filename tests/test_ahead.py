@@ -95,7 +95,8 @@ def test_a_stop_token_ends_what_the_broker_would_queue_on_its_own():
         assert {p.session_id for p in first.items} == {"s", "t"}
         drafter.send(Propose("t", 1, 5, [], if_accepted=1, plain_after=5, stop_ids=[4]).encode())  # any token
         time.sleep(0.2)
-        verifier.send(BatchVerdicts(first.batch_id, [Verdict(p.session_id, 0, len(p.draft), 4) for p in first.items]).encode())
+        stopped = [Verdict(p.session_id, 0, len(p.draft), 4) for p in first.items]
+        verifier.send(BatchVerdicts(first.batch_id, stopped).encode())
         verifier.send(Ready().encode())
         assert replies(drafter, 2) == {("s", 0), ("t", 0)}
         assert silent(verifier, VERIFIER_ACCEPTS)  # neither s's plain round 1 nor t's round 1 sent ahead

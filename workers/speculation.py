@@ -327,5 +327,6 @@ class SpeculationPolicy:
             return True
         chain = per_token(self.alphas, k, self.row_cost, self.fixed_cost, absent=self.absence.of(k))
         # a tree is drafted level by level, γ of them: it sits out what a γ-token chain does
-        tree = (self.fixed_cost * (1.0 + self.absence.of(self.gamma)) + self.row_cost * (1 + self.tree_rows)) / max(1.0, self.tree_tokens)
+        tree = ((self.fixed_cost * (1.0 + self.absence.of(self.gamma)) + self.row_cost * (1 + self.tree_rows))
+                / max(1.0, self.tree_tokens))
         return tree < chain
