@@ -265,10 +265,31 @@ TRAIN_TOPICS_12 = [
     "travel vaccinations", "generosity", "the music box", "skateboards", "the concertina",
     "tidying a tool bench", "Chichen Itza",
 ]
+# A thirteenth list, for data beyond the twelfth set (build_prompts(topic_set=13)); disjoint from
+# the other twelve and from the held-out topics.
+TRAIN_TOPICS_13 = [
+    "the lute", "St. Elmo's fire", "knot gardens", "the Medici bank", "treacle tart",
+    "learning to sail a dinghy", "a lamp that only lights for strangers", "a shepherd's lost crook",
+    "a bashful comet", "contract testing", "travel delays", "planning a housewarming", "punctuality",
+    "dehydration prevention", "the pneumatic tube", "punts on a river", "the crumhorn",
+    "emptying a loft", "meerkats", "Mesa Verde", "succulent care", "the hourglass",
+    "collarbones", "a bell that rings underwater", "a kite made of letters", "a lazy badger",
+    "dark launches", "writing docstrings", "form validation messages", "lunar calendars",
+    "hosting a pancake breakfast", "asking for feedback", "river crossing safety", "medlars", "salsify",
+    "tidal flats", "the Parthenon", "the iris of the eye", "the Antikythera mechanism",
+    "a hamlet of clockmakers", "write-ahead logs", "organizing a repair cafe", "overtone whistling",
+    "lima beans", "lovage", "hoodoos", "kendama", "the serpent horn", "quolls", "bibimbap", "bismuth",
+    "dust devils", "seitan", "dead letter queues", "writing a wedding toast", "running a plant stall",
+    "freekeh", "the woodcarvers of Oberammergau", "sundial makers", "sponge reefs", "dik-diks",
+    "a navigator's lost star chart", "a puddle that reflected the future", "skeleton screens",
+    "rotifers", "bokashi", "light pillars", "ferry crossings", "the spice road of Arabia", "halva",
+    "a tunnel that hums", "a weaver's missing shuttle", "a sleepy geyser", "gadget warranties",
+    "resilience", "the cuckoo clock", "go-karts", "the hang drum", "sorting a spice rack", "Borobudur",
+]
 TRAIN_TOPIC_SETS = {1: TRAIN_TOPICS, 2: TRAIN_TOPICS_2, 3: TRAIN_TOPICS_3, 4: TRAIN_TOPICS_4, 5: TRAIN_TOPICS_5,
                     6: TRAIN_TOPICS_6, 7: TRAIN_TOPICS_7, 8: TRAIN_TOPICS_8,
                     9: TRAIN_TOPICS_9, 10: TRAIN_TOPICS_10, 11: TRAIN_TOPICS_11,
-                    12: TRAIN_TOPICS_12}  # build_prompts(topic_set=N)
+                    12: TRAIN_TOPICS_12, 13: TRAIN_TOPICS_13}  # build_prompts(topic_set=N)
 HELDOUT_TOPICS = [
     "glaciers", "the violin", "penguins", "nuclear fusion", "the Silk Road", "board games",
     "lightning", "coral reefs", "the Industrial Revolution", "yoga", "submarines", "maps",
@@ -324,7 +345,7 @@ def _chat(tokenizer, question: str) -> str:
 def build_prompts(tokenizer, *, held_out: bool, n_chat: int, n_prose: int, seed: int = 0,
                   topic_set: int = 1) -> list[str]:
     """Prompt strings, half chat (templated) and half prose (raw prefix or 'continue this').
-    ``topic_set`` 2 to 12 draws training chat from TRAIN_TOPICS_2 to _12 (more data that repeats no
+    ``topic_set`` 2 to 13 draws training chat from TRAIN_TOPICS_2 to _13 (more data that repeats no
     question)."""
     rng = random.Random(seed + (1 if held_out else 0))
     templates = HELDOUT_TEMPLATES if held_out else TRAIN_TEMPLATES
