@@ -272,7 +272,7 @@ TRAIN_TOPICS_13 = [
     "learning to sail a dinghy", "a lamp that only lights for strangers", "a shepherd's lost crook",
     "a bashful comet", "contract testing", "travel delays", "planning a housewarming", "punctuality",
     "dehydration prevention", "the pneumatic tube", "punts on a river", "the crumhorn",
-    "emptying a loft", "meerkats", "Mesa Verde", "succulent care", "the hourglass",
+    "emptying a loft", "meerkats", "Mesa Verde", "succulent care", "the pantograph",
     "collarbones", "a bell that rings underwater", "a kite made of letters", "a lazy badger",
     "dark launches", "writing docstrings", "form validation messages", "lunar calendars",
     "hosting a pancake breakfast", "asking for feedback", "river crossing safety", "medlars", "salsify",
