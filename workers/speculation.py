@@ -118,12 +118,17 @@ def expected_tokens(alphas: list[float], k: int) -> float:
     return total
 
 
+def round_price(rows: int, row_cost: float, fixed: float, absent: float = 0.0) -> float:
+    """What a round of ``rows`` verify rows costs the server: its rows, its fixed share, and the
+    fixed share of each of the ``absent`` batches the session sat out while its draft was made."""
+    return fixed * (1.0 + absent) + row_cost * rows
+
+
 def per_token(alphas: list[float], k: int, row_cost: float, fixed: float, per_draft_token: float = 0.0,
               absent: float = 0.0) -> float:
     """Expected cost per committed token of a k-token draft, a round costing
-    ``fixed * (1 + absent) + row_cost * (1 + k) + per_draft_token * k`` (``absent``: the batches
-    the session sits out while it drafts, each priced at its fixed share)."""
-    return (fixed * (1.0 + absent) + row_cost * (1 + k) + per_draft_token * k) / expected_tokens(alphas, k)
+    ``round_price(1 + k, ...) + per_draft_token * k``."""
+    return (round_price(1 + k, row_cost, fixed, absent) + per_draft_token * k) / expected_tokens(alphas, k)
 
 
 def _costs(alphas: list[float], gamma: int, row_cost: float, fixed: float, per_draft_token: float,
@@ -327,6 +332,6 @@ class SpeculationPolicy:
             return True
         chain = per_token(self.alphas, k, self.row_cost, self.fixed_cost, absent=self.absence.of(k))
         # a tree is drafted level by level, γ of them: it sits out what a γ-token chain does
-        tree = ((self.fixed_cost * (1.0 + self.absence.of(self.gamma)) + self.row_cost * (1 + self.tree_rows))
+        tree = (round_price(1 + self.tree_rows, self.row_cost, self.fixed_cost, self.absence.of(self.gamma))
                 / max(1.0, self.tree_tokens))
         return tree < chain
