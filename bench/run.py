@@ -298,7 +298,8 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
         log.warning("gpu_projection_unavailable", reason=gpu["error"])
         gpu = None
     # the baselines serve with the backend the fleet's verifier runs (verifier.backend, the same
-    # --set items), so AR, server-side SD and SLED differ in their drafts and batching, not their forward
+    # --set items), so AR, server-side SD and SLED differ in their drafts and batching, not their
+    # forward; and they admit new sessions under the same token budget (broker.max_batch_tokens)
     server_config = load_config(options.config_path, [*setup.sled_overrides, *options.overrides])
     backend = None
     for n in options.levels:
@@ -307,7 +308,8 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
             drafter = BatchedDrafter(sd_model, sd_choice.gamma, sd_choice.min_confidence) if method == "server_sd" else None
             verifier = make_verifier(target, server_config)
             backend = verifier.backend
-            server = run_central(target, records, n, options.max_new_tokens, stop_ids, drafter, verifier=verifier)
+            server = run_central(target, records, n, options.max_new_tokens, stop_ids, drafter, verifier=verifier,
+                                 max_batch_tokens=server_config.broker.max_batch_tokens)
             del verifier
             out[method][n] = derive(method, records, server, weights_mb=weights_mb + (sd_weights if drafter else 0.0),
                                     profiles=options.profiles, gpu=gpu)

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from bench.central import BatchedDrafter
+from bench.central import BatchedDrafter, run_central
 from bench.linkproxy import DelayProxy
 from bench.netns import unavailable_reason
 from bench.profiles import PROFILES, DrafterChoice, Setup, with_overrides
@@ -16,6 +16,7 @@ from bench.run import BenchOptions, capacity, run_setup
 from bench.sessions import SessionRecord, acceptance_model, ideal_tokens_per_round
 from pipeline.models import load_causal_lm
 from pipeline.protocol import Sampling
+from pipeline.reference import greedy_reference
 from workers.drafts import ModelDrafter, draft_generator
 
 
@@ -91,6 +92,28 @@ def test_batched_server_drafts_equal_one_session_drafting(tiny_models):
             batched.commit(s, len(committed), accepted)
             drafter.commit(state, len(committed), accepted)
             s.tokens += [*d[:accepted], 5]
+
+
+def test_centralized_ar_admits_a_wave_under_the_brokers_token_budget(tiny_models):
+    """The AR baseline admits new sessions as SLED's broker does (broker.max_batch_tokens): the
+    running rows first, then prompts while their prefill fits. Six 10-token prompts under a
+    25-token budget enter two a step; with no budget all six share the first step. Either way
+    the output is the target's own, and a session's TTFT counts from its arrival, not from its
+    admission."""
+    target = load_causal_lm(str(tiny_models["target"]))
+    prompts = [[(5 * i + 7 * j) % 250 + 1 for j in range(10)] for i in range(6)]
+    firsts = {}
+    for budget in (0, 25):
+        records = [SessionRecord(i, p) for i, p in enumerate(prompts)]
+        server = run_central(target, records, 6, 4, [], max_batch_tokens=budget)
+        for r, p in zip(records, prompts):
+            assert r.tokens == greedy_reference(target, p, 4)
+        sizes = sorted(sessions for sessions, _, _ in server["forwards"]["verify"])
+        firsts[budget] = sizes[0], max(r.ttft_s for r in records) > min(r.ttft_s for r in records)
+        assert all(r.start == records[0].start for r in records)  # all six arrived at once
+    assert firsts[0][0] == 6
+    # steps of 2, 4 and 6 sessions: each admits two prompts (20 tokens) beside the running rows
+    assert firsts[25] == (2, True)
 
 
 @pytest.mark.timeout(360)
