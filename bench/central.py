@@ -97,10 +97,10 @@ def run_central(target, sessions: list[SessionRecord], concurrency: int, max_new
     """Serve ``sessions``, at most ``concurrency`` at once; fills each record, returns server figures.
     ``verifier``: the backend to serve with (default: the eager ``TargetVerifier``).
     ``max_batch_tokens`` (> 0): the token budget of a step, as SLED's broker applies it
-    (``broker.max_batch_tokens``, Propose.batch_tokens): the running sessions' verify rows, then
-    new sessions while their prompts' prefill fits (vLLM's ``max_num_batched_tokens``, without
-    splitting a prompt). A prompt that does not fit waits one step, then goes in any case, as
-    the broker's oldest proposal leads the next batch. 0: every waiting session joins at once."""
+    (``broker.max_batch_tokens``, Propose.batch_tokens, brokers/batcher.py): the running sessions'
+    verify rows, then new sessions while their prompts' prefill fits (vLLM's
+    ``max_num_batched_tokens``, without splitting a prompt), and at least one new session a step
+    whatever its size. 0: every waiting session joins at once."""
     verifier = verifier or TargetVerifier(target, max_sessions=max_sessions, limits=LimitsConfig())
     forwards = ForwardLog()
     stops = set(stop_ids)
@@ -109,21 +109,19 @@ def run_central(target, sessions: list[SessionRecord], concurrency: int, max_new
     cpu0, wall0 = time.process_time(), time.perf_counter()
     peak_cache = 0
     rows = 1 + (drafter.gamma if drafter else 0)  # what a running session puts through a step at most
-    waited = False  # the first waiting session was left out of the last step by the budget
     arrived = 0  # sessions whose client is waiting (closed loop: one arrives as one ends)
     while pending or active:
         now = time.perf_counter()
         while arrived < min(len(sessions), concurrency + len(sessions) - len(pending) - len(active)):
             sessions[arrived].start = now  # its TTFT counts from here, admitted or not
             arrived += 1
-        used = rows * len(active)
+        used, opened = rows * len(active), False
         while pending and len(active) < concurrency:
             cost = len(pending[0].prompt)  # its prefill and its first row
-            if max_batch_tokens and used and used + cost > max_batch_tokens and not waited:
-                waited = True
+            if max_batch_tokens and opened and used + cost > max_batch_tokens:
                 break
             active.append(pending.popleft())
-            used, waited = used + cost, False
+            used, opened = used + cost, True
         budgets = [max_new_tokens - len(s.tokens) for s in active]
         drafts = drafter.propose(active, budgets) if drafter else [[] for _ in active]
         items = [

@@ -48,6 +48,7 @@ class Item(Generic[T]):
     arrived: float
     future: asyncio.Future
     key: object = None
+    prefill: bool = False  # it (re)opens its session: most of its tokens are its history's prefill
 
 
 @dataclass
@@ -97,22 +98,23 @@ class DeadlineBatcher(Generic[T]):
     def __len__(self) -> int:
         return len(self._queue)
 
-    def submit(self, payload: T, tokens: int = 1, key: object = None) -> asyncio.Future:
+    def submit(self, payload: T, tokens: int = 1, key: object = None, prefill: bool = False) -> asyncio.Future:
         """Queue ``payload``. An item with the same ``key`` still queued is superseded: the new
         payload takes its place in line (and its deadline) and the old future is cancelled, so at
         most one item per key waits (a session's resent or newer proposal replaces the one its
-        drafter no longer waits for; two of one session must never share a batch)."""
+        drafter no longer waits for; two of one session must never share a batch). ``prefill``:
+        it opens its session, and a batch's token budget goes to running sessions first."""
         future = asyncio.get_running_loop().create_future()
         old = self._by_key.get(key) if key is not None else None
         if old is not None:
             old.future.cancel()
             self._queued_tokens += tokens - old.tokens
-            old.payload, old.tokens, old.future = payload, tokens, future
+            old.payload, old.tokens, old.future, old.prefill = payload, tokens, future, prefill
             self.superseded += 1
         else:
             if len(self._queue) >= self.policy.max_queue:
                 raise QueueFull(f"{len(self._queue)} proposals already queued")
-            item = Item(payload, tokens, self.clock.now(), future, key)
+            item = Item(payload, tokens, self.clock.now(), future, key, prefill)
             self._queue.append(item)
             if key is not None:
                 self._by_key[key] = item
@@ -173,15 +175,27 @@ class DeadlineBatcher(Generic[T]):
         if self.hold is not None and len(self._queue) > 1:
             # closest to its objective first (a stable sort: ties keep their arrival order)
             self._queue = deque(sorted(self._queue, key=self.hold.priority))
+        # Running sessions' rows first, then the histories of sessions that open, while the token
+        # budget lasts (vLLM's order: decodes before prefills). Taken head first, a wave of
+        # arrivals, older than every running session's round, filled batch after batch and left
+        # the running sessions out of all of them. A batch with room opens at least one waiting
+        # session, whatever its size, so none waits for the running ones to fall silent.
         items: list[Item[T]] = []
         tokens = 0
-        while self._queue and len(items) < self.policy.max_sessions:
-            nxt = self._queue[0]
-            if items and tokens + nxt.tokens > self.policy.max_tokens:
-                break
-            items.append(self._queue.popleft())
-            self._by_key.pop(nxt.key, None)
-            tokens += nxt.tokens
+        opened = False
+        for prefill in (False, True):
+            for item in self._queue:
+                if len(items) >= self.policy.max_sessions:
+                    break
+                if item.prefill == prefill and (not items or tokens + item.tokens <= self.policy.max_tokens
+                                                or (prefill and not opened)):
+                    items.append(item)
+                    tokens += item.tokens
+                    opened = opened or prefill
+        taken = {id(item) for item in items}
+        self._queue = deque(item for item in self._queue if id(item) not in taken)
+        for item in items:
+            self._by_key.pop(item.key, None)
         self._queued_tokens -= tokens
         now = self.clock.now()
         return Batch(next(self._ids), items, min(item.arrived for item in items), now, reason)

@@ -232,7 +232,7 @@ class Broker:
             return self._reject(identity, item, ErrorCode.OVERLOADED, f"verifier at its {cap}-session capacity")
         try:
             # one queued proposal per session: a resent or newer one replaces it (batcher.submit)
-            future = handle.batcher.submit(item, item.batch_tokens, key=item.session_id)
+            future = handle.batcher.submit(item, item.batch_tokens, key=item.session_id, prefill=item.history is not None)
         except QueueFull as exc:
             return self._reject(identity, item, ErrorCode.OVERLOADED, str(exc))
         if owner is None:

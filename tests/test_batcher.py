@@ -49,6 +49,27 @@ async def test_token_limit_never_exceeded():
     assert (await asyncio.wait_for(task, 1)).payloads == [5]
 
 
+async def test_running_rows_go_before_a_wave_of_histories_and_every_batch_opens_one():
+    """Under the token budget, running sessions' rows are taken before the histories of sessions
+    that open, however much older the wave is; the histories fill what is left, and a batch
+    opens at least one waiting session even when the running rows leave no room."""
+    batcher, clock = make(max_sessions=10, max_tokens=100)
+    for i in range(4):
+        batcher.submit(f"new{i}", 40, key=f"new{i}", prefill=True)  # a wave, queued first
+    await clock.advance(0.001)
+    for i in range(3):
+        batcher.submit(f"run{i}", 5, key=f"run{i}")
+    batch = await asyncio.wait_for(batcher.next_batch(), 1)
+    assert batch.payloads == ["run0", "run1", "run2", "new0", "new1"] and batch.tokens == 95
+    for i in range(3):
+        batcher.submit(f"run{i}", 35, key=f"run{i}")  # rows that fill the budget on their own
+    batch = await asyncio.wait_for(batcher.next_batch(), 1)
+    assert batch.payloads == ["run0", "run1", "new2"]  # run2 waits; new2 goes over the budget
+    task = asyncio.create_task(batcher.next_batch())  # 75 tokens: not full, so at the deadline
+    await clock.advance(0.02)
+    assert (await asyncio.wait_for(task, 1)).payloads == ["run2", "new3"]
+
+
 async def test_waits_for_first_arrival():
     batcher, clock = make()
     task = asyncio.create_task(batcher.next_batch())
