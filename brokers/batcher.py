@@ -182,18 +182,28 @@ class DeadlineBatcher(Generic[T]):
         # session, whatever its size, so none waits for the running ones to fall silent.
         items: list[Item[T]] = []
         tokens = 0
-        opened = False
-        for prefill in (False, True):
-            for item in self._queue:
-                if len(items) >= self.policy.max_sessions:
-                    break
-                if item.prefill == prefill and (not items or tokens + item.tokens <= self.policy.max_tokens
-                                                or (prefill and not opened)):
-                    items.append(item)
-                    tokens += item.tokens
-                    opened = opened or prefill
-        taken = {id(item) for item in items}
-        self._queue = deque(item for item in self._queue if id(item) not in taken)
+        left: list[Item[T]] = []  # what stays queued, in its order
+        histories: list[Item[T]] = []
+        queue = self._queue
+        while queue and len(items) < self.policy.max_sessions:  # the running rows
+            item = queue.popleft()
+            if item.prefill:
+                histories.append(item)
+                left.append(item)
+            elif not items or tokens + item.tokens <= self.policy.max_tokens:
+                items.append(item)
+                tokens += item.tokens
+            else:
+                left.append(item)
+        opened = set()
+        for item in histories:  # then the histories that fit, at least one
+            if len(items) >= self.policy.max_sessions:
+                break
+            if not opened or tokens + item.tokens <= self.policy.max_tokens:
+                items.append(item)
+                tokens += item.tokens
+                opened.add(id(item))
+        queue.extendleft(reversed([item for item in left if id(item) not in opened]))
         for item in items:
             self._by_key.pop(item.key, None)
         self._queued_tokens -= tokens
