@@ -92,6 +92,7 @@ class DeadlineBatcher(Generic[T]):
         self._queue: deque[Item[T]] = deque()
         self._by_key: dict[object, Item[T]] = {}  # queued items that carry a key
         self._queued_tokens = 0
+        self._queued_histories = 0  # queued items that open their session (prefill)
         self.superseded = 0
         self._changed = asyncio.Event()
 
@@ -109,6 +110,7 @@ class DeadlineBatcher(Generic[T]):
         if old is not None:
             old.future.cancel()
             self._queued_tokens += tokens - old.tokens
+            self._queued_histories += prefill - old.prefill
             old.payload, old.tokens, old.future, old.prefill = payload, tokens, future, prefill
             self.superseded += 1
         else:
@@ -119,6 +121,7 @@ class DeadlineBatcher(Generic[T]):
             if key is not None:
                 self._by_key[key] = item
             self._queued_tokens += tokens
+            self._queued_histories += prefill
         self._changed.set()
         return future
 
@@ -133,6 +136,7 @@ class DeadlineBatcher(Generic[T]):
             return False
         self._queue.remove(item)
         self._queued_tokens -= item.tokens
+        self._queued_histories -= item.prefill
         item.future.cancel()
         self._changed.set()
         return True
@@ -178,19 +182,22 @@ class DeadlineBatcher(Generic[T]):
         # Running sessions' rows first, then the histories of sessions that open, while the token
         # budget lasts (vLLM's order: decodes before prefills). Taken head first, a wave of
         # arrivals, older than every running session's round, filled batch after batch and left
-        # the running sessions out of all of them. A batch with room opens at least one waiting
-        # session, whatever its size, so none waits for the running ones to fall silent.
+        # the running sessions out of all of them. Every batch opens at least one waiting session,
+        # whatever its size, so none waits for the running ones to fall silent.
         items: list[Item[T]] = []
         tokens = 0
         left: list[Item[T]] = []  # what stays queued, in its order
         histories: list[Item[T]] = []
         queue = self._queue
-        while queue and len(items) < self.policy.max_sessions:  # the running rows
+        # a seat kept for a waiting session: with more sessions running than a batch holds, the
+        # running rows alone would fill every batch
+        seats = self.policy.max_sessions - (self._queued_histories > 0 and self.policy.max_sessions > 1)
+        while queue and (len(items) < seats or (self._queued_histories and not histories)):  # the running rows
             item = queue.popleft()
             if item.prefill:
                 histories.append(item)
                 left.append(item)
-            elif not items or tokens + item.tokens <= self.policy.max_tokens:
+            elif len(items) < seats and (not items or tokens + item.tokens <= self.policy.max_tokens):
                 items.append(item)
                 tokens += item.tokens
             else:
@@ -204,6 +211,7 @@ class DeadlineBatcher(Generic[T]):
                 tokens += item.tokens
                 opened.add(id(item))
         queue.extendleft(reversed([item for item in left if id(item) not in opened]))
+        self._queued_histories -= len(opened)
         for item in items:
             self._by_key.pop(item.key, None)
         self._queued_tokens -= tokens
@@ -225,5 +233,6 @@ class DeadlineBatcher(Generic[T]):
                 item.future.set_exception(exc)
         self._by_key.clear()
         self._queued_tokens = 0
+        self._queued_histories = 0
         self._changed.set()
         return n

@@ -70,6 +70,19 @@ async def test_running_rows_go_before_a_wave_of_histories_and_every_batch_opens_
     assert (await asyncio.wait_for(task, 1)).payloads == ["run2", "new3"]
 
 
+async def test_a_waiting_session_gets_a_seat_when_running_sessions_fill_every_batch():
+    """More sessions running than a batch holds: each batch keeps one seat for a session that
+    opens, wherever it stands in the queue, so it is not left out for as long as they run."""
+    batcher, clock = make(max_sessions=3, max_tokens=100)
+    for i in range(5):
+        batcher.submit(f"run{i}", 1, key=f"run{i}")
+    batcher.submit("new", 10, key="new", prefill=True)
+    batch = await asyncio.wait_for(batcher.next_batch(), 1)
+    assert batch.payloads == ["run0", "run1", "new"]
+    batch = await asyncio.wait_for(batcher.next_batch(), 1)
+    assert batch.payloads == ["run2", "run3", "run4"]  # no one waits to open: every seat runs
+
+
 async def test_waits_for_first_arrival():
     batcher, clock = make()
     task = asyncio.create_task(batcher.next_batch())
