@@ -286,10 +286,34 @@ TRAIN_TOPICS_13 = [
     "a tunnel that hums", "a weaver's missing shuttle", "a sleepy geyser", "gadget warranties",
     "resilience", "the cuckoo clock", "go-karts", "the hang drum", "sorting a spice rack", "Borobudur",
 ]
+# A fourteenth list, for data beyond the thirteenth set (build_prompts(topic_set=14)); disjoint
+# from the other thirteen and from the held-out topics.
+TRAIN_TOPICS_14 = [
+    "the theorbo", "St. Bernard rescue dogs", "parterre gardens", "the Lombard League",
+    "spotted dick", "learning to paddle a coracle", "a mirror that remembers faces",
+    "a miller's lost millstone", "a shy aurora", "approval testing", "lost luggage",
+    "planning a garden party", "waiting in queues", "treating a sprained ankle", "the telautograph",
+    "gondolas in Venice", "the shawm", "clearing out a garage", "aardwolves", "Hegra",
+    "bonsai watering", "the zograscope", "kneecaps", "a clock that runs backwards at night",
+    "a boat made of maps", "a grumpy heron", "shadow traffic testing", "writing release notes",
+    "empty states in apps", "transits of Venus", "hosting a chili cook-off", "giving praise",
+    "ice skating safety", "jabuticabas", "romanesco", "chalk streams", "the Generalife gardens",
+    "the semicircular canals", "the planetarium projector", "a village of glassblowers",
+    "bloom filters", "organizing a seed library", "alphorn calls", "runner beans", "chervil",
+    "fairy chimneys", "cup-and-ball games", "the sackbut", "numbats", "cendol", "gallium",
+    "waterspouts", "tofu skin", "bulkheads in software", "writing a retirement speech",
+    "running a farm stand", "kañiwa", "the bobbin lacemakers of Tønder", "barometer makers",
+    "maerl beds", "saola", "a cartographer's missing compass", "a snowflake that never melted",
+    "optimistic UI updates", "springtails", "leaf mould", "moon halos", "narrowboats",
+    "the tin route of Cornwall", "baklava", "a bridge that sings in the wind",
+    "a potter's missing wheel", "a hiccuping glacier", "extended warranties",
+    "thankfulness journals", "the music automaton", "soapbox carts", "the kalimba",
+    "labeling pantry jars", "Angkor Thom",
+]
 TRAIN_TOPIC_SETS = {1: TRAIN_TOPICS, 2: TRAIN_TOPICS_2, 3: TRAIN_TOPICS_3, 4: TRAIN_TOPICS_4, 5: TRAIN_TOPICS_5,
                     6: TRAIN_TOPICS_6, 7: TRAIN_TOPICS_7, 8: TRAIN_TOPICS_8,
                     9: TRAIN_TOPICS_9, 10: TRAIN_TOPICS_10, 11: TRAIN_TOPICS_11,
-                    12: TRAIN_TOPICS_12, 13: TRAIN_TOPICS_13}  # build_prompts(topic_set=N)
+                    12: TRAIN_TOPICS_12, 13: TRAIN_TOPICS_13, 14: TRAIN_TOPICS_14}  # build_prompts(topic_set=N)
 HELDOUT_TOPICS = [
     "glaciers", "the violin", "penguins", "nuclear fusion", "the Silk Road", "board games",
     "lightning", "coral reefs", "the Industrial Revolution", "yoga", "submarines", "maps",
@@ -345,7 +369,7 @@ def _chat(tokenizer, question: str) -> str:
 def build_prompts(tokenizer, *, held_out: bool, n_chat: int, n_prose: int, seed: int = 0,
                   topic_set: int = 1) -> list[str]:
     """Prompt strings, half chat (templated) and half prose (raw prefix or 'continue this').
-    ``topic_set`` 2 to 13 draws training chat from TRAIN_TOPICS_2 to _13 (more data that repeats no
+    ``topic_set`` 2 to 14 draws training chat from TRAIN_TOPICS_2 to _14 (more data that repeats no
     question)."""
     rng = random.Random(seed + (1 if held_out else 0))
     templates = HELDOUT_TEMPLATES if held_out else TRAIN_TEMPLATES
