@@ -9,7 +9,8 @@ future; ``Batch.fail`` fails all of them.
 With a ``hold`` policy (brokers/slo.py, when ``broker.slo_tpot_ms`` > 0) a batch whose deadline has
 passed may still be held for proposals expected soon, and queued items leave in the policy's
 priority order (closest to their objective first); without one, the batch leaves at its deadline
-in arrival order, exactly as before.
+in arrival order. Either way a batch takes running sessions' rows before the histories of
+sessions that open (``_take``).
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ class DeadlineBatcher(Generic[T]):
         queue = self._queue
         # a seat kept for a waiting session: with more sessions running than a batch holds, the
         # running rows alone would fill every batch
-        seats = self.policy.max_sessions - (self._queued_histories > 0 and self.policy.max_sessions > 1)
+        seats = self.policy.max_sessions - (self._queued_histories > 0)
         while queue and (len(items) < seats or (self._queued_histories and not histories)):  # the running rows
             item = queue.popleft()
             if item.prefill:

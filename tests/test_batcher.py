@@ -81,6 +81,10 @@ async def test_a_waiting_session_gets_a_seat_when_running_sessions_fill_every_ba
     assert batch.payloads == ["run0", "run1", "new"]
     batch = await asyncio.wait_for(batcher.next_batch(), 1)
     assert batch.payloads == ["run2", "run3", "run4"]  # no one waits to open: every seat runs
+    single, _ = make(max_sessions=1)  # one seat: the waiting session takes it, then the running one
+    single.submit("run", 1, key="run")
+    single.submit("new", 10, key="new", prefill=True)
+    assert [(await asyncio.wait_for(single.next_batch(), 1)).payloads for _ in range(2)] == [["new"], ["run"]]
 
 
 async def test_waits_for_first_arrival():
