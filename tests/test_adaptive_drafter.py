@@ -69,7 +69,10 @@ async def test_a_new_session_starts_from_what_the_drafters_last_session_learnt()
     assert [r.tokens for r in results] == [[(len(PROMPT) + i) % PERIOD + 1 for i in range(24)]] * 2
     first, second = lengths.values()
     assert first[0] == 4 and first[-1] == 0, first  # no reading yet: gamma; then learnt
-    assert second[0] <= 1, second  # starts from the first session's readings
+    # starts from the first session's readings, not at gamma: those drift back towards the prior
+    # while no draft is observed (speculation.RELAX) and the session clock's device and wait
+    # timings take part, so how far below gamma depends on the machine's pace (1 or 2 seen)
+    assert second[0] < first[0], second
     assert sum(second) < sum(first), (first, second)
 
 
