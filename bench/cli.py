@@ -33,6 +33,8 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, help="torch threads of every server method (default 1, as verifier.threads)")
     p.add_argument("--gpu-cost", type=Path, help="GPU cost table for the projected GPU server figures "
                    "(default: the newest bench/results/gpu_cost_*.json)")
+    p.add_argument("--cpu-cost", type=Path, help="CPU cost table (the verifier alone on this CPU) that prices every "
+                   "method's recorded forwards alike (default: the newest bench/results/cpu_cost_*.json)")
     p.add_argument("--no-broker-micro", action="store_true", help="skip the broker microbenchmark")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the result JSON")
     p.add_argument("--files", nargs="*", type=Path, help="report: result files (default: the latest of each setup)")
@@ -63,6 +65,10 @@ def options_from(args):
         if not args.gpu_cost.is_file():
             raise SystemExit(f"--gpu-cost: no file at {args.gpu_cost}")
         options.gpu_cost = str(args.gpu_cost)
+    if args.cpu_cost is not None:
+        if not args.cpu_cost.is_file():
+            raise SystemExit(f"--cpu-cost: no file at {args.cpu_cost}")
+        options.cpu_cost = str(args.cpu_cost)
     return options
 
 

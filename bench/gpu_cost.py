@@ -15,6 +15,15 @@ each one and sums:
   scaled by its share of the target's layers: eager GPU forwards at these sizes are bound by
   per-layer launch overhead, so cost grows with depth; it is an estimate and says so.
 * Prefill is left out (every method prefills the same prompts); its forwards are counted.
+
+A CPU table (``bench/results/cpu_cost_<cpu>.json``, the same script with ``--device cpu``) prices
+the same record on this machine's CPU with the verifier alone on it: every method's forwards at
+one price list, measured once. The bench's measured CPU time differs from it in two ways the
+methods do not share: the verifier's CPU time per forward rises when other processes run on the
+machine (the emulated devices do, beside SLED's verifier; nothing does beside the in-process
+baselines), and the machine's pace drifts between the runs of different methods (centralized AR
+at one session measured 53.6 and 74.5 ms a token in two runs of the same day).
+``python -m bench.gpu_cost RESULT.json --table FILE`` prints a recorded run's projection.
 """
 
 from __future__ import annotations
@@ -26,17 +35,18 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def default_table() -> Path | None:
-    """The newest committed cost table: the latest ``measured`` date, then the file name."""
+def default_table(kind: str = "gpu") -> Path | None:
+    """The newest committed cost table of ``kind`` (gpu, cpu): the latest ``measured`` date, then
+    the file name."""
     tables = []
-    for path in RESULTS.glob("gpu_cost_*.json"):
+    for path in RESULTS.glob(f"{kind}_cost_*.json"):
         with path.open() as fh:
             tables.append((json.load(fh).get("measured", ""), path.name, path))
     return max(tables)[2] if tables else None
 
 
-def load_table(path: str | Path | None = None) -> tuple[dict, Path] | tuple[None, None]:
-    path = Path(path) if path else default_table()
+def load_table(path: str | Path | None = None, kind: str = "gpu") -> tuple[dict, Path] | tuple[None, None]:
+    path = Path(path) if path else default_table(kind)
     if path is None:
         return None, None
     return json.loads(path.read_text()), path
@@ -103,8 +113,9 @@ def cost_models(table: dict, target_config, drafter_config=None, backend: str | 
     return out
 
 
-def project(forwards: dict | None, models: dict, generated: int) -> dict | None:
-    """GPU server ms per generated token for one method at one level (decode; prefill left out)."""
+def project(forwards: dict | None, models: dict, generated: int, prefix: str = "gpu") -> dict | None:
+    """Server ms per generated token for one method at one level (decode; prefill left out), on
+    the table's device; ``prefix`` names the figures (gpu_server_ms, cpu_table_server_ms ...)."""
     if not forwards or "error" in models:
         return None
     total, outside, count = 0.0, 0, 0
@@ -121,10 +132,10 @@ def project(forwards: dict | None, models: dict, generated: int) -> dict | None:
         total += ms
     generated = max(1, generated)
     return {
-        "gpu_server_ms": round(total, 2),
-        "gpu_server_ms_per_token": round(total / generated, 4),
-        "gpu_verify_ms": round(parts["verify"], 2),
-        "gpu_draft_ms": round(parts["draft"], 2),
+        f"{prefix}_server_ms": round(total, 2),
+        f"{prefix}_server_ms_per_token": round(total / generated, 4),
+        f"{prefix}_verify_ms": round(parts["verify"], 2),
+        f"{prefix}_draft_ms": round(parts["draft"], 2),
         "forwards": count,
         "forwards_outside_table": outside,
         "prefill_forwards_not_priced": forwards.get("prefill", {}).get("forwards", 0),
@@ -142,3 +153,47 @@ def table_summary(table: dict, path: Path, models: dict) -> dict:
         if "draft_basis" in models:
             out["server_drafter_shape"] = models["draft_basis"]
     return out
+
+
+def by_level(result: dict, models: dict, prefix: str = "table") -> dict:
+    """{method: {level: server ms per token}} of a recorded run priced by ``models`` (methods
+    whose forwards the models can price: a server drafter needs its own)."""
+    out: dict = {}
+    for method, levels in result["methods"].items():
+        for level, figures in levels.items():
+            forwards = figures.get("forwards")
+            if forwards and (not forwards.get("draft") or "draft" in models):
+                p = project(forwards, models, figures["generated_tokens"], prefix)
+                out.setdefault(method, {})[level] = p[f"{prefix}_server_ms_per_token"]
+    return out
+
+
+def main() -> int:
+    import argparse
+
+    from transformers import AutoConfig
+
+    from pipeline.models import local_dir
+
+    p = argparse.ArgumentParser(description="Price a recorded `sled bench` run's forwards with a cost table.")
+    p.add_argument("result", help="a sled bench result JSON")
+    p.add_argument("--table", help="a cost table (default: the newest committed CPU table)")
+    args = p.parse_args()
+    result = json.loads(Path(args.result).read_text())
+    table, path = load_table(args.table, kind="cpu")
+    if table is None:
+        raise SystemExit("no cost table: pass --table")
+    models = cost_models(table, AutoConfig.from_pretrained(local_dir(result["target"])))
+    if "error" in models:
+        raise SystemExit(models["error"])
+    ms = by_level(result, models)
+    print(f"{args.result} priced by {path} ({table.get('card')}): server ms per token")
+    for level in sorted({lv for levels in ms.values() for lv in levels}, key=int):
+        row = {m: ms[m][level] for m in ms if level in ms[m]}
+        ratio = f"  sled / ar {row['sled'] / row['ar']:.3f}" if "sled" in row and "ar" in row else ""
+        print(f"  {level:>3}: " + "  ".join(f"{m} {v:.2f}" for m, v in row.items()) + ratio)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 from pipeline.config import LimitsConfig
 from pipeline.protocol import Propose
 from bench.gpu_verify import SHAPES as GPU_VERIFY_SHAPES
+from workers.packed_linear import prepack_linears
 from workers.static_verifier import StaticVerifier
 from workers.target import TargetVerifier
 
@@ -48,11 +49,16 @@ SHAPES = {
 }
 
 
-def build(shape: str, dtype, device):
+def build(shape: str, dtype, device, prepack: bool = True):
+    """Random weights of ``shape``; on a CPU with ``prepack``, the linears reordered for oneDNN as
+    the verifier's are (``verifier.prepack``, workers/packed_linear.py; a no-op elsewhere)."""
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(SHAPES[shape](), dtype=dtype)
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    if prepack:
+        prepack_linears(model)
+    return model
 
 
 def sync(device: str) -> None:
@@ -105,19 +111,28 @@ def spread(sessions: int, rows: int) -> list[int]:
     return [base + (i < extra) for i in range(sessions)]
 
 
+def cpu_name() -> str:
+    """The CPU's model name and the torch threads a table was measured with: "cpu (AMD EPYC, 1 thread)"."""
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
+    threads = torch.get_num_threads()
+    return f"cpu ({names[0] if names else 'unknown'}, {threads} thread{'s' * (threads > 1)})"
+
+
 def measure(args) -> int:
     dtype, device = getattr(torch, args.dtype), args.device
-    card = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    card = torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name()
     out = Path(args.out)
     table = {"card": card, "measured": time.strftime("%Y-%m-%d"), "backend": "mixed" if len(args.backends) > 1 else args.backends[0],
              "dtype": args.dtype, "prefix_tokens": args.prefix,
              "source": f"bench/gpu_cost_measure.py on {card}, random weights, median of {args.rounds} rounds of "
-                       f"verify_batch; torch {torch.__version__}; compile {'on' if args.compile else 'off'} for static",
+                       f"verify_batch; torch {torch.__version__}; compile {'on' if args.compile else 'off'} for static"
+                       + (f"; prepacked linears {'on' if args.prepack else 'off'}" if device == "cpu" else ""),
              "shapes": {}, "rows": []}
     if args.backends and len(args.backends) > 1:
         table["backend"] = args.backends[0]  # the projection's default; every row names its own
     for shape in args.shapes:
-        model = build(shape, dtype, device)
+        model = build(shape, dtype, device, args.prepack)
         c = model.config
         table["shapes"][shape] = {"model_type": c.model_type, "num_hidden_layers": c.num_hidden_layers,
                                   "hidden_size": c.hidden_size, "vocab_size": c.vocab_size}
@@ -153,7 +168,7 @@ def replay(args) -> int:
     table, table_path = load_table(args.table)
     shape = args.shapes[0]
     dtype, device = getattr(torch, args.dtype), args.device
-    model = build(shape, dtype, device)
+    model = build(shape, dtype, device, args.prepack)
     backend = args.backends[0]
     models = cost_models(table, model.config, None, backend=table.get("backend") if backend == "table" else backend)
     if "error" in models:
@@ -205,6 +220,8 @@ def main() -> int:
     p.add_argument("--level", type=int, default=16)
     p.add_argument("--table", help="the cost table the replay is compared with (default: the newest committed)")
     p.add_argument("--max-per-shape", type=int, default=5, help="replay: timed runs per distinct forward shape")
+    p.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU: linears reordered for oneDNN, as verifier.prepack does (default on)")
     p.add_argument("--threads", type=int, help="torch threads (a CPU table: 1, as the verifier's default)")
     args = p.parse_args()
     if args.threads:

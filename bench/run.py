@@ -72,6 +72,7 @@ class BenchOptions:
     threads: int = 1  # torch threads of every server (the bench process's baselines and the SLED verifier)
     broker_micro: bool = True
     gpu_cost: str | None = None  # GPU cost table for the projections; None: the newest bench/results/gpu_cost_*.json
+    cpu_cost: str | None = None  # CPU cost table (the verifier alone on this CPU); None: the newest bench/results/cpu_cost_*.json
     quick: bool = False
     config_path: str | None = None
     overrides: list[str] = field(default_factory=list)  # `sled --set` items, passed to the fleet's processes
@@ -121,10 +122,29 @@ def model_strategy(choice, model, target_spec: str):
     return ModelDrafter(model, min_confidence=choice.min_confidence)
 
 
+def cpu_cost_models(path: str | None, target_config, backend: str) -> tuple[dict | None, dict]:
+    """The CPU table's cost model of the target under ``backend`` and the table's summary, or
+    (None, {"error": why}): no table, or none of this target's shape and backend."""
+    table, table_path = load_table(path, kind="cpu")
+    if table is None:
+        return None, {"error": "no bench/results/cpu_cost_*.json and no --cpu-cost"}
+    try:
+        models = cost_models(table, target_config, backend=backend)
+    except KeyError as exc:
+        models = {"error": str(exc)}
+    summary = table_summary(table, table_path, models)
+    if "error" in models:
+        log.info("cpu_table_projection_unavailable", reason=models["error"])
+        return None, summary
+    return models, summary
+
+
 def derive(method: str, records: list[SessionRecord], server: dict, *, weights_mb: float, profiles: dict,
-           gpu: dict | None = None) -> dict:
+           gpu: dict | None = None, cpu_models: dict | None = None) -> dict:
     """The figures of one method at one level, from its session records and server counters.
-    ``gpu``: cost models (bench/gpu_cost.py) to project the recorded forwards onto a GPU server."""
+    ``gpu``: cost models (bench/gpu_cost.py) to project the recorded forwards onto a GPU server;
+    ``cpu_models``: the same from a CPU table, the verifier alone on this machine's CPU (methods with
+    server draft forwards are not priced: the table holds the target's shape only)."""
     figures = latency_figures(records, server["elapsed_s"])
     generated = max(1, figures["generated_tokens"])
     cpu = server["server_cpu_s"]
@@ -176,6 +196,8 @@ def derive(method: str, records: list[SessionRecord], server: dict, *, weights_m
             elapsed = max(projection["gpu_server_ms"] / 1000, server["elapsed_s"] - cpu + projection["gpu_server_ms"] / 1000)
             projection["projected_throughput_tok_s"] = round(generated / elapsed, 2) if elapsed > 0 else None
             figures["gpu_projection"] = projection
+        if cpu_models and not server["forwards"].get("draft"):
+            figures["cpu_table_projection"] = project(server["forwards"], cpu_models, generated, prefix="cpu_table")
     return figures
 
 
@@ -202,7 +224,7 @@ def identical(records: list[SessionRecord], references: list[list[int]]) -> dict
 
 async def _sled_levels(setup: Setup, options: BenchOptions, classes: list[DeviceClass], mode: str, levels: list[int],
                        prompts, references, stop_ids, workdir: Path, weights_mb: float, out: dict, check: dict,
-                       gpu: dict | None = None, policy: str = "adaptive") -> None:
+                       gpu: dict | None = None, policy: str = "adaptive", cpu: dict | None = None) -> None:
     slo = options.slo_tpot_ms or setup.slo_tpot_ms
     # the user's own --set items come last: they may change either pass
     overrides = [f"verifier.threads={options.threads}", *setup.sled_overrides, *policy_overrides(policy, classes, slo),
@@ -213,7 +235,7 @@ async def _sled_levels(setup: Setup, options: BenchOptions, classes: list[Device
             records = plan(n, options.min_sessions, prompts, setup.fleet)
             server = await fleet.run_level(records, n, options.max_new_tokens, stop_ids)
             name = ("sled" if policy == "adaptive" else "sled_fixed") if mode == options.network else "sled_loopback"
-            out[name][n] = derive(name, records, server, weights_mb=weights_mb, profiles=options.profiles, gpu=gpu)
+            out[name][n] = derive(name, records, server, weights_mb=weights_mb, profiles=options.profiles, gpu=gpu, cpu_models=cpu)
             out[name][n]["by_device"] = _by_device(records)
             check[f"{name}@{n}"] = identical(records, references)
             log.info("level_done", method=name, concurrency=n, **{k: out[name][n][k] for k in ("throughput_tok_s", "tpot_p50_ms")})
@@ -301,6 +323,7 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
     # --set items), so AR, server-side SD and SLED differ in their drafts and batching, not their
     # forward; and they admit new sessions under the same token budget (broker.max_batch_tokens)
     server_config = load_config(options.config_path, [*setup.sled_overrides, *options.overrides])
+    cpu, cpu_table = cpu_cost_models(options.cpu_cost, target.config, server_config.verifier.backend)
     backend = None
     for n in options.levels:
         for method in ("ar", "server_sd"):
@@ -312,7 +335,7 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
                                  max_batch_tokens=server_config.broker.max_batch_tokens)
             del verifier
             out[method][n] = derive(method, records, server, weights_mb=weights_mb + (sd_weights if drafter else 0.0),
-                                    profiles=options.profiles, gpu=gpu)
+                                    profiles=options.profiles, gpu=gpu, cpu_models=cpu)
             check[f"{method}@{n}"] = identical(records, references)
             log.info("level_done", method=method, concurrency=n, throughput=out[method][n]["throughput_tok_s"],
                      tpot_p50_ms=out[method][n]["tpot_p50_ms"])
@@ -327,12 +350,12 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
     for policy in POLICIES:
         begun = time.perf_counter()
         asyncio.run(_sled_levels(setup, options, classes, options.network, options.levels, prompts, references, stop_ids,
-                                 workdir, weights_mb, out, check, gpu, policy=policy))
+                                 workdir, weights_mb, out, check, gpu, policy=policy, cpu=cpu))
         timings[f"sled_{policy}"] = round(time.perf_counter() - begun, 1)
     if options.loopback_levels and options.network != "loopback":
         begun = time.perf_counter()
         asyncio.run(_sled_levels(setup, options, classes, "loopback", options.loopback_levels, prompts, references,
-                                 stop_ids, workdir, weights_mb, out, check, gpu, policy="adaptive"))
+                                 stop_ids, workdir, weights_mb, out, check, gpu, policy="adaptive", cpu=cpu))
         timings["sled_loopback"] = round(time.perf_counter() - begun, 1)
 
     slo = options.slo_tpot_ms or setup.slo_tpot_ms
@@ -353,6 +376,7 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
         "weights_mb": {"target": round(weights_mb, 1), "server_drafter": round(sd_weights, 1)},
         "verifier_backend": backend,
         "gpu_cost_table": gpu_table,
+        "cpu_cost_table": cpu_table,
         "elapsed_s": None,
     }
     result["headline"] = headline(result, options)
@@ -439,5 +463,14 @@ def adaptive_headline(result: dict, options: BenchOptions) -> dict:
     if gpu:
         out["gpu_server_cost_vs_ar_by_level"] = gpu  # projections (bench/gpu_cost.py), not measurements
         worse["gpu_projected"] = [int(n) for n, r in gpu.items() if r > 1.0]
+    # the same forwards priced by the CPU table: every method at one price list, the verifier alone
+    # on this CPU (the measured figures carry the emulated devices' load and the machine's drift)
+    table = {n: round(sled[n]["cpu_table_projection"]["cpu_table_server_ms_per_token"]
+                      / ar[n]["cpu_table_projection"]["cpu_table_server_ms_per_token"], 3)
+             for n in common if sled[n].get("cpu_table_projection") and ar[n].get("cpu_table_projection")}
+    if table:
+        out["cpu_table_server_cost_vs_ar_by_level"] = table
+        out["cpu_cost_table"] = (result.get("cpu_cost_table") or {}).get("file")
+        worse["cpu_table"] = [int(n) for n, r in table.items() if r > 1.0]
     out["sled_worse_than_ar_at"] = worse
     return out

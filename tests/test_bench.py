@@ -125,8 +125,11 @@ def test_bench_run_on_tiny_models_is_lossless_for_every_method(tiny_models, tmp_
     network = "loopback" if unavailable_reason() else "netns"
     table = tmp_path / "gpu_cost_test.json"  # a synthetic table for the tiny target's shape (and twice as deep)
     table.write_text(json.dumps(_synthetic_table()))
+    cpu_table = tmp_path / "cpu_cost_test.json"  # the same prices under the verifier's backend, as a CPU table
+    cpu_table.write_text(json.dumps(_synthetic_table(backend="static", card="cpu (test)")))
     options = BenchOptions(levels=[1, 3], max_new_tokens=12, min_sessions=3, assisted_sessions=2, ratio_level=3,
-                           loopback_levels=[3], network=network, workdir=tmp_path, gpu_cost=str(table))
+                           loopback_levels=[3], network=network, workdir=tmp_path, gpu_cost=str(table),
+                           cpu_cost=str(cpu_table))
     prompts = [[(5 * i + 7 * j) % 250 + 1 for j in range(4 + i)] for i in range(6)]
     result = run_setup(setup, options, prompts=prompts, stop_ids=[])
     assert result["all_identical"], result["identical_outputs"]
@@ -186,15 +189,40 @@ def test_bench_run_on_tiny_models_is_lossless_for_every_method(tiny_models, tmp_
         assert 0 <= figures["outside_batch_cpu_ms_per_token"] < figures["server_cpu_ms_per_token"]
     assert set(head["server_cost_vs_ar_by_level"]) == set(head["gpu_server_cost_vs_ar_by_level"]) == {"1", "3"}
     assert head["sled_worse_than_ar_at"]["cpu"] == [int(n) for n, r in head["server_cost_vs_ar_by_level"].items() if r > 1]
+    # the CPU table prices SLED's and AR's forwards alike (server-side SD's draft forwards it cannot)
+    priced = {n: methods["sled"][n]["cpu_table_projection"]["cpu_table_server_ms_per_token"]
+              / ar[n]["cpu_table_projection"]["cpu_table_server_ms_per_token"] for n in ("1", "3")}
+    assert head["cpu_table_server_cost_vs_ar_by_level"] == {n: round(r, 3) for n, r in priced.items()}
+    assert head["cpu_cost_table"] == str(cpu_table) and "cpu_table_projection" not in methods["server_sd"]["3"]
+    assert head["sled_worse_than_ar_at"]["cpu_table"] == [int(n) for n, r in priced.items() if round(r, 3) > 1]
 
 
-def _synthetic_table() -> dict:
+def _synthetic_table(backend: str = "eager", card: str = "gpu-test-card") -> dict:
     # test data, not a measurement: cost = 10 ms + 1 ms per session + 0.5 ms per row
-    rows = [{"shape": shape, "backend": "eager", "sessions": b, "tokens_per_session": t, "ms": k * (10 + b + 0.5 * b * t)}
+    rows = [{"shape": shape, "backend": backend, "sessions": b, "tokens_per_session": t, "ms": k * (10 + b + 0.5 * b * t)}
             for shape, k in (("tiny", 1.0), ("tiny-deep", 2.0)) for b in (1, 4) for t in (1, 5)]
-    return {"card": "gpu-test-card", "measured": "test", "backend": "eager", "dtype": "float32", "prefix_tokens": 0,
+    return {"card": card, "measured": "test", "backend": backend, "dtype": "float32", "prefix_tokens": 0,
             "source": "synthetic", "rows": rows,
             "shapes": {"tiny": {"num_hidden_layers": 2, "hidden_size": 64}, "tiny-deep": {"num_hidden_layers": 4, "hidden_size": 64}}}
+
+
+def test_a_cost_table_prices_every_methods_recorded_forwards_alike():
+    """`python -m bench.gpu_cost RESULT --table FILE`: a recorded run's forwards at one price list;
+    a method with server draft forwards is left out when the table cannot price its drafter."""
+    from transformers import LlamaConfig
+
+    from bench.gpu_cost import by_level, cost_models
+
+    models = cost_models(_synthetic_table(), LlamaConfig(num_hidden_layers=2, hidden_size=64))
+    result = {"methods": {
+        "ar": {"4": {"generated_tokens": 40, "forwards": {"verify": [[4, 4, 10]], "draft": []}}},
+        "sled": {"4": {"generated_tokens": 40, "forwards": {"verify": [[4, 8, 6], [3, 3, 2]], "draft": []}}},
+        "server_sd": {"4": {"generated_tokens": 40, "forwards": {"verify": [[4, 20, 3]], "draft": [[4, 4, 12]]}}},
+    }}
+    ms = by_level(result, models)
+    assert set(ms) == {"ar", "sled"}
+    assert ms["ar"]["4"] == 10 * (10 + 4 + 2) / 40
+    assert ms["sled"]["4"] == (6 * (10 + 4 + 4) + 2 * (10 + 3 + 1.5)) / 40
 
 
 def test_gpu_cost_model_interpolates_in_sessions_and_rows():
