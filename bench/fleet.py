@@ -259,9 +259,11 @@ def _level_delta(before: dict, after: dict, elapsed: float) -> dict:
         # batches the SLO-aware policy held past their deadline (brokers/slo.py), and for how long
         "broker_holds": v1.get("holds", 0) - v0.get("holds", 0),
         "broker_held_ms": v1.get("held_ms", 0.0) - v0.get("held_ms", 0.0),
-        # the broker's verify-time fit at the level's end: [a, b, c] ms of t = a + b·sessions + c·rows,
-        # the verifier's busy fraction and the row cost verdicts carried (brokers/estimator.py)
-        "broker_estimator": {k: v1[k] for k in ("verify_time_fit_ms", "utilisation", "row_cost_ms", "round_cost_ms") if k in v1},
+        # the broker's fits at the level's end: [a, b, c] ms of t = a + b·sessions + c·rows, of the
+        # round trips and of the compute the verifier reported (which prices rows), the verifier's
+        # busy fraction and the row cost verdicts carried (brokers/estimator.py)
+        "broker_estimator": {k: v1[k] for k in ("verify_time_fit_ms", "verify_cost_fit_ms", "utilisation", "row_cost_ms",
+                                                "round_cost_ms") if k in v1},
         "verifier_memory": after["verifier_memory"],
         "peak_kv_cache_mb": None,
         "devices": devices,

@@ -408,7 +408,7 @@ class Broker:
         # the verify rows' and stays out of the fit (it still counts as busy time)
         fit = all(item.payload.history is None for item in batch.items)
         handle.estimator.observe(len(batch.items), max(batch.tokens, len(batch.items)), max(now - batch.sent, 1e-6),
-                                 sent=batch.sent, fit=fit)
+                                 sent=batch.sent, fit=fit, cost=msg.cost_ms / 1000 if msg.cost_ms > 0 else None)
         cost = round(handle.estimator.row_cost_ms(), 4)
         round_cost = handle.round_cost_ms = round(self._round_cost_ms(handle), 4)
         # what the verifier's costs are now, and which of its batches this was: with the number of
@@ -479,6 +479,7 @@ class Broker:
                 **msgspec.structs.asdict(v.stats), queued=len(v.batcher), superseded=v.batcher.superseded,
                 busy=bool(v.inflight), holds=v.batcher.holds, held_ms=round(1000 * v.batcher.held_s, 3),
                 verify_time_fit_ms=[round(1000 * c, 4) for c in v.estimator.coefficients()],
+                verify_cost_fit_ms=[round(1000 * c, 4) for c in v.estimator.cost_coefficients()],
                 utilisation=round(v.estimator.utilisation, 4), row_cost_ms=round(v.estimator.row_cost_ms(), 4),
                 round_cost_ms=v.round_cost_ms)
                 for v in self.verifiers.values()},

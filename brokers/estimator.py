@@ -11,6 +11,19 @@ forgetting factor, so that it follows a verifier whose speed drifts (other load 
 a cache that grows) without keeping every sample. Predictions clamp each coefficient at zero: a
 noisy fit must never price a row or a session below nothing.
 
+Two such fits are kept. The *time* fit learns the batch's round trip as the broker sees it
+(dispatch to verdicts): when a verdict will come back, which the SLO-aware hold plans with
+(brokers/slo.py). The *cost* fit learns what the verifier reports the batch cost its compute
+(``BatchVerdicts.cost_ms``: the forward's CPU time on a CPU, its wall time on a GPU), and the
+prices below come from it: a row's price is compute a draft spends, and a wait for a core shared
+with other processes, the event loop or the messages are time the round trip adds but no row
+saves or spends. A verifier that reports no cost leaves the time fit to price with. On the
+2-core bench box the two split a forward alike (4 sessions, the emulated devices beside the
+verifier: round trip a = 83 ms, c = 2.5 ms a row; CPU time a = 59 ms + 3 ms a session,
+c = 1.8 ms a row), and both put a larger part in the fixed cost than the verifier alone on the
+machine does (about 37 ms and 2.9 ms a row, bench/results/cpu_cost_epyc.json): there the
+devices' load raises every forward's CPU time (docs/benchmarks.md, session 26).
+
 ``row_cost_ms`` -- the number every Verdict carries (``Verdict.row_cost_ms``) -- is the marginal
 cost of one more verify row at the verifier's current load: the fitted slope c, scaled by the
 verifier's recent utilisation ρ (the fraction of wall time it spent verifying, an EWMA over
@@ -43,34 +56,15 @@ P_TRACE_CAP = 1e3
 
 
 @dataclass
-class VerifyTimeEstimator:
-    forget: float = 0.98  # RLS forgetting factor: samples older than ~1/(1-forget) batches fade
-    warmup: int = 4  # batches before the fit is trusted
-    utilisation_weight: float = 0.2  # EWMA weight of the newest batch's busy fraction
+class LinearFit:
+    """t = a + b·sessions + c·rows by recursive least squares with a forgetting factor."""
+
+    forget: float = 0.98  # samples older than ~1/(1-forget) batches fade
     theta: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # a, b, c in seconds
     samples: int = 0
-    utilisation: float = 0.0
-    batch_sessions: float = 0.0  # EWMA of sessions per fitted batch (same weight as utilisation)
     _p: list[list[float]] = field(default_factory=lambda: [[1e2 if i == j else 0.0 for j in range(3)] for i in range(3)])
-    _last: tuple[float, float] | None = None  # (sent, seconds) of the previous batch
 
-    def observe(self, sessions: int, rows: int, seconds: float, sent: float | None = None, fit: bool = True) -> None:
-        """One timed batch: dispatched at ``sent`` (the broker's clock), answered ``seconds`` later.
-        ``fit`` False: the batch counts for utilisation only (it prefilled a history, whose cost
-        is not a verify row's). Utilisation: the previous batch's time ÷ the time between the two
-        dispatches (a verifier is handed one batch at a time, so the interval holds exactly one)."""
-        if sessions < 1 or rows < sessions or seconds <= 0:
-            raise ValueError(f"not a verify batch: sessions={sessions} rows={rows} seconds={seconds}")
-        if sent is not None:
-            if self._last is not None and sent > self._last[0]:
-                busy = min(1.0, self._last[1] / (sent - self._last[0]))
-                w = self.utilisation_weight
-                self.utilisation = (1 - w) * self.utilisation + w * busy
-            self._last = (sent, seconds)
-        if not fit:
-            return
-        w = self.utilisation_weight
-        self.batch_sessions = sessions if self.samples == 0 else (1 - w) * self.batch_sessions + w * sessions
+    def observe(self, sessions: int, rows: int, seconds: float) -> None:
         x = (1.0, float(sessions), float(rows))
         p = self._p
         px = [sum(p[i][j] * x[j] for j in range(3)) for i in range(3)]
@@ -86,13 +80,66 @@ class VerifyTimeEstimator:
         self._p = p
         self.samples += 1
 
+    def coefficients(self) -> tuple[float, float, float]:
+        a, b, c = (max(0.0, v) for v in self.theta)
+        return a, b, c
+
+
+@dataclass
+class VerifyTimeEstimator:
+    forget: float = 0.98  # RLS forgetting factor: samples older than ~1/(1-forget) batches fade
+    warmup: int = 4  # batches before a fit is trusted
+    utilisation_weight: float = 0.2  # EWMA weight of the newest batch's busy fraction
+    utilisation: float = 0.0
+    batch_sessions: float = 0.0  # EWMA of sessions per fitted batch (same weight as utilisation)
+    time: LinearFit | None = None  # the batches' round trips: when a verdict comes back (seconds())
+    cost: LinearFit | None = None  # the verifier's own compute per batch: what a row and a round cost (prices)
+    _last: tuple[float, float] | None = None  # (sent, seconds) of the previous batch
+
+    def __post_init__(self) -> None:
+        self.time = self.time or LinearFit(self.forget)
+        self.cost = self.cost or LinearFit(self.forget)
+
+    @property
+    def samples(self) -> int:
+        return self.time.samples
+
+    def observe(self, sessions: int, rows: int, seconds: float, sent: float | None = None, fit: bool = True,
+                cost: float | None = None) -> None:
+        """One timed batch: dispatched at ``sent`` (the broker's clock), answered ``seconds`` later.
+        ``fit`` False: the batch counts for utilisation only (it prefilled a history, whose cost
+        is not a verify row's). ``cost``: the seconds of compute the verifier reported for it
+        (BatchVerdicts.cost_ms), which the prices are fitted on. Utilisation: the previous batch's
+        time ÷ the time between the two dispatches (a verifier is handed one batch at a time, so
+        the interval holds exactly one)."""
+        if sessions < 1 or rows < sessions or seconds <= 0:
+            raise ValueError(f"not a verify batch: sessions={sessions} rows={rows} seconds={seconds}")
+        if sent is not None:
+            if self._last is not None and sent > self._last[0]:
+                busy = min(1.0, self._last[1] / (sent - self._last[0]))
+                w = self.utilisation_weight
+                self.utilisation = (1 - w) * self.utilisation + w * busy
+            self._last = (sent, seconds)
+        if not fit:
+            return
+        w = self.utilisation_weight
+        self.batch_sessions = sessions if self.samples == 0 else (1 - w) * self.batch_sessions + w * sessions
+        self.time.observe(sessions, rows, seconds)
+        if cost is not None and cost > 0:
+            self.cost.observe(sessions, rows, cost)
+
     @property
     def ready(self) -> bool:
         return self.samples >= self.warmup
 
     def coefficients(self) -> tuple[float, float, float]:
-        a, b, c = (max(0.0, v) for v in self.theta)
-        return a, b, c
+        """The round-trip fit's a, b, c (seconds)."""
+        return self.time.coefficients()
+
+    def cost_coefficients(self) -> tuple[float, float, float]:
+        """The compute fit's a, b, c once warmed up; before (a verifier that reports none), the
+        round trip's."""
+        return (self.cost if self.cost.samples >= self.warmup else self.time).coefficients()
 
     def seconds(self, sessions: int, rows: int) -> float:
         """Predicted time of one forward over ``sessions`` proposals holding ``rows`` rows in all."""
@@ -103,7 +150,7 @@ class VerifyTimeEstimator:
         """The marginal cost of one more row now (module docstring); 0.0 before the warm-up."""
         if not self.ready:
             return 0.0
-        return 1000.0 * self.coefficients()[2] * self.utilisation
+        return 1000.0 * self.cost_coefficients()[2] * self.utilisation
 
     def round_cost_ms(self, sessions: int | None = None) -> float:
         """A session's share of a verify round's fixed cost now (module docstring); 0.0 before the
@@ -111,6 +158,6 @@ class VerifyTimeEstimator:
         batch would share the forward; None: the recent batches' mean size."""
         if not self.ready:
             return 0.0
-        a, b, _ = self.coefficients()
+        a, b, _ = self.cost_coefficients()
         share = self.batch_sessions if sessions is None else sessions
         return 1000.0 * (a / max(1.0, share) + b) * self.utilisation

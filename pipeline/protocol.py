@@ -196,9 +196,14 @@ class VerifyBatch(Message, tag="batch"):
     items: list[Propose]
 
 class BatchVerdicts(Message, tag="verdicts"):
+    """``compute_ms``: the batch's wall time in the verifier. ``cost_ms``: what it cost the
+    server's compute, which the broker prices rows with (brokers/estimator.py): the forward's CPU
+    time on a CPU (time spent waiting for a core shared with other processes is not the forward's
+    cost), its wall time on a GPU; 0.0: not measured (the broker prices from round trips)."""
     batch_id: int
     verdicts: list[Verdict]
     compute_ms: float = 0.0
+    cost_ms: float = 0.0
 
 class Generate(Message, tag="generate"):  # client -> drafter (the device's local API)
     request_id: str

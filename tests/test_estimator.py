@@ -115,3 +115,35 @@ def test_round_cost_over_the_served_sessions_does_not_follow_the_batches():
     assert served == pytest.approx(1000 * (0.048 / 16 + 0.001) * est.utilisation, rel=0.05)
     assert served < 0.5 * est.round_cost_ms()
     assert est.round_cost_ms(0) == est.round_cost_ms(1)  # never divided by nothing
+
+
+def test_prices_come_from_the_reported_compute_and_timing_from_the_round_trip():
+    """On a machine the verifier shares, a round trip carries waits for a core, the event loop and
+    the messages on top of the forward's compute: a fixed part that is time, not cost. The verdicts'
+    prices follow the compute the verifier reports (BatchVerdicts.cost_ms); the predicted time
+    (the SLO hold's) keeps the round trip. Without reports, both come from the round trip."""
+    def compute(s, r):
+        return 0.036 + 0.0027 * r
+
+    def round_trip(s, r):
+        return 0.070 + 0.0023 * r  # a larger fixed part: waits for a core, the event loop, the messages
+
+    reported, silent = VerifyTimeEstimator(), VerifyTimeEstimator()
+    rng = random.Random(3)
+    now = 0.0
+    for _ in range(200):
+        s = rng.randint(1, 8)
+        r = s + rng.randint(0, 4 * s)
+        reported.observe(s, r, round_trip(s, r), sent=now, cost=compute(s, r))
+        silent.observe(s, r, round_trip(s, r), sent=now)
+        now += round_trip(s, r)
+    assert reported.seconds(4, 8) == pytest.approx(round_trip(4, 8), rel=0.02)
+    assert reported.cost_coefficients() == pytest.approx((0.036, 0.0, 0.0027), abs=2e-4)
+    assert silent.cost_coefficients() == silent.coefficients()
+    rows_worth = {name: est.round_cost_ms(4) / est.row_cost_ms() for name, est in (("reported", reported), ("silent", silent))}
+    assert rows_worth["reported"] == pytest.approx(36 / 4 / 2.7, rel=0.05)  # a session's share: ~3.3 rows
+    assert rows_worth["silent"] == pytest.approx(70 / 4 / 2.3, rel=0.05)  # ~7.6 rows
+    # prefill batches stay out of both fits
+    before = reported.cost_coefficients()
+    reported.observe(1, 1, 5.0, sent=now, fit=False, cost=4.0)
+    assert reported.cost_coefficients() == before

@@ -243,6 +243,25 @@ def test_the_broker_stamps_each_verdict_with_the_row_and_round_costs():
         assert 0.5 < fixed / row < 8, costs
 
 
+def test_the_prices_follow_the_compute_the_verifier_reports_not_the_round_trip():
+    """A verifier that reports its batches' compute (BatchVerdicts.cost_ms: 2 ms + 5 ms a row)
+    while each round trip also waits 40 ms (a core shared with other processes, the event loop):
+    the verdicts price a round's fixed part from the compute, under a row, where the round trip
+    would make it worth several rows (brokers/estimator.py)."""
+    with hand_driven_broker(0.5, ["broker.slo_tpot_ms=200.0"]) as (verifier, drafter):
+        for round_ in range(12):
+            draft = [9] * (round_ % 4)
+            drafter.send(Propose("s", round_, 3 + round_, draft, history=HISTORY if round_ == 0 else None).encode())
+            batch = recv(verifier, VERIFIER_ACCEPTS)
+            time.sleep(0.04 + 0.002 * len(draft))
+            cost_ms = 2.0 + 5.0 * (1 + len(draft))
+            verifier.send(BatchVerdicts(batch.batch_id, [Verdict("s", round_, 0, 4)], cost_ms=cost_ms).encode())
+            verifier.send(Ready().encode())
+            verdict = recv(drafter, DRAFTER_UPSTREAM_ACCEPTS)
+        row, fixed = verdict.row_cost_ms, verdict.round_cost_ms
+        assert row > 0 and fixed / row < 1.5, (row, fixed)
+
+
 async def test_when_everyone_is_late_either_way_the_cheaper_batch_per_token_is_held_for():
     """An overloaded verifier (~100 ms fixed per forward): six queued sessions and one expected
     20 ms later, all past their objectives whatever happens. Merged, the queued six finish 25 ms

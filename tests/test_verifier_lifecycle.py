@@ -116,14 +116,18 @@ async def test_a_close_that_overtakes_its_batch_at_the_verifier_leaves_no_cache(
             batch = VerifyBatch(1, [Propose("s-0", 0, len(HISTORY), [1, 2], history=HISTORY)])
             await broker.send_multipart([identity, batch.encode()])
             await broker.send_multipart([identity, CloseSession("s-0").encode()])
-            deadline = time.monotonic() + 10
+            deadline, reply = time.monotonic() + 10, None
             while time.monotonic() < deadline:
                 identity, frame = await asyncio.wait_for(broker.recv_multipart(), 5)
                 with contextlib.suppress(Exception):
-                    if isinstance(inbox.decode(frame), BatchVerdicts):
+                    reply = inbox.decode(frame)
+                    if isinstance(reply, BatchVerdicts):
                         break
             await asyncio.sleep(0.5)
             assert not target.sessions, "the closed session's KV cache outlived the close"
+            # the batch's cost, which the broker prices rows with: on this CPU, the forward's CPU time
+            assert isinstance(reply, BatchVerdicts) and reply.cost_ms > 0 and reply.compute_ms > 0
+            assert reply.cost_ms == pytest.approx(1000 * target.stats.batch_cpu_s, rel=0.01)
     finally:
         broker.close(0)
         ctx.destroy(0)

@@ -54,6 +54,7 @@ class VerifierWorker:
         self.busy = False
         self.rejected_frames = 0
         self.forwards = ForwardLog()  # (sessions, rows) of every forward, for `sled bench`'s GPU projection
+        self.cpu = verifier.device.type == "cpu"  # a batch's cost is its CPU time here, its wall time on a GPU
         # sessions closed while a batch holding them was queued or computing here: the forward
         # rebuilds their caches, so they are closed again once it is done
         self.closing: set[str] = set()
@@ -118,10 +119,13 @@ class VerifierWorker:
         while True:
             batch = await self.batches.get()
             self.busy = True
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), self.verifier.stats.batch_cpu_s
             with structlog.contextvars.bound_contextvars(batch_id=batch.batch_id):
                 verdicts = await loop.run_in_executor(self.executor, verify_recorded, self.verifier, batch.items, self.forwards)
                 compute_ms = 1000 * (time.perf_counter() - started)
+                # what the batch cost: on a CPU its forward's CPU time (verify_recorded counts it),
+                # on a GPU its wall time (the round ends in one transfer, so the host waited for it)
+                cost_ms = 1000 * (self.verifier.stats.batch_cpu_s - cpu) if self.cpu else compute_ms
                 for item in batch.items:
                     self.pending.discard(item.session_id)
                     if item.session_id in self.closing:  # closed meanwhile: drop what the forward rebuilt
@@ -129,7 +133,7 @@ class VerifierWorker:
                         await loop.run_in_executor(self.executor, self.verifier.close, item.session_id)
                 log.debug("batch_verified", size=len(batch.items), compute_ms=round(compute_ms, 2))
             self.busy = False
-            self.broker.send(BatchVerdicts(batch.batch_id, verdicts, compute_ms).encode())
+            self.broker.send(BatchVerdicts(batch.batch_id, verdicts, compute_ms, cost_ms).encode())
             self.broker.send(Ready(self._stats()).encode())
 
     async def _heartbeat_loop(self) -> None:
