@@ -93,14 +93,20 @@ class BatchedDrafter:
 
 def run_central(target, sessions: list[SessionRecord], concurrency: int, max_new_tokens: int, stop_ids: list[int],
                 drafter: BatchedDrafter | None = None, *, max_sessions: int = 512, verifier=None,
-                max_batch_tokens: int = 0) -> dict:
+                max_batch_tokens: int = 0, link_rtt_s: dict[int, float] | None = None) -> dict:
     """Serve ``sessions``, at most ``concurrency`` at once; fills each record, returns server figures.
     ``verifier``: the backend to serve with (default: the eager ``TargetVerifier``).
     ``max_batch_tokens`` (> 0): the token budget of a step, as SLED's broker applies it
     (``broker.max_batch_tokens``, Propose.batch_tokens, brokers/batcher.py): the running sessions'
     verify rows, then new sessions while their prompts' prefill fits (vLLM's
     ``max_num_batched_tokens``, without splitting a prompt), and at least one new session a step
-    whatever its size. 0: every waiting session joins at once."""
+    whatever its size. 0: every waiting session joins at once.
+    ``link_rtt_s``: each session's client link round trip (by ``SessionRecord.index``), the link of
+    the device class SLED's fleet serves it on: its request reaches the server half a round trip
+    after the client sends it, and its tokens reach the client half a round trip after the step
+    that made them. So a closed loop's next session joins a round trip after its predecessor's
+    last step, as in SLED, whose sessions cross the same links (bench/fleet.py); and TTFT, counted
+    at the client, includes the round trip. None: clients with no link."""
     verifier = verifier or TargetVerifier(target, max_sessions=max_sessions, limits=LimitsConfig())
     forwards = ForwardLog()
     stops = set(stop_ids)
@@ -109,14 +115,22 @@ def run_central(target, sessions: list[SessionRecord], concurrency: int, max_new
     cpu0, wall0 = time.process_time(), time.perf_counter()
     peak_cache = 0
     rows = 1 + (drafter.gamma if drafter else 0)  # what a running session puts through a step at most
+    half = {s.index: (link_rtt_s or {}).get(s.index, 0.0) / 2 for s in sessions}
     arrived = 0  # sessions whose client is waiting (closed loop: one arrives as one ends)
+    freed: deque[float] = deque()  # when each slot freed by a finished session reached its client
+    ready: dict[int, float] = {}  # when each arrived session's request reaches the server
     while pending or active:
         now = time.perf_counter()
         while arrived < min(len(sessions), concurrency + len(sessions) - len(pending) - len(active)):
-            sessions[arrived].start = now  # its TTFT counts from here, admitted or not
+            s = sessions[arrived]
+            s.start = freed.popleft() if arrived >= concurrency and freed else now  # TTFT counts from here, admitted or not
+            ready[s.index] = s.start + half[s.index]
             arrived += 1
+        if not active and pending and ready.get(pending[0].index, now) > now:
+            time.sleep(ready[pending[0].index] - now)  # nothing to run until the next request crosses its link
+            now = time.perf_counter()
         used, opened = rows * len(active), False
-        while pending and len(active) < concurrency:
+        while pending and len(active) < concurrency and ready.get(pending[0].index, now + 1) <= now:
             cost = len(pending[0].prompt)  # its prefill and its first row
             if max_batch_tokens and opened and used + cost > max_batch_tokens:
                 break
@@ -145,12 +159,13 @@ def run_central(target, sessions: list[SessionRecord], concurrency: int, max_new
             s.tokens += new
             s.count_round(len(d), v.accepted)
             if s.first is None:
-                s.first = now
+                s.first = now + half[s.index]  # at the client
             if drafter:
                 drafter.commit(s, position, v.accepted)
             if len(s.tokens) >= max_new_tokens or (new and new[-1] in stops):
-                s.end = now
+                s.end = now + half[s.index]
                 finished.append(s)
+                freed.append(s.end)  # the client sends its next request as its last token arrives
         for s in finished:
             active.remove(s)
             verifier.close(str(s.index))

@@ -122,6 +122,15 @@ def model_strategy(choice, model, target_spec: str):
     return ModelDrafter(model, min_confidence=choice.min_confidence)
 
 
+def client_links(records: list[SessionRecord], fleet: list[str], options: BenchOptions) -> dict[int, float]:
+    """Each centralized session's client link round trip (s): the link of the device class SLED's
+    fleet serves the same session on (``plan`` gives session i class i mod the fleet), since a
+    server's users are on those links whoever drafts. Without emulated links (loopback), none."""
+    if options.network != "netns" or not fleet:
+        return {}
+    return {r.index: options.profiles[fleet[r.index % len(fleet)]].rtt_ms / 1000 for r in records}
+
+
 def cpu_cost_models(path: str | None, target_config, backend: str) -> tuple[dict | None, dict]:
     """The CPU table's cost model of the target under ``backend`` and the table's summary, or
     (None, {"error": why}): no table, or none of this target's shape and backend."""
@@ -332,7 +341,8 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
             verifier = make_verifier(target, server_config)
             backend = verifier.backend
             server = run_central(target, records, n, options.max_new_tokens, stop_ids, drafter, verifier=verifier,
-                                 max_batch_tokens=server_config.broker.max_batch_tokens)
+                                 max_batch_tokens=server_config.broker.max_batch_tokens,
+                                 link_rtt_s=client_links(records, setup.fleet, options))
             del verifier
             out[method][n] = derive(method, records, server, weights_mb=weights_mb + (sd_weights if drafter else 0.0),
                                     profiles=options.profiles, gpu=gpu, cpu_models=cpu)

@@ -116,6 +116,26 @@ def test_centralized_ar_admits_a_wave_under_the_brokers_token_budget(tiny_models
     assert firsts[25] == (2, True)
 
 
+def test_centralized_clients_cross_the_same_links_as_sleds(tiny_models):
+    """With each session's client link (the round trip of the device class SLED serves it on), a
+    closed loop's next session reaches the server a round trip after its predecessor's last step:
+    its request starts when the last token reaches the client, and its TTFT, counted there,
+    includes the round trip. The output is still the target's own."""
+    target = load_causal_lm(str(tiny_models["target"]))
+    prompts = [[(5 * i + 7 * j) % 250 + 1 for j in range(6)] for i in range(4)]
+    rtt = {0: 0.2, 1: 0.2, 2: 0.1, 3: 0.1}
+    records = [SessionRecord(i, p) for i, p in enumerate(prompts)]
+    run_central(target, records, 2, 3, [], link_rtt_s=rtt)
+    for r, p in zip(records, prompts):
+        assert r.tokens == greedy_reference(target, p, 3)
+        assert r.ttft_s >= rtt[r.index]  # the request's half a round trip and the first token's
+    # sessions 2 and 3 take the slots of 0 and 1: each starts as its predecessor's last token arrives
+    assert sorted(r.start for r in records[2:]) == pytest.approx(sorted(r.end for r in records[:2]))
+    bare = [SessionRecord(i, p) for i, p in enumerate(prompts)]
+    run_central(target, bare, 2, 3, [])
+    assert max(r.ttft_s for r in bare[:2]) < min(r.ttft_s for r in records[:2])
+
+
 @pytest.mark.timeout(360)
 def test_bench_run_on_tiny_models_is_lossless_for_every_method(tiny_models, tmp_path):
     small, copy = str(tiny_models["small"]), str(tiny_models["copy"])
