@@ -233,7 +233,7 @@ def identical(records: list[SessionRecord], references: list[list[int]]) -> dict
 
 async def _sled_levels(setup: Setup, options: BenchOptions, classes: list[DeviceClass], mode: str, levels: list[int],
                        prompts, references, stop_ids, workdir: Path, weights_mb: float, out: dict, check: dict,
-                       gpu: dict | None = None, policy: str = "adaptive", cpu: dict | None = None) -> None:
+                       gpu: dict | None = None, policy: str = "adaptive", cpu_models: dict | None = None) -> None:
     slo = options.slo_tpot_ms or setup.slo_tpot_ms
     # the user's own --set items come last: they may change either pass
     overrides = [f"verifier.threads={options.threads}", *setup.sled_overrides, *policy_overrides(policy, classes, slo),
@@ -244,7 +244,7 @@ async def _sled_levels(setup: Setup, options: BenchOptions, classes: list[Device
             records = plan(n, options.min_sessions, prompts, setup.fleet)
             server = await fleet.run_level(records, n, options.max_new_tokens, stop_ids)
             name = ("sled" if policy == "adaptive" else "sled_fixed") if mode == options.network else "sled_loopback"
-            out[name][n] = derive(name, records, server, weights_mb=weights_mb, profiles=options.profiles, gpu=gpu, cpu_models=cpu)
+            out[name][n] = derive(name, records, server, weights_mb=weights_mb, profiles=options.profiles, gpu=gpu, cpu_models=cpu_models)
             out[name][n]["by_device"] = _by_device(records)
             check[f"{name}@{n}"] = identical(records, references)
             log.info("level_done", method=name, concurrency=n, **{k: out[name][n][k] for k in ("throughput_tok_s", "tpot_p50_ms")})
@@ -332,7 +332,7 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
     # --set items), so AR, server-side SD and SLED differ in their drafts and batching, not their
     # forward; and they admit new sessions under the same token budget (broker.max_batch_tokens)
     server_config = load_config(options.config_path, [*setup.sled_overrides, *options.overrides])
-    cpu, cpu_table = cpu_cost_models(options.cpu_cost, target.config, server_config.verifier.backend)
+    cpu_models, cpu_table = cpu_cost_models(options.cpu_cost, target.config, server_config.verifier.backend)
     backend = None
     for n in options.levels:
         for method in ("ar", "server_sd"):
@@ -345,7 +345,7 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
                                  link_rtt_s=client_links(records, setup.fleet, options))
             del verifier
             out[method][n] = derive(method, records, server, weights_mb=weights_mb + (sd_weights if drafter else 0.0),
-                                    profiles=options.profiles, gpu=gpu, cpu_models=cpu)
+                                    profiles=options.profiles, gpu=gpu, cpu_models=cpu_models)
             check[f"{method}@{n}"] = identical(records, references)
             log.info("level_done", method=method, concurrency=n, throughput=out[method][n]["throughput_tok_s"],
                      tpot_p50_ms=out[method][n]["tpot_p50_ms"])
@@ -360,12 +360,12 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
     for policy in POLICIES:
         begun = time.perf_counter()
         asyncio.run(_sled_levels(setup, options, classes, options.network, options.levels, prompts, references, stop_ids,
-                                 workdir, weights_mb, out, check, gpu, policy=policy, cpu=cpu))
+                                 workdir, weights_mb, out, check, gpu, policy=policy, cpu_models=cpu_models))
         timings[f"sled_{policy}"] = round(time.perf_counter() - begun, 1)
     if options.loopback_levels and options.network != "loopback":
         begun = time.perf_counter()
         asyncio.run(_sled_levels(setup, options, classes, "loopback", options.loopback_levels, prompts, references,
-                                 stop_ids, workdir, weights_mb, out, check, gpu, policy="adaptive", cpu=cpu))
+                                 stop_ids, workdir, weights_mb, out, check, gpu, policy="adaptive", cpu_models=cpu_models))
         timings["sled_loopback"] = round(time.perf_counter() - begun, 1)
 
     slo = options.slo_tpot_ms or setup.slo_tpot_ms
