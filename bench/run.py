@@ -132,8 +132,9 @@ def client_links(records: list[SessionRecord], fleet: list[str], options: BenchO
 
 
 def cpu_cost_models(path: str | None, target_config, backend: str) -> tuple[dict | None, dict]:
-    """The CPU table's cost model of the target under ``backend`` and the table's summary, or
-    (None, {"error": why}): no table, or none of this target's shape and backend."""
+    """The CPU table's cost model of the target under ``backend`` and the table's summary; None
+    and a summary with its ``error`` when there is no table, or none of this target's shape and
+    backend."""
     table, table_path = load_table(path, kind="cpu")
     if table is None:
         return None, {"error": "no bench/results/cpu_cost_*.json and no --cpu-cost"}

@@ -92,13 +92,12 @@ class VerifyTimeEstimator:
     utilisation_weight: float = 0.2  # EWMA weight of the newest batch's busy fraction
     utilisation: float = 0.0
     batch_sessions: float = 0.0  # EWMA of sessions per fitted batch (same weight as utilisation)
-    time: LinearFit | None = None  # the batches' round trips: when a verdict comes back (seconds())
-    cost: LinearFit | None = None  # the verifier's own compute per batch: what a row and a round cost (prices)
+    time: LinearFit = field(init=False)  # the batches' round trips: when a verdict comes back (seconds())
+    cost: LinearFit = field(init=False)  # the verifier's own compute per batch: what a row and a round cost (prices)
     _last: tuple[float, float] | None = None  # (sent, seconds) of the previous batch
 
     def __post_init__(self) -> None:
-        self.time = self.time or LinearFit(self.forget)
-        self.cost = self.cost or LinearFit(self.forget)
+        self.time, self.cost = LinearFit(self.forget), LinearFit(self.forget)
 
     @property
     def samples(self) -> int:
