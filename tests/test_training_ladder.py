@@ -7,12 +7,12 @@ import torch
 from safetensors import safe_open
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from pipeline.int8_weights import pack, unpack
+from pipeline.packed_weights import pack, unpack
 from training.heldout_alpha import acceptance, accepted_lengths
 from training.distill_loss import candidate_distill_loss
 from training.drafter_net import LadderSpec, build_drafter_net
 from training.ladder import LADDER_DIR, RUNGS, load_rung
-from training.train_drafters import ladder_spec, load_ladder_weights, save_ladder
+from training.train_drafters import grown_spec, ladder_spec, load_ladder_weights, save_ladder
 
 SPEC = LadderSpec(rungs=("small", "medium", "big"), stem_layers=2, partition_layers=(1, 1, 2))
 
@@ -86,6 +86,66 @@ def test_export_stores_only_what_training_changed(tiny_target, tmp_path):
     assert layers == set(range(SPEC.stem_layers, SPEC.stem_layers + SPEC.trained_layers()))  # no stem, each once
     assert sum(k.startswith("norms.") for k in keys) == len(SPEC.rungs)
     assert not any("embed" in k or "lm_head" in k for k in keys)
+
+
+def test_int4_delta_stores_differences_from_the_base_in_half_the_bytes_of_int8():
+    torch.manual_seed(0)
+    base = {"w": torch.randn(48, 192), "v": torch.randn(8, 64)}
+    state = {"w": base["w"] + 0.1 * torch.randn(48, 192), "v": torch.randn(8, 32), "n": torch.randn(192)}
+    packed = pack(state, mode="int4-delta", base=base)
+    assert set(packed) == {"w.d4", "w.d4scale", "v.q", "v.scale", "n"}  # v's base has another shape: int8
+    assert packed["w.d4"].dtype == torch.uint8 and packed["w.d4"].shape == (48, 96)
+    back = unpack(packed, base=base)
+    step = (state["w"] - base["w"]).abs().reshape(48, 3, 64).amax(2, keepdim=True) / 7
+    assert ((back["w"] - state["w"]).abs().reshape(48, 3, 64) <= step / 2 + 1e-3).all()  # half a step per group
+    nbytes = lambda t: sum(x.numel() * x.element_size() for x in t.values())  # noqa: E731
+    assert nbytes({k: v for k, v in packed.items() if k.startswith("w.")}) < 0.6 * nbytes(pack({"w": state["w"]}))
+    with pytest.raises(KeyError, match="difference from the target"):
+        unpack(packed)
+
+
+def test_a_ladder_stored_as_differences_loads_against_its_target(tiny_target, tmp_path):
+    net, embed = build_drafter_net(tiny_target, SPEC, seed=1)
+    base = tiny_target.model.state_dict()
+    with torch.no_grad():  # fine-tuning moves the layers a little away from the target's copies;
+        depth = SPEC.stem_layers  # then round them as the export does, so both sides agree
+        for k, part in enumerate(net.partitions):
+            for layer in list(part.layers)[SPEC.stem_layers:] if k == 0 else part.layers:
+                for key, p in layer.named_parameters():
+                    name = f"layers.{depth}.{key}"
+                    p.add_(0.01 * torch.randn_like(p))
+                    p.copy_(unpack(pack({name: p}, mode="int4-delta", base=base), base=base)[name])
+                depth += 1
+    save_ladder(net, SPEC, tmp_path, {"target": "tiny"}, weights="int4-delta", base=base)
+    with safe_open(str(tmp_path / "ladder.safetensors"), "pt") as f:
+        assert any(k.endswith(".d4") for k in f.keys()) and not any(k.endswith(".q") for k in f.keys())
+    ids = torch.randint(0, 100, (1, 12))
+    for k, name in enumerate(SPEC.rungs):
+        expected = net.eval().rung_outputs(ids, [k])[k] @ embed.T
+        torch.testing.assert_close(load_rung(name, target=tiny_target, folder=tmp_path)(input_ids=ids).logits,
+                                   expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_grown_ladder_keeps_its_saved_rungs_and_starts_the_new_one_from_the_target(tiny_target, tmp_path):
+    """`--grow`: the saved rungs come back as saved; the new partition starts as the target's
+    layers at its depth, with its rung named for the next device class."""
+    saved = LadderSpec(rungs=("pi5", "orin"), stem_layers=2, partition_layers=(1, 1))
+    net, embed = build_drafter_net(tiny_target, saved, init_from_target=False, seed=1)
+    save_ladder(net, saved, tmp_path, {"target": "tiny"}, weights="fp16")
+    spec = grown_spec(ladder_spec(tmp_path), (2,))
+    assert spec.rungs == ("pi5", "orin", "large") and spec.partition_layers == (1, 1, 2)
+    grown, _ = build_drafter_net(tiny_target, spec, seed=2)
+    load_ladder_weights(grown, saved, tmp_path, tiny_target)
+    ids = torch.randint(0, 100, (1, 12))
+    for k, name in enumerate(saved.rungs):
+        torch.testing.assert_close(grown.eval().rung_outputs(ids, [k])[k] @ embed.T,
+                                   load_rung(name, target=tiny_target, folder=tmp_path)(input_ids=ids).logits,
+                                   atol=1e-4, rtol=1e-4)
+    for layer, depth in zip(grown.partitions[2].layers, (4, 5)):
+        for key, value in layer.state_dict().items():
+            assert torch.equal(value, tiny_target.model.layers[depth].state_dict()[key])
+    with pytest.raises(ValueError, match="at most 4 rungs"):
+        grown_spec(spec, (1, 1))
 
 
 def test_unknown_rung_is_refused(tiny_target, tmp_path):

@@ -76,6 +76,13 @@ def register(subparsers) -> None:
                     help="continue training this saved head or ladder (drafters/feature, drafters/ladder) on more data")
     dr.add_argument("--first-shard", type=int, default=0,
                     help="feature head: only shards numbered this or above (data a warm-started head has not seen)")
+    dr.add_argument("--grow", type=int, nargs="+", default=[],
+                    help="ladder with --init-from: add partitions of these many layers on top of the saved ladder, "
+                         "each joining after a look-ahead window of --lookahead-steps (new rungs: large, xl)")
+    dr.add_argument("--weights", choices=["int8", "int4-delta", "fp16"], default="int8",
+                    help="ladder: how the saved matrices are stored (pipeline/packed_weights.py)")
+    dr.add_argument("--repack", action="store_true",
+                    help="ladder: write --init-from's ladder to --out in the --weights layout, no training")
     dr.set_defaults(handler=_train_drafters)
 
     ev = subparsers.add_parser("eval", help="evaluate trained artefacts")
@@ -120,7 +127,7 @@ def _train_cnn(args: argparse.Namespace) -> int:
 
 def _train_drafters(args: argparse.Namespace) -> int:
     from training.distill_data import generate_shards
-    from training.drafter_net import LadderSpec
+    from training.drafter_net import RUNG_NAMES, LadderSpec
     from training.plots import plot_runs
     from training.train_drafters import LADDER_DIR, train_ladder
 
@@ -141,12 +148,20 @@ def _train_drafters(args: argparse.Namespace) -> int:
             args.summary.write_text(json.dumps(summary) + "\n")
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
         return 0
+    if args.repack:
+        from training.train_drafters import repack_ladder
+
+        if args.init_from is None or args.out is None:
+            raise SystemExit("--repack needs --init-from (the ladder to read) and --out")
+        print(repack_ladder(args.init_from, args.out, args.weights, args.target))
+        return 0
     spec = LadderSpec(stem_layers=args.stem_layers, partition_layers=tuple(args.partition_layers),
-                      rungs=tuple(("pi5", "orin", "large", "xl")[: len(args.partition_layers)]))
+                      rungs=RUNG_NAMES[: len(args.partition_layers)])
     common = dict(spec=spec, target=args.target, steps=args.steps, init_from_target=not args.random_layers,
                   lookahead_steps=args.lookahead_steps, tokens_per_batch=args.tokens_per_batch, lr=args.lr,
                   eval_prompts=args.eval_prompts, seed=args.seed,
-                  continuation_only=args.continuation_only, max_shards=args.shards, init_from=args.init_from)
+                  continuation_only=args.continuation_only, max_shards=args.shards, init_from=args.init_from,
+                  grow=tuple(args.grow), weights=args.weights)
     out = args.out or LADDER_DIR
     if args.compare_init:
         runs = {init: train_ladder(args.data, out, init=init, save=False, name=f"drafters/{init}", **common)

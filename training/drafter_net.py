@@ -18,6 +18,9 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 
+RUNG_NAMES = ("pi5", "orin", "large", "xl")  # device classes, smallest first
+
+
 @dataclass(frozen=True)
 class LadderSpec:
     """Layout of the ladder: a frozen stem of target layers, then trained layers per partition."""

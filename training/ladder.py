@@ -20,14 +20,21 @@ RUNGS: list[str] = ["pi5", "orin"]  # the committed export keeps two rungs (draf
 
 
 @lru_cache(maxsize=4)
-def ladder_files(folder: str) -> tuple[dict, dict]:
-    """A saved ladder's ladder.json and its tensors (int8 matrices dequantised), read once per folder."""
+def ladder_raw(folder: str) -> tuple[dict, dict]:
+    """A saved ladder's ladder.json and its tensors as stored, read once per folder."""
     from safetensors.torch import load_file
 
-    from pipeline.int8_weights import unpack
-
     meta = json.loads((Path(folder) / "ladder.json").read_text())
-    return meta, unpack(load_file(str(Path(folder) / "ladder.safetensors")))
+    return meta, load_file(str(Path(folder) / "ladder.safetensors"))
+
+
+def ladder_files(folder: str, target=None) -> tuple[dict, dict]:
+    """A saved ladder's ladder.json and its tensors in float32 (pipeline/packed_weights.py). A
+    ladder stored as differences from the target's layers needs the loaded ``target``."""
+    from pipeline.packed_weights import unpack
+
+    meta, raw = ladder_raw(folder)
+    return meta, unpack(raw, base=None if target is None else target.model.state_dict())
 
 
 def load_rung(name: str, target_spec: str = "smollm2", dtype: str = "float32", *, target=None,
@@ -38,13 +45,14 @@ def load_rung(name: str, target_spec: str = "smollm2", dtype: str = "float32", *
 
     from pipeline.models import load_causal_lm
 
-    meta, tensors = ladder_files(str(folder))
+    meta, _ = ladder_raw(str(folder))
     if name not in meta["rungs"]:
         raise ValueError(f"unknown rung {name!r}; the ladder has {meta['rungs']}")
     rung = meta["rungs"].index(name)
     stem = meta["stem_layers"]
     depth = stem + sum(meta["partition_layers"][: rung + 1])
     target = target if target is not None else load_causal_lm(target_spec, dtype="float32")
+    _, tensors = ladder_files(str(folder), target)
 
     config = copy.deepcopy(target.config)
     config.num_hidden_layers = depth

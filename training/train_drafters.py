@@ -20,9 +20,9 @@ from safetensors.torch import save_file
 from training.heldout_alpha import heldout_sequences
 from training.distill_dataset import endless_batches, load_records
 from training.distill_loss import candidate_distill_loss
-from training.drafter_net import LadderSpec, build_drafter_net
+from training.drafter_net import RUNG_NAMES, LadderSpec, build_drafter_net
 from training.incremental import IncrementalConfig, IncrementalTrainer
-from training.ladder import ladder_files
+from training.ladder import ladder_files, ladder_raw
 
 log = structlog.get_logger(__name__)
 
@@ -72,10 +72,17 @@ def train_ladder(
     name: str = "ladder",
     max_shards: int | None = None,
     init_from: Path | None = None,
+    grow: tuple[int, ...] = (),
+    weights: str = "int8",
 ) -> dict:
     """Train the ladder, or with ``init_from`` (a saved ladder folder) go on training that ladder:
-    its spec replaces ``spec``, every rung is active from the first step (nothing joins), and
-    ``init``/``lookahead_steps`` do not apply."""
+    its spec replaces ``spec`` and its rungs are active from the first step.
+
+    ``grow`` (with ``init_from``) adds partitions of that many layers on top of the saved ladder,
+    one at a time, as the ladder was first grown: each starts as the target's layers at its depth,
+    trains alone for a look-ahead window of ``lookahead_steps`` while the saved rungs are frozen,
+    then joins (the first at once, later ones after equal stages). Without ``grow``, ``init`` and
+    ``lookahead_steps`` do not apply. ``weights``: how the saved matrices are stored (save_ladder)."""
     from pipeline.models import load_causal_lm, load_tokenizer
 
     started = time.monotonic()
@@ -83,11 +90,15 @@ def train_ladder(
     target_model = load_causal_lm(target)
     tokenizer = load_tokenizer(target)
     heldout = heldout_sequences(target, model=target_model, tokenizer=tokenizer)
+    saved = None
     if init_from is not None:
-        spec = ladder_spec(init_from)
+        saved = ladder_spec(init_from)
+        spec = grown_spec(saved, grow)
+    elif grow:
+        raise ValueError("grow adds partitions to a saved ladder: pass init_from")
     net, embed_weight = build_drafter_net(target_model, spec, init_from_target=init_from_target, seed=seed)
-    if init_from is not None:
-        load_ladder_weights(net, spec, init_from)
+    if saved is not None:
+        load_ladder_weights(net, saved, init_from, target_model)
     seen: dict[str, int] = {}
 
     def records_now() -> list[dict]:  # re-read each epoch: generation may still be adding shards
@@ -102,14 +113,17 @@ def train_ladder(
     n_tokens = seen["tokens"]
     log.info("drafter_training_started", records=len(records), tokens=n_tokens, steps=steps, init=init)
     del records  # the iterator reloads per epoch
-    warm = init_from is not None
-    if warm:
+    start = 1 if saved is None else len(saved.partition_layers)
+    joins = len(net) - start
+    if saved is not None and not grow:
         lookahead_steps = 0
-    stage_steps = steps if warm else (steps - lookahead_steps * (len(net) - 1)) // len(net)
+    stage = (steps - lookahead_steps * joins) // max(1, joins if saved is not None else len(net))
+    # A grown ladder's saved rungs are trained already: its first new partition joins at step 0.
+    stage_steps = [stage] * len(net) if saved is None else [0] * start + [stage] * joins
     config = IncrementalConfig(
         total_steps=steps, lr=lr, init=init, lookahead_steps=lookahead_steps, schedule="steps",
         stage_steps=stage_steps, exit_loss="all", eval_every=max(50, steps // 12), grad_clip=1.0, seed=seed,
-        start_partitions=len(net) if warm else 1,
+        start_partitions=start,
     )
     trainer = IncrementalTrainer(
         net, config, endless_batches(records_now, tokens_per_batch, top_k=16, seed=seed,
@@ -122,33 +136,65 @@ def train_ladder(
     )
     history = trainer.run()
     wall = time.monotonic() - started
-    summary = {"spec": asdict(spec), "target": target, "steps": steps, "init": init,
+    summary = {"spec": asdict(spec), "target": target, "data": str(data_dir), "steps": steps, "init": init,
                "init_from_target": init_from_target, "train_tokens_at_start": n_tokens,
                "train_tokens_at_end": seen["tokens"], "records_at_end": seen["records"],
                "tokens_per_batch": tokens_per_batch, "head_top_k": head_top_k, "head_positions": head_positions,
                "continuation_only": continuation_only, "full_vocab_positions": full_vocab_positions,
                "lr": lr, "seed": seed, "max_shards": max_shards, "wall_s": round(wall, 1),
-               "init_from": None if init_from is None else str(init_from),
-               "history": history.to_dict()}
+               "init_from": None if init_from is None else str(init_from), "grow": list(grow),
+               "weights": weights, "history": history.to_dict()}
     if save:
-        save_ladder(net, spec, out_dir, summary)
+        save_ladder(net, spec, out_dir, summary, weights=weights, base=target_model.model.state_dict())
     log.info("drafter_training_finished", wall_s=round(wall), final=history.final())
     return summary
 
 
+def repack_ladder(src: Path, out_dir: Path, weights: str, target: str = "smollm2") -> int:
+    """Write the ladder in ``src`` to ``out_dir`` in another weight layout (its summary and layout
+    files copied); returns the new weight file's bytes."""
+    from pipeline.models import load_causal_lm
+    from pipeline.packed_weights import pack
+
+    model = load_causal_lm(target)
+    _, tensors = ladder_files(str(src), model)
+    base = model.model.state_dict()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("ladder.json", "training-summary.json"):
+        if (src / name).exists() and src.resolve() != out_dir.resolve():
+            (out_dir / name).write_text((src / name).read_text())
+    path = out_dir / "ladder.safetensors"
+    save_file(pack(tensors, mode=weights, base=base), str(path), metadata={"format": "pt"})
+    ladder_raw.cache_clear()
+    log.info("ladder_repacked", src=str(src), out=str(out_dir), weights=weights, bytes=path.stat().st_size)
+    return path.stat().st_size
+
+
 def ladder_spec(folder: Path) -> LadderSpec:
-    meta, _ = ladder_files(str(folder))
+    meta, _ = ladder_raw(str(folder))
     return LadderSpec(rungs=tuple(meta["rungs"]), stem_layers=meta["stem_layers"],
                       partition_layers=tuple(meta["partition_layers"]))
 
 
-def load_ladder_weights(net, spec: LadderSpec, folder: Path) -> None:
-    """The saved ladder's trained layers and rung norms into ``net`` (the inverse of save_ladder;
-    int8 matrices come back as their dequantised values)."""
-    _, tensors = ladder_files(str(folder))
+def grown_spec(saved: LadderSpec, grow: tuple[int, ...]) -> LadderSpec:
+    """``saved`` with partitions of ``grow`` layers added on top; a new rung takes the device-class
+    name of its position in RUNG_NAMES."""
+    layers = tuple(saved.partition_layers) + tuple(grow)
+    if len(layers) > len(RUNG_NAMES):
+        raise ValueError(f"at most {len(RUNG_NAMES)} rungs ({', '.join(RUNG_NAMES)})")
+    names = tuple(saved.rungs) + RUNG_NAMES[len(saved.rungs) : len(layers)]
+    return LadderSpec(rungs=names, stem_layers=saved.stem_layers, partition_layers=layers)
+
+
+def load_ladder_weights(net, spec: LadderSpec, folder: Path, target=None) -> None:
+    """The saved ladder's trained layers and rung norms into the first partitions of ``net`` (the
+    inverse of save_ladder; quantised matrices come back as their dequantised values). ``spec`` is
+    the saved ladder's; ``net`` may have more partitions (a grown ladder). ``target``: the loaded
+    target, for a ladder stored as differences from its layers."""
+    _, tensors = ladder_files(str(folder), target)
     depth = spec.stem_layers
     with torch.no_grad():
-        for k, part in enumerate(net.partitions):
+        for k, part in enumerate(net.partitions[: len(spec.partition_layers)]):
             trained = list(part.layers)[spec.stem_layers:] if k == 0 else list(part.layers)
             for layer in trained:
                 state = {key: tensors[f"layers.{depth}.{key}"].float() for key in layer.state_dict()}
@@ -157,10 +203,12 @@ def load_ladder_weights(net, spec: LadderSpec, folder: Path) -> None:
             net.heads[k].norm.weight.copy_(tensors[f"norms.{k}.weight"].float())
 
 
-def save_ladder(net, spec: LadderSpec, out_dir: Path, summary: dict, *, int8: bool = True) -> None:
-    """safetensors of what training changed: trained layers (once) and per-rung norms; matrices
-    int8 with per-row scales (pipeline/int8_weights.py), the rest fp16."""
-    from pipeline.int8_weights import pack
+def save_ladder(net, spec: LadderSpec, out_dir: Path, summary: dict, *, weights: str = "int8",
+                base: dict | None = None) -> None:
+    """safetensors of what training changed: trained layers (once) and per-rung norms, matrices in
+    the ``weights`` layout of pipeline/packed_weights.py (``int4-delta``: as differences from
+    ``base``, the target's ``model.state_dict()``, whose layer names the ladder's share)."""
+    from pipeline.packed_weights import pack
 
     tensors, depth = {}, spec.stem_layers
     for k, part in enumerate(net.partitions):
@@ -170,11 +218,11 @@ def save_ladder(net, spec: LadderSpec, out_dir: Path, summary: dict, *, int8: bo
                 tensors[f"layers.{depth}.{key}"] = value
             depth += 1
         tensors[f"norms.{k}.weight"] = net.heads[k].norm.weight
-    tensors = pack(tensors, int8=int8)
+    tensors = pack(tensors, mode=weights, base=base)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "ladder.safetensors"), metadata={"format": "pt"})
     meta = {"rungs": list(spec.rungs), "stem_layers": spec.stem_layers,
             "partition_layers": list(spec.partition_layers), "target": summary["target"]}
     (out_dir / "ladder.json").write_text(json.dumps(meta, indent=2) + "\n")
-    ladder_files.cache_clear()  # a folder read before (a warm start's own --out) now holds other weights
+    ladder_raw.cache_clear()  # a folder read before (a warm start's own --out) now holds other weights
     log.info("ladder_saved", out=str(out_dir), tensors=len(tensors))

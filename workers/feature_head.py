@@ -277,9 +277,9 @@ def save_head(head: FeatureHead, folder: Path, meta: dict, *, int8: bool = True)
     vocabulary; returns the file's size in bytes."""
     from safetensors.torch import save_file
 
-    from pipeline.int8_weights import pack
+    from pipeline.packed_weights import pack
 
-    tensors = {"vocab_ids": head.vocab_ids.to(torch.int32), **pack(head.state_dict(), int8=int8)}
+    tensors = {"vocab_ids": head.vocab_ids.to(torch.int32), **pack(head.state_dict(), mode="int8" if int8 else "fp16")}
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "head.safetensors"), metadata={"format": "pt"})
     (folder / "head.json").write_text(json.dumps({"spec": asdict(head.spec), **meta}, indent=2) + "\n")
@@ -295,7 +295,7 @@ def load_head(target, folder: Path = FEATURE_DIR) -> FeatureHead:
     spec_dict["feature_layers"] = tuple(spec_dict["feature_layers"])
     spec = HeadSpec(**spec_dict)
     tensors = load_file(str(Path(folder) / "head.safetensors"))
-    from pipeline.int8_weights import unpack
+    from pipeline.packed_weights import unpack
 
     head = FeatureHead(spec, target.get_input_embeddings().weight, tensors.pop("vocab_ids"))
     head.load_state_dict(unpack(tensors))
