@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 LADDER_DIR = Path(__file__).resolve().parent.parent / "drafters" / "ladder"
-RUNGS: list[str] = ["pi5", "orin"]  # the committed export keeps two rungs (drafters/ladder/ladder.json)
+RUNGS: list[str] = ["pi5", "orin", "large"]  # the committed rungs (drafters/ladder/ladder.json)
 
 
 @lru_cache(maxsize=4)
