@@ -151,23 +151,19 @@ def train_ladder(
 
 
 def repack_ladder(src: Path, out_dir: Path, weights: str, target: str = "smollm2") -> int:
-    """Write the ladder in ``src`` to ``out_dir`` in another weight layout (its summary and layout
+    """Write the ladder in ``src`` to ``out_dir`` in another weight layout (its layout and summary
     files copied); returns the new weight file's bytes."""
     from pipeline.models import load_causal_lm
-    from pipeline.packed_weights import pack
 
     model = load_causal_lm(target)
-    _, tensors = ladder_files(str(src), model)
-    base = model.model.state_dict()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("ladder.json", "training-summary.json"):
-        if (src / name).exists() and src.resolve() != out_dir.resolve():
-            (out_dir / name).write_text((src / name).read_text())
-    path = out_dir / "ladder.safetensors"
-    save_file(pack(tensors, mode=weights, base=base), str(path), metadata={"format": "pt"})
-    ladder_raw.cache_clear()
-    log.info("ladder_repacked", src=str(src), out=str(out_dir), weights=weights, bytes=path.stat().st_size)
-    return path.stat().st_size
+    meta, tensors = ladder_files(str(src), model)
+    summary = src / "training-summary.json"
+    if summary.exists() and src.resolve() != out_dir.resolve():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / summary.name).write_text(summary.read_text())
+    size = write_ladder(out_dir, tensors, meta, weights=weights, base=model.model.state_dict())
+    log.info("ladder_repacked", src=str(src), out=str(out_dir), weights=weights, bytes=size)
+    return size
 
 
 def ladder_spec(folder: Path) -> LadderSpec:
@@ -208,8 +204,6 @@ def save_ladder(net, spec: LadderSpec, out_dir: Path, summary: dict, *, weights:
     """safetensors of what training changed: trained layers (once) and per-rung norms, matrices in
     the ``weights`` layout of pipeline/packed_weights.py (``int4-delta``: as differences from
     ``base``, the target's ``model.state_dict()``, whose layer names the ladder's share)."""
-    from pipeline.packed_weights import pack
-
     tensors, depth = {}, spec.stem_layers
     for k, part in enumerate(net.partitions):
         trained = list(part.layers)[spec.stem_layers:] if k == 0 else list(part.layers)
@@ -218,11 +212,20 @@ def save_ladder(net, spec: LadderSpec, out_dir: Path, summary: dict, *, weights:
                 tensors[f"layers.{depth}.{key}"] = value
             depth += 1
         tensors[f"norms.{k}.weight"] = net.heads[k].norm.weight
-    tensors = pack(tensors, mode=weights, base=base)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "ladder.safetensors"), metadata={"format": "pt"})
     meta = {"rungs": list(spec.rungs), "stem_layers": spec.stem_layers,
             "partition_layers": list(spec.partition_layers), "target": summary["target"]}
+    size = write_ladder(out_dir, tensors, meta, weights=weights, base=base)
+    log.info("ladder_saved", out=str(out_dir), tensors=len(tensors), bytes=size)
+
+
+def write_ladder(out_dir: Path, tensors: dict, meta: dict, *, weights: str, base: dict | None) -> int:
+    """``ladder.safetensors`` (``tensors`` packed in the ``weights`` layout) and ``ladder.json``
+    (``meta``) in ``out_dir``; returns the weight file's bytes."""
+    from pipeline.packed_weights import pack
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "ladder.safetensors"
+    save_file(pack(tensors, mode=weights, base=base), str(path), metadata={"format": "pt"})
     (out_dir / "ladder.json").write_text(json.dumps(meta, indent=2) + "\n")
     ladder_raw.cache_clear()  # a folder read before (a warm start's own --out) now holds other weights
-    log.info("ladder_saved", out=str(out_dir), tensors=len(tensors))
+    return path.stat().st_size
