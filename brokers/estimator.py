@@ -22,7 +22,7 @@ saves or spends. A verifier that reports no cost leaves the time fit to price wi
 verifier: round trip a = 83 ms, c = 2.5 ms a row; CPU time a = 59 ms + 3 ms a session,
 c = 1.8 ms a row), and both put a larger part in the fixed cost than the verifier alone on the
 machine does (about 37 ms and 2.9 ms a row, bench/results/cpu_cost_epyc.json): there the
-devices' load raises every forward's CPU time (docs/benchmarks.md, session 26).
+devices' load raises every forward's CPU time (docs/benchmarks-history.md, session 26).
 
 ``row_cost_ms`` -- the number every Verdict carries (``Verdict.row_cost_ms``) -- is the marginal
 cost of one more verify row at the verifier's current load: the fitted slope c, scaled by the
@@ -41,7 +41,7 @@ The recent batches' mean size, the earlier divisor, fed back on itself: sessions
 batches, so batches shrink, each session's share of a forward grows, drafting looks cheaper
 against it, and more sessions draft. With the ladder's better round-9 rungs, two quick benches
 gave 1.33x and 1.20x AR's server time at 16 sessions with the mean batch, 1.13x and 1.02x with the
-served sessions (docs/benchmarks.md, session 22). A drafter weighs a
+served sessions (docs/benchmarks-history.md, session 22). A drafter weighs a
 draft's rows against it (workers/speculation.py): on a GPU, where a forward's fixed cost dwarfs
 a row, it is worth many rows and drafts stay long; on a CPU, where a row costs about what a
 session's share of the forward does, few.

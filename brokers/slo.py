@@ -42,7 +42,7 @@ objectives, summed over the batch, must not grow), so one chronically late sessi
 class) vetoed every hold: at 16 sessions the verifier alternated between two half-batches, 7.3
 sessions a forward where a replay of the quick bench's adaptive pass now forms 10-11 (8.5-9.3 in
 the whole quick bench, its ramp and tail included), at 8-10 % less server time per token and a
-TPOT p50 still within the objective (171-178 against 159-167 ms; docs/benchmarks.md).
+TPOT p50 still within the objective (171-178 against 159-167 ms; docs/benchmarks-history.md, session 16).
 
 Past the moment the verifier could have finished the batch it has now (``held_since + t(now's
 batch)``) the late arrivals would make the next batch anyway, and a longer hold only trades the

@@ -53,7 +53,8 @@ class VerifierConfig:
     key: str = ""  # CURVE key pair name when security.curve is on; "" = the verifier's name
     # "static": a paged KV pool allocated once, one forward over the ragged batch, acceptance on the
     # device (workers/static_verifier.py; Llama and Qwen2, others fall back to eager). The default:
-    # on a CPU (fp32, one thread) a verify forward takes 0.6-0.9x the eager backend's time (docs/benchmarks.md).
+    # on a CPU (fp32, one thread) a verify forward takes 0.6-0.9x the eager backend's time
+    # (docs/benchmarks-history.md, session 10).
     # "eager": transformers' forward over per-session caches (workers/target.py), any causal LM
     backend: str = "static"
     kv_cache_mb: float = 1024.0  # static backend: the KV pool, allocated once

@@ -332,7 +332,7 @@ class DrafterService:
         """Sent while a burst's last plain round (``last``) is out, when the policy would draft
         nothing again: the next round, asking for another burst, on no condition but that round's
         verdict. Without it the session left the batches for a link round trip at every burst's
-        end (docs/benchmarks.md, session 22)."""
+        end (docs/benchmarks-history.md, session 22)."""
         proposal = msgspec.structs.replace(
             last.plain_next(0, max(0, min(self.cfg.burst, MAX_PLAIN_AFTER, budget - 2))), if_accepted=0)
         self._send_ahead(run, proposal)
@@ -488,7 +488,7 @@ class DrafterService:
                     # have made after the verdict), which a first round without a draft would change.
                     # Only when the policy would draft: a session it would not draft for starts with a
                     # burst (below), so that it is in the batches from its first verdict on, not out of
-                    # them for a link round trip after its prefill (docs/benchmarks.md, session 24)
+                    # them for a link round trip after its prefill (docs/benchmarks-history.md, session 24)
                     early = (round_ == 0 and ready is None and bool(self.proactive) and budget > 1 and sampling.greedy
                              and not plain_left and gamma > 0)
                     # the policy drafts nothing: the server decodes this round and the next ``burst`` ones

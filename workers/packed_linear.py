@@ -7,7 +7,7 @@ nine rows cost 1.6-1.8x a one-row step of the same session (SmolLM2-135M, fp32, 
 autoregressive decoding. With the weights reordered once into oneDNN's blocked layout (what
 torch.compile's CPU freezing does: ``torch.ops.mkldnn._reorder_linear_weight`` and
 ``_linear_pointwise``), the same forward takes 55.8 ms for 1 row, 48.7 ms for 5 and 82.1 ms for
-16 rows against 128.7 ms (``python -m bench.ragged_forward --prepack``, docs/benchmarks.md).
+16 rows against 128.7 ms (``python -m bench.ragged_forward --prepack``, docs/benchmarks-history.md, session 15).
 Every method on the server gains, AR included; extra rows gain most.
 
 The outputs are the same linear map with another summation order (logits differ from

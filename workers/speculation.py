@@ -53,7 +53,7 @@ A choice of k = 0 hands the session to the server for a while: the drafter asks 
 without a draft (the unobserved positions drift back to the prior, the costs are the newest),
 and chooses again after them. So a session that stops drafting stays in every verify batch, as
 centralized decoding would keep it, instead of paying a link round trip and a place in a later
-batch for each token (docs/benchmarks.md, session 19). A context lookup (workers/lookup.py) that
+batch for each token (docs/benchmarks-history.md, session 19). A context lookup (workers/lookup.py) that
 would have drafted during the burst does not: taking the session back for it was tried, and
 cut the bursts of the default fleet (whose repeats are frequent) to a few, for no saving.
 
@@ -86,7 +86,7 @@ cost per token falls steeply with k. Taking the exact minimum of a flat curve cu
 drafts (α 0.91, a 0.5B drafter at ~190 ms a token on an emulated Pi 5) to 2-3 tokens. That gave
 2.9 tokens a round against the fixed policy's 3.8, and 1.4x the fixed policy's server time per
 token at 1 session, for no gain in TPOT. With the slack, replays gave 3.4 tokens a round and 0.85x
-the server time, at the same TPOT (docs/benchmarks.md, session 18). Where α is low the curve is
+the server time, at the same TPOT (docs/benchmarks-history.md, session 18). Where α is low the curve is
 steep (a Pi 5 ladder rung's first draft token costs ~30 % more time per token) and the rule cuts
 as before. Proactive drafting, which hides part of the drafting behind the verify wait, is not in
 time(k): one more reason not to trust its small differences. A session that
@@ -258,7 +258,7 @@ class SpeculationPolicy:
         the device's drafting time and wait, and the server's last costs. Without them every
         session began drafting γ tokens (or its whole tree) and unlearnt it over its first rounds:
         a 32-token chat is ~25 rounds, and at 16 sessions a fifth of the quick bench's verify rows
-        were rejected drafts, against about a tenth since (docs/benchmarks.md, session 17)."""
+        were rejected drafts, against about a tenth since (docs/benchmarks-history.md, session 17)."""
         return replace(self, alphas=list(self.alphas), tree=False,
                        absence=Absence(self.gamma, list(self.absence.missed)))
 
@@ -274,7 +274,7 @@ class SpeculationPolicy:
         draft earns no token, whatever the target would have said. Unobserved, it drifted back to
         the hopeful prior, and the policy went on asking for drafts that came back empty, each
         one a link round trip out of the batches for the target's one token (the Pi 5 class at
-        32 sessions: 87 of its 129 rounds, docs/benchmarks.md, session 24)."""
+        32 sessions: 87 of its 129 rounds, docs/benchmarks-history.md, session 24)."""
         tested = 0 if tree else min(proposed, accepted + 1, self.gamma)  # positions the target really compared
         if not tree and accepted >= proposed and proposed < min(wanted, self.gamma):
             tested = proposed + 1  # the drafter's own stop: a miss at the position it did not draft
