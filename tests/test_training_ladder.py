@@ -88,6 +88,22 @@ def test_export_stores_only_what_training_changed(tiny_target, tmp_path):
     assert not any("embed" in k or "lm_head" in k for k in keys)
 
 
+def test_a_warm_started_ladder_extends_the_lineage_of_the_one_it_started_from(tiny_target, tmp_path):
+    """ladder.json's `export` line grows by a clause per training run, and `weights` names the layout."""
+    import json
+
+    net, _ = build_drafter_net(tiny_target, SPEC, seed=1)
+    first, second = tmp_path / "first", tmp_path / "second"
+    save_ladder(net, SPEC, first, {"target": "tiny", "spec": {"partition_layers": [1, 1, 2]}, "steps": 10,
+                                   "lr": 1e-3, "data": "d1", "init_from": None})
+    save_ladder(net, SPEC, second, {"target": "tiny", "steps": 5, "lr": 2e-4, "data": "d2",
+                                    "init_from": str(first)}, weights="fp16")
+    one, two = (json.loads((d / "ladder.json").read_text()) for d in (first, second))
+    assert one["export"] == "trained from the target with partitions [1, 1, 2], 10 steps at lr 0.001 on d1"
+    assert two["export"] == one["export"] + "; then a warm-started round, 5 steps at lr 0.0002 on d2"
+    assert (one["weights"], two["weights"]) == ("int8", "fp16")
+
+
 def test_int4_delta_stores_differences_from_the_base_in_half_the_bytes_of_int8():
     torch.manual_seed(0)
     base = {"w": torch.randn(48, 192), "v": torch.randn(8, 64)}

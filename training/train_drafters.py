@@ -8,6 +8,7 @@ embeddings, stem layers and head are never stored.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict
@@ -213,19 +214,36 @@ def save_ladder(net, spec: LadderSpec, out_dir: Path, summary: dict, *, weights:
             depth += 1
         tensors[f"norms.{k}.weight"] = net.heads[k].norm.weight
     meta = {"rungs": list(spec.rungs), "stem_layers": spec.stem_layers,
-            "partition_layers": list(spec.partition_layers), "target": summary["target"]}
+            "partition_layers": list(spec.partition_layers), "target": summary["target"],
+            "export": lineage(summary)}
     size = write_ladder(out_dir, tensors, meta, weights=weights, base=base)
     log.info("ladder_saved", out=str(out_dir), tensors=len(tensors), bytes=size)
 
 
+def lineage(summary: dict) -> str:
+    """ladder.json's ``export`` line: how this ladder came to be, one clause per training run. A
+    warm-started run extends the line of the ladder it started from, so a ladder trained over many
+    rounds still says where it came from without anyone copying the line by hand."""
+    how = f"{summary.get('steps', '?')} steps at lr {summary.get('lr', '?')} on {summary.get('data', '?')}"
+    source = summary.get("init_from")
+    if source is None:
+        return f"trained from the target with partitions {summary.get('spec', {}).get('partition_layers')}, {how}"
+    before = ""
+    with contextlib.suppress(OSError, ValueError):
+        before = json.loads((Path(source) / "ladder.json").read_text()).get("export", "")
+    grown = f", grown by partitions {summary['grow']} (a look-ahead window each)" if summary.get("grow") else ""
+    return f"{before or f'the ladder in {source}'}; then a warm-started round{grown}, {how}"
+
+
 def write_ladder(out_dir: Path, tensors: dict, meta: dict, *, weights: str, base: dict | None) -> int:
     """``ladder.safetensors`` (``tensors`` packed in the ``weights`` layout) and ``ladder.json``
-    (``meta``) in ``out_dir``; returns the weight file's bytes."""
+    (``meta``, with ``weights`` naming the layout: pipeline/packed_weights.py) in ``out_dir``;
+    returns the weight file's bytes."""
     from pipeline.packed_weights import pack
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "ladder.safetensors"
     save_file(pack(tensors, mode=weights, base=base), str(path), metadata={"format": "pt"})
-    (out_dir / "ladder.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out_dir / "ladder.json").write_text(json.dumps({**meta, "weights": weights}, indent=2) + "\n")
     ladder_raw.cache_clear()  # a folder read before (a warm start's own --out) now holds other weights
     return path.stat().st_size
