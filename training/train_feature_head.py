@@ -53,7 +53,7 @@ def widen_inputs(head: FeatureHead, target, feature_layers: tuple[int, ...]) -> 
     middle and the top one), without changing what it computes: the new fuse layer starts as
     the identity on the layer the head was trained on and zero on the added ones, so training
     starts from the saved head's figures and learns what the other layers add
-    (docs/incremental-training.md, rounds 19 and 20)."""
+    (docs/training-history.md, rounds 19 and 20)."""
     old = tuple(head.spec.feature_layers)
     if len(old) != 1 or old[0] not in feature_layers:
         raise ValueError(f"a head on layers {old} can only be widened to layers that include {old[0]}, not {feature_layers}")

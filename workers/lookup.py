@@ -7,7 +7,7 @@ of the model's tokens, and the model drafts otherwise. The default target repeat
 (its greedy continuations of the held-out prompts end in such a 4-gram at a third of the
 positions, and what followed is right 93 % of the time there), where even the feature head is
 right about half the time: on the held-out set at γ = 4 the feature head alone gives 1.81 tokens
-per round and with lookup at `min_match = 2` 2.03 (`sled eval drafters`, docs/incremental-training.md).
+per round and with lookup at `min_match = 2` 2.03 (`sled eval drafters`, docs/training-history.md).
 
 The choice depends on the context only, so greedy output stays the target's and sampling stays
 lossless: a lookup draft is deterministic, sent with q = 1 for each token (the verifier accepts

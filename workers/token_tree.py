@@ -18,7 +18,7 @@ import torch
 # a drafted tree's branching: each level expands its TREE_BRANCH likeliest tokens with
 # TREE_BRANCH children each (grow_tree, for the feature and model drafters). On the held-out set,
 # 8 tokens of depth 4 at branch 2 gave the feature head 2.10 tokens per round against its chain's
-# 1.81 (docs/incremental-training.md)
+# 1.81 (docs/training-history.md)
 TREE_BRANCH = 2
 # the default fleet's tree (config.toml drafters.feature.tree_nodes, bench/profiles.py, the tree
 # rungs of `sled eval drafters`): at most twice the chain's rows, and with the lookup branch
