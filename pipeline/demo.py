@@ -46,9 +46,10 @@ def summarize(results, elapsed: float, broker: dict) -> dict:
         d = by_drafter.setdefault(r.stats["drafter"], {"kind": r.stats["drafter_kind"], "proposed": 0, "accepted": 0,
                                                        "sessions": 0, "rounds": 0, "generated": 0, "wire_bytes": 0,
                                                        "proactive_hits": 0, "proactive_wasted": 0, "plain_rounds": 0,
-                                                       "sent_ahead_confirmed": 0})
+                                                       "sent_ahead_confirmed": 0, "drafted_rounds": 0})
         for key in ("proposed", "accepted", "rounds", "wire_bytes"):
             d[key] += r.stats[key]
+        d["drafted_rounds"] += r.stats["rounds"] - r.stats["draft_lengths"][0]
         # drafts made ahead: used, and tokens dropped; rounds the broker ran on its own (bursts);
         # rounds sent ahead of their predecessor's verdict and queued at it
         for key in ("proactive_hits", "proactive_wasted", "plain_rounds", "sent_ahead_confirmed"):
@@ -69,6 +70,11 @@ def summarize(results, elapsed: float, broker: dict) -> dict:
         "acceptance_by_drafter": {n: round(d["accepted"] / d["proposed"], 4) if d["proposed"] else 0.0 for n, d in by_drafter.items()},
         "tokens_per_round_by_drafter": {n: round(d["generated"] / d["rounds"], 3) if d["rounds"] else 0.0
                                         for n, d in by_drafter.items()},
+        # the same over the rounds that carried a draft: what the class's drafts give when the
+        # adaptive policy lets it draft (each such round commits its accepted drafts and the
+        # target's token); the rest of its rounds, plain or undrafted, commit one token each
+        "tokens_per_drafted_round_by_drafter": {n: round(1 + d["accepted"] / d["drafted_rounds"], 3)
+                                                if d["drafted_rounds"] else 0.0 for n, d in by_drafter.items()},
         # proposal and verdict frames each class exchanged with the broker, per generated token
         "wire_bytes_per_token_by_drafter": {n: round(d["wire_bytes"] / d["generated"], 1) if d["generated"] else 0.0
                                             for n, d in by_drafter.items()},

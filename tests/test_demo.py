@@ -33,5 +33,9 @@ def test_demo_is_lossless_and_batches_sessions():
     assert sum(d["accepted"] for d in trained) > 0
     assert all(0 <= d["plain_rounds"] < d["rounds"] for d in summary["drafters"].values())  # bursts counted per class
     assert set(summary["tokens_per_round_by_drafter"]) == set(summary["wire_bytes_per_token_by_drafter"]) == set(drafters)
+    for name, d in summary["drafters"].items():
+        assert d["drafted_rounds"] <= d["rounds"] - d["plain_rounds"]  # a burst's rounds carry no draft
+        if d["drafted_rounds"]:  # a drafted round commits at least one token, any other at most one
+            assert summary["tokens_per_drafted_round_by_drafter"][name] >= summary["tokens_per_round_by_drafter"][name]
     # KV reuse: the target processes about (1 + draft) tokens per round, never the history again
     assert summary["target_tokens_per_generated"] < 6
