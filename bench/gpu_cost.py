@@ -35,14 +35,38 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def cpu_identity() -> str | None:
+    """This machine's CPU as a CPU table records it (``cpu``): model name, family and model from
+    /proc/cpuinfo, "AMD EPYC, family 26 model 2". Two machines sold under one model name can be
+    different generations: the development machine's "AMD EPYC" ran a forward twice as fast from
+    one session to the next, with another shape of cost over rows (docs/benchmarks-history.md,
+    session 29)."""
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        return None
+    fields: dict[str, str] = {}
+    for line in info.read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+        if not line.strip():
+            break  # the first processor's block is enough
+    if "model name" not in fields:
+        return None
+    return f"{fields['model name']}, family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+
+
 def default_table(kind: str = "gpu") -> Path | None:
     """The newest committed cost table of ``kind`` (gpu, cpu): the latest ``measured`` date, then
-    the file name."""
+    the file name. For a CPU table, the newest of those measured on this machine's CPU
+    (``cpu_identity``) comes first: a table prices forwards at the pace of the CPU it was measured
+    on, and the bench's CPU figures are this machine's."""
+    here = cpu_identity() if kind == "cpu" else None
     tables = []
     for path in RESULTS.glob(f"{kind}_cost_*.json"):
         with path.open() as fh:
-            tables.append((json.load(fh).get("measured", ""), path.name, path))
-    return max(tables)[2] if tables else None
+            table = json.load(fh)
+        tables.append((here is not None and table.get("cpu") == here, table.get("measured", ""), path.name, path))
+    return max(tables)[3] if tables else None
 
 
 def load_table(path: str | Path | None = None, kind: str = "gpu") -> tuple[dict, Path] | tuple[None, None]:
@@ -146,6 +170,9 @@ def table_summary(table: dict, path: Path, models: dict) -> dict:
     out = {"file": str(path.relative_to(RESULTS.parent.parent)) if path.is_relative_to(RESULTS.parent.parent) else str(path),
            "card": table.get("card"), "backend": table.get("backend"), "source": table.get("source"),
            "prefix_tokens": table.get("prefix_tokens"), "dtype": table.get("dtype")}
+    if table.get("card", "").startswith("cpu"):  # does it price at this machine's pace?
+        out["cpu"] = table.get("cpu")
+        out["this_cpu"] = table.get("cpu") is not None and table.get("cpu") == cpu_identity()
     if "error" in models:
         out["error"] = models["error"]
     else:

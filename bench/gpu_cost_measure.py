@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from pipeline.config import LimitsConfig
 from pipeline.protocol import Propose
+from bench.gpu_cost import cpu_identity
 from bench.gpu_verify import SHAPES as GPU_VERIFY_SHAPES
 from workers.packed_linear import prepack_linears
 from workers.static_verifier import StaticVerifier
@@ -129,6 +130,8 @@ def measure(args) -> int:
                        f"verify_batch; torch {torch.__version__}; compile {'on' if args.compile else 'off'} for static"
                        + (f"; prepacked linears {'on' if args.prepack else 'off'}" if device == "cpu" else ""),
              "shapes": {}, "rows": []}
+    if not device.startswith("cuda"):
+        table["cpu"] = cpu_identity()  # the bench prefers a table of the CPU it runs on
     if args.backends and len(args.backends) > 1:
         table["backend"] = args.backends[0]  # the projection's default; every row names its own
     for shape in args.shapes:

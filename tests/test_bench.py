@@ -245,6 +245,26 @@ def test_a_cost_table_prices_every_methods_recorded_forwards_alike():
     assert ms["sled"]["4"] == (6 * (10 + 4 + 4) + 2 * (10 + 3 + 1.5)) / 40
 
 
+def test_the_default_cpu_table_is_the_newest_of_this_cpu(tmp_path, monkeypatch):
+    """A CPU table prices forwards at the pace of the CPU it was measured on: the bench takes the
+    newest table measured on this machine's CPU, and the newest of any CPU only when none was."""
+    import bench.gpu_cost as gpu_cost
+
+    monkeypatch.setattr(gpu_cost, "RESULTS", tmp_path)
+    monkeypatch.setattr(gpu_cost, "cpu_identity", lambda: "Some CPU, family 26 model 2")
+    for name, cpu, measured in (("cpu_cost_old.json", "Some CPU, family 26 model 2", "2026-11-01"),
+                                ("cpu_cost_new.json", "Some CPU, family 25 model 17", "2026-12-01"),
+                                ("cpu_cost_unnamed.json", None, "2026-12-02")):
+        (tmp_path / name).write_text(json.dumps({"card": "cpu (Some CPU, 1 thread)", "cpu": cpu, "measured": measured}))
+    assert gpu_cost.default_table("cpu") == tmp_path / "cpu_cost_old.json"
+    table, path = gpu_cost.load_table(kind="cpu")
+    assert gpu_cost.table_summary(table, path, {"error": "-"})["this_cpu"] is True
+    monkeypatch.setattr(gpu_cost, "cpu_identity", lambda: "Another CPU, family 6 model 143")
+    assert gpu_cost.default_table("cpu") == tmp_path / "cpu_cost_unnamed.json"
+    table, path = gpu_cost.load_table(kind="cpu")
+    assert gpu_cost.table_summary(table, path, {"error": "-"})["this_cpu"] is False
+
+
 def test_gpu_cost_model_interpolates_in_sessions_and_rows():
     from transformers import LlamaConfig
 
