@@ -448,6 +448,9 @@ def adaptive_headline(result: dict, options: BenchOptions) -> dict:
         # capacity = sessions sustained within the TPOT objective (capacity() above); none for fixed: no ratio
         out["capacity_ratio_adaptive_vs_fixed"] = (round(caps["sled"]["sessions"] / caps["sled_fixed"]["sessions"], 3)
                                                    if caps["sled_fixed"]["sessions"] else None)
+        # methods that met the objective even at the largest level: their capacity is a lower
+        # bound, and so is a ratio with one above the line (add larger --levels to measure it)
+        out["capacity_lower_bound"] = sorted(m for m, c in caps.items() if c.get("lower_bound"))
     if level in sled:
         out["wasted_verify_rows_fraction"] = sled[level].get("wasted_verify_rows_fraction")
         if level in fixed:

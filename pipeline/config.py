@@ -25,7 +25,10 @@ class BrokerConfig:
     frontend: str = "tcp://127.0.0.1:5555"  # drafters connect here
     backend: str = "tcp://127.0.0.1:5556"  # verifiers connect here
     max_wait_ms: float = 5.0  # deadline from the first arrival of a batch
-    max_batch_sessions: int = 32
+    # sessions per verify batch; the token budget below is what bounds a batch in practice. 32
+    # split the bench's 48- and 64-session levels into two forwards where AR ran one, 1.3-1.7x
+    # AR's forwards on a GPU (docs/benchmarks-history.md, session 29)
+    max_batch_sessions: int = 128
     max_batch_tokens: int = 256
     max_queue: int = 256  # proposals queued per verifier before "overloaded"
     max_sessions: int = 256  # sessions per verifier; a new one beyond this is refused "overloaded"

@@ -193,6 +193,7 @@ def test_bench_run_on_tiny_models_is_lossless_for_every_method(tiny_models, tmp_
     assert f"broker.slo_tpot_ms={result['slo_tpot_ms']}" in result["policies"]["sled"]
     assert "drafters.bench-ngram.proactive=true" in result["policies"]["sled"]
     assert set(result["capacity"]) >= {"sled", "sled_fixed"} and "capacity_ratio_adaptive_vs_fixed" in head
+    assert head["capacity_lower_bound"] == sorted(m for m, c in result["capacity"].items() if c["lower_bound"])
     by_device = sled["by_device"].values()
     proposed, accepted = sum(d["proposed"] for d in by_device), sum(d["accepted"] for d in by_device)
     rounds = sum(d["rounds"] for d in by_device)
