@@ -4,8 +4,9 @@ drafter, gateway) and the launchers (`sled up`, `sled launch`). Signals are hand
 configure logging -> build the role's object -> run it until SIGINT/SIGTERM sets the shutdown
 event -> exit at once (``exit_now``) with the code ``serve`` returns (None: 0; a launcher
 returns 1 when a child failed); any exception is logged as ``role_died`` and exits non-zero, so
-a launcher watching the child sees the death at once. A setting that would expose an unauthenticated socket
-(pipeline/security.py, InsecureConfig) is logged as ``role_refused`` and exits 2, before any work.
+a launcher watching the child sees the death at once. A setting that would expose an
+unauthenticated socket (pipeline/security.py, InsecureConfig) is logged as ``role_refused`` and
+exits 2, before any work.
 """
 
 from __future__ import annotations
