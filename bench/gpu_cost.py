@@ -35,21 +35,26 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def cpu_fields() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ("model name", "cpu family", ...); {} where
+    there is none."""
+    info = Path("/proc/cpuinfo")
+    fields: dict[str, str] = {}
+    for line in info.read_text().splitlines() if info.exists() else []:
+        if not line.strip():
+            break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
 def cpu_identity() -> str | None:
     """This machine's CPU as a CPU table records it (``cpu``): model name, family and model from
     /proc/cpuinfo, "AMD EPYC, family 26 model 2". Two machines sold under one model name can be
     different generations: the development machine's "AMD EPYC" ran a forward twice as fast from
     one session to the next, with another shape of cost over rows (docs/benchmarks-history.md,
     session 29)."""
-    info = Path("/proc/cpuinfo")
-    if not info.exists():
-        return None
-    fields: dict[str, str] = {}
-    for line in info.read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-        if not line.strip():
-            break  # the first processor's block is enough
+    fields = cpu_fields()
     if "model name" not in fields:
         return None
     return f"{fields['model name']}, family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"

@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from pipeline.config import LimitsConfig
 from pipeline.protocol import Propose
-from bench.gpu_cost import cpu_identity
+from bench.gpu_cost import cpu_fields, cpu_identity
 from bench.gpu_verify import SHAPES as GPU_VERIFY_SHAPES
 from workers.packed_linear import prepack_linears
 from workers.static_verifier import StaticVerifier
@@ -114,10 +114,8 @@ def spread(sessions: int, rows: int) -> list[int]:
 
 def cpu_name() -> str:
     """The CPU's model name and the torch threads a table was measured with: "cpu (AMD EPYC, 1 thread)"."""
-    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
     threads = torch.get_num_threads()
-    return f"cpu ({names[0] if names else 'unknown'}, {threads} thread{'s' * (threads > 1)})"
+    return f"cpu ({cpu_fields().get('model name', 'unknown')}, {threads} thread{'s' * (threads > 1)})"
 
 
 def measure(args) -> int:

@@ -8,7 +8,6 @@ embeddings, stem layers and head are never stored.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import asdict
@@ -228,9 +227,7 @@ def lineage(summary: dict) -> str:
     source = summary.get("init_from")
     if source is None:
         return f"trained from the target with partitions {summary.get('spec', {}).get('partition_layers')}, {how}"
-    before = ""
-    with contextlib.suppress(OSError, ValueError):
-        before = json.loads((Path(source) / "ladder.json").read_text()).get("export", "")
+    before = ladder_raw(str(source))[0].get("export", "")  # read (and cached) by the warm start
     grown = f", grown by partitions {summary['grow']} (a look-ahead window each)" if summary.get("grow") else ""
     return f"{before or f'the ladder in {source}'}; then a warm-started round{grown}, {how}"
 
