@@ -5,6 +5,7 @@ The head here is random (seeded) over the tiny target: these tests are about the
 bookkeeping and losslessness, not about acceptance (training/feature_eval.py measures that)."""
 
 import asyncio
+import dataclasses
 import random
 
 import numpy as np
@@ -28,7 +29,8 @@ def feature_head_dir(tiny_models, tmp_path_factory):
     draft vocabulary smaller than the target's so the id mapping is exercised."""
     torch.manual_seed(5)
     target = load_causal_lm(str(tiny_models["target"]))
-    head = build_head(target, spec_for(target), torch.arange(0, TINY_VOCAB, 1)[: TINY_VOCAB - 40])
+    head = build_head(target, dataclasses.replace(spec_for(target), layers=2),  # a stack: the general case of the cache
+                      torch.arange(0, TINY_VOCAB, 1)[: TINY_VOCAB - 40])
     with torch.no_grad():  # sharpen it so that drafts pass min_confidence = 0 with some agreement
         head.fc.weight.mul_(1.5)
     folder = tmp_path_factory.mktemp("feature-head")
@@ -153,8 +155,7 @@ def test_a_trees_branches_are_the_heads_likeliest_tokens_along_their_paths():
         while at >= 0:
             path.insert(0, draft.tokens[at])
             at = draft.parents[at]
-        cache = HeadCache()
-        cache.k, cache.v = state.cache.k, state.cache.v
+        cache = HeadCache(state.cache.kv)
         predicted = state.predicted
         with torch.no_grad():
             for depth, previous in enumerate(path, 1):

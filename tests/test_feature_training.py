@@ -51,3 +51,79 @@ def test_widening_a_head_to_more_layers_keeps_what_it_computes(tiny_models):
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(wide.unrolled(feats, tokens, levels=2), after))
     with pytest.raises(ValueError, match="include"):
         widen_inputs(head, target, (1, 2))
+
+
+def _random_head(target, layers):
+    from workers.feature_head import build_head, spec_for
+    import dataclasses
+
+    head = build_head(target, dataclasses.replace(spec_for(target), layers=layers), torch.arange(40))
+    with torch.no_grad():  # fc off its identity start, so that entries depend on both halves
+        head.fc.weight.add_(0.3 * torch.randn_like(head.fc.weight))
+    return head.eval()
+
+
+def test_deepening_a_head_keeps_what_it_computes_and_then_trains_the_added_layer(tiny_models):
+    """The added layer joins in front with its residual branches at zero: the grown head's
+    output equals the saved one's to the bit, and its gradients reach the added layer."""
+    from pipeline.models import load_causal_lm
+    from training.train_feature_head import deepen
+
+    torch.manual_seed(4)
+    target = load_causal_lm(str(tiny_models["target"]))
+    head = _random_head(target, 1)
+    deep = deepen(head, target, 2)
+    assert deep.spec.layers == 2 and len(deep.layers) == 2
+    assert torch.equal(deep.layers[1].q_proj.weight, head.layers[0].q_proj.weight)  # the trained layer, now last
+    assert torch.equal(deep.layers[0].q_proj.weight, target.model.layers[0].self_attn.q_proj.weight)
+    feats, tokens = torch.randn(2, 7, head.spec.hidden), torch.randint(0, 40, (2, 7))
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(head.unrolled(feats, tokens, 3), deep.unrolled(feats, tokens, 3)))
+    deep.requires_grad_(True)
+    sum(o.pow(2).sum() for o in deep.unrolled(feats, tokens, 2)).backward()
+    assert deep.layers[0].o_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="cannot be cut"):
+        deepen(deep, target, 1)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_training_unroll_is_what_drafting_through_the_cache_computes(tiny_models, layers):
+    """Level j of the teacher-forced unroll at entry t must be the feature the device predicts
+    at draft step j + 1 (its cache of true entries up to t - j, then its own chain): otherwise
+    training would teach a head that drafting does not run."""
+    from pipeline.models import load_causal_lm
+    from workers.feature_head import HeadCache
+
+    torch.manual_seed(6)
+    target = load_causal_lm(str(tiny_models["target"]))
+    head = _random_head(target, layers)
+    feats, tokens = torch.randn(1, 9, head.spec.hidden), torch.randint(0, 40, (1, 9))
+    with torch.no_grad():
+        outs = head.unrolled(feats, tokens, 3)
+        t, levels = 6, 3
+        start = t - (levels - 1)  # the last true entry of a chain whose level-2 entry is t
+        cache = HeadCache()
+        predicted = head.extend(cache, head.entry(feats[:, : start + 1], tokens[:, 1 : start + 2]), 0)[:, -1:]
+        assert torch.allclose(predicted, outs[0][:, start : start + 1], atol=1e-5)
+        for j in range(1, levels):
+            entry = start + j
+            predicted = head.extend(cache, head.entry(predicted, tokens[:, entry + 1 : entry + 2]), entry)
+            assert torch.allclose(predicted, outs[j][:, entry : entry + 1], atol=1e-5), j
+        assert len(cache.kv) == layers and cache.length == start + levels
+        cache.crop(start + 1)
+        assert all(k.shape[2] == start + 1 for k, _ in cache.kv)
+
+
+def test_a_head_saved_before_decoder_stacks_still_loads(tiny_models, tmp_path):
+    """Heads saved with one decoder layer named it "layer."; the committed one is such a file."""
+    from safetensors.torch import load_file, save_file
+    from pipeline.models import load_causal_lm
+    from workers.feature_head import load_head, save_head
+
+    target = load_causal_lm(str(tiny_models["target"]))
+    head = _random_head(target, 1)
+    save_head(head, tmp_path, {}, int8=False)
+    tensors = load_file(str(tmp_path / "head.safetensors"))
+    save_file({k.replace("layers.0.", "layer."): v for k, v in tensors.items()}, str(tmp_path / "head.safetensors"))
+    loaded = load_head(target, tmp_path)
+    assert torch.equal(loaded.layers[0].q_proj.weight, head.layers[0].q_proj.weight.half().float())

@@ -71,6 +71,9 @@ def register(subparsers) -> None:
     dr.add_argument("--feature-layers", type=int, nargs="+", default=[-1],
                     help="feature head: target hidden-state indices it is conditioned on (-1 = final norm); with "
                          "--init-from a head on one of them, the head is widened to all (training/train_feature_head.py)")
+    dr.add_argument("--head-layers", type=int, default=None,
+                    help="feature head: decoder layers (default 1, or the saved head's); with --init-from, more "
+                         "than it has grow it, each added layer joining in front without changing its output")
     dr.add_argument("--budget-s", type=float, default=None, help="feature head: stop training after this long")
     dr.add_argument("--init-from", type=Path, default=None,
                     help="continue training this saved head or ladder (drafters/feature, drafters/ladder) on more data")
@@ -143,7 +146,7 @@ def _train_drafters(args: argparse.Namespace) -> int:
                              feature_layers=tuple(args.feature_layers), vocab=args.vocab, max_shards=args.shards,
                              epochs=args.epochs, lr=args.lr, levels=args.levels, seed=args.seed,
                              save=not args.no_save, time_budget_s=args.budget_s, init_from=args.init_from,
-                             first_shard=args.first_shard)
+                             first_shard=args.first_shard, head_layers=args.head_layers)
         if args.summary:
             args.summary.write_text(json.dumps(summary) + "\n")
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))

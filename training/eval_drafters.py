@@ -121,7 +121,7 @@ def _tree_rung(target, target_spec: str, gamma: int, folder=None, lookup: int = 
     heldout = heldout_features(target_spec, model=target, feature_layers=head.spec.feature_layers)
     stats = evaluate_tree(head, heldout, gamma, DEFAULT_TREE_NODES, lookup_min_match=lookup)
     return {
-        "name": "feature+lookup+tree" if lookup else "feature+tree", "kind": "feature", "layers": 1,
+        "name": "feature+lookup+tree" if lookup else "feature+tree", "kind": "feature", "layers": head.spec.layers,
         "params": params, "tree_nodes": DEFAULT_TREE_NODES,
         # α of a tree: how often its first level holds the target's next token, per round
         "alpha": stats["first_level_hit_rate"], **stats,
@@ -155,7 +155,8 @@ def _feature_rung(target, target_spec: str, gamma: int, folder=None, lookup: int
     params = sum(p.numel() for p in head.parameters())  # before packing, which drops dense weights
     head.prepack()  # after α: speed as the device drafts
     return {
-        "name": "feature", "kind": "feature", "layers": 1, "params": params, "draft_vocab": int(head.vocab_ids.numel()),
+        "name": "feature", "kind": "feature", "layers": head.spec.layers, "params": params,
+        "draft_vocab": int(head.vocab_ids.numel()),
         "alpha": stats["alpha"], "alpha_by_position": stats["alpha_by_position"],
         "mean_accepted_per_round": stats["mean_accepted_per_round"],
         "tokens_per_round": stats["tokens_per_round"],

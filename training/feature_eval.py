@@ -63,8 +63,7 @@ def evaluate_head(head: FeatureHead, heldout: list[tuple], gamma: int = 4, looku
         tokens = torch.tensor([ids])
         entries = head.entry(head.fused(feats[None, :-1].float()), tokens[:, 1:])  # entry t: (f_t, x_{t+1})
         positions = torch.arange(n - 1)
-        q, k, v = head.layer.qkv(entries, positions)
-        level0 = head.norm(head.layer.finish(entries, q, k, v, None))  # prediction of f_{t+1}
+        level0, kv = head.decode(entries, positions)  # prediction of f_{t+1}
         first = head.vocab_ids[head.logits(level0[0]).argmax(-1)]  # entry t drafts token t+2
         agree = (first[prompt_len - 2 : n - 2] == tokens[0, prompt_len:]).tolist()
         looked_up = {}
@@ -85,8 +84,7 @@ def evaluate_head(head: FeatureHead, heldout: list[tuple], gamma: int = 4, looku
             accepted = 0
             if first[p - 2] == ids[p]:  # draft 1 from entry p-2 (true feature f_{p-2}, token p-1)
                 accepted = 1
-                cache = HeadCache()
-                cache.k, cache.v = k[:, :, : p - 1], v[:, :, : p - 1]
+                cache = HeadCache(kv, p - 1)
                 predicted, last = level0[:, p - 2 : p - 1], ids[p]
                 while accepted < gamma and p + accepted < n:
                     predicted = head.extend(cache, head.entry(predicted, torch.tensor([[last]])), p - 2 + accepted)
@@ -129,12 +127,10 @@ def evaluate_tree(head: FeatureHead, heldout: list[tuple], gamma: int = 4, tree_
                 continue
             tokens = torch.tensor([ids])
             entries = head.entry(head.fused(feats[None, :-1].float()), tokens[:, 1:])
-            q, k, v = head.layer.qkv(entries, torch.arange(n - 1))
-            level0 = head.norm(head.layer.finish(entries, q, k, v, None))
+            level0, kv = head.decode(entries, torch.arange(n - 1))
 
-            def draft_round(p: int, level0=level0, k=k, v=v, ids=ids):
-                state = FeatureDraftState(predicted=level0[:, p - 2 : p - 1])
-                state.cache.k, state.cache.v = k[:, :, : p - 1], v[:, :, : p - 1]
+            def draft_round(p: int, level0=level0, kv=kv, ids=ids):
+                state = FeatureDraftState(cache=HeadCache(kv, p - 1), predicted=level0[:, p - 2 : p - 1])
                 return drafter.propose(state, ids[:p], gamma, GREEDY, None, tree=True)
 
             yield ids, prompt_len, draft_round

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from training.distill_dataset import length_batches
 from workers.feature_head import (FEATURE_DIR, FeatureHead, build_head, draft_vocab, load_head, residual_rms, save_head,
-                                  spec_for)
+                                  spec_for, target_layer_state)
 
 log = structlog.get_logger(__name__)
 TREE_NODES = 8  # the held-out tree figure is measured for the default feature class's tree (config.toml)
@@ -66,6 +66,31 @@ def widen_inputs(head: FeatureHead, target, feature_layers: tuple[int, ...]) -> 
         grown.fuse.weight.zero_()
         grown.fuse.weight[:, at * h:(at + 1) * h] = torch.eye(h)
     log.info("feature_head_widened", from_layers=list(old), to_layers=list(feature_layers))
+    return grown
+
+
+def deepen(head: FeatureHead, target, layers: int) -> FeatureHead:
+    """The saved head grown to ``layers`` decoder layers, the incremental-training way: each
+    added layer joins in front (where the target's own earlier layer sits), copied from that
+    target layer with its two residual branches' output projections (o_proj, down_proj) at zero,
+    so the grown head computes exactly what the saved one did and training starts from its
+    figures; the copied projections give the branches a direction to grow in."""
+    if layers < head.spec.layers:
+        raise ValueError(f"a head of {head.spec.layers} layers cannot be cut to {layers}")
+    added = layers - head.spec.layers
+    spec = dataclasses.replace(head.spec, layers=layers)
+    grown = FeatureHead(spec, target.get_input_embeddings().weight, head.vocab_ids)
+    state = {k: v for k, v in head.state_dict().items() if not k.startswith("layers.")}
+    state.update({f"layers.{i + added}.{k[len(f'layers.{i}.'):]}": v for i in range(head.spec.layers)
+                  for k, v in head.state_dict().items() if k.startswith(f"layers.{i}.")})
+    first = spec.target_layer - layers + 1
+    for i in range(added):
+        layer = target_layer_state(target, first + i)
+        layer["o_proj.weight"].zero_()
+        layer["down_proj.weight"].zero_()
+        state.update({f"layers.{i}.{k}": v for k, v in layer.items()})
+    grown.load_state_dict(state)
+    log.info("feature_head_deepened", from_layers=head.spec.layers, to_layers=layers)
     return grown
 
 
@@ -143,9 +168,12 @@ def train_head(
     time_budget_s: float | None = None,
     init_from: Path | None = None,
     first_shard: int = 0,
+    head_layers: int | None = None,
 ) -> dict:
     """``init_from``: continue from a saved head (its vocabulary and shape; ``feature_layers``
-    must match) instead of starting from the target's last layer."""
+    must match, or include its one layer) instead of starting from the target's last layer.
+    ``head_layers``: decoder layers (default 1, or the saved head's); more than a saved head
+    has grows it (``deepen``)."""
     from pipeline.models import load_causal_lm
 
     from training.feature_eval import evaluate_head, evaluate_tree, heldout_features
@@ -161,12 +189,15 @@ def train_head(
         head = load_head(model, init_from)
         if tuple(head.spec.feature_layers) != tuple(feature_layers):
             head = widen_inputs(head, model, tuple(feature_layers))
+        if head_layers and head_layers != head.spec.layers:
+            head = deepen(head, model, head_layers)
         head.requires_grad_(True)
         vocab_ids = head.vocab_ids
     else:
         vocab_ids = draft_vocab(vocab_counts(records, model.config.vocab_size), vocab)
-        spec = dataclasses.replace(spec_for(model, feature_layers),
-                                   residual_scale=residual_rms(model, model.config.num_hidden_layers - 1,
+        layers = head_layers or 1
+        spec = dataclasses.replace(spec_for(model, feature_layers), layers=layers,
+                                   residual_scale=residual_rms(model, model.config.num_hidden_layers - layers,
                                                                records[0]["ids"].tolist()[:256]))
         head = build_head(model, spec, vocab_ids)
     lookup = torch.full((model.config.vocab_size,), -1, dtype=torch.long)
@@ -210,7 +241,7 @@ def train_head(
     summary = {"target": target, "positions": positions, "records": len(records), "steps": steps,
                "epochs": epochs, "vocab": len(vocab_ids), "levels": levels, "noise": noise,
                "reg_weight": reg_weight, "lr": lr, "tokens_per_batch": tokens_per_batch,
-               "feature_layers": list(feature_layers), "seed": seed, "wall_s": round(wall, 1),
+               "feature_layers": list(feature_layers), "head_layers": head.spec.layers, "seed": seed, "wall_s": round(wall, 1),
                "init_from": str(init_from) if init_from else None, "first_shard": first_shard,
                "heldout": result, "history": history}
     if save:

@@ -106,8 +106,7 @@ class FeatureDrafter:
         itself. Drafted entries are dropped after, as in a chain."""
         head, cache = self.head, state.cache
         position = len(committed) - 1  # where the first draft token's entry sits
-        tree_keys: list[torch.Tensor] = []
-        tree_values: list[torch.Tensor] = []
+        tree_kv: list[list] = []  # per tree level, the new entries' (k, v) per decoder layer
         entry_of: dict[int, int] = {}  # node -> its entry among the drafted ones
         predicted_at: dict[int, torch.Tensor] = {-1: state.predicted[0, -1]}  # node -> the feature predicted after it
 
@@ -117,19 +116,18 @@ class FeatureDrafter:
         def expand(level: int, picked: list[tuple[int, int, list[int]]]) -> torch.Tensor:
             feats = torch.stack([predicted_at[path[-2] if len(path) > 1 else -1] for _, _, path in picked])
             entries = head.entry(feats[None], torch.tensor([[token for _, token, _ in picked]]))
-            q, k, v = head.layer.qkv(entries, torch.full((len(picked),), position - 1 + level))
-            drafted = sum(t.shape[2] for t in tree_keys)
+            drafted = sum(level_kv[0][0].shape[2] for level_kv in tree_kv)
             mask = torch.zeros(len(picked), cache.length + drafted + len(picked), dtype=torch.bool)
             mask[:, : cache.length] = True
             for row, (node, _, path) in enumerate(picked):
                 entry_of[node] = drafted + row
                 for a in path:
                     mask[row, cache.length + entry_of[a]] = True
-            keys = torch.cat([cache.k, *tree_keys, k], 2)
-            values = torch.cat([cache.v, *tree_values, v], 2)
-            out = head.norm(head.layer.finish(entries, q, keys, values, mask))[0]
-            tree_keys.append(k)
-            tree_values.append(v)
+            past = [(torch.cat([k, *(t[i][0] for t in tree_kv)], 2), torch.cat([v, *(t[i][1] for t in tree_kv)], 2))
+                    for i, (k, v) in enumerate(cache.kv)]
+            out, new = head.decode(entries, torch.full((len(picked),), position - 1 + level), past, mask)
+            out = out[0]
+            tree_kv.append(new)
             predicted_at.update({node: out[row] for row, (node, _, _) in enumerate(picked)})
             return log_probs(out)
 

@@ -2,13 +2,14 @@
 
 Each entry t fuses the target's feature at position t (its final-norm hidden state, sent back by
 the verifier) with the embedding of token t+1; one Llama decoder layer over the entries so far
+(or a stack of them, ``HeadSpec.layers``)
 predicts the feature at t+1, and the target's frozen tied head -- restricted to a draft
 vocabulary of the tokens the target emits most -- turns it into logits for token t+2.
 Drafting feeds the head its own predicted feature for the next entry (the verifier has not
 computed the real one yet); training unrolls that ("training-time test", EAGLE-3), so later
 draft positions learn from the head's own predictions.
 
-Only ``fc``, the decoder layer and the norm are trained and stored; the embedding matrix comes
+Only ``fc``, the decoder layer(s) and the norm are trained and stored; the embedding matrix comes
 from the target's package at load time. The layer is written out (not transformers'
 LlamaDecoderLayer) because training needs queries of one unroll level to attend to keys of
 others, which the library's cache does not express.
@@ -36,7 +37,10 @@ class HeadSpec:
     rope_theta: float = 100000.0
     eps: float = 1e-5
     feature_layers: tuple[int, ...] = (-1,)
-    target_layer: int = 29  # the target layer the decoder layer starts from
+    target_layer: int = 29  # the target layer the (last) decoder layer starts from
+    # decoder layers; a head grown by one (training/train_feature_head.py deepen) gains it in
+    # front, as the target's own layer before target_layer sits in front of it
+    layers: int = 1
     # RMS of the target's residual stream entering target_layer: the fused entry is scaled to it,
     # so the layer copied from the target sees inputs of the size it was trained on
     residual_scale: float = 1.0
@@ -125,7 +129,7 @@ class FeatureHead(nn.Module):
         self.feature_norm = RMSNorm(h, spec.eps)
         self.embed_norm = RMSNorm(h, spec.eps)
         self.fc = nn.Linear(2 * h, h, bias=True)
-        self.layer = HeadLayer(spec)
+        self.layers = nn.ModuleList(HeadLayer(spec) for _ in range(spec.layers))
         self.norm = RMSNorm(h, spec.eps)
         self.register_buffer("embed", embed.detach().float(), persistent=False)
         self.register_buffer("vocab_ids", vocab_ids.long(), persistent=False)
@@ -151,6 +155,21 @@ class FeatureHead(nn.Module):
         joined = torch.cat((self.feature_norm(feature), self.embed_norm(self.embed[next_tokens])), -1)
         return self.spec.residual_scale * self.fc(joined)
 
+    def decode(self, x: torch.Tensor, positions: torch.Tensor, past: list | None = None,
+               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
+        """Entries x [B, n, H] at ``positions`` through every decoder layer, each attending to its
+        ``past`` keys/values (one (k, v) per layer, or None) and the new ones under ``mask`` (None:
+        causal, the new entries last). Returns the predicted (normed) features [B, n, H] and the
+        new entries' (k, v) per layer."""
+        new = []
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.qkv(x, positions)
+            new.append((k, v))
+            if past is not None:
+                k, v = torch.cat((past[i][0], k), 2), torch.cat((past[i][1], v), 2)
+            x = layer.finish(x, q, k, v, mask)
+        return self.norm(x), new
+
     def logits(self, predicted: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits [..., V'] of predicted (normed) features."""
         if self.packed_head is not None:
@@ -171,18 +190,21 @@ class FeatureHead(nn.Module):
         g = self.fused(features[:, :-1])
         if noise:
             g = g + noise * torch.randn_like(g)
-        outs, keys, values = [], [], []
+        outs = []
+        keys: list[list] = [[] for _ in self.layers]  # per layer, the entries of every level so far
+        values: list[list] = [[] for _ in self.layers]
         x = self.entry(g, tokens[:, 1:])
         for j in range(levels):
             if j:
                 shifted = torch.cat((torch.zeros_like(outs[-1][:, :1]), outs[-1][:, :-1]), 1)  # made at t-1
                 x = self.entry(shifted, tokens[:, 1:])
-            q, k, v = self.layer.qkv(x, positions)
-            keys.append(k)
-            values.append(v)
             mask = _level_mask(j, t1, tokens.device)
-            out = self.layer.finish(x, q, torch.cat(keys, 2), torch.cat(values, 2), mask)
-            outs.append(self.norm(out))
+            for i, layer in enumerate(self.layers):
+                q, k, v = layer.qkv(x, positions)
+                keys[i].append(k)
+                values[i].append(v)
+                x = layer.finish(x, q, torch.cat(keys[i], 2), torch.cat(values[i], 2), mask)
+            outs.append(self.norm(x))
         return outs
 
     # --- drafting: one session's cache of entries -----------------------------------------
@@ -191,9 +213,9 @@ class FeatureHead(nn.Module):
         """Append entries (decoder inputs [1, n, H]) at positions first_position.. to the cache;
         return the predicted features of the new entries [1, n, H]."""
         positions = torch.arange(first_position, first_position + entries_in.shape[1])
-        q, k, v = self.layer.qkv(entries_in, positions)
-        cache.append(k, v)
-        return self.norm(self.layer.finish(entries_in, q, cache.k, cache.v, None))
+        predicted, new = self.decode(entries_in, positions, cache.kv or None)
+        cache.append(new)
+        return predicted
 
 
 def _level_mask(level: int, t: int, device) -> torch.Tensor:
@@ -208,23 +230,23 @@ def _level_mask(level: int, t: int, device) -> torch.Tensor:
 
 
 class HeadCache:
-    """Keys/values of one session's entries [1, kv_heads, n, d]; cropping is a slice."""
+    """Keys/values of one session's entries, one (k, v) per decoder layer, each
+    [1, kv_heads, n, d]; cropping is a slice."""
 
-    def __init__(self):
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+    def __init__(self, kv: list | None = None, length: int | None = None):
+        """``kv`` (as ``FeatureHead.decode`` returns it), its first ``length`` entries."""
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = [(k[:, :, :length], v[:, :, :length]) for k, v in kv or []]
 
     @property
     def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+        return self.kv[0][0].shape[2] if self.kv else 0
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k = k if self.k is None else torch.cat((self.k, k), 2)
-        self.v = v if self.v is None else torch.cat((self.v, v), 2)
+    def append(self, kv: list) -> None:
+        self.kv = kv if not self.kv else [(torch.cat((k0, k), 2), torch.cat((v0, v), 2))
+                                         for (k0, v0), (k, v) in zip(self.kv, kv)]
 
     def crop(self, n: int) -> None:
-        if self.k is not None:
-            self.k, self.v = self.k[:, :, :n], self.v[:, :, :n]
+        self.kv = [(k[:, :, :n], v[:, :, :n]) for k, v in self.kv]
 
 
 # --- weights -----------------------------------------------------------------------------------
@@ -237,19 +259,27 @@ def residual_rms(target, layer: int, sample: list[int]) -> float:
     return float(hidden.float().pow(2).mean().sqrt())
 
 
+def target_layer_state(target, index: int) -> dict:
+    """The target's decoder layer ``index`` as a HeadLayer state dict (fp32 copies)."""
+    src = target.model.layers[index]
+    state = {
+        "input_layernorm.weight": src.input_layernorm.weight,
+        "post_attention_layernorm.weight": src.post_attention_layernorm.weight,
+        **{f"{n}.weight": getattr(src.self_attn, n).weight for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+        **{f"{n}.weight": getattr(src.mlp, n).weight for n in ("gate_proj", "up_proj", "down_proj")},
+    }
+    return {k: v.detach().float().clone() for k, v in state.items()}
+
+
 def build_head(target, spec: HeadSpec, vocab_ids: torch.Tensor, *, init_from_target: bool = True) -> FeatureHead:
-    """A head over `target`'s frozen embeddings; the decoder layer and norm start from the
-    target's `spec.target_layer` and final norm, fc as [identity on the feature | 0]."""
+    """A head over `target`'s frozen embeddings; the decoder layers and norm start from the
+    target's last ``spec.layers`` layers up to `spec.target_layer` and its final norm, fc as
+    [identity on the feature | 0]."""
     head = FeatureHead(spec, target.get_input_embeddings().weight, vocab_ids)
     if init_from_target:
-        src = target.model.layers[spec.target_layer]
-        state = {
-            "input_layernorm.weight": src.input_layernorm.weight,
-            "post_attention_layernorm.weight": src.post_attention_layernorm.weight,
-            **{f"{n}.weight": getattr(src.self_attn, n).weight for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
-            **{f"{n}.weight": getattr(src.mlp, n).weight for n in ("gate_proj", "up_proj", "down_proj")},
-        }
-        head.layer.load_state_dict({k: v.detach().float() for k, v in state.items()})
+        first = spec.target_layer - spec.layers + 1
+        for i, layer in enumerate(head.layers):
+            layer.load_state_dict(target_layer_state(target, first + i))
         head.norm.weight.data.copy_(target.model.norm.weight.detach().float())
         with torch.no_grad():
             h = spec.hidden
@@ -298,7 +328,8 @@ def load_head(target, folder: Path = FEATURE_DIR) -> FeatureHead:
     from pipeline.packed_weights import unpack
 
     head = FeatureHead(spec, target.get_input_embeddings().weight, tensors.pop("vocab_ids"))
-    head.load_state_dict(unpack(tensors))
+    # heads saved before decoder stacks named their one layer "layer."
+    head.load_state_dict({("layers.0." + k[6:] if k.startswith("layer.") else k): v for k, v in unpack(tensors).items()})
     head.eval().requires_grad_(False)
     return head
 
