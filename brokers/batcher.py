@@ -32,7 +32,7 @@ class QueueFull(Exception):
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    max_sessions: int = 32
+    max_sessions: int = 128  # the defaults are BrokerConfig's max_batch_sessions and max_batch_tokens
     max_tokens: int = 256
     max_wait_s: float = 0.005
     max_queue: int = 256

@@ -81,7 +81,7 @@ class Pace:
 
 class SloHold:
     def __init__(self, slo_tpot_s: float, estimator: VerifyTimeEstimator, weight: float = 0.3,
-                 max_sessions: int = 32, max_tokens: int = 256):
+                 max_sessions: int = 128, max_tokens: int = 256):
         if slo_tpot_s <= 0:
             raise ValueError("SloHold needs a positive TPOT objective")
         self.slo = slo_tpot_s
