@@ -241,7 +241,8 @@ def train_head(
     summary = {"target": target, "positions": positions, "records": len(records), "steps": steps,
                "epochs": epochs, "vocab": len(vocab_ids), "levels": levels, "noise": noise,
                "reg_weight": reg_weight, "lr": lr, "tokens_per_batch": tokens_per_batch,
-               "feature_layers": list(feature_layers), "head_layers": head.spec.layers, "seed": seed, "wall_s": round(wall, 1),
+               "feature_layers": list(feature_layers), "head_layers": head.spec.layers, "seed": seed,
+               "wall_s": round(wall, 1),
                "init_from": str(init_from) if init_from else None, "first_shard": first_shard,
                "heldout": result, "history": history}
     if save:

@@ -1,10 +1,10 @@
 """The feature-conditioned draft head (EAGLE-style), shared by training and the device.
 
 Each entry t fuses the target's feature at position t (its final-norm hidden state, sent back by
-the verifier) with the embedding of token t+1; one Llama decoder layer over the entries so far
-(or a stack of them, ``HeadSpec.layers``)
-predicts the feature at t+1, and the target's frozen tied head -- restricted to a draft
-vocabulary of the tokens the target emits most -- turns it into logits for token t+2.
+the verifier) with the embedding of token t+1; one Llama decoder layer over the entries so far (or
+a stack of them, ``HeadSpec.layers``) predicts the feature at t+1, and the target's frozen tied
+head -- restricted to a draft vocabulary of the tokens the target emits most -- turns it into
+logits for token t+2.
 Drafting feeds the head its own predicted feature for the next entry (the verifier has not
 computed the real one yet); training unrolls that ("training-time test", EAGLE-3), so later
 draft positions learn from the head's own predictions.
