@@ -80,9 +80,12 @@ def deepen(head: FeatureHead, target, layers: int) -> FeatureHead:
     added = layers - head.spec.layers
     spec = dataclasses.replace(head.spec, layers=layers)
     grown = FeatureHead(spec, target.get_input_embeddings().weight, head.vocab_ids)
-    state = {k: v for k, v in head.state_dict().items() if not k.startswith("layers.")}
-    state.update({f"layers.{i + added}.{k[len(f'layers.{i}.'):]}": v for i in range(head.spec.layers)
-                  for k, v in head.state_dict().items() if k.startswith(f"layers.{i}.")})
+    state = {}
+    for key, value in head.state_dict().items():
+        if key.startswith("layers."):  # the saved layers move back behind the added ones
+            index, rest = key[len("layers."):].split(".", 1)
+            key = f"layers.{int(index) + added}.{rest}"
+        state[key] = value
     first = spec.target_layer - layers + 1
     for i in range(added):
         layer = target_layer_state(target, first + i)
