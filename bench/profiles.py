@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from workers.datastore import BUILTIN
 from workers.lookup import DEFAULT_MIN_MATCH as LOOKUP
 from workers.token_tree import DEFAULT_TREE_NODES
 
@@ -55,6 +56,7 @@ class DrafterChoice:
     min_confidence: float = 0.0
     lookup_min_match: int = 0  # context lookup in front of the drafter (workers/lookup.py); 0 = off
     tree_nodes: int = 0  # the feature head drafts token trees of at most this many tokens (workers/token_tree.py)
+    datastore: str = ""  # "ngram": the target's earlier continuations behind context lookup (workers/datastore.py)
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ DEFAULT = Setup(
     target="smollm2",
     # as config.toml's fleet: the model classes with context lookup in front (workers/lookup.py)
     drafters={"pi5": DrafterChoice("ladder:pi5", 4, 0.5, LOOKUP), "orin": DrafterChoice("ladder:orin", 4, 0.5, LOOKUP),
-              "feature": DrafterChoice("feature", 4, 0.0, LOOKUP, DEFAULT_TREE_NODES), "ngram": DrafterChoice("ngram", 4)},
+              "feature": DrafterChoice("feature", 4, 0.0, LOOKUP, DEFAULT_TREE_NODES), "ngram": DrafterChoice("ngram", 4, 0.0, LOOKUP, datastore=BUILTIN)},
     server_drafter=DrafterChoice("ladder:orin", 4, 0.5),
     prompts="chat",
     fleet=["pi5", "orin", "feature", "ngram"],  # the classes of `sled demo`'s default fleet

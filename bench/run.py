@@ -34,6 +34,7 @@ from pipeline.config import load_config
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.sample_prompts import SAMPLE_PROMPTS, chat_prompt_ids
 from pipeline.reference import greedy_reference
+from workers.datastore import load_datastore
 from workers.drafts import ModelDrafter, NgramDrafter
 from workers.lookup import LookupDrafter
 from workers.packed_linear import prepack_linears, weight_bytes
@@ -298,15 +299,16 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
     for k, name in enumerate(setup.fleet):
         choice = setup.drafters[name]
         mine = sorted({i % len(prompts) for i in range(top) if i % len(setup.fleet) == k})
-        if choice.model == "ngram":
-            strategy, kind = NgramDrafter(ngram_max=4), "ngram"
+        if choice.model == "ngram":  # its context lookup is the drafter itself, not put in front of it
+            store = load_datastore(choice.datastore) if choice.datastore else None
+            strategy, kind = NgramDrafter(ngram_max=4, datastore=store, min_match=max(1, choice.lookup_min_match)), "ngram"
         elif choice.model == "feature":
             strategy, kind = feature_strategy(choice, target), "feature"
         else:
             if choice.model not in drafter_models:
                 drafter_models[choice.model] = load_drafter_model(choice, target)
             strategy, kind = model_strategy(choice, drafter_models[choice.model], setup.target), "model"
-        if choice.lookup_min_match:
+        if choice.lookup_min_match and kind != "ngram":
             strategy = LookupDrafter(strategy, min_match=choice.lookup_min_match)
         path = workdir / "traces" / f"{name}.msgpack"
         recorded[name] = record_trace(strategy, kind, [prompts[i] for i in mine], [references[i] for i in mine],

@@ -94,8 +94,12 @@ class DrafterConfig:
     ngram_max: int = 4  # longest context suffix looked up (kind "ngram", and lookup_min_match)
     # kinds "model" and "feature": where the context ends in an n-gram of at least this many tokens
     # that occurred before, draft what followed it instead of the model's tokens (workers/lookup.py);
-    # 0 = off
+    # 0 = off. Kind "ngram": the shortest repeat its context lookup drafts from (0 = 1)
     lookup_min_match: int = 0
+    # kind "ngram": a datastore of the target's earlier continuations, drafted from where the context
+    # has not repeated (workers/datastore.py): "builtin" = the committed one (drafters/ngram, built
+    # for the default target), a folder, or "" = context lookup only
+    datastore: str = ""
     # kinds "feature" and "model" (not one translating another tokenizer), greedy requests: draft a
     # token tree of at most this many tokens instead of a chain (workers/token_tree.py; each token
     # is a verify row); 0 = chains

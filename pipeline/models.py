@@ -136,3 +136,11 @@ def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(local_dir(spec))
+
+
+def vocab_size(spec: str) -> int:
+    """The model's embedding rows (its config's vocab_size): every id it can be given, without loading weights."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(local_dir(spec))
+    return int(getattr(config, "get_text_config", lambda: config)().vocab_size)

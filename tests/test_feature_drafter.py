@@ -186,13 +186,14 @@ async def test_a_killed_verifier_mid_generation_with_a_feature_drafter(tmp_path,
 
 
 def test_committed_drafter_weights_fit_the_budget():
-    """Ladder and feature head together at most 24 MB: a GPU device call carries the whole
-    tracked tree (64 MiB) and the wheels it needs must still fit."""
+    """Ladder, feature head and the n-gram class's datastore together at most 24 MB: a GPU device
+    call carries the whole tracked tree (64 MiB) and the wheels it needs must still fit."""
     from training.ladder import LADDER_DIR
+    from workers.datastore import DATASTORE_DIR
     from workers.feature_head import FEATURE_DIR
 
-    files = [*LADDER_DIR.glob("*.safetensors"), *FEATURE_DIR.glob("*.safetensors")]
-    assert len(files) == 2
+    files = [*LADDER_DIR.glob("*.safetensors"), *FEATURE_DIR.glob("*.safetensors"), *DATASTORE_DIR.glob("*.npz")]
+    assert len(files) == 3
     assert sum(f.stat().st_size for f in files) <= 24 * 10**6
 
 

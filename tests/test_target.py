@@ -13,6 +13,7 @@ from pipeline.config import LimitsConfig
 from pipeline.protocol import ErrorCode, Propose, Sampling
 from pipeline.reference import greedy_reference
 from tests.conftest import TINY_VOCAB, tiny_llama
+from workers.datastore import build_datastore
 from workers.drafts import ModelDrafter, NgramDrafter, draft_generator
 from workers.feature_drafter import FeatureDrafter
 from workers.feature_head import build_head, spec_for
@@ -120,7 +121,7 @@ def test_least_recently_used_sessions_are_evicted_and_can_come_back():
     assert ver.close("b") and not ver.close("b")
 
 
-@pytest.mark.parametrize("kind", ["model", "ngram", "feature", "model+lookup", "feature+lookup+tree"])
+@pytest.mark.parametrize("kind", ["model", "ngram", "ngram+datastore", "feature", "model+lookup", "feature+lookup+tree"])
 def test_sampling_through_drafters_keeps_the_sequence_distribution(kind):
     """Two-token continuations sampled by SLED (model drafter sending top-k q, the n-gram
     drafter sending ids only, and the two mixed by lookup) against the exact joint distribution
@@ -140,6 +141,9 @@ def test_sampling_through_drafters_keeps_the_sequence_distribution(kind):
     strategies = {
         "model": lambda: ModelDrafter(drafter_model, top_k=4),
         "ngram": lambda: NgramDrafter(ngram_max=2),
+        # the repeat "1 2" first, then a datastore's guesses (ids only, q = 1, like the repeat's)
+        "ngram+datastore": lambda: NgramDrafter(ngram_max=2, min_match=2, datastore=build_datastore(
+            [([1, 2, 3, 1, 2, 4, 5, 6, 7, 0, 3, 3], 0)], vocab_size=vocab, max_order=2)),
         # a random head over the target's features; it drafts the second token (round 0 has none)
         "feature": lambda: FeatureDrafter(build_head(target, spec_for(target), torch.arange(vocab)), top_k=4),
         # lookup drafts (q = 1) where the context repeats ("1 2" does), the model's top-k elsewhere

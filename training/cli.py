@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 
@@ -88,6 +89,16 @@ def register(subparsers) -> None:
                     help="ladder: write --init-from's ladder to --out in the --weights layout, no training")
     dr.set_defaults(handler=_train_drafters)
 
+    ds = what.add_parser("datastore", help="the n-gram drafter's datastore of the target's continuations (drafters/ngram)")
+    ds.add_argument("--target", default="smollm2", help="the target whose tokenizer the data's ids are in")
+    ds.add_argument("--data", type=Path, nargs="+", default=[Path("out/distill")],
+                    help="distillation shard folders (`sled train drafters --generate`)")
+    ds.add_argument("--max-order", type=int, default=4, help="longest n-gram stored (at most 64 / bits per id)")
+    ds.add_argument("--out", type=Path, default=None, help="default: drafters/ngram (the committed datastore)")
+    ds.add_argument("--shards", type=int, default=None, help="only the first this many shards (a learning-curve point)")
+    ds.add_argument("--note", default="", help="what the data is, kept in datastore.json")
+    ds.set_defaults(handler=_train_datastore)
+
     ev = subparsers.add_parser("eval", help="evaluate trained artefacts")
     ev_what = ev.add_subparsers(dest="eval_what", required=True)
     ed = ev_what.add_parser("drafters", help="per rung: params, draft tokens/s, held-out greedy α at γ=4")
@@ -98,6 +109,8 @@ def register(subparsers) -> None:
     ed.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ed.add_argument("--ladder-dir", type=Path, default=None, help="a ladder folder (default: the committed drafters/ladder)")
     ed.add_argument("--feature-dir", type=Path, default=None, help="a feature head folder (default: drafters/feature)")
+    ed.add_argument("--datastore-dir", type=Path, default=None,
+                    help="an n-gram datastore folder for the ngram+datastore rung (default: the committed drafters/ngram)")
     ed.add_argument("--trees", action="store_true",
                     help="also the ladder rungs' token trees (NAME+tree, NAME+lookup+tree: a few minutes each); "
                          "the feature head's are always measured")
@@ -188,12 +201,28 @@ def _train_drafters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_datastore(args: argparse.Namespace) -> int:
+    from training.distill_dataset import shard_sequences
+    from pipeline.models import vocab_size
+    from workers.datastore import DATASTORE_DIR, build_datastore
+
+    started = time.perf_counter()
+    sources = [str(folder) for folder in args.data]
+    store = build_datastore(shard_sequences(args.data, args.shards), vocab_size(args.target), args.max_order,
+                            meta={"target": args.target, "data": sources, **({"note": args.note} if args.note else {})})
+    out = args.out or DATASTORE_DIR
+    store.save(out)
+    print(json.dumps({**store.meta, "out": str(out), "bytes": (out / "datastore.npz").stat().st_size,
+                      "wall_s": round(time.perf_counter() - started, 1)}, indent=2))
+    return 0
+
+
 def _eval_drafters(args: argparse.Namespace) -> int:
     from training.eval_drafters import evaluate_ladder
 
     _threads(args.threads)
     report = evaluate_ladder(args.target, args.rungs, args.gamma, feature_dir=args.feature_dir,
-                             ladder_dir=args.ladder_dir, model_trees=args.trees)
+                             ladder_dir=args.ladder_dir, model_trees=args.trees, datastore_dir=args.datastore_dir)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -23,6 +23,19 @@ def load_records(folder: Path, max_shards: int | None = None) -> list[dict]:
     return records
 
 
+def shard_sequences(folders: list[Path], max_shards: int | None = None) -> Iterator[tuple[list[int], int]]:
+    """(ids, prompt_len) of every record in the folders' shards (the first ``max_shards``, folder
+    by folder), one shard in memory at a time (the n-gram datastore needs only the ids, not the
+    features and top-k that fill the shards)."""
+    paths = [path for folder in folders for path in sorted(Path(folder).glob("shard_*.pt"))][:max_shards]
+    if not paths:
+        raise FileNotFoundError(f"no distillation shards in {list(map(str, folders))} (run `sled train drafters --generate`)")
+    for path in paths:
+        for record in torch.load(path):
+            ids = record["ids"]
+            yield (ids.tolist() if hasattr(ids, "tolist") else list(ids)), int(record["prompt_len"])
+
+
 def collate(records: list[dict], top_k: int, continuation_only: bool = False) -> dict:
     width = max(len(r["ids"]) for r in records)
     ids = torch.zeros((len(records), width), dtype=torch.long)

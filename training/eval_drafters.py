@@ -1,7 +1,8 @@
 """`sled eval drafters`: per rung, parameters, draft tokens/s on this CPU and held-out α at γ = 4.
 
-The rungs are the ladder's (kind "model") and the feature-conditioned head (kind "feature",
-drafters/feature), measured on the same held-out sequences. Each is measured twice: alone, and
+The rungs are the ladder's (kind "model"), the feature-conditioned head (kind "feature",
+drafters/feature) and the model-free kind ("ngram": context lookup alone, and "ngram+datastore"
+with the datastore of drafters/ngram behind it), measured on the same held-out sequences. Each is measured twice: alone, and
 as "NAME+lookup" with context lookup in front of it (workers/lookup.py, ``lookup_min_match`` =
 DEFAULT_MIN_MATCH), which drafts where the context repeats and leaves the rest to the model. A
 lookup rung's draft speed is its model's: lookup costs no model step, so it is a lower bound.
@@ -27,8 +28,11 @@ import time
 import torch
 from transformers import DynamicCache
 
-from training.heldout_alpha import acceptance, heldout_sequences
+from pipeline.protocol import Sampling
+from training.heldout_alpha import acceptance, accepted_lengths, heldout_sequences
 from training.ladder import RUNGS, load_rung
+from workers.datastore import BUILTIN, load_datastore
+from workers.drafts import NgramDrafter
 from workers.lookup import DEFAULT_MIN_MATCH as LOOKUP_MIN_MATCH
 from workers.packed_linear import prepack_linears
 
@@ -51,7 +55,8 @@ def draft_tokens_per_s(model, prompts: list[list[int]], new_tokens: int = 32) ->
 
 
 def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None, gamma: int = 4,
-                    speed_prompts: int = 3, feature_dir=None, ladder_dir=None, model_trees: bool = False) -> dict:
+                    speed_prompts: int = 3, feature_dir=None, ladder_dir=None, model_trees: bool = False,
+                    datastore_dir=None) -> dict:
     from pipeline.models import load_causal_lm
 
     target = load_causal_lm(target_spec)
@@ -66,9 +71,12 @@ def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None
         "target_params": sum(p.numel() for p in target.parameters()),
         "rungs": [],
     }
-    names = rungs if rungs is not None else [*RUNGS, "feature"]
-    for name in [*names, *(f"{n}+lookup" for n in names if not n.endswith("+lookup"))]:
+    names = rungs if rungs is not None else [*RUNGS, "feature", "ngram"]
+    for name in [*names, *(f"{n}+lookup" for n in names if not n.endswith("+lookup") and n != "ngram")]:
         if name.endswith("+tree"):
+            continue
+        if name == "ngram":  # context lookup alone, then with the datastore behind it
+            report["rungs"] += [_ngram_rung(sequences, gamma, None), _ngram_rung(sequences, gamma, datastore_dir or BUILTIN)]
             continue
         base, lookup = name.removesuffix("+lookup"), LOOKUP_MIN_MATCH if name.endswith("+lookup") else 0
         if base == "feature":
@@ -140,6 +148,42 @@ def _model_rung(target, target_spec: str, name: str, sequences, prompts, gamma: 
         "alpha": round(stats["alpha"], 4), "mean_accepted_per_round": round(stats["mean_accepted"], 3),
         "tokens_per_round": round(stats["mean_accepted"] + 1, 3),
         "draft_tokens_per_s": round(draft_tokens_per_s(model, prompts), 1), "draft_weights_packed": packed,
+    }
+
+
+def _ngram_rung(sequences, gamma: int, datastore) -> dict:
+    """The model-free kind as the device drafts (NgramDrafter.propose): context lookup alone
+    (``ngram``, the repeat from one token up), or with a datastore behind it (``ngram+datastore``,
+    repeats from LOOKUP_MIN_MATCH tokens up). α is the first draft token's agreement at every
+    position (no draft: a miss); draft speed is proposals' tokens per second of this CPU."""
+    store = load_datastore(datastore) if datastore is not None else None
+    drafter = NgramDrafter(datastore=store, min_match=LOOKUP_MIN_MATCH if store is not None else 1)
+    greedy = Sampling(0.0, 1.0, 0)
+    first, positions, rounds, drafted, spent = 0, 0, [], 0, 0.0
+    for ids, prompt_len in sequences:
+        cache: dict[int, list[bool]] = {}
+
+        def agreement(pos: int) -> list[bool]:
+            nonlocal drafted, spent
+            if pos not in cache:
+                started = time.perf_counter()
+                tokens = drafter.propose(None, ids[:prompt_len + pos], gamma, greedy, None).tokens
+                spent += time.perf_counter() - started
+                drafted += len(tokens)
+                cache[pos] = [a == b for a, b in zip(tokens, ids[prompt_len + pos:])] or [False]
+            return cache[pos]
+
+        for pos in range(len(ids) - prompt_len):
+            first += agreement(pos)[0]
+            positions += 1
+        rounds += accepted_lengths([False] * (len(ids) - prompt_len), gamma, agreement)
+    mean = sum(rounds) / max(1, len(rounds))
+    return {
+        "name": "ngram+datastore" if store is not None else "ngram", "kind": "ngram", "layers": 0, "params": 0,
+        **({"datastore_entries": store.meta["entries"], "datastore_generated_tokens": store.meta["generated_tokens"],
+            "lookup_min_match": LOOKUP_MIN_MATCH} if store is not None else {}),
+        "alpha": round(first / max(1, positions), 4), "mean_accepted_per_round": round(mean, 3),
+        "tokens_per_round": round(mean + 1, 3), "draft_tokens_per_s": round(drafted / max(spent, 1e-9), 1),
     }
 
 
