@@ -127,3 +127,26 @@ def test_a_head_saved_before_decoder_stacks_still_loads(tiny_models, tmp_path):
     save_file({k.replace("layers.0.", "layer."): v for k, v in tensors.items()}, str(tmp_path / "head.safetensors"))
     loaded = load_head(target, tmp_path)
     assert torch.equal(loaded.layers[0].q_proj.weight, head.layers[0].q_proj.weight.half().float())
+
+
+def test_a_validation_set_from_shards_takes_the_heads_layers_and_cuts_like_the_held_out_set(tmp_path):
+    """`sled eval drafters --validation DIR` (training/feature_eval.py shard_heldout): records with
+    at least 8 continuation tokens, every ``every``-th, cut to ``new_tokens`` continuation tokens,
+    with the features of the layers the head was trained on, in its order."""
+    from training.feature_eval import shard_heldout
+
+    records = []
+    for i, (length, prompt_len) in enumerate([(30, 10), (12, 10), (40, 5), (20, 4)]):
+        feats = torch.arange(length * 3 * 2, dtype=torch.float16).reshape(length, 3, 2) + 1000 * i
+        records.append({"ids": torch.arange(length) + i, "prompt_len": prompt_len, "feature_layers": [2, 15, -1],
+                        "features": feats})
+    torch.save(records[:2], tmp_path / "shard_0000.pt")
+    torch.save(records[2:], tmp_path / "shard_0001.pt")
+    got = shard_heldout(tmp_path, (-1,), new_tokens=16, every=1)
+    assert [(len(ids), n) for ids, n, _ in got] == [(26, 10), (21, 5), (20, 4)]  # the 2-token one dropped
+    assert torch.equal(got[1][2], records[2]["features"][:21, 2, :])
+    fused = shard_heldout(tmp_path, (15, -1), new_tokens=16, every=2)
+    assert len(fused) == 2 and fused[1][2].shape == (20, 4)
+    assert torch.equal(fused[1][2], records[3]["features"][:20, [1, 2], :].reshape(20, 4))
+    with pytest.raises(ValueError, match="not \\[7\\]"):
+        shard_heldout(tmp_path, (7,))

@@ -109,6 +109,9 @@ def register(subparsers) -> None:
     ed.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ed.add_argument("--ladder-dir", type=Path, default=None, help="a ladder folder (default: the committed drafters/ladder)")
     ed.add_argument("--feature-dir", type=Path, default=None, help="a feature head folder (default: drafters/feature)")
+    ed.add_argument("--validation", type=Path, default=None,
+                    help="measure on distillation shards no drafter has read (160 sequences, ~10k positions) "
+                         "instead of the 48 held-out prompts (3k): for choosing between rounds")
     ed.add_argument("--datastore-dir", type=Path, default=None,
                     help="an n-gram datastore folder for the ngram+datastore rung (default: the committed drafters/ngram)")
     ed.add_argument("--trees", action="store_true",
@@ -222,7 +225,8 @@ def _eval_drafters(args: argparse.Namespace) -> int:
 
     _threads(args.threads)
     report = evaluate_ladder(args.target, args.rungs, args.gamma, feature_dir=args.feature_dir,
-                             ladder_dir=args.ladder_dir, model_trees=args.trees, datastore_dir=args.datastore_dir)
+                             ladder_dir=args.ladder_dir, model_trees=args.trees, datastore_dir=args.datastore_dir,
+                             validation=args.validation)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -56,16 +56,29 @@ def draft_tokens_per_s(model, prompts: list[list[int]], new_tokens: int = 32) ->
 
 def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None, gamma: int = 4,
                     speed_prompts: int = 3, feature_dir=None, ladder_dir=None, model_trees: bool = False,
-                    datastore_dir=None) -> dict:
+                    datastore_dir=None, validation=None) -> dict:
+    """``validation``: a folder of distillation shards no drafter has read, measured instead of
+    the held-out prompts (training/feature_eval.py ``shard_heldout``)."""
     from pipeline.models import load_causal_lm
+    from training.feature_eval import heldout_features, shard_heldout
 
     target = load_causal_lm(target_spec)
-    sequences = heldout_sequences(target_spec, model=target)
+
+    def with_features(layers) -> list[tuple]:
+        if validation is not None:
+            return shard_heldout(validation, tuple(layers))
+        return heldout_features(target_spec, model=target, feature_layers=tuple(layers))
+
+    if validation is not None:
+        sequences = [(ids, n) for ids, n, _ in with_features((-1,))]
+    else:
+        sequences = heldout_sequences(target_spec, model=target)
     prompts = [ids[:n] for ids, n in sequences[:: max(1, len(sequences) // speed_prompts)][:speed_prompts]]
     embed_params = target.get_input_embeddings().weight.numel()
     report = {
         "target": target_spec, "gamma": gamma, "greedy": True,
-        "heldout": {"sequences": len(sequences), "positions": sum(len(i) - n for i, n in sequences)},
+        "heldout": {"sequences": len(sequences), "positions": sum(len(i) - n for i, n in sequences),
+                    **({"validation": str(validation)} if validation is not None else {})},
         "cpu": {"machine": platform.machine(), "threads": torch.get_num_threads()},
         "target_tokens_per_s": round(draft_tokens_per_s(target, prompts), 1),
         "target_params": sum(p.numel() for p in target.parameters()),
@@ -80,7 +93,7 @@ def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None
             continue
         base, lookup = name.removesuffix("+lookup"), LOOKUP_MIN_MATCH if name.endswith("+lookup") else 0
         if base == "feature":
-            rung = _feature_rung(target, target_spec, gamma, feature_dir, lookup)
+            rung = _feature_rung(target, with_features, gamma, feature_dir, lookup)
         else:
             rung = _model_rung(target, target_spec, base, sequences, prompts, gamma, ladder_dir, lookup)
             rung["params_without_embeddings"] = rung["params"] - embed_params
@@ -92,7 +105,7 @@ def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None
             continue
         for lookup in (0, LOOKUP_MIN_MATCH):
             if base == "feature":
-                report["rungs"].append(_tree_rung(target, target_spec, gamma, feature_dir, lookup))
+                report["rungs"].append(_tree_rung(target, with_features, gamma, feature_dir, lookup))
             else:
                 report["rungs"].append(_model_tree_rung(target, target_spec, base, sequences, gamma, ladder_dir, lookup))
     return report
@@ -116,17 +129,17 @@ def _model_tree_rung(target, target_spec: str, name: str, sequences, gamma: int,
     }
 
 
-def _tree_rung(target, target_spec: str, gamma: int, folder=None, lookup: int = 0) -> dict:
+def _tree_rung(target, with_features, gamma: int, folder=None, lookup: int = 0) -> dict:
     """The feature head drafting token trees of DEFAULT_TREE_NODES tokens (workers/token_tree.py):
     tokens per round, and what the tree costs: its tokens are verify rows."""
-    from training.feature_eval import evaluate_tree, heldout_features
+    from training.feature_eval import evaluate_tree
     from workers.token_tree import DEFAULT_TREE_NODES
     from workers.feature_head import FEATURE_DIR, load_head
 
     head = load_head(target, folder or FEATURE_DIR)
     params = sum(p.numel() for p in head.parameters())  # before packing, which drops dense weights
     head.prepack()  # as the device drafts; α and speed come from this one run
-    heldout = heldout_features(target_spec, model=target, feature_layers=head.spec.feature_layers)
+    heldout = with_features(head.spec.feature_layers)
     stats = evaluate_tree(head, heldout, gamma, DEFAULT_TREE_NODES, lookup_min_match=lookup)
     return {
         "name": "feature+lookup+tree" if lookup else "feature+tree", "kind": "feature", "layers": head.spec.layers,
@@ -187,14 +200,14 @@ def _ngram_rung(sequences, gamma: int, datastore) -> dict:
     }
 
 
-def _feature_rung(target, target_spec: str, gamma: int, folder=None, lookup: int = 0) -> dict:
+def _feature_rung(target, with_features, gamma: int, folder=None, lookup: int = 0) -> dict:
     """The feature head as a rung: its stored (trained) parameters, α of its first draft,
     chained acceptance per draft position, tokens per round and draft speed."""
-    from training.feature_eval import evaluate_head, head_draft_tokens_per_s, heldout_features
+    from training.feature_eval import evaluate_head, head_draft_tokens_per_s
     from workers.feature_head import FEATURE_DIR, load_head
 
     head = load_head(target, folder or FEATURE_DIR)
-    heldout = heldout_features(target_spec, model=target, feature_layers=head.spec.feature_layers)
+    heldout = with_features(head.spec.feature_layers)
     stats = evaluate_head(head, heldout, gamma, lookup_min_match=lookup)
     params = sum(p.numel() for p in head.parameters())  # before packing, which drops dense weights
     head.prepack()  # after α: speed as the device drafts

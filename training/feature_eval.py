@@ -15,6 +15,7 @@ import hashlib
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -44,6 +45,30 @@ def heldout_features(target: str = "smollm2", *, model=None, feature_layers=(-1,
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, path)
     return out
+
+
+def shard_heldout(folder: Path, feature_layers=(-1,), sequences: int = 160, new_tokens: int = 64,
+                  every: int = 4, max_shards: int = 16) -> list[tuple]:
+    """A validation set in the held-out set's shape, (ids, prompt_len, features [T, width]), from
+    distillation shards no drafter has read (`sled eval drafters --validation DIR`): every
+    ``every``-th record with at least 8 continuation tokens in the first ``max_shards`` shards, cut
+    to ``new_tokens`` continuation tokens like the held-out sequences, at most ``sequences``. The
+    48 held-out prompts give 3,039 positions, too few to tell apart rounds 0.02 tokens per round
+    apart; the default here gives about 10,000 (160 sequences)."""
+    records = []
+    for path in sorted(Path(folder).glob("shard_*.pt"))[:max_shards]:
+        for record in torch.load(path):
+            ids, prompt_len = record["ids"].tolist(), int(record["prompt_len"])
+            if len(ids) <= prompt_len + 8:
+                continue
+            stored = list(record["feature_layers"])
+            missing = [layer for layer in feature_layers if layer not in stored]
+            if missing:
+                raise ValueError(f"{path} holds features of layers {stored}, not {missing}")
+            cut = min(len(ids), prompt_len + new_tokens)
+            feats = record["features"][:cut, [stored.index(layer) for layer in feature_layers], :]
+            records.append((ids[:cut], prompt_len, feats.reshape(cut, -1)))
+    return records[::every][:sequences]
 
 
 @torch.no_grad()
