@@ -13,8 +13,9 @@ Stored as one ``.npz`` beside a ``.json`` of metadata (`DATASTORE_DIR`): per ord
 n-gram keys (the n token ids packed into one 64-bit integer, ``bits`` bits each, so lookups are a
 binary search with no hashing and no collisions) and the token that followed. Entries whose token
 is the one the next lower order predicts anyway are dropped at build time: the back-off finds
-them, and the tables shrink by two thirds (402,078 entries to 130,476 on one topic list). The drafts are deterministic functions of the context,
-so the drafter stays lossless under greedy and sampling alike (sent with q = 1 per token).
+them, and the tables shrink by two thirds (402,078 entries to 130,476 on one topic list). The
+drafts are deterministic functions of the context, so the drafter stays lossless under greedy and
+sampling alike (sent with q = 1 per token).
 """
 
 from __future__ import annotations
