@@ -34,8 +34,7 @@ from pipeline.config import load_config
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.sample_prompts import SAMPLE_PROMPTS, chat_prompt_ids
 from pipeline.reference import greedy_reference
-from workers.datastore import load_datastore
-from workers.drafts import ModelDrafter, NgramDrafter
+from workers.drafts import ModelDrafter, ngram_drafter
 from workers.lookup import LookupDrafter
 from workers.packed_linear import prepack_linears, weight_bytes
 from workers.static_verifier import make_verifier
@@ -300,8 +299,7 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
         choice = setup.drafters[name]
         mine = sorted({i % len(prompts) for i in range(top) if i % len(setup.fleet) == k})
         if choice.model == "ngram":  # its context lookup is the drafter itself, not put in front of it
-            store = load_datastore(choice.datastore) if choice.datastore else None
-            strategy, kind = NgramDrafter(ngram_max=4, datastore=store, min_match=max(1, choice.lookup_min_match)), "ngram"
+            strategy, kind = ngram_drafter(setup.target, 4, choice.datastore, choice.lookup_min_match), "ngram"
         elif choice.model == "feature":
             strategy, kind = feature_strategy(choice, target), "feature"
         else:

@@ -326,6 +326,24 @@ class ReplayDrafter:
         return entry[2] if entry is not None and len(entry) > 2 else 0
 
 
+def ngram_drafter(target_spec: str, ngram_max: int = 4, datastore: str = "", lookup_min_match: int = 0) -> NgramDrafter:
+    """The n-gram kind (config.toml's ``datastore``, ``lookup_min_match``; also the benchmark's class).
+    A datastore built for another vocabulary than the target's is dropped: its ids would be
+    refused by the verifier, or be other tokens."""
+    store = None
+    if datastore:
+        from pipeline.models import vocab_size
+        from workers.datastore import load_datastore
+
+        store = load_datastore(datastore)
+        vocab = vocab_size(target_spec)
+        if store.meta["vocab_size"] != vocab:
+            log.warning("datastore_not_for_this_target", datastore=datastore, built_for=store.meta.get("target"),
+                        vocab_size=store.meta["vocab_size"], target=target_spec, target_vocab_size=vocab)
+            store = None
+    return NgramDrafter(ngram_max=ngram_max, datastore=store, min_match=max(1, lookup_min_match))
+
+
 def build_drafter(cfg, target_spec: str):
     """Build the strategy a drafter config names (``cfg`` is a DrafterConfig)."""
     strategy = _build_strategy(cfg, target_spec)
@@ -340,19 +358,7 @@ def _build_strategy(cfg, target_spec: str):
     if cfg.replay:
         return ReplayDrafter(cfg.replay)
     if cfg.kind == "ngram":
-        if not cfg.datastore:
-            return NgramDrafter(ngram_max=cfg.ngram_max, min_match=max(1, cfg.lookup_min_match))
-        from workers.datastore import load_datastore
-
-        from pipeline.models import vocab_size
-
-        store = load_datastore(cfg.datastore)
-        vocab = vocab_size(target_spec)
-        if store.meta["vocab_size"] != vocab:  # built for another tokenizer: its ids would be refused or wrong
-            log.warning("datastore_not_for_this_target", datastore=cfg.datastore, built_for=store.meta.get("target"),
-                        vocab_size=store.meta["vocab_size"], target=target_spec, target_vocab_size=vocab)
-            store = None
-        return NgramDrafter(ngram_max=cfg.ngram_max, datastore=store, min_match=max(1, cfg.lookup_min_match))
+        return ngram_drafter(target_spec, cfg.ngram_max, cfg.datastore, cfg.lookup_min_match)
     if cfg.kind == "feature":
         from pipeline.models import load_causal_lm
         from workers.feature_drafter import FeatureDrafter
