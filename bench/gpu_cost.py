@@ -7,9 +7,8 @@ verifier backend, the milliseconds of one forward of ``sessions`` sessions with
 forward a method ran as (sessions, token rows) (workers/forward_log.py); the projection prices
 each one and sums:
 
-* cost(sessions, rows) interpolates linearly in tokens per session (rows / sessions) between the
-  measured token counts of each measured session count, then linearly in sessions; outside the
-  measured range it extrapolates from the two nearest points (never below 0).
+* cost(sessions, rows) interpolates in the table (workers/cost_table.py, which the verifier
+  shares for ``verifier.cost_table``).
 * The target's shape is the table's shape with the same layer count and hidden size. A server
   drafter (server-side SD) without its own shape in the table is priced as the target's forward
   scaled by its share of the target's layers: eager GPU forwards at these sizes are bound by
@@ -29,8 +28,9 @@ at one session measured 53.6 and 74.5 ms a token in two runs of the same day).
 from __future__ import annotations
 
 import json
-from bisect import bisect_left
 from pathlib import Path
+
+from workers.cost_table import CostModel, match_shape  # noqa: F401 - also this module's API (tests, scripts)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -79,47 +79,6 @@ def load_table(path: str | Path | None = None, kind: str = "gpu") -> tuple[dict,
     if path is None:
         return None, None
     return json.loads(path.read_text()), path
-
-
-def _line(points: list[tuple[float, float]], x: float) -> float:
-    """Piecewise-linear through sorted points, extended linearly past both ends."""
-    if len(points) == 1:
-        return points[0][1]
-    i = min(max(bisect_left([p[0] for p in points], x), 1), len(points) - 1)
-    (x0, y0), (x1, y1) = points[i - 1], points[i]
-    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-
-
-class CostModel:
-    """ms per forward of one shape under one backend."""
-
-    def __init__(self, table: dict, shape: str, backend: str, scale: float = 1.0):
-        rows = [r for r in table["rows"] if r["shape"] == shape and r["backend"] == backend and not r.get("tree")]
-        if not rows:
-            raise KeyError(f"the cost table has no {shape!r} rows for backend {backend!r}")
-        self.shape, self.backend, self.scale = shape, backend, scale
-        self.grid: dict[int, list[tuple[float, float]]] = {}
-        for r in rows:
-            self.grid.setdefault(r["sessions"], []).append((r["tokens_per_session"], r["ms"]))
-        for points in self.grid.values():
-            points.sort()
-        self.sessions = sorted(self.grid)
-
-    def ms(self, sessions: int, rows: int) -> float:
-        per_session = rows / sessions
-        across = [(s, _line(self.grid[s], per_session)) for s in self.sessions]
-        return max(0.0, self.scale * _line(across, sessions))
-
-    def inside(self, sessions: int, rows: int) -> bool:
-        tokens = [t for points in self.grid.values() for t, _ in points]
-        return self.sessions[0] <= sessions <= self.sessions[-1] and min(tokens) <= rows / sessions <= max(tokens)
-
-
-def match_shape(table: dict, config) -> str | None:
-    for name, shape in table.get("shapes", {}).items():
-        if (shape["num_hidden_layers"], shape["hidden_size"]) == (config.num_hidden_layers, config.hidden_size):
-            return name
-    return None
 
 
 def cost_models(table: dict, target_config, drafter_config=None, backend: str | None = None) -> dict:

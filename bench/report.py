@@ -23,6 +23,7 @@ DOC = ROOT / "docs" / "benchmarks.md"
 IMG = ROOT / "docs" / "img"
 LABELS = {"ar": "centralized AR", "server_sd": "server-side SD", "sled": "SLED adaptive (emulated fleet)",
           "sled_fixed": "SLED fixed policy (emulated fleet)", "sled_loopback": "SLED adaptive (loopback control)",
+          "sled_gpu_priced": "SLED adaptive, drafting at the GPU table's prices (emulated fleet)",
           "assisted": "HF assisted (1 at a time)"}
 
 
@@ -109,7 +110,7 @@ def plot(result: dict, path: Path) -> None:
         if method == "assisted":
             continue
         xs = sorted(int(n) for n in levels)
-        style = "--" if method == "sled_loopback" else "-"
+        style = "--" if method in ("sled_loopback", "sled_gpu_priced") else "-"
         for ax, key in zip(axes, ("throughput_tok_s", "tpot_p50_ms", "server_cpu_ms_per_token")):
             ax.plot(xs, [levels[str(x)][key] for x in xs], style, marker="o", label=LABELS[method])
     slo = result["headline"]["slo_tpot_ms"]

@@ -40,7 +40,7 @@ from workers.packed_linear import prepack_linears, weight_bytes
 from workers.static_verifier import make_verifier
 
 log = structlog.get_logger("sled.bench")
-METHODS = ("ar", "server_sd", "sled", "sled_fixed", "sled_loopback", "assisted")
+METHODS = ("ar", "server_sd", "sled", "sled_fixed", "sled_loopback", "sled_gpu_priced", "assisted")
 POLICIES = ("fixed", "adaptive")  # SLED's two passes: sled_fixed, then sled (and sled_loopback)
 
 
@@ -66,6 +66,10 @@ class BenchOptions:
     slo_tpot_ms: float | None = None  # None: the setup's own (bench/profiles.py)
     ratio_level: int = 16  # the concurrency the headline ratios compare at
     loopback_levels: list[int] = field(default_factory=lambda: [16])
+    # adaptive SLED once more with the GPU cost table's prices in the verdicts (verifier.cost_table):
+    # the drafts a GPU server's prices call for, projected onto that GPU (needs a GPU table).
+    # None: every level of ``levels``; []: no such pass
+    gpu_priced_levels: list[int] | None = None
     assisted_sessions: int = 4
     network: str = "netns"  # "netns" or "loopback" (no namespaces: the fleet's links are not emulated)
     profiles: dict[str, DeviceProfile] = field(default_factory=lambda: dict(PROFILES))
@@ -234,17 +238,22 @@ def identical(records: list[SessionRecord], references: list[list[int]]) -> dict
 
 async def _sled_levels(setup: Setup, options: BenchOptions, classes: list[DeviceClass], mode: str, levels: list[int],
                        prompts, references, stop_ids, workdir: Path, weights_mb: float, out: dict, check: dict,
-                       gpu: dict | None = None, policy: str = "adaptive", cpu_models: dict | None = None) -> None:
+                       gpu: dict | None = None, policy: str = "adaptive", cpu_models: dict | None = None,
+                       priced_by: Path | None = None) -> None:
+    """One SLED pass over ``levels``. ``priced_by``: a cost table the verifier reports its batches'
+    costs from (verifier.cost_table), the ``sled_gpu_priced`` pass."""
     slo = options.slo_tpot_ms or setup.slo_tpot_ms
     # the user's own --set items come last: they may change either pass
     overrides = [f"verifier.threads={options.threads}", *setup.sled_overrides, *policy_overrides(policy, classes, slo),
-                 *options.overrides]
-    async with Fleet(setup.target, classes, workdir / f"{mode}-{policy}", mode=mode, config_path=options.config_path,
+                 *([f"verifier.cost_table={priced_by}"] if priced_by else []), *options.overrides]
+    folder = f"{mode}-{policy}" + ("-priced" if priced_by else "")
+    async with Fleet(setup.target, classes, workdir / folder, mode=mode, config_path=options.config_path,
                      extra_overrides=overrides) as fleet:
         for n in levels:
             records = plan(n, options.min_sessions, prompts, setup.fleet)
             server = await fleet.run_level(records, n, options.max_new_tokens, stop_ids)
-            name = ("sled" if policy == "adaptive" else "sled_fixed") if mode == options.network else "sled_loopback"
+            name = ("sled_gpu_priced" if priced_by else "sled" if policy == "adaptive" else "sled_fixed"
+                    ) if mode == options.network else "sled_loopback"
             out[name][n] = derive(name, records, server, weights_mb=weights_mb, profiles=options.profiles, gpu=gpu, cpu_models=cpu_models)
             out[name][n]["by_device"] = _by_device(records)
             check[f"{name}@{n}"] = identical(records, references)
@@ -368,6 +377,13 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
         asyncio.run(_sled_levels(setup, options, classes, "loopback", options.loopback_levels, prompts, references,
                                  stop_ids, workdir, weights_mb, out, check, gpu, policy="adaptive", cpu_models=cpu_models))
         timings["sled_loopback"] = round(time.perf_counter() - begun, 1)
+    priced_levels = options.levels if options.gpu_priced_levels is None else options.gpu_priced_levels
+    if gpu is not None and priced_levels:
+        begun = time.perf_counter()
+        asyncio.run(_sled_levels(setup, options, classes, options.network, priced_levels, prompts, references,
+                                 stop_ids, workdir, weights_mb, out, check, gpu, policy="adaptive", cpu_models=cpu_models,
+                                 priced_by=table_path))
+        timings["sled_gpu_priced"] = round(time.perf_counter() - begun, 1)
 
     slo = options.slo_tpot_ms or setup.slo_tpot_ms
     result = {
@@ -421,6 +437,23 @@ def headline(result: dict, options: BenchOptions) -> dict:
         if gpu["server_sd"]:
             out["gpu_server_cost_ratio_vs_server_sd"] = round(
                 gpu["sled"]["gpu_server_ms_per_token"] / gpu["server_sd"]["gpu_server_ms_per_token"], 3)
+        # the same projection of the pass whose drafters were told the table's prices, not this CPU's
+        priced = methods.get("sled_gpu_priced", {}).get(level)
+        if priced and priced.get("gpu_projection"):
+            projected = priced["gpu_projection"]
+            if gpu["ar"]:
+                out["gpu_priced_server_cost_ratio_vs_ar"] = round(
+                    projected["gpu_server_ms_per_token"] / gpu["ar"]["gpu_server_ms_per_token"], 3)
+                out["gpu_priced_throughput_ratio_vs_ar"] = round(
+                    projected["projected_throughput_tok_s"] / gpu["ar"]["projected_throughput_tok_s"], 3)
+            if gpu["server_sd"]:
+                out["gpu_priced_server_cost_ratio_vs_server_sd"] = round(
+                    projected["gpu_server_ms_per_token"] / gpu["server_sd"]["gpu_server_ms_per_token"], 3)
+            out["gpu_priced_tokens_per_round"] = priced["tokens_per_round"]
+            out["gpu_priced_plain_rounds_fraction"] = priced.get("plain_rounds_fraction")
+            devices = priced.get("by_device", {}).values()
+            rounds = sum(d["rounds"] for d in devices)
+            out["gpu_priced_tree_rounds_fraction"] = round(sum(d["tree_rounds"] for d in devices) / rounds, 4) if rounds else None
     elif result.get("gpu_cost_table", {}).get("error"):
         out["gpu_projection_error"] = result["gpu_cost_table"]["error"]
     caps = result["capacity"]
@@ -477,6 +510,14 @@ def adaptive_headline(result: dict, options: BenchOptions) -> dict:
     if gpu:
         out["gpu_server_cost_vs_ar_by_level"] = gpu  # projections (bench/gpu_cost.py), not measurements
         worse["gpu_projected"] = [int(n) for n, r in gpu.items() if r > 1.0]
+    # the same, of the pass that drafted at the GPU table's prices (sled_gpu_priced)
+    priced = methods.get("sled_gpu_priced", {})
+    gpu_priced = {n: round(priced[n]["gpu_projection"]["gpu_server_ms_per_token"]
+                           / ar[n]["gpu_projection"]["gpu_server_ms_per_token"], 3)
+                  for n in sorted(priced, key=int) if n in ar and priced[n].get("gpu_projection") and ar[n].get("gpu_projection")}
+    if gpu_priced:
+        out["gpu_priced_server_cost_vs_ar_by_level"] = gpu_priced
+        worse["gpu_priced"] = [int(n) for n, r in gpu_priced.items() if r > 1.0]
     # the same forwards priced by the CPU table: every method at one price list, the verifier alone
     # on this CPU (the measured figures carry the emulated devices' load and the machine's drift)
     table = {n: round(sled[n]["cpu_table_projection"]["cpu_table_server_ms_per_token"]

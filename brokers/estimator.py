@@ -145,6 +145,12 @@ class VerifyTimeEstimator:
         a, b, c = self.coefficients()
         return a + b * sessions + c * rows
 
+    def cost_seconds(self, sessions: int, rows: int) -> float:
+        """Predicted compute (the price, not the round trip) of one forward over ``sessions``
+        proposals holding ``rows`` rows: the cost fit once warmed up, else the time fit."""
+        a, b, c = self.cost_coefficients()
+        return a + b * sessions + c * rows
+
     def row_cost_ms(self) -> float:
         """The marginal cost of one more row now (module docstring); 0.0 before the warm-up."""
         if not self.ready:

@@ -29,8 +29,10 @@ Each session's pace, learned from what the broker sees of it:
 The rule (``hold_until``), asked once the batch's own deadline (``broker.max_wait_ms``) has
 passed: take the sessions expected soonest, one at a time, and for each the batch it would make
 (queued + those expected by then). Hold until the arrival that gives the lowest estimated server
-time per committed token, ``t(sessions, rows) ÷ Σ tokens_per_round``, if that is lower than
-dispatching now, and only if it keeps the objectives (``_keeps_objectives``): compared with
+cost per committed token, ``cost(sessions, rows) ÷ Σ tokens_per_round``, if that is lower than
+dispatching now, and only if it keeps the objectives (``_keeps_objectives``; when batches end
+comes from the estimator's round-trip fit, what they cost from its price fit, the compute the
+verifier reports or a cost table's prices, ``verifier.cost_table``): compared with
 dispatching now (the expected sessions then verified in a batch of their own after it), no
 session of the merged batch that would get its verdict within its objective misses it.
 
@@ -164,9 +166,12 @@ class SloHold:
         sessions, rows = len(items), sum(item.tokens for item in items)
         tokens = sum(self._tokens(item.key) for item in items)
         queued = [self.objective(item.key, item.arrived) for item in items]
+        # when a batch ends comes from the round-trip fit, what it costs from the price fit (the
+        # compute the verifier reports: a GPU's forward costs about the same whatever its rows,
+        # so a bigger batch is cheaper per token there even where its round trip is not)
         now_s = est.seconds(sessions, rows)
         finish_now = now + now_s
-        best_cost, best_until = now_s / tokens, None
+        best_cost, best_until = est.cost_seconds(sessions, rows) / tokens, None
         limit = held_since + now_s
         joining: list[tuple[float, int]] = []  # (objective, rows) of the expected sessions taken so far
         for when, session, session_rows in self.expected(now, {item.key for item in items}):
@@ -176,19 +181,20 @@ class SloHold:
             tokens += self._tokens(session)
             joining.append((self.objective(session, when), session_rows))
             seconds = est.seconds(sessions, rows)
+            cost = est.cost_seconds(sessions, rows) / tokens
             if when > limit:
                 # past the time the batch at hand would take, a hold only spends slack: every session
                 # of the merged batch must still meet its objective. Later arrivals only finish later,
                 # so once one misses, none further can do better.
                 if min([*queued, *(o for o, _ in joining)]) < when + seconds:
                     break
-                if seconds / tokens < best_cost:
-                    best_cost, best_until = seconds / tokens, when
+                if cost < best_cost:
+                    best_cost, best_until = cost, when
                 continue
-            if seconds / tokens >= best_cost:
+            if cost >= best_cost:
                 continue
             if self._keeps_objectives(queued, joining, finish_now, when, when + seconds):
-                best_cost, best_until = seconds / tokens, when
+                best_cost, best_until = cost, when
         return best_until
 
     def _keeps_objectives(self, queued: list[float], joining: list[tuple[float, int]], finish_now: float,

@@ -69,6 +69,12 @@ class VerifierConfig:
     # On a CPU: reorder every linear weight once for oneDNN (workers/packed_linear.py). A forward of
     # 5 rows then costs what one row does instead of 1.6x (default target, fp32, one thread)
     prepack: bool = True
+    # "" = each batch's cost, as the verifier reports it to the broker, is its measured compute; a
+    # cost table (bench/results/gpu_cost_<card>.json) = the table's price for the batch's verify
+    # shape instead, so that the broker's prices, and so every adaptive drafter's choices, are those
+    # of the table's device (workers/cost_table.py). For benchmarks: `sled bench` runs SLED once more
+    # with a GPU table here to project SLED onto a GPU with the drafts a GPU's prices call for
+    cost_table: str = ""
 
 
 @dataclass

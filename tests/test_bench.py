@@ -148,13 +148,13 @@ def test_bench_run_on_tiny_models_is_lossless_for_every_method(tiny_models, tmp_
     cpu_table = tmp_path / "cpu_cost_test.json"  # the same prices under the verifier's backend, as a CPU table
     cpu_table.write_text(json.dumps(_synthetic_table(backend="static", card="cpu (test)")))
     options = BenchOptions(levels=[1, 3], max_new_tokens=12, min_sessions=3, assisted_sessions=2, ratio_level=3,
-                           loopback_levels=[3], network=network, workdir=tmp_path, gpu_cost=str(table),
-                           cpu_cost=str(cpu_table))
+                           loopback_levels=[3], gpu_priced_levels=[3], network=network, workdir=tmp_path,
+                           gpu_cost=str(table), cpu_cost=str(cpu_table))
     prompts = [[(5 * i + 7 * j) % 250 + 1 for j in range(4 + i)] for i in range(6)]
     result = run_setup(setup, options, prompts=prompts, stop_ids=[])
     assert result["all_identical"], result["identical_outputs"]
     methods = result["methods"]
-    assert set(methods) == {"ar", "server_sd", "sled", "sled_fixed", "sled_loopback", "assisted"}
+    assert set(methods) == {"ar", "server_sd", "sled", "sled_fixed", "sled_loopback", "sled_gpu_priced", "assisted"}
     sled = methods["sled"]["3"]
     # the replayed drafts are the real ones: the target's copy is accepted every time
     assert sled["by_device"]["orin"]["acceptance_rate"] == 1.0
@@ -185,8 +185,16 @@ def test_bench_run_on_tiny_models_is_lossless_for_every_method(tiny_models, tmp_
     assert methods["server_sd"]["3"]["forwards"]["draft"] and methods["server_sd"]["3"]["gpu_projection"]["gpu_draft_ms"] > 0
     head = result["headline"]
     assert head["gpu_cost_table"] == str(table) and "gpu-test-card" in head["gpu_cost_basis"]
-    for key in ("gpu_server_cost_ratio_vs_ar", "gpu_server_cost_ratio_vs_server_sd", "gpu_throughput_ratio_vs_ar"):
+    for key in ("gpu_server_cost_ratio_vs_ar", "gpu_server_cost_ratio_vs_server_sd", "gpu_throughput_ratio_vs_ar",
+                "gpu_priced_server_cost_ratio_vs_ar", "gpu_priced_server_cost_ratio_vs_server_sd"):
         assert head[key] > 0, key
+    # SLED once more, its verifier reporting the table's prices: a row at 0.5 ms against a forward's
+    # 10 ms is cheap, so the class whose drafts are always accepted drafts long, whatever this CPU's
+    # prices; its forwards are projected like the others'
+    priced = methods["sled_gpu_priced"]["3"]
+    assert priced["by_device"]["orin"]["tokens_per_round"] > 2
+    assert head["gpu_priced_server_cost_vs_ar_by_level"] == {"3": head["gpu_priced_server_cost_ratio_vs_ar"]}
+    assert head["gpu_priced_tokens_per_round"] == priced["tokens_per_round"]
     # SLED ran twice: the fixed policy and the adaptive one, each with its own settings
     assert "broker.slo_tpot_ms=0.0" in result["policies"]["sled_fixed"]
     assert "drafters.bench-orin.adaptive=false" in result["policies"]["sled_fixed"]

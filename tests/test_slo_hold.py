@@ -173,6 +173,24 @@ async def test_no_hold_when_the_bigger_batch_costs_more_per_token():
     assert batch.payloads == ["a"] and batch.reason == "deadline"
 
 
+async def test_a_bigger_batch_that_costs_less_per_token_is_held_for_though_its_round_trip_does_not_shrink():
+    """The same rows, round trip and sessions, but the verifier reports a GPU's compute (or a GPU
+    cost table's prices, verifier.cost_table): a forward costs about the same whatever its rows, so
+    b's tokens in a's forward come nearly free, and the batch waits for b."""
+    batcher, hold, clock = make(cost=lambda s, r: 0.001 * s + 0.010 * r)
+    for s in range(1, 9):
+        for r in (s, 2 * s, 5 * s):
+            hold.estimator.observe(s, r, 0.001 * s + 0.010 * r, cost=0.060 + 0.0001 * r)
+    past_round(hold, "a", arrived=-0.3, answered=-0.15, accepted=2)
+    past_round(hold, "b", arrived=-0.3, answered=-0.2, accepted=0, next_arrival=-0.15, answered_again=-0.02)
+    task = a_arrives(batcher, hold)
+    await clock.advance(0.0051)
+    assert not task.done()
+    await clock.advance(0.02)
+    batch = await arrive(batcher, hold, clock, task, "b")
+    assert sorted(batch.payloads) == ["a", "b"] and batch.reason == "held"
+
+
 async def test_a_late_session_is_never_held_longer_than_the_batch_it_has_would_take():
     batcher, hold, clock = make()
     past_round(hold, "a", arrived=-0.5, answered=-0.35, accepted=0)  # due at -150 ms: late already

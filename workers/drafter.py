@@ -417,7 +417,15 @@ class DrafterService:
         """The next draft's length: a verdict always adds one token of its own, so at most budget - 1."""
         if policy is None:
             return max(0, min(self.cfg.gamma, budget - 1))
-        return policy.choose(cap=budget - 1)
+        k = policy.choose(cap=budget - 1)
+        # why a session drafts what it drafts (or nothing: a burst follows), at debug level
+        log.debug("draft_length", k=k, tree=policy.tree, alphas=[round(a, 2) for a in policy.alphas],
+                  row_ms=round(policy.row_cost, 2), fixed_ms=round(policy.fixed_cost, 2),
+                  absent=[round(policy.absence.of(j), 2) for j in range(1, policy.gamma + 1)],
+                  draft_ms=None if policy.draft_ms is None else round(policy.draft_ms, 1),
+                  wait_ms=None if policy.wait_ms is None else round(policy.wait_ms, 1),
+                  tree_tokens=round(policy.tree_tokens, 2))
+        return k
 
     async def _run_session(self, run: SessionRun) -> None:
         req = run.request

@@ -36,6 +36,7 @@ from pipeline.protocol import (
 from pipeline.security import client_keys
 from pipeline.roles import supervise
 from pipeline.sockets import BrokerLink
+from workers.cost_table import CostModel, target_prices
 from workers.forward_log import ForwardLog, verify_recorded
 from workers.static_verifier import make_verifier
 from workers.target import TargetVerifier
@@ -44,8 +45,10 @@ log = structlog.get_logger("sled.verifier")
 
 
 class VerifierWorker:
-    def __init__(self, config: Config, verifier: TargetVerifier, ctx: zmq.asyncio.Context):
+    def __init__(self, config: Config, verifier: TargetVerifier, ctx: zmq.asyncio.Context,
+                 prices: CostModel | None = None):
         self.config = config
+        self.prices = prices  # verifier.cost_table: the batches' costs are a table's prices, not measured
         self.verifier = verifier
         self.ctx = ctx
         self.identity = config.verifier.name.encode()
@@ -119,13 +122,17 @@ class VerifierWorker:
         while True:
             batch = await self.batches.get()
             self.busy = True
-            started, cpu = time.perf_counter(), self.verifier.stats.batch_cpu_s
+            stats = self.verifier.stats
+            started, cpu, items, rows = time.perf_counter(), stats.batch_cpu_s, stats.items, stats.verify_tokens
             with structlog.contextvars.bound_contextvars(batch_id=batch.batch_id):
                 verdicts = await loop.run_in_executor(self.executor, verify_recorded, self.verifier, batch.items, self.forwards)
                 compute_ms = 1000 * (time.perf_counter() - started)
                 # what the batch cost: on a CPU its forward's CPU time (verify_recorded counts it),
-                # on a GPU its wall time (the round ends in one transfer, so the host waited for it)
-                cost_ms = 1000 * (self.verifier.stats.batch_cpu_s - cpu) if self.cpu else compute_ms
+                # on a GPU its wall time (the round ends in one transfer, so the host waited for it);
+                # with a cost table, the table's price of its verify forward
+                cost_ms = 1000 * (stats.batch_cpu_s - cpu) if self.cpu else compute_ms
+                if self.prices is not None and stats.items > items:
+                    cost_ms = self.prices.ms(stats.items - items, stats.verify_tokens - rows)
                 for item in batch.items:
                     self.pending.discard(item.session_id)
                     if item.session_id in self.closing:  # closed meanwhile: drop what the forward rebuilt
@@ -162,9 +169,13 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         None, lambda: load_causal_lm(v.target, dtype=v.dtype, device=v.device, device_map=v.device_map, max_memory=v.max_memory)
     )
     verifier = make_verifier(model, config)
+    prices = None
+    if v.cost_table:  # a table without the target's shape is a configuration error: stop here, say why
+        prices = target_prices(v.cost_table, model.config)
+        log.info("costs_from_table", table=v.cost_table, shape=prices.shape, backend=prices.backend)
     ctx = zmq.asyncio.Context()
     try:
-        await VerifierWorker(config, verifier, ctx).run(stop)
+        await VerifierWorker(config, verifier, ctx, prices).run(stop)
     finally:
         with contextlib.suppress(Exception):
             ctx.term()
