@@ -124,6 +124,28 @@ async def test_feature_drafter_is_token_identical_to_the_target_alone(tmp_path, 
         assert sum(s["accepted"] for s in twin) > sum(s["rounds"] for s in twin), "the twin's trees were not accepted"
 
 
+async def test_a_feature_drafter_drafting_ahead_is_token_identical_to_the_target_alone(tmp_path, tiny_models,
+                                                                                       feature_head_dir):
+    """``proactive``: while a proposal is out the head drafts the next round on its own predicted
+    features of the assumed tokens; a confirmed draft leaves at once, and the verdict's true
+    features are kept either way (the next rounds' drafts stand on them)."""
+    batch = prompts(6, 4)
+    drafters = {"feat": {"kind": "feature", "model": str(feature_head_dir), "gamma": 1, "proactive": True,
+                         "adaptive": False}}  # fixed γ: every round drafts, so every round can be confirmed ahead
+    stack = make_stack(tmp_path, tiny_models["target"], drafters)
+    async with stack:
+        results = await generate_all(stack, batch, 40)
+        client = DrafterClient(stack.config.drafter("feat").client)
+        try:
+            figures = await client.stats()
+        finally:
+            client.close()
+    target = load_causal_lm(str(tiny_models["target"]))
+    assert [r.tokens for r in results] == [greedy_reference(target, p, 40) for p in batch]
+    assert figures["proactive_hits"] > 0 and figures["proactive_misses"] > 0, figures  # both paths taken
+    assert sum(r.stats["accepted"] for r in results) > 0
+
+
 def test_a_trees_branches_are_the_heads_likeliest_tokens_along_their_paths():
     """The committed head on the real target: every node of a drafted tree is one of the
     TREE_BRANCH likeliest tokens the head gives as a chain along the node's path (drafted one
@@ -163,6 +185,40 @@ def test_a_trees_branches_are_the_heads_likeliest_tokens_along_their_paths():
                                         len(ids) - 2 + depth)
             likeliest = head.vocab_ids[head.logits(predicted[0, -1]).topk(TREE_BRANCH).indices].tolist()
         assert token in likeliest, (i, path, token, likeliest)
+
+
+def test_a_draft_made_ahead_chains_on_predicted_features_as_one_long_draft_would():
+    """Drafting ahead (greedy) on a context that assumes the head's own draft and guess: the same
+    tokens as the tail of one long chain from the true features, and the cache keeps only the
+    true entries, so the verdict's features go in where they belong."""
+    from pipeline.protocol import Sampling
+    from workers.drafts import draft_generator
+    from workers.feature_drafter import FeatureDrafter
+    from workers.feature_head import load_head
+
+    target = load_causal_lm("smollm2")
+    drafter = FeatureDrafter(load_head(target))
+    ids = [1, 9690, 198, 2683, 314, 253, 6520, 47, 2, 198, 1, 520, 9531, 198]  # a chat prompt's ids
+    with torch.no_grad():
+        feats = target(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, :-1]
+    state = drafter.new_state()
+    drafter.commit(state, len(ids), 0, Verdict("s", 0, 0, 0, features=feats.half().numpy().tobytes(), features_start=0))
+    greedy = Sampling()
+    long = drafter.propose(state, ids, 7, greedy, draft_generator(0)).tokens
+    assert len(long) == 7 and state.cache.length == len(ids) - 1
+    ahead = drafter.propose(state, ids + long[:3], 4, greedy, draft_generator(0)).tokens  # 2 drafted + the guess
+    assert ahead == long[3:] and state.cache.length == len(ids) - 1
+    # the verdict accepts 2 and brings their features (and the fed token's): the next draft stands on them
+    with torch.no_grad():
+        truth = target(input_ids=torch.tensor([ids + long[:3]]), output_hidden_states=True).hidden_states[-1][0, :-1]
+    drafter.commit(state, len(ids), 2, Verdict("s", 1, 2, long[2], features=truth[len(ids) - 1:].half().numpy().tobytes(),
+                                               features_start=len(ids) - 1))
+    after = drafter.propose(state, ids + long[:3], 4, greedy, draft_generator(0)).tokens
+    assert state.cache.length == len(ids) + 2
+    fresh = FeatureDrafter(drafter.head)
+    fresh_state = fresh.new_state()
+    fresh.commit(fresh_state, len(ids) + 3, 0, Verdict("s", 0, 0, 0, features=truth.half().numpy().tobytes(), features_start=0))
+    assert after == fresh.propose(fresh_state, ids + long[:3], 4, greedy, draft_generator(0)).tokens
 
 
 async def test_a_killed_verifier_mid_generation_with_a_feature_drafter(tmp_path, tiny_models, feature_head_dir):

@@ -19,6 +19,7 @@ from pipeline.models import load_causal_lm
 from pipeline.reference import greedy_reference
 from tests.conftest import TINY_VOCAB, make_stack
 from tests.test_target import _tiny_vocab_llama, reference_top_p
+from workers.feature_head import build_head, save_head, spec_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -89,6 +90,10 @@ def vocab8_models(tmp_path_factory):
     for name, seed in (("target", 11), ("drafter", 12)):
         paths[name] = root / name
         _tiny_vocab_llama(VOCAB, seed).save_pretrained(paths[name])
+    torch.manual_seed(13)
+    target = load_causal_lm(str(paths["target"]))
+    paths["head"] = root / "head"
+    save_head(build_head(target, spec_for(target), torch.arange(VOCAB)), paths["head"], {"target": str(paths["target"])})
     return paths
 
 
@@ -129,7 +134,9 @@ async def vocab8_stack(tmp_path_factory, vocab8_models):
     # fixed γ: with adaptive lengths (timing-based) the two classes' drafts, hence outputs, could differ
     common = {"kind": "model", "model": str(vocab8_models["drafter"]), "gamma": 1, "top_k": 4, "max_sessions": 128,
               "adaptive": False}
-    drafters = {"ahead": {**common, "proactive": True}, "after": {**common, "proactive": False}}
+    drafters = {"ahead": {**common, "proactive": True}, "after": {**common, "proactive": False},
+                # a random feature head over the target: its drafts made ahead chain on predicted features
+                "feature-ahead": {**common, "kind": "feature", "model": str(vocab8_models["head"]), "proactive": True}}
     s = make_stack(tmp_path_factory.mktemp("vocab8-stack"), vocab8_models["target"], drafters, broker__max_wait_ms=5.0)
     async with s:
         yield s
@@ -155,22 +162,25 @@ async def test_proactive_sampling_draws_the_same_tokens_as_drafting_after_each_v
 
 
 @pytest.mark.timeout(900)
-async def test_proactive_sampling_keeps_the_target_distribution(vocab8_stack, vocab8_models):
+@pytest.mark.parametrize("name, sessions, new_tokens", [("ahead", 2400, 4), ("feature-ahead", 3000, 5)])
+async def test_proactive_sampling_keeps_the_target_distribution(vocab8_stack, vocab8_models, name, sessions, new_tokens):
     """Four sampled tokens per session: round 1 drafts token 1 and guesses token 2; on a hit the
     round for tokens 3 and 4 leaves with its draft made ahead. The joint distribution of tokens
-    3 and 4 must be the target's (chi-square against the exact one, from the logits)."""
-    sessions, temperature, top_p = 2400, 1.0, 0.9
-    client = DrafterClient(vocab8_stack.config.drafter("ahead").client)
+    3 and 4 must be the target's (chi-square against the exact one, from the logits). The feature
+    class drafts nothing in its first round (no features yet): its second drafts token 2 and
+    guesses token 3, and on a hit the round for tokens 4 and 5 leaves with its draft made ahead."""
+    temperature, top_p = 1.0, 0.9
+    client = DrafterClient(vocab8_stack.config.drafter(name).client)
     try:
         before = await client.stats()
         results = []
         for start in range(1000, 1000 + sessions, 100):
             results += await asyncio.gather(*[
-                client.complete(PROMPT, 4, temperature=temperature, top_p=top_p, seed=seed, timeout=120)
+                client.complete(PROMPT, new_tokens, temperature=temperature, top_p=top_p, seed=seed, timeout=120)
                 for seed in range(start, start + 100)
             ])
         figures = await client.stats()
     finally:
         client.close()
     assert_target_pair_distribution(results, vocab8_models["target"], temperature, top_p)
-    assert figures["proactive_hits"] - before["proactive_hits"] > sessions // 10  # the proactive path was really taken
+    assert figures["proactive_hits"] - before["proactive_hits"] > sessions // 20  # the proactive path was really taken

@@ -126,7 +126,7 @@ class DrafterService:
         self.proactive = int(self.cfg.proactive and getattr(strategy, "supports_proactive", False))
         if self.cfg.proactive and not self.proactive:
             log.info("proactive_unsupported", drafter=name, kind=strategy.kind,
-                     reason="needs the verdict's features; drafts after each verdict instead")
+                     reason="this kind cannot draft past a proposal; drafts after each verdict instead")
         max_bytes = config.limits.max_message_bytes
         # one identity for the process's life: the broker binds sessions to it, across reconnects
         self.broker = BrokerLink(ctx, self.cfg.broker or config.broker.frontend, new_identity(name),
@@ -611,6 +611,10 @@ class DrafterService:
                         self.stats.proactive_wasted_s += made.device_s
                         await loop.run_in_executor(self.executor, self.strategy.rewind, state,
                                                    len(committed) + verdict.accepted)
+                    if feature_layers:  # a feature drafter keeps the verdict's features either way:
+                        # its draft made ahead chained on predicted ones (workers/feature_drafter.py)
+                        await loop.run_in_executor(self.executor, self.strategy.commit, state, len(committed),
+                                                   verdict.accepted, verdict)
                 else:
                     await loop.run_in_executor(self.executor, self.strategy.commit, state, len(committed),
                                                verdict.accepted, verdict)

@@ -286,8 +286,9 @@ class ReplayDrafter:
         self.drafts: dict[str, list] = trace["drafts"]
         # a feature class's replay asks for the features its device would (they cross the link)
         self.feature_layers: list[int] = list(trace.get("feature_layers", []))
-        # a lookup finds any recorded context ahead of time too, but a feature class could not
-        # draft ahead on a real device (workers/feature_drafter.py)
+        # a lookup finds any recorded context ahead of time too, but a feature class's recorded
+        # drafts stand on true features, and its device drafts ahead on predicted ones
+        # (workers/feature_drafter.py): replaying them ahead would flatter it, so it does not
         self.supports_proactive = not self.feature_layers
         self.tree_nodes = trace.get("tree_nodes", 0)  # its drafts were recorded as token trees
         self.hits = 0

@@ -6,6 +6,13 @@ again. A session's first round therefore drafts nothing (no feature has arrived 
 that, entry t = (feature t, token t+1) exists for every committed position but the last, and
 draft step k chains on the head's own predicted feature. Drafted entries are dropped as soon
 as the proposal leaves: the verdict brings the true features of whatever was accepted.
+
+Drafting ahead (``proactive``, workers/drafter.py) drafts the next round while a proposal is out,
+on a context that assumes the proposal accepted and the target's next token guessed: no feature
+of those positions has come back yet, so the head chains over them on its own predicted features,
+as it does over a draft's own tokens, and drops those entries after. Such a draft is a little
+weaker than one made after the verdict (its first token stands where a chain's fifth or sixth
+would), and it leaves without a link round trip when the verdict confirms it.
 """
 
 from __future__ import annotations
@@ -37,10 +44,7 @@ class FeatureDraftState:
 
 class FeatureDrafter:
     kind = "feature"
-    # Drafting past a proposal needs the target's features of the tokens it assumes, which only
-    # the verdict brings; chaining predicted features instead would be another drafter. The
-    # drafter service logs once and drafts after each verdict.
-    supports_proactive = False
+    supports_proactive = True  # past a proposal it chains on its own predicted features (module docstring)
 
     def __init__(self, head: FeatureHead, *, min_confidence: float = 0.0, top_k: int = 8, tree_nodes: int = 0,
                  gamma: int = 4):
@@ -57,21 +61,28 @@ class FeatureDrafter:
         return FeatureDraftState()
 
     def _catch_up(self, state: FeatureDraftState, committed: list[int]) -> bool:
-        """Turn pending true features into entries up to position len(committed) - 2; False
-        when features for that are still missing (a session's first round)."""
-        last = len(committed) - 2  # the last committed token has no feature yet
-        if state.next_entry > last:
-            return state.predicted is not None
-        if state.pending is None or state.pending_start > state.next_entry:
-            return False
-        rows = state.pending[state.next_entry - state.pending_start : last + 1 - state.pending_start]
-        if state.next_entry + rows.shape[0] <= last:
-            return False
-        start = state.next_entry
-        tokens = torch.tensor([committed[start + 1 : last + 2]])
-        entries = self.head.entry(self.head.fused(rows[None]), tokens)
-        state.predicted = self.head.extend(state.cache, entries, start)[:, -1:]
-        return True
+        """Turn pending true features into entries, as far as they go up to position
+        len(committed) - 2 (the last committed token has no feature yet); False when the head
+        holds none to draft from (a session's first round)."""
+        last = len(committed) - 2
+        if state.pending is not None and state.pending_start <= state.next_entry <= last:
+            rows = state.pending[state.next_entry - state.pending_start : last + 1 - state.pending_start]
+            if rows.shape[0]:
+                start = state.next_entry
+                tokens = torch.tensor([committed[start + 1 : start + 1 + rows.shape[0]]])
+                entries = self.head.entry(self.head.fused(rows[None]), tokens)
+                state.predicted = self.head.extend(state.cache, entries, start)[:, -1:]
+        return state.predicted is not None
+
+    def _assume(self, state: FeatureDraftState, committed: list[int]) -> torch.Tensor:
+        """The head's predicted feature of the last committed position. Past the true entries (a
+        draft made ahead of its verdict) it chains over the assumed tokens on its own predicted
+        features, as over a draft's; the caller drops those entries."""
+        predicted = state.predicted
+        for position in range(state.next_entry, len(committed) - 1):
+            entry = self.head.entry(predicted[:, -1:], torch.tensor([[committed[position + 1]]]))
+            predicted = self.head.extend(state.cache, entry, position)[:, -1:]
+        return predicted
 
     @torch.inference_mode()
     def propose(self, state: FeatureDraftState, committed: list[int], gamma: int, sampling: Sampling,
@@ -80,9 +91,19 @@ class FeatureDrafter:
         draft = Draft([])
         if gamma <= 0 or len(committed) < 2 or not self._catch_up(state, committed):
             return draft
-        if tree and self.tree_nodes and sampling.greedy:
-            return self._tree(state, committed, self.gamma, self.tree_nodes)
-        true_entries = state.cache.length
+        true_entries, true_predicted = state.cache.length, state.predicted
+        try:
+            state.predicted = self._assume(state, committed)
+            if tree and self.tree_nodes and sampling.greedy:
+                return self._tree(state, committed, self.gamma, self.tree_nodes)
+            return self._chain(state, committed, gamma, sampling, generator)
+        finally:  # drafted and assumed entries go; verified features replace them
+            state.cache.crop(true_entries)
+            state.predicted = true_predicted
+
+    def _chain(self, state: FeatureDraftState, committed: list[int], gamma: int, sampling: Sampling,
+               generator: torch.Generator) -> Draft:
+        draft = Draft([])
         predicted, position = state.predicted, len(committed) - 1
         for k in range(gamma):
             logits = self.head.logits(predicted[0, -1]).float()
@@ -97,7 +118,6 @@ class FeatureDrafter:
             if k + 1 < gamma:
                 entry = self.head.entry(predicted[:, -1:], torch.tensor([[token]]))
                 predicted = self.head.extend(state.cache, entry, position - 1 + k + 1)
-        state.cache.crop(true_entries)  # drafted entries go; verified features replace them
         return draft
 
     def _tree(self, state: FeatureDraftState, committed: list[int], depth: int, size: int) -> Draft:
@@ -134,6 +154,9 @@ class FeatureDrafter:
         tokens, parents = grow_tree(log_probs(predicted_at[-1]), expand, depth, size,
                                     token_of=lambda index: int(head.vocab_ids[index]))
         return Draft(tokens, parents=parents)
+
+    def rewind(self, state: FeatureDraftState, length: int) -> None:
+        """Nothing to cut: the cache holds true entries only (propose drops what it chains)."""
 
     def commit(self, state: FeatureDraftState, position: int, accepted: int, verdict: Verdict | None = None) -> None:
         """Keep the verdict's true features for positions the cache does not hold yet."""
