@@ -54,8 +54,8 @@ def record_session(strategy, prompt: list[int], reference: list[int], gamma: int
     drafter has them). ``features`` (a feature-conditioned strategy): the target's, over prompt +
     reference."""
     state = strategy.new_state()
-    match = getattr(strategy, "match", lambda tokens: 0)
-    trees = bool(getattr(strategy, "tree_nodes", 0))
+    match = strategy.match
+    trees = bool(strategy.tree_nodes)
     generator = draft_generator(0)
     committed = list(prompt)
     stops = set(stop_ids)
@@ -84,11 +84,11 @@ def record_session(strategy, prompt: list[int], reference: list[int], gamma: int
             accepted_total += accepted
             rejected_rounds += accepted < draft.depth
             compute_s += spent
-        verdict = None
+        strategy.commit(state, len(committed), 0)  # one token at a time: every context is recorded
         if features is not None:  # the verifier's: the token fed first (and the prompt, at the start)
             start = 0 if generated == 0 else len(committed) - 1
-            verdict = SimpleNamespace(features=features[start : len(committed)].numpy().tobytes(), features_start=start)
-        strategy.commit(state, len(committed), 0, verdict)  # one token at a time: every context is recorded
+            strategy.take_features(state, SimpleNamespace(features=features[start : len(committed)].numpy().tobytes(),
+                                                          features_start=start))
         committed.append(ahead[0])
         generated += 1
         if ahead[0] in stops:
@@ -103,7 +103,7 @@ def record_trace(strategy, kind: str, prompts: list[list[int]], references: list
     """Record every prompt for one device class into ``path``; returns the class's figures.
     A strategy with ``feature_layers`` needs the ``target`` that computes them."""
     drafts: dict[str, list] = {}
-    layers = list(getattr(strategy, "feature_layers", []))
+    layers = list(strategy.feature_layers)
     if layers and target is None:
         raise ValueError(f"a {kind} drafter needs the target's features: pass target=")
     totals = {"rounds": 0, "proposed": 0, "accepted": 0, "rejected_rounds": 0, "compute_s": 0.0, "generated": 0}
@@ -114,7 +114,7 @@ def record_trace(strategy, kind: str, prompts: list[list[int]], references: list
             totals[key] += figures[key]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(msgpack.packb({"kind": kind, "feature_layers": layers, "drafts": drafts,
-                                    "tree_nodes": getattr(strategy, "tree_nodes", 0)}))
+                                    "tree_nodes": strategy.tree_nodes}))
     totals["acceptance_rate"] = totals["accepted"] / totals["proposed"] if totals["proposed"] else 0.0
     reached = totals["accepted"] + totals["rejected_rounds"]  # draft positions the verifier decided on
     totals["alpha_per_position"] = totals["accepted"] / reached if reached else 0.0

@@ -167,7 +167,7 @@ def test_a_trees_branches_are_the_heads_likeliest_tokens_along_their_paths():
     with torch.no_grad():
         feats = target(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, :-1]
     state = drafter.new_state()
-    drafter.commit(state, len(ids), 0, Verdict("s", 0, 0, 0, features=feats.half().numpy().tobytes(), features_start=0))
+    drafter.take_features(state, Verdict("s", 0, 0, 0, features=feats.half().numpy().tobytes(), features_start=0))
     draft = drafter.propose(state, ids, 4, Sampling(), draft_generator(0), tree=True)
     assert 4 < len(draft.tokens) <= 10 and draft.depth == 4 and draft.parents[0] == -1
     assert state.cache.length == len(ids) - 1
@@ -202,7 +202,7 @@ def test_a_draft_made_ahead_chains_on_predicted_features_as_one_long_draft_would
     with torch.no_grad():
         feats = target(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, :-1]
     state = drafter.new_state()
-    drafter.commit(state, len(ids), 0, Verdict("s", 0, 0, 0, features=feats.half().numpy().tobytes(), features_start=0))
+    drafter.take_features(state, Verdict("s", 0, 0, 0, features=feats.half().numpy().tobytes(), features_start=0))
     greedy = Sampling()
     long = drafter.propose(state, ids, 7, greedy, draft_generator(0)).tokens
     assert len(long) == 7 and state.cache.length == len(ids) - 1
@@ -211,13 +211,13 @@ def test_a_draft_made_ahead_chains_on_predicted_features_as_one_long_draft_would
     # the verdict accepts 2 and brings their features (and the fed token's): the next draft stands on them
     with torch.no_grad():
         truth = target(input_ids=torch.tensor([ids + long[:3]]), output_hidden_states=True).hidden_states[-1][0, :-1]
-    drafter.commit(state, len(ids), 2, Verdict("s", 1, 2, long[2], features=truth[len(ids) - 1:].half().numpy().tobytes(),
+    drafter.take_features(state, Verdict("s", 1, 2, long[2], features=truth[len(ids) - 1:].half().numpy().tobytes(),
                                                features_start=len(ids) - 1))
     after = drafter.propose(state, ids + long[:3], 4, greedy, draft_generator(0)).tokens
     assert state.cache.length == len(ids) + 2
     fresh = FeatureDrafter(drafter.head)
     fresh_state = fresh.new_state()
-    fresh.commit(fresh_state, len(ids) + 3, 0, Verdict("s", 0, 0, 0, features=truth.half().numpy().tobytes(), features_start=0))
+    fresh.take_features(fresh_state, Verdict("s", 0, 0, 0, features=truth.half().numpy().tobytes(), features_start=0))
     assert after == fresh.propose(fresh_state, ids + long[:3], 4, greedy, draft_generator(0)).tokens
 
 
@@ -282,7 +282,7 @@ def test_committed_feature_head_keeps_sled_lossless_on_the_real_target(tree_node
     from pipeline.models import load_tokenizer
     from pipeline.sample_prompts import chat_prompt_ids
     from pipeline.protocol import Sampling
-    from workers.drafts import draft_generator
+    from workers.drafts import draft_generator, settle
     from workers.feature_drafter import FeatureDrafter
     from workers.feature_head import load_head
     from workers.static_verifier import StaticVerifier
@@ -304,7 +304,7 @@ def test_committed_feature_head_keeps_sled_lossless_on_the_real_target(tree_node
                        feature_layers=drafter.feature_layers, parents=draft.parents)
         verdict = verifier.verify_batch([item])[0]
         assert not verdict.error, verdict
-        drafter.commit(state, len(committed), verdict.accepted, verdict)
+        settle(drafter, state, len(committed), verdict)
         trees += bool(draft.parents)
         new = [*verdict.accepted_tokens(draft.tokens), verdict.token][:budget]
         if stop in new:
@@ -331,16 +331,16 @@ def test_a_bench_trace_hands_the_head_what_the_verdicts_would(tmp_path, tiny_mod
     target = load_causal_lm(str(tiny_models["target"]))
     strategy = FeatureDrafter(load_head(target, feature_head_dir))
     received: dict[int, np.ndarray] = {}
-    commit = strategy.commit
+    take_features = strategy.take_features
 
-    def spy(state, position, accepted, verdict=None):
+    def spy(state, verdict):
         rows = np.frombuffer(verdict.features, dtype=np.float16).reshape(-1, strategy.width)
         for i, row in enumerate(rows):
             assert verdict.features_start + i not in received, "a feature handed twice"
             received[verdict.features_start + i] = row
-        commit(state, position, accepted, verdict)
+        take_features(state, verdict)
 
-    strategy.commit = spy
+    strategy.take_features = spy
     prompt = prompts(1, 8)[0]
     reference = greedy_reference(target, prompt, 30)
     path = tmp_path / "feature.msgpack"

@@ -14,7 +14,7 @@ from tests.conftest import make_stack
 from tests.scripted_broker import run_drafter
 from tests.test_feature_drafter import feature_head_dir, prompts  # noqa: F401 - the module's head fixture
 from training.heldout_alpha import accepted_lengths
-from workers.drafts import Draft, ModelDrafter, draft_generator, lookup_draft
+from workers.drafts import Draft, DraftStrategy, ModelDrafter, draft_generator, lookup_draft
 from workers.lookup import LookupDrafter
 
 
@@ -141,23 +141,11 @@ def scripted_text(length: int) -> list[int]:
     return text[:length]
 
 
-class WrongModel:
+class WrongModel(DraftStrategy):
     """A model-kind strategy whose every draft token is wrong."""
-
-    kind = "model"
-    supports_proactive = False
-
-    def new_state(self):
-        return None
 
     def propose(self, state, committed, gamma, sampling, generator, interrupt=None):
         return Draft([999] * gamma)
-
-    def commit(self, state, position, accepted, verdict=None):
-        pass
-
-    def rewind(self, state, length):
-        pass
 
 
 async def test_lookup_rounds_keep_drafting_where_the_models_stop():

@@ -14,7 +14,7 @@ from pipeline.protocol import ErrorCode, Propose, Sampling
 from pipeline.reference import greedy_reference
 from tests.conftest import TINY_VOCAB, tiny_llama
 from workers.datastore import build_datastore
-from workers.drafts import ModelDrafter, NgramDrafter, draft_generator
+from workers.drafts import ModelDrafter, NgramDrafter, draft_generator, settle
 from workers.feature_drafter import FeatureDrafter
 from workers.feature_head import build_head, spec_for
 from workers.lookup import LookupDrafter
@@ -208,15 +208,15 @@ def _sample_pairs(target, strategy, prompt, sampling, vocab, sessions, batch=500
                 if len(hist) >= len(prompt) + 2:
                     continue
                 # a drafter of token trees is asked for one: it must answer a sampled session with a chain
-                draft = strategy.propose(state, hist, 2, smp, gen, **({"tree": True} if getattr(strategy, "tree_nodes", 0) else {}))
+                draft = strategy.propose(state, hist, 2, smp, gen, **({"tree": True} if strategy.tree_nodes else {}))
                 items.append((sid, draft, Propose(sid, rounds, len(hist), draft.tokens, draft.q_ids, draft.q_probs,
                                                   list(hist) if rounds == 0 else None, smp.temperature, smp.top_p, smp.seed,
-                                                  feature_layers=list(getattr(strategy, "feature_layers", [])),
+                                                  feature_layers=list(strategy.feature_layers),
                                                   parents=draft.parents)))
             for (sid, draft, item), verdict in zip(items, ver.verify_batch([i for _, _, i in items])):
                 assert not verdict.error, verdict
                 hist, state = runs[sid][0], runs[sid][1]
-                strategy.commit(state, len(hist), verdict.accepted, verdict)
+                settle(strategy, state, len(hist), verdict)
                 hist += draft.tokens[: verdict.accepted] + [verdict.token]
             rounds += 1
         for hist, *_ in runs.values():

@@ -25,7 +25,7 @@ from pipeline.reference import greedy_reference
 from tests.conftest import make_stack
 from tests.test_target import reference_top_p
 from tests.xtok_models import PROMPTS, build
-from workers.drafts import draft_generator
+from workers.drafts import draft_generator, settle
 from workers.target import TargetVerifier
 from workers.translating_drafter import TranslatingDrafter, byte_table, complete_utf8, tokenizers_to_translate
 
@@ -215,7 +215,7 @@ def _sample_pairs(target, strategy, prompt, sampling, sessions, batch=500):
             for (sid, draft, _), verdict in zip(items, ver.verify_batch([i for _, _, i in items])):
                 assert not verdict.error, verdict
                 hist, state = runs[sid][0], runs[sid][1]
-                strategy.commit(state, len(hist), verdict.accepted, verdict)
+                settle(strategy, state, len(hist), verdict)
                 hist += draft.tokens[: verdict.accepted] + [verdict.token]
             rounds += 1
         pairs += [tuple(hist[len(prompt):len(prompt) + 2]) for hist, *_ in runs.values()]

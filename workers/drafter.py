@@ -52,7 +52,7 @@ from pipeline.security import CLIENT, HandshakeWatch, client_keys, drafter_clien
 from pipeline.roles import cancel_and_wait, supervise
 from pipeline.rules import MAX_PLAIN_AFTER, generate_problem
 from pipeline.sockets import BrokerLink, make_socket, new_identity, send_now
-from workers.drafts import Draft, build_drafter, round_generator
+from workers.drafts import Draft, DraftStrategy, build_drafter, round_generator, settle
 from workers.speculation import RowCostFloor, SpeculationPolicy
 
 log = structlog.get_logger("sled.drafter")
@@ -104,7 +104,7 @@ class SessionRun:
 
 
 class DrafterService:
-    def __init__(self, config: Config, name: str, strategy, ctx: zmq.asyncio.Context):
+    def __init__(self, config: Config, name: str, strategy: DraftStrategy, ctx: zmq.asyncio.Context):
         self.config = config
         self.name = name
         self.cfg: DrafterConfig = config.drafter(name)
@@ -123,7 +123,7 @@ class DrafterService:
         # from its readings (SpeculationPolicy.fork), the device and the target being the same
         self.session_priors: dict[int, SpeculationPolicy] = {}
         self.drafts_waiting = 0  # drafts submitted to the model thread and not back yet
-        self.proactive = int(self.cfg.proactive and getattr(strategy, "supports_proactive", False))
+        self.proactive = int(self.cfg.proactive and strategy.supports_proactive)
         if self.cfg.proactive and not self.proactive:
             log.info("proactive_unsupported", drafter=name, kind=strategy.kind,
                      reason="this kind cannot draft past a proposal; drafts after each verdict instead")
@@ -439,15 +439,14 @@ class DrafterService:
         # the drafter's (workers/lookup.py)
         # a drafter of token trees may draft one in a greedy session; the policy weighs the tree's
         # rows and tokens against the chain's each round (workers/speculation.py)
-        tree_rows = getattr(self.strategy, "tree_nodes", 0) if sampling.greedy else 0
+        tree_rows = self.strategy.tree_nodes if sampling.greedy else 0
         own = None
         if self.cfg.adaptive:
             prior = self.session_priors.get(tree_rows)
             own = prior.fork() if prior is not None else self._new_policy(tree_rows)
-        match = getattr(self.strategy, "match", lambda tokens: 0)
 
         def policy_for(tokens: list[int]) -> SpeculationPolicy | None:
-            key = match(tokens) if own is not None else 0
+            key = self.strategy.match(tokens) if own is not None else 0
             if key == 0:
                 return own
             key = (key, tree_rows)
@@ -461,7 +460,7 @@ class DrafterService:
                    "draft_lengths": [0] * (self.cfg.gamma + 1), "gamma_sum": 0,
                    "proactive_hits": 0, "proactive_wasted": 0, "proactive_wasted_s": 0.0, "lookup_rounds": 0,
                    "tree_rounds": 0, "plain_rounds": 0, "sent_ahead_confirmed": 0}
-        feature_layers = list(getattr(self.strategy, "feature_layers", []))
+        feature_layers = list(self.strategy.feature_layers)
         generated, round_, finish = 0, 0, "length"
         plain_left = 0  # plain rounds the broker still runs for this session on its own (Propose.plain_after)
         ready: Ahead | None = None  # the next round's draft, made ahead and confirmed by the verdict
@@ -611,13 +610,10 @@ class DrafterService:
                         self.stats.proactive_wasted_s += made.device_s
                         await loop.run_in_executor(self.executor, self.strategy.rewind, state,
                                                    len(committed) + verdict.accepted)
-                    if feature_layers:  # a feature drafter keeps the verdict's features either way:
-                        # its draft made ahead chained on predicted ones (workers/feature_drafter.py)
-                        await loop.run_in_executor(self.executor, self.strategy.commit, state, len(committed),
-                                                   verdict.accepted, verdict)
+                    if verdict.features:  # the target's features stand whichever draft followed them
+                        await loop.run_in_executor(self.executor, self.strategy.take_features, state, verdict)
                 else:
-                    await loop.run_in_executor(self.executor, self.strategy.commit, state, len(committed),
-                                               verdict.accepted, verdict)
+                    await loop.run_in_executor(self.executor, settle, self.strategy, state, len(committed), verdict)
                 if policy is not None:
                     policy.observe(length, verdict.accepted, verdict.row_cost_ms, time.monotonic(),
                                    verdict.round_cost_ms, tree=bool(draft.parents),

@@ -99,6 +99,54 @@ def crop_cache(cache: DynamicCache, length: int) -> None:
         cache.crop(-excess)
 
 
+class DraftStrategy:
+    """What the drafter service (workers/drafter.py) and the benchmark's traces (bench/traces.py)
+    ask of a way of drafting; each kind overrides what it does. Called in a worker thread, one
+    session's ``state`` (from ``new_state``) at a time; no sockets, no asyncio.
+
+    A round: ``propose`` drafts up to ``gamma`` tokens after the committed ones; the verdict on
+    that draft then ``commit``s its accepted prefix (the state keeps nothing of the rejected rest).
+    ``rewind`` cuts the state back to a length, whatever was fed after it: a draft made ahead of
+    its verdict (``supports_proactive``) that the verdict did not confirm. A verdict that carries
+    the target's features (asked for with ``feature_layers``) goes to ``take_features``, whichever
+    draft it judged: the one just committed or one the strategy has drafted past since."""
+
+    kind = "model"  # the wire's drafter_kind, and the figures' key
+    supports_proactive = False  # may draft past a proposal that is still out (rewind undoes it)
+    feature_layers: tuple[int, ...] | list[int] = ()  # the target layers whose features its verdicts should bring
+    tree_nodes = 0  # > 0: greedy rounds may ask ``propose(tree=True)`` for a token tree of this many tokens
+
+    def new_state(self):
+        return None
+
+    def match(self, committed: list[int]) -> int:
+        """The length of the context repeat a round on ``committed`` drafts from, 0 when it
+        drafts otherwise (the drafter service keeps acceptance figures per length)."""
+        return 0
+
+    def propose(self, state, committed: list[int], gamma: int, sampling: Sampling, generator, interrupt=None,
+                tree: bool = False) -> Draft:
+        raise NotImplementedError
+
+    def commit(self, state, position: int, accepted: int) -> None:
+        """The verdict on the last draft, proposed after ``position`` committed tokens, accepted
+        ``accepted`` of its tokens. Nothing to do for a strategy that holds nothing past the context."""
+
+    def rewind(self, state, length: int) -> None:
+        """Keep what the state holds for the first ``length`` tokens only."""
+
+    def take_features(self, state, verdict) -> None:
+        """The target's features a verdict brought (``Verdict.features``, from ``features_start``)."""
+
+
+def settle(strategy: DraftStrategy, state, position: int, verdict) -> None:
+    """A verdict on the strategy's last draft (proposed after ``position`` committed tokens):
+    keep what it accepted, and the features it brings."""
+    strategy.commit(state, position, verdict.accepted)
+    if verdict.features:
+        strategy.take_features(state, verdict)
+
+
 @dataclass
 class ModelDraftState:
     cache: DynamicCache = field(default_factory=DynamicCache)
@@ -106,8 +154,7 @@ class ModelDraftState:
     fed_drafts: int = 0  # draft tokens of the last proposal that went into the cache
 
 
-class ModelDrafter:
-    kind = "model"
+class ModelDrafter(DraftStrategy):
     supports_proactive = True  # see rewind
 
     def __init__(self, model, *, min_confidence: float = 0.0, top_k: int = 8, tree_nodes: int = 0, gamma: int = 4):
@@ -187,7 +234,7 @@ class ModelDrafter:
         crop_cache(state.cache, cached)
         return Draft(tokens, parents=parents)
 
-    def commit(self, state: ModelDraftState, position: int, accepted: int, verdict=None) -> None:
+    def commit(self, state: ModelDraftState, position: int, accepted: int) -> None:
         """The verifier accepted ``accepted`` draft tokens after ``position`` committed ones:
         keep the cache for those that were fed, drop the rejected rest. A proposal this drafter did
         not draft (a lookup draft, workers/lookup.py) fed nothing: the cache keeps what it held."""
@@ -225,7 +272,7 @@ def lookup_draft(committed: list[int], gamma: int, ngram_max: int = 4, min_match
     return [], 0
 
 
-class NgramDrafter:
+class NgramDrafter(DraftStrategy):
     """Context lookup (``lookup_draft``) and, with a ``datastore`` (workers/datastore.py), the
     target's earlier continuations behind it: the repeat's tokens first, then the datastore's,
     up to the round's length. ``min_match``: the shortest repeat drafted from (with a datastore
@@ -240,9 +287,6 @@ class NgramDrafter:
         self.datastore = datastore
         self.min_match = min_match
 
-    def new_state(self) -> None:
-        return None
-
     def match(self, committed: list[int]) -> int:
         """With a datastore, the length of the repeat a round drafts from (0: the datastore alone),
         so the drafter service keeps the two kinds' acceptance apart (workers/lookup.py)."""
@@ -256,19 +300,13 @@ class NgramDrafter:
             tokens = tokens + self.datastore.draft(committed + tokens, gamma - len(tokens))
         return Draft(tokens)
 
-    def commit(self, state, position: int, accepted: int, verdict=None) -> None:
-        pass
-
-    def rewind(self, state, length: int) -> None:
-        pass
-
 
 def context_key(tokens: list[int]) -> str:
     """A short fingerprint of a whole committed context (the replay lookup key)."""
     return hashlib.blake2b(array("q", tokens).tobytes(), digest_size=12).hexdigest()
 
 
-class ReplayDrafter:
+class ReplayDrafter(DraftStrategy):
     """Replays a recorded draft trace: ``{"kind": ..., "drafts": {context_key: [tokens, compute_s, match]}}``
     (``match``: the repeat length a lookup draft came from, 0 for the model's; older traces lack
     it), and for a drafter of token trees ``+ [parents, tree tokens, tree compute_s]``.
@@ -294,9 +332,6 @@ class ReplayDrafter:
         self.hits = 0
         self.misses = 0
 
-    def new_state(self) -> None:
-        return None
-
     def propose(self, state, committed: list[int], gamma: int, sampling: Sampling, generator, interrupt=None,
                 tree: bool = False) -> Draft:
         if not sampling.greedy:
@@ -314,12 +349,6 @@ class ReplayDrafter:
         if 0 < gamma < len(tokens):  # a shorter draft than the recorded one costs its share of the time
             compute_s *= gamma / len(tokens)
         return Draft(list(tokens[:gamma]), compute_s=compute_s)
-
-    def commit(self, state, position: int, accepted: int, verdict=None) -> None:
-        pass
-
-    def rewind(self, state, length: int) -> None:
-        pass
 
     def match(self, committed: list[int]) -> int:
         """As LookupDrafter.match, from the recording."""

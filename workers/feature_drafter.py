@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.protocol import Sampling, Verdict
-from workers.drafts import Draft, pick_token
+from workers.drafts import Draft, DraftStrategy, pick_token
 from workers.feature_head import FeatureHead, HeadCache
 from workers.token_tree import grow_tree
 
@@ -42,7 +42,7 @@ class FeatureDraftState:
         return self.first + self.cache.length
 
 
-class FeatureDrafter:
+class FeatureDrafter(DraftStrategy):
     kind = "feature"
     supports_proactive = True  # past a proposal it chains on its own predicted features (module docstring)
 
@@ -158,9 +158,10 @@ class FeatureDrafter:
     def rewind(self, state: FeatureDraftState, length: int) -> None:
         """Nothing to cut: the cache holds true entries only (propose drops what it chains)."""
 
-    def commit(self, state: FeatureDraftState, position: int, accepted: int, verdict: Verdict | None = None) -> None:
-        """Keep the verdict's true features for positions the cache does not hold yet."""
-        if verdict is None or not verdict.features:
+    def take_features(self, state: FeatureDraftState, verdict: Verdict) -> None:
+        """Keep the verdict's true features for positions the cache does not hold yet (the cache
+        holds true entries only, so ``commit`` has nothing to cut)."""
+        if not verdict.features:
             return
         rows = torch.from_numpy(np.frombuffer(verdict.features, dtype=np.float16).copy()).float()
         rows = rows.view(-1, self.width)

@@ -17,7 +17,7 @@ it with the target's probability and resamples from the residual otherwise).
 from __future__ import annotations
 
 from pipeline.protocol import Sampling
-from workers.drafts import Draft, lookup_draft
+from workers.drafts import Draft, DraftStrategy, lookup_draft
 from workers.token_tree import child
 
 # the shortest repeat worth drafting from, for the default fleet (config.toml), its benchmark
@@ -28,7 +28,7 @@ from workers.token_tree import child
 DEFAULT_MIN_MATCH = 2
 
 
-class LookupDrafter:
+class LookupDrafter(DraftStrategy):
     """A drafter (model, feature or translating kind) with context lookup in front of it."""
 
     def __init__(self, inner, *, min_match: int = 2, ngram_max: int = 4):
@@ -36,10 +36,9 @@ class LookupDrafter:
         self.min_match = min_match
         self.ngram_max = max(ngram_max, min_match)
         self.kind = inner.kind
-        self.supports_proactive = getattr(inner, "supports_proactive", False)
-        self.tree_nodes = getattr(inner, "tree_nodes", 0)
-        if hasattr(inner, "feature_layers"):
-            self.feature_layers = inner.feature_layers  # a feature drafter's verdicts still bring features
+        self.supports_proactive = inner.supports_proactive
+        self.tree_nodes = inner.tree_nodes
+        self.feature_layers = inner.feature_layers  # a feature drafter's verdicts still bring features
 
     def new_state(self):
         return self.inner.new_state()
@@ -71,11 +70,14 @@ class LookupDrafter:
         # its lookup rest keeps one q row per token
         return Draft(tokens, [[t] for t in tokens], [[1.0] for _ in tokens], lookup=True)
 
-    def commit(self, state, position: int, accepted: int, verdict=None) -> None:
-        self.inner.commit(state, position, accepted, verdict)
+    def commit(self, state, position: int, accepted: int) -> None:
+        self.inner.commit(state, position, accepted)
 
     def rewind(self, state, length: int) -> None:
         self.inner.rewind(state, length)
+
+    def take_features(self, state, verdict) -> None:
+        self.inner.take_features(state, verdict)
 
 
 def with_chain(tokens: list[int], parents: list[int], chain: list[int]) -> tuple[list[int], list[int]]:

@@ -43,7 +43,7 @@ import torch
 from transformers import DynamicCache
 
 from pipeline.protocol import Sampling
-from workers.drafts import Draft, crop_cache, pick_token
+from workers.drafts import Draft, DraftStrategy, crop_cache, pick_token
 
 log = structlog.get_logger("sled.translating_drafter")
 
@@ -149,7 +149,7 @@ class TranslateState:
     synced: int = 0  # fed tokens already checked against ``text``
 
 
-class TranslatingDrafter:
+class TranslatingDrafter(DraftStrategy):
     kind = "model"  # a model drafter like any other on the wire and in the figures
     # drafting ahead would need its byte-level sync to follow assumed tokens: not built
     supports_proactive = False
@@ -279,7 +279,7 @@ class TranslatingDrafter:
             logits = self._feed(state, [token])
         return Draft(stable[:gamma])
 
-    def commit(self, state: TranslateState, position: int, accepted: int, verdict=None) -> None:
+    def commit(self, state: TranslateState, position: int, accepted: int) -> None:
         """Nothing to do here: the next ``propose`` compares the cache's ids with the committed
         bytes and rolls back whatever the verdict rejected."""
 
