@@ -142,6 +142,7 @@ class BrokerProcess:
     frontend: str = ""
     backend: str = ""
     heartbeat_ms: int = 500
+    max_history_tokens: int = 4096
     proc: subprocess.Popen | None = None
     extra: list[str] = field(default_factory=list)
     supervisor: Supervisor | None = None
@@ -159,8 +160,9 @@ class BrokerProcess:
         self.supervisor = Supervisor([a for item in overrides for a in ("--set", item)], cwd=ROOT, grace_s=5.0, quiet=True)
         self.proc = self.supervisor.spawn(self.supervisor.role("broker", "broker"))
         self.pin()  # still importing: its threads (ZeroMQ's I/O thread) start later and inherit this
-        # the same file and overrides the child reads, so the heartbeat interval matches it
-        self.heartbeat_ms = load_config(None, overrides).broker.heartbeat_ms
+        # the same file and overrides the child reads, so the heartbeat interval and the limits match it
+        config = load_config(None, overrides)
+        self.heartbeat_ms, self.max_history_tokens = config.broker.heartbeat_ms, config.limits.max_history_tokens
         log.info("broker_started", pid=self.proc.pid, deadline_ms=self.deadline_ms, core=self.core, frontend=self.frontend)
 
     def pin(self) -> None:
@@ -199,19 +201,37 @@ class Session:
     round: int = 0
     position: int = len(HISTORY)
     sent_at: float = 0.0
+    restarts: int = 0
 
     def send(self) -> None:
+        if self.position + len(DRAFT) + 1 > self.drafter.max_tokens:  # the broker would refuse it (pipeline/rules.py)
+            self.restart()
         history = HISTORY if self.round == 0 else None
         self.sent_at = time.perf_counter()
         self.drafter.sent += 1
         self.drafter.sock.send(propose_frame(self.session_id, self.round, self.position, history), zmq.NOBLOCK)
 
 
+    def restart(self) -> None:
+        """Close this session and go on as a new one: a long window would take a closed-loop
+        session past the broker's history limit, which refuses its next proposal."""
+        sessions = self.drafter.sessions
+        self.drafter.sock.send(close_frame(self.session_id), zmq.NOBLOCK)
+        del sessions[self.session_id]
+        self.restarts += 1
+        self.drafter.restarts += 1
+        self.session_id = f"{self.session_id.split('~')[0]}~{self.restarts}"
+        self.round, self.position = 0, len(HISTORY)
+        sessions[self.session_id] = self
+
+
 @dataclass
 class Drafter:
     sock: zmq.Socket
+    max_tokens: int  # the broker's limits.max_history_tokens
     sessions: dict[str, Session] = field(default_factory=dict)
     sent: int = 0
+    restarts: int = 0  # sessions closed at the history limit and begun again (Session.restart)
 
 
 class Rig:
@@ -229,6 +249,7 @@ class Rig:
         self.on_verdict = None  # callback(session, now)
         self.verdicts = 0
         self.proposals = 0  # sent by drafters already removed
+        self.restarts = 0  # by drafters already removed
         self.errors: dict[str, int] = {}
         self.batches = 0
         self.batch_items = 0
@@ -238,7 +259,7 @@ class Rig:
     def add_drafter(self, sessions: int, tag: str) -> Drafter:
         sock = make_socket(self.ctx, zmq.DEALER, connect=self.broker.frontend, identity=new_identity("bench-drafter"),
                            max_message_bytes=MAX_BYTES)
-        drafter = Drafter(sock)
+        drafter = Drafter(sock, self.broker.max_history_tokens)
         for i in range(sessions):
             sid = f"{tag}-{len(self.drafters)}-{i}"
             drafter.sessions[sid] = Session(sid, drafter)
@@ -251,6 +272,7 @@ class Rig:
         for sid in drafter.sessions:
             drafter.sock.send(close_frame(sid), zmq.NOBLOCK)
         self.proposals += drafter.sent
+        self.restarts += drafter.restarts
         self.poller.unregister(drafter.sock)
         del self.by_sock[drafter.sock]
         self.drafters.remove(drafter)
@@ -431,8 +453,9 @@ def measure_throughput(rig: Rig, drafters: int, sessions: int, warmup_s: float, 
 
 
 def run(quick: bool = False, *, latency_samples: int | None = None, sessions: int = 128, drafters: int = 4,
-        warmup_s: float | None = None, window_s: float | None = None) -> dict:
-    """Start the brokers, measure, stop them; returns the figures (see the module docstring)."""
+        warmup_s: float | None = None, window_s: float | None = None, broker_settings: tuple[str, ...] = ()) -> dict:
+    """Start the brokers, measure, stop them; returns the figures (see the module docstring).
+    ``broker_settings``: more ``--set`` items for both brokers."""
     samples = latency_samples or (1000 if quick else 3000)
     warmup_s = warmup_s if warmup_s is not None else (1.0 if quick else 2.0)
     window_s = window_s if window_s is not None else (3.0 if quick else 10.0)
@@ -440,8 +463,8 @@ def run(quick: bool = False, *, latency_samples: int | None = None, sessions: in
     load_before = os.getloadavg()[0]  # other work on this machine skews every figure: say so
     broker_core, load_core = pick_cores()
     before = os.sched_getaffinity(0)
-    timed = BrokerProcess(deadline_ms, broker_core)
-    instant = BrokerProcess(0.0, broker_core)
+    timed = BrokerProcess(deadline_ms, broker_core, extra=list(broker_settings))
+    instant = BrokerProcess(0.0, broker_core, extra=list(broker_settings))
     ctx = zmq.Context()
     rigs: list[Rig] = []
     started = time.perf_counter()
@@ -489,6 +512,7 @@ def run(quick: bool = False, *, latency_samples: int | None = None, sessions: in
         latency_samples=len(added),
         proposals_sent=rig.proposals + rig0.proposals,
         verdicts_received=rig.verdicts + rig0.verdicts,
+        sessions_restarted=rig.restarts + rig0.restarts,
         broker_proposals=stats["proposals"] + stats0["proposals"],
         broker_verdicts=stats["verdicts"] + stats0["verdicts"],
         broker_rejected={**stats["rejected"], **stats0["rejected"]},

@@ -54,3 +54,14 @@ def test_a_tiny_run_gets_every_verdict():
         assert 0 < f[f"{name}_p50_ms"] + f["deadline_ms"] and f[f"{name}_p50_ms"] <= f[f"{name}_p99_ms"], name
     # without a deadline the same round trip is shorter than with one
     assert f["zero_deadline_rtt_p50_ms"] < f["broker_added_latency_p50_ms"] + f["deadline_ms"]
+
+
+def test_sessions_begin_again_at_the_history_limit():
+    """A closed-loop session that reaches the broker's history limit is closed and begins again
+    as a new session, so a long window is never refused; every proposal still gets its verdict."""
+    limit = len(broker_micro.HISTORY) + 20
+    figures = broker_micro.run(quick=True, latency_samples=30, sessions=8, drafters=2, warmup_s=0.2, window_s=0.4,
+                               broker_settings=(f"limits.max_history_tokens={limit}",))
+    assert figures["sessions_restarted"] > 0
+    assert figures["proposals_sent"] == figures["verdicts_received"] == figures["broker_verdicts"]
+    assert figures["broker_rejected"] == {}
