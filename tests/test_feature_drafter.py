@@ -20,6 +20,7 @@ from pipeline.protocol import DRAFTER_UPSTREAM_ACCEPTS, Propose, Verdict
 from pipeline.reference import greedy_reference
 from pipeline.sockets import make_socket
 from tests.conftest import TINY_VOCAB, make_stack
+from workers.drafts import context_key
 from workers.feature_head import build_head, save_head, spec_for
 
 
@@ -321,7 +322,7 @@ def test_a_bench_trace_hands_the_head_what_the_verdicts_would(tmp_path, tiny_mod
     """bench/traces.py records a feature class without a verifier: each round it hands the head
     the target's features as a verdict would carry them. Every committed position but the last
     gets its feature, exactly once, equal to the target's hidden states there; the replay asks
-    the verifier for the same layers and never drafts ahead."""
+    the verifier for the same layers."""
     from bench.traces import record_trace
     from workers.drafts import ReplayDrafter
     from workers.feature_drafter import FeatureDrafter
@@ -355,4 +356,41 @@ def test_a_bench_trace_hands_the_head_what_the_verdicts_would(tmp_path, tiny_mod
     assert torch.allclose(got, expected, atol=2e-3, rtol=2e-3)
     replay = ReplayDrafter(str(path))
     assert replay.kind == "feature" and replay.feature_layers == strategy.feature_layers
-    assert not replay.supports_proactive
+
+
+def test_a_bench_trace_replays_the_drafts_a_feature_device_makes_ahead(tmp_path, tiny_models, feature_head_dir):
+    """A feature class's replay drafts ahead as its device would: on a context m tokens past the
+    true features its session's verdicts brought, it proposes what the head drafts there chaining
+    over m predicted features, and with every feature in, what it drafts on true ones."""
+    from bench.traces import GREEDY, record_trace, target_features
+    from workers.drafts import ReplayDrafter, draft_generator
+    from workers.feature_drafter import FeatureDrafter
+    from workers.feature_head import load_head
+
+    target = load_causal_lm(str(tiny_models["target"]))
+    head = load_head(target, feature_head_dir)
+    prompt = prompts(1, 9)[0]
+    reference = greedy_reference(target, prompt, 30)
+    path = tmp_path / "feature.msgpack"
+    record_trace(FeatureDrafter(head), "feature", [prompt], [reference], 3, 30, [], path, target=target)
+    replay = ReplayDrafter(str(path))
+    assert replay.supports_proactive
+    features = target_features(target, prompt + reference, replay.feature_layers)
+    differ = 0
+    for at in (4, 13):  # tokens generated when the last verdict came
+        committed = prompt + reference[:at]
+        verdict = Verdict("s", 0, 0, 0, features=features[: len(committed) - 1].numpy().tobytes(), features_start=0)
+        live, replayed = FeatureDrafter(head), replay.new_state()
+        state = live.new_state()
+        live.take_features(state, verdict)
+        replay.take_features(replayed, verdict)
+        on_true = live.propose(state, committed, 3, GREEDY, draft_generator(0)).tokens
+        assert replay.propose(replayed, committed, 3, GREEDY, draft_generator(0)).tokens == on_true
+        for m in range(1, 5):  # a proposal of m - 1 tokens and the guess are out
+            context = committed + reference[at : at + m]
+            made = live.propose(state, context, 4, GREEDY, draft_generator(0)).tokens
+            assert replay.propose(replayed, context, 4, GREEDY, draft_generator(0)).tokens == made
+            assert len(made) == 4
+            differ += made != replay.drafts[context_key(context)][0][:3] + made[3:]
+    assert replay.misses == 0
+    assert differ  # predicted features drafted otherwise somewhere: the two tables are not the same

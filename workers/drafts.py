@@ -306,6 +306,11 @@ def context_key(tokens: list[int]) -> str:
     return hashlib.blake2b(array("q", tokens).tobytes(), digest_size=12).hexdigest()
 
 
+@dataclass
+class ReplayState:
+    true_features: int = 0  # positions whose target features the session's verdicts have brought
+
+
 class ReplayDrafter(DraftStrategy):
     """Replays a recorded draft trace: ``{"kind": ..., "drafts": {context_key: [tokens, compute_s, match]}}``
     (``match``: the repeat length a lookup draft came from, 0 for the model's; older traces lack
@@ -315,6 +320,13 @@ class ReplayDrafter(DraftStrategy):
     lossless verifier makes every session follow the recorded path, so each lookup hits. A miss
     (the context was never recorded) proposes nothing and is counted: the session still ends
     with the target's output, only slower.
+
+    A feature class's drafts depend on more than the context: on how many of its last positions
+    the head had no true feature for and chained over its own predicted ones, as it does when it
+    drafts ahead of a verdict (workers/feature_drafter.py). Its trace keeps those drafts apart,
+    ``"ahead": {context_key: [[tokens, compute_s] for 1, 2, ... chained positions]}``, and the
+    replay counts the true features its verdicts brought (``take_features``) to pick the one its
+    device would have made. A trace without them (an older one) does not draft ahead.
     """
 
     def __init__(self, path: str):
@@ -324,19 +336,35 @@ class ReplayDrafter(DraftStrategy):
         self.drafts: dict[str, list] = trace["drafts"]
         # a feature class's replay asks for the features its device would (they cross the link)
         self.feature_layers: list[int] = list(trace.get("feature_layers", []))
-        # a lookup finds any recorded context ahead of time too, but a feature class's recorded
-        # drafts stand on true features, and its device drafts ahead on predicted ones
-        # (workers/feature_drafter.py): replaying them ahead would flatter it, so it does not
-        self.supports_proactive = not self.feature_layers
+        self.ahead: dict[str, list] = trace.get("ahead") or {}
+        self.feature_width = trace.get("feature_width", 0)  # fp16 values per position's features
+        # a lookup finds any recorded context ahead of time too; a feature class, only with the
+        # drafts made on predicted features (class docstring)
+        self.supports_proactive = not self.feature_layers or bool(self.ahead)
         self.tree_nodes = trace.get("tree_nodes", 0)  # its drafts were recorded as token trees
         self.hits = 0
         self.misses = 0
+
+    def new_state(self) -> ReplayState:
+        return ReplayState()
+
+    def take_features(self, state: ReplayState, verdict) -> None:
+        if self.feature_width:
+            rows = len(verdict.features) // (2 * self.feature_width)
+            state.true_features = max(state.true_features, verdict.features_start + rows)
 
     def propose(self, state, committed: list[int], gamma: int, sampling: Sampling, generator, interrupt=None,
                 tree: bool = False) -> Draft:
         if not sampling.greedy:
             raise ValueError("a replayed drafter supports greedy decoding only")
-        entry = self.drafts.get(context_key(committed)) if gamma > 0 else None
+        # positions before the last committed one that the head chains over (a draft made ahead);
+        # none before the first verdict's features: the head has nothing to draft from, as recorded
+        chained = len(committed) - 1 - state.true_features if self.feature_width and state.true_features else 0
+        if chained > 0 and not tree:
+            made = self.ahead.get(context_key(committed), [])
+            entry = made[chained - 1] if gamma > 0 and chained <= len(made) else None
+        else:
+            entry = self.drafts.get(context_key(committed)) if gamma > 0 else None
         if entry is None:
             # a draft made ahead (interrupt given) on a wrong guess asks for a context the recorded
             # path never had: not a miss of the trace
