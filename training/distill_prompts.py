@@ -310,10 +310,33 @@ TRAIN_TOPICS_14 = [
     "thankfulness journals", "the music automaton", "soapbox carts", "the kalimba",
     "labeling pantry jars", "Angkor Thom",
 ]
+# A fifteenth list, for data beyond the fourteenth set (build_prompts(topic_set=15)); disjoint
+# from the other fourteen and from the held-out topics.
+TRAIN_TOPICS_15 = [
+    "the cittern", "Newfoundland water dogs", "physic gardens", "the Delian League",
+    "Eton mess", "learning to row a skiff", "a window that shows tomorrow's weather",
+    "a baker's lost sourdough starter", "a timid rainbow", "golden master testing", "missed connections",
+    "planning a picnic by the lake", "keeping appointments", "soothing a bee sting", "the stereopticon",
+    "sampans in Hong Kong", "the cornett", "sorting an attic of old toys", "gundis", "Petra's tombs",
+    "orchid repotting", "the camera lucida", "shoulder blades", "a lighthouse that whispers",
+    "a raft made of books", "a forgetful otter", "blue-green deploys", "writing changelogs",
+    "loading spinners in apps", "solar eclipses in history", "hosting a soup swap", "saying sorry well",
+    "cycling safety at night", "mangosteens", "salsola", "vernal pools", "the gardens of Versailles",
+    "the tear ducts", "the astrolabe clock", "a village of bellfounders", "skip lists",
+    "organizing a tool library", "yodelling", "borlotti beans", "lemon balm", "tufa towers", "devil sticks",
+    "the ophicleide", "tarsiers", "mochi", "molybdenum", "haboobs", "miso making", "backpressure in software",
+    "writing a graduation speech", "running a flower stall", "teff porridge", "the glass engravers of Bohemia",
+    "telescope grinders", "oyster reefs", "gerenuks", "a sailor's missing sextant",
+    "a raindrop that fell upward", "undo buttons", "water bears", "green manure", "mammatus clouds",
+    "swing bridges", "the salt road of the Sahara", "kulfi", "a staircase that counts its steps",
+    "a tailor's missing thimble", "a sneezing volcano", "buying a used bicycle", "gratitude letters",
+    "the mechanical bird", "billy carts", "the steelpan", "folding fitted sheets", "Lalibela",
+]
 TRAIN_TOPIC_SETS = {1: TRAIN_TOPICS, 2: TRAIN_TOPICS_2, 3: TRAIN_TOPICS_3, 4: TRAIN_TOPICS_4, 5: TRAIN_TOPICS_5,
                     6: TRAIN_TOPICS_6, 7: TRAIN_TOPICS_7, 8: TRAIN_TOPICS_8,
                     9: TRAIN_TOPICS_9, 10: TRAIN_TOPICS_10, 11: TRAIN_TOPICS_11,
-                    12: TRAIN_TOPICS_12, 13: TRAIN_TOPICS_13, 14: TRAIN_TOPICS_14}  # build_prompts(topic_set=N)
+                    12: TRAIN_TOPICS_12, 13: TRAIN_TOPICS_13, 14: TRAIN_TOPICS_14,
+                    15: TRAIN_TOPICS_15}  # build_prompts(topic_set=N)
 HELDOUT_TOPICS = [
     "glaciers", "the violin", "penguins", "nuclear fusion", "the Silk Road", "board games",
     "lightning", "coral reefs", "the Industrial Revolution", "yoga", "submarines", "maps",
@@ -369,7 +392,7 @@ def _chat(tokenizer, question: str) -> str:
 def build_prompts(tokenizer, *, held_out: bool, n_chat: int, n_prose: int, seed: int = 0,
                   topic_set: int = 1) -> list[str]:
     """Prompt strings, half chat (templated) and half prose (raw prefix or 'continue this').
-    ``topic_set`` 2 to 14 draws training chat from TRAIN_TOPICS_2 to _14 (more data that repeats no
+    ``topic_set`` 2 to 15 draws training chat from TRAIN_TOPICS_2 to _15 (more data that repeats no
     question)."""
     rng = random.Random(seed + (1 if held_out else 0))
     templates = HELDOUT_TEMPLATES if held_out else TRAIN_TEMPLATES
