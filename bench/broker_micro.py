@@ -211,7 +211,6 @@ class Session:
         self.drafter.sent += 1
         self.drafter.sock.send(propose_frame(self.session_id, self.round, self.position, history), zmq.NOBLOCK)
 
-
     def restart(self) -> None:
         """Close this session and go on as a new one: a long window would take a closed-loop
         session past the broker's history limit, which refuses its next proposal."""
