@@ -148,8 +148,9 @@ class BrokerProcess:
     supervisor: Supervisor | None = None
 
     def start(self) -> None:
-        front, back = free_ports(2)
-        self.frontend, self.backend = f"tcp://127.0.0.1:{front}", f"tcp://127.0.0.1:{back}"
+        if not self.frontend:  # run() picks both brokers' ports at once (below)
+            front, back = free_ports(2)
+            self.frontend, self.backend = f"tcp://127.0.0.1:{front}", f"tcp://127.0.0.1:{back}"
         overrides = [
             f'broker.frontend="{self.frontend}"',
             f'broker.backend="{self.backend}"',
@@ -462,8 +463,11 @@ def run(quick: bool = False, *, latency_samples: int | None = None, sessions: in
     load_before = os.getloadavg()[0]  # other work on this machine skews every figure: say so
     broker_core, load_core = pick_cores()
     before = os.sched_getaffinity(0)
-    timed = BrokerProcess(deadline_ms, broker_core, extra=list(broker_settings))
-    instant = BrokerProcess(0.0, broker_core, extra=list(broker_settings))
+    # all four ports at once: picked one broker at a time, the second could get a port the first
+    # had not bound yet (and its bind then failed: "Address already in use")
+    ports = [f"tcp://127.0.0.1:{port}" for port in free_ports(4)]
+    timed = BrokerProcess(deadline_ms, broker_core, *ports[:2], extra=list(broker_settings))
+    instant = BrokerProcess(0.0, broker_core, *ports[2:], extra=list(broker_settings))
     ctx = zmq.Context()
     rigs: list[Rig] = []
     started = time.perf_counter()
