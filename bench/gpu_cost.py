@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from workers.cost_table import CostModel, match_shape  # noqa: F401 - also this module's API (tests, scripts)
+from workers.cost_table import CostModel, match_shape
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

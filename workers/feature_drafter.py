@@ -155,12 +155,10 @@ class FeatureDrafter(DraftStrategy):
                                     token_of=lambda index: int(head.vocab_ids[index]))
         return Draft(tokens, parents=parents)
 
-    def rewind(self, state: FeatureDraftState, length: int) -> None:
-        """Nothing to cut: the cache holds true entries only (propose drops what it chains)."""
-
     def take_features(self, state: FeatureDraftState, verdict: Verdict) -> None:
-        """Keep the verdict's true features for positions the cache does not hold yet (the cache
-        holds true entries only, so ``commit`` has nothing to cut)."""
+        """Keep the verdict's true features for positions the cache does not hold yet. The cache
+        holds true entries only (propose drops what it drafts and chains), so ``commit`` and
+        ``rewind`` have nothing to cut."""
         if not verdict.features:
             return
         rows = torch.from_numpy(np.frombuffer(verdict.features, dtype=np.float16).copy()).float()
