@@ -332,11 +332,34 @@ TRAIN_TOPICS_15 = [
     "a tailor's missing thimble", "a sneezing volcano", "buying a used bicycle", "gratitude letters",
     "the mechanical bird", "billy carts", "the steelpan", "folding fitted sheets", "Lalibela",
 ]
+# A sixteenth list, for data beyond the fifteenth set (build_prompts(topic_set=16)); disjoint
+# from the other fifteen and from the held-out topics.
+TRAIN_TOPICS_16 = [
+    "the rackett", "Leonberger dogs", "apothecary jars", "the Hanseatic towns of the Baltic",
+    "banoffee pie", "learning to paddle a canoe", "a painting that changes seasons",
+    "a cobbler's lost last", "a shy comet", "pact testing", "lost umbrellas",
+    "planning a kite festival", "keeping a diary", "soothing a nettle sting", "the praxinoscope",
+    "junks on the Yangtze", "the dulcian", "sorting a shed of garden tools", "hyraxes", "Persepolis",
+    "bonsai wiring", "the zoetrope strip", "a raft of pumpkins", "a bridge that hums at night",
+    "feature flags rollout", "a sleepy badger", "writing upgrade guides", "a village of coopers",
+    "progress bars in apps", "cuckoo filters", "hosting a seed swap", "asking for help well",
+    "hiking safety in fog", "rambutans", "samphire", "organizing a bike kitchen", "the gardens of Kew",
+    "the eardrums", "overtone flutes", "sweet cicely", "vanadium",
+    "the weavers of Oaxaca", "klipspringers", "cannellini beans", "the gemshorn", "travertine terraces",
+    "diabolo juggling", "a map that redraws itself", "slow lorises", "dango", "load shedding in software", "sea fog", "kimchi making",
+    "rate limiting in software", "hosting a book swap", "running a fruit stall", "fonio porridge",
+    "chayote", "clockmakers' apprentices", "the water clock of Su Song", "hyperloglog sketches",
+    "a navigator's missing compass", "a snowflake that would not melt", "redo buttons", "the glass harmonica",
+    "cover crops", "lenticular clouds", "bascule bridges", "marram grass", "granita",
+    "a door that knocks back", "a knitter's missing needle", "a yawning mountain",
+    "buying a used sewing machine", "writing condolence cards", "tide mills", "pinewood derby cars",
+    "the nyckelharpa", "ironing shirts", "Jerash",
+]
 TRAIN_TOPIC_SETS = {1: TRAIN_TOPICS, 2: TRAIN_TOPICS_2, 3: TRAIN_TOPICS_3, 4: TRAIN_TOPICS_4, 5: TRAIN_TOPICS_5,
                     6: TRAIN_TOPICS_6, 7: TRAIN_TOPICS_7, 8: TRAIN_TOPICS_8,
                     9: TRAIN_TOPICS_9, 10: TRAIN_TOPICS_10, 11: TRAIN_TOPICS_11,
                     12: TRAIN_TOPICS_12, 13: TRAIN_TOPICS_13, 14: TRAIN_TOPICS_14,
-                    15: TRAIN_TOPICS_15}  # build_prompts(topic_set=N)
+                    15: TRAIN_TOPICS_15, 16: TRAIN_TOPICS_16}  # build_prompts(topic_set=N)
 HELDOUT_TOPICS = [
     "glaciers", "the violin", "penguins", "nuclear fusion", "the Silk Road", "board games",
     "lightning", "coral reefs", "the Industrial Revolution", "yoga", "submarines", "maps",
@@ -392,7 +415,7 @@ def _chat(tokenizer, question: str) -> str:
 def build_prompts(tokenizer, *, held_out: bool, n_chat: int, n_prose: int, seed: int = 0,
                   topic_set: int = 1) -> list[str]:
     """Prompt strings, half chat (templated) and half prose (raw prefix or 'continue this').
-    ``topic_set`` 2 to 15 draws training chat from TRAIN_TOPICS_2 to _15 (more data that repeats no
+    ``topic_set`` 2 to 16 draws training chat from TRAIN_TOPICS_2 to _16 (more data that repeats no
     question)."""
     rng = random.Random(seed + (1 if held_out else 0))
     templates = HELDOUT_TEMPLATES if held_out else TRAIN_TEMPLATES
