@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from workers.datastore import BUILTIN
 from workers.lookup import DEFAULT_MIN_MATCH as LOOKUP
-from workers.token_tree import DEFAULT_TREE_NODES
+from workers.token_tree import DEFAULT_TREE_DEPTH, DEFAULT_TREE_NODES
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class DrafterChoice:
     lookup_min_match: int = 0  # context lookup in front of the drafter (workers/lookup.py); 0 = off
     tree_nodes: int = 0  # the feature head drafts token trees of at most this many tokens (workers/token_tree.py)
     datastore: str = ""  # "ngram": the target's earlier continuations behind context lookup (workers/datastore.py)
+    tree_depth: int = 0  # the trees' levels (0: gamma)
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ DEFAULT = Setup(
     target="smollm2",
     # as config.toml's fleet: the model classes with context lookup in front (workers/lookup.py)
     drafters={"pi5": DrafterChoice("ladder:pi5", 4, 0.5, LOOKUP), "orin": DrafterChoice("ladder:orin", 4, 0.5, LOOKUP),
-              "feature": DrafterChoice("feature", 4, 0.0, LOOKUP, DEFAULT_TREE_NODES), "ngram": DrafterChoice("ngram", 4, 0.0, LOOKUP, datastore=BUILTIN)},
+              "feature": DrafterChoice("feature", 4, 0.0, LOOKUP, DEFAULT_TREE_NODES, tree_depth=DEFAULT_TREE_DEPTH), "ngram": DrafterChoice("ngram", 4, 0.0, LOOKUP, datastore=BUILTIN)},
     server_drafter=DrafterChoice("ladder:orin", 4, 0.5),
     prompts="chat",
     fleet=["pi5", "orin", "feature", "ngram"],  # the classes of `sled demo`'s default fleet

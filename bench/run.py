@@ -110,7 +110,8 @@ def feature_strategy(choice, target):
 
     head = load_head(target, FEATURE_DIR)
     head.prepack()  # as the device does (drafters.NAME.prepack)
-    return FeatureDrafter(head, min_confidence=choice.min_confidence, tree_nodes=choice.tree_nodes, gamma=choice.gamma)
+    return FeatureDrafter(head, min_confidence=choice.min_confidence, tree_nodes=choice.tree_nodes, gamma=choice.gamma,
+                          tree_depth=choice.tree_depth)
 
 
 def model_strategy(choice, model, target_spec: str):
@@ -321,7 +322,8 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
         recorded[name] = record_trace(strategy, kind, [prompts[i] for i in mine], [references[i] for i in mine],
                                       choice.gamma, options.max_new_tokens, stop_ids, path, target=target)
         recorded[name].update(drafter=choice.model, gamma=choice.gamma, min_confidence=choice.min_confidence,
-                              lookup_min_match=choice.lookup_min_match, tree_nodes=choice.tree_nodes)
+                              lookup_min_match=choice.lookup_min_match, tree_nodes=choice.tree_nodes,
+                              tree_depth=choice.tree_depth)
         classes.append(DeviceClass(options.profiles[name], path, choice.gamma))
         log.info("trace_recorded", device=name, **{k: round(v, 3) if isinstance(v, float) else v for k, v in recorded[name].items()})
 

@@ -108,8 +108,11 @@ class DrafterConfig:
     datastore: str = ""
     # kinds "feature" and "model" (not one translating another tokenizer), greedy requests: draft a
     # token tree of at most this many tokens instead of a chain (workers/token_tree.py; each token
-    # is a verify row); 0 = chains
+    # is a verify row); 0 = chains. Its levels (0 = gamma), and how many of the likeliest paths each
+    # level expands, each with as many children (0 = workers/token_tree.py DEFAULT_TREE_BRANCH)
     tree_nodes: int = 0
+    tree_depth: int = 0
+    tree_branch: int = 0
     max_sessions: int = 64
     dtype: str = "float32"
     threads: int = 1  # torch threads for drafting (an edge device has few cores)
@@ -127,7 +130,7 @@ class DrafterConfig:
 @dataclass
 class LimitsConfig:
     max_message_bytes: int = 1 << 20
-    max_draft_tokens: int = 16
+    max_draft_tokens: int = 32
     max_history_tokens: int = 4096
     max_new_tokens: int = 2048
     verdict_timeout_s: float = 30.0  # a drafter resends with its history after this long

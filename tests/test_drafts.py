@@ -61,20 +61,41 @@ def test_ngram_proposes_what_followed_the_latest_match():
     assert ngram.propose(None, history, 0, GREEDY, None).tokens == []
 
 
-def test_a_model_drafters_tree_follows_its_chains_and_leaves_the_cache_as_it_was():
-    """Every node of a drafted token tree is one of the TREE_BRANCH likeliest tokens the model
-    gives after the node's path as a plain sequence (a fresh forward, no cache), so the tree's
-    mask and positions are right; the cache ends at the committed context, and the rounds after a
-    tree draft as a fresh drafter would."""
-    from workers.token_tree import TREE_BRANCH, accepted_along
+def test_a_classes_tree_shape_comes_from_its_config(tiny_models):
+    """``drafters.NAME.tree_nodes``, ``tree_depth`` and ``tree_branch`` reach the drafter (0: γ
+    levels, branch DEFAULT_TREE_BRANCH), and its trees keep to them."""
+    from pipeline.config import DrafterConfig
+    from workers.drafts import build_drafter
+    from workers.token_tree import DEFAULT_TREE_BRANCH, tree_depths
 
-    for model in (tiny_llama(2, layers=2, hidden=32), tiny_gpt2(3)):
-        drafter = ModelDrafter(model, tree_nodes=10, gamma=4)
+    target = str(tiny_models["target"])
+    plain = build_drafter(DrafterConfig(model=str(tiny_models["small"]), gamma=3, tree_nodes=8), target)
+    assert (plain.tree_nodes, plain.tree_depth, plain.tree_branch) == (8, 3, DEFAULT_TREE_BRANCH)
+    # every node of a 5-level tree at branch 2 (2 + 4 * 4 = 18): five levels, two tokens at the root
+    deep = build_drafter(DrafterConfig(model=str(tiny_models["small"]), gamma=3, tree_nodes=18, tree_depth=5,
+                                       tree_branch=2), target)
+    draft = deep.propose(deep.new_state(), [5, 9, 13, 2, 7], 3, GREEDY, draft_generator(0), tree=True)
+    depths = tree_depths(draft.parents)
+    assert len(draft.tokens) == 18 and max(depths) == 5 and draft.parents.count(-1) == 2
+    assert all(depths.count(d) == 4 for d in range(2, 6))
+
+
+def test_a_model_drafters_tree_follows_its_chains_and_leaves_the_cache_as_it_was():
+    """Every node of a drafted token tree is one of the ``tree_branch`` likeliest tokens the model
+    gives after the node's path as a plain sequence (a fresh forward, no cache), so the tree's
+    mask and positions are right; the tree is at most ``tree_depth`` levels deep (γ when 0); the
+    cache ends at the committed context, and the rounds after a tree draft as a fresh drafter would."""
+    from workers.token_tree import accepted_along
+
+    shapes = ((tiny_llama(2, layers=2, hidden=32), 0, 2), (tiny_gpt2(3), 0, 2), (tiny_llama(2, layers=2, hidden=32), 6, 3))
+    for model, depth, branch in shapes:
+        drafter = ModelDrafter(model, tree_nodes=10, gamma=4, tree_depth=depth, tree_branch=branch)
         state = drafter.new_state()
         committed = [5, 9, 13, 2, 7, 7, 1]
         for _ in range(3):
             draft = drafter.propose(state, committed, 4, GREEDY, draft_generator(0), tree=True)
-            assert 4 < len(draft.tokens) <= 10 and 2 <= draft.depth <= 4 and draft.parents[0] == -1
+            assert 4 < len(draft.tokens) <= 10 and 2 <= draft.depth <= (depth or 4) and draft.parents[0] == -1
+            assert sum(p == -1 for p in draft.parents) <= branch
             assert state.cache.get_seq_length() == state.cached == len(committed)
             for i, token in enumerate(draft.tokens):
                 path, at = [], draft.parents[i]
@@ -83,7 +104,7 @@ def test_a_model_drafters_tree_follows_its_chains_and_leaves_the_cache_as_it_was
                     at = draft.parents[at]
                 with torch.inference_mode():
                     logits = model(input_ids=torch.tensor([committed + path])).logits[0, -1]
-                assert token in logits.topk(TREE_BRANCH).indices.tolist(), (i, path, token)
+                assert token in logits.topk(branch).indices.tolist(), (i, path, token)
             # the target follows the path to the tree's last node, then adds a token of its own
             accepted = accepted_along(draft.tokens, draft.parents, path + [token])
             assert accepted == len(path) + 1

@@ -148,29 +148,31 @@ async def test_a_feature_drafter_drafting_ahead_is_token_identical_to_the_target
 
 
 def test_a_trees_branches_are_the_heads_likeliest_tokens_along_their_paths():
-    """The committed head on the real target: every node of a drafted tree is one of the
-    TREE_BRANCH likeliest tokens the head gives as a chain along the node's path (drafted one
-    token at a time through its cache), so the tree's attention mask and positions are the
-    chain's; and the head's cache holds only the true entries afterwards."""
+    """The committed head on the real target, drafting the default fleet's tree (16 tokens, 6
+    levels, branch 3): every node of a drafted tree is one of the ``tree_branch`` likeliest tokens
+    the head gives as a chain along the node's path (drafted one token at a time through its
+    cache), so the tree's attention mask and positions are the chain's; and the head's cache holds
+    only the true entries afterwards."""
     from pipeline.models import load_tokenizer
     from pipeline.protocol import Sampling
     from pipeline.sample_prompts import chat_prompt_ids
     from workers.drafts import draft_generator
     from workers.feature_drafter import FeatureDrafter
-    from workers.token_tree import TREE_BRANCH
+    from workers.token_tree import DEFAULT_TREE_BRANCH, DEFAULT_TREE_DEPTH, DEFAULT_TREE_NODES
     from workers.feature_head import HeadCache, load_head
 
     torch.set_num_threads(1)
     target = load_causal_lm("smollm2")
     head = load_head(target)
-    drafter = FeatureDrafter(head, tree_nodes=10)
+    drafter = FeatureDrafter(head, tree_nodes=DEFAULT_TREE_NODES, tree_depth=DEFAULT_TREE_DEPTH)
+    assert drafter.tree_branch == DEFAULT_TREE_BRANCH == 3
     ids = chat_prompt_ids(load_tokenizer("smollm2"), "What is a river?")
     with torch.no_grad():
         feats = target(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, :-1]
     state = drafter.new_state()
     drafter.take_features(state, Verdict("s", 0, 0, 0, features=feats.half().numpy().tobytes(), features_start=0))
     draft = drafter.propose(state, ids, 4, Sampling(), draft_generator(0), tree=True)
-    assert 4 < len(draft.tokens) <= 10 and draft.depth == 4 and draft.parents[0] == -1
+    assert 8 < len(draft.tokens) <= 16 and 3 <= draft.depth <= DEFAULT_TREE_DEPTH and draft.parents[0] == -1
     assert state.cache.length == len(ids) - 1
     for i, token in enumerate(draft.tokens):
         path = []
@@ -184,7 +186,7 @@ def test_a_trees_branches_are_the_heads_likeliest_tokens_along_their_paths():
             for depth, previous in enumerate(path, 1):
                 predicted = head.extend(cache, head.entry(predicted[:, -1:], torch.tensor([[previous]])),
                                         len(ids) - 2 + depth)
-            likeliest = head.vocab_ids[head.logits(predicted[0, -1]).topk(TREE_BRANCH).indices].tolist()
+            likeliest = head.vocab_ids[head.logits(predicted[0, -1]).topk(drafter.tree_branch).indices].tolist()
         assert token in likeliest, (i, path, token, likeliest)
 
 

@@ -113,7 +113,8 @@ def test_sampling_through_the_static_backend_keeps_the_sequence_distribution(mon
 def test_pages_are_reused_and_a_full_pool_evicts_idle_sessions_first():
     model = tiny_llama(1)
     per_token = 2 * 2 * 2 * 16 * 4  # layers x (k, v) x kv heads x head dim x fp32
-    ver = static(model, kv_cache_mb=4 * 16 * per_token / 2**20, max_history_tokens=40)  # 4 pages of 16 tokens
+    ver = static(model, kv_cache_mb=4 * 16 * per_token / 2**20, max_history_tokens=40,  # 4 pages of 16 tokens
+                 max_draft_tokens=16)
     assert ver.kv.pages == 4
     ver.verify_batch([Propose("a", 0, 30, [], history=list(range(1, 31)))])  # 29 cached -> 2 pages, then 30
     assert len(ver.sessions["a"].pages) == 2 and len(ver.kv.free) == 2

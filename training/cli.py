@@ -117,6 +117,10 @@ def register(subparsers) -> None:
     ed.add_argument("--trees", action="store_true",
                     help="also the ladder rungs' token trees (NAME+tree, NAME+lookup+tree: a few minutes each); "
                          "the feature head's are always measured")
+    ed.add_argument("--tree-nodes", type=int, default=None, help="the trees' size (default: the default fleet's, 16)")
+    ed.add_argument("--tree-depth", type=int, default=None, help="the trees' levels (default: 6)")
+    ed.add_argument("--tree-branch", type=int, default=None,
+                    help="how many likeliest paths each level expands, each with as many children (default: 3)")
     ed.set_defaults(handler=_eval_drafters)
 
 
@@ -222,11 +226,14 @@ def _train_datastore(args: argparse.Namespace) -> int:
 
 def _eval_drafters(args: argparse.Namespace) -> int:
     from training.eval_drafters import evaluate_ladder
+    from workers.token_tree import TreeShape
 
     _threads(args.threads)
+    shape = {k: v for k, v in (("nodes", args.tree_nodes), ("depth", args.tree_depth), ("branch", args.tree_branch))
+             if v is not None}
     report = evaluate_ladder(args.target, args.rungs, args.gamma, feature_dir=args.feature_dir,
                              ladder_dir=args.ladder_dir, model_trees=args.trees, datastore_dir=args.datastore_dir,
-                             validation=args.validation)
+                             validation=args.validation, tree=TreeShape(**shape))
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -35,6 +35,7 @@ from workers.datastore import BUILTIN, load_datastore
 from workers.drafts import NgramDrafter
 from workers.lookup import DEFAULT_MIN_MATCH as LOOKUP_MIN_MATCH
 from workers.packed_linear import prepack_linears
+from workers.token_tree import TreeShape
 
 
 @torch.no_grad()
@@ -56,9 +57,10 @@ def draft_tokens_per_s(model, prompts: list[list[int]], new_tokens: int = 32) ->
 
 def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None, gamma: int = 4,
                     speed_prompts: int = 3, feature_dir=None, ladder_dir=None, model_trees: bool = False,
-                    datastore_dir=None, validation=None) -> dict:
+                    datastore_dir=None, validation=None, tree: TreeShape | None = None) -> dict:
     """``validation``: a folder of distillation shards no drafter has read, measured instead of
-    the held-out prompts (training/feature_eval.py ``shard_heldout``)."""
+    the held-out prompts (training/feature_eval.py ``shard_heldout``). ``tree``: the token trees'
+    shape (default: the default fleet's, workers/token_tree.py)."""
     from pipeline.models import load_causal_lm
     from training.feature_eval import heldout_features, shard_heldout
 
@@ -84,6 +86,7 @@ def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None
         "target_params": sum(p.numel() for p in target.parameters()),
         "rungs": [],
     }
+    tree = tree or TreeShape()
     names = rungs if rungs is not None else [*RUNGS, "feature", "ngram"]
     for name in [*names, *(f"{n}+lookup" for n in names if not n.endswith("+lookup") and n != "ngram")]:
         if name.endswith("+tree"):
@@ -105,45 +108,51 @@ def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None
             continue
         for lookup in (0, LOOKUP_MIN_MATCH):
             if base == "feature":
-                report["rungs"].append(_tree_rung(target, with_features, gamma, feature_dir, lookup))
+                report["rungs"].append(_tree_rung(target, with_features, gamma, tree, feature_dir, lookup))
             else:
-                report["rungs"].append(_model_tree_rung(target, target_spec, base, sequences, gamma, ladder_dir, lookup))
+                report["rungs"].append(_model_tree_rung(target, target_spec, base, sequences, gamma, tree, ladder_dir,
+                                                        lookup))
     return report
 
 
-def _model_tree_rung(target, target_spec: str, name: str, sequences, gamma: int, ladder_dir, lookup: int) -> dict:
-    """A ladder rung drafting token trees of DEFAULT_TREE_NODES tokens through its KV cache."""
+def _shape(tree: TreeShape) -> dict:
+    return {"tree_nodes": tree.nodes, "tree_depth": tree.depth, "tree_branch": tree.branch}
+
+
+def _model_tree_rung(target, target_spec: str, name: str, sequences, gamma: int, tree: TreeShape, ladder_dir,
+                     lookup: int) -> dict:
+    """A ladder rung drafting token trees through its KV cache."""
     from training.tree_eval import evaluate_model_tree
-    from workers.token_tree import DEFAULT_TREE_NODES
 
     model = load_rung(name, target_spec, target=target, **({"folder": ladder_dir} if ladder_dir else {}))
     params = sum(p.numel() for p in model.parameters())  # before packing, which drops dense weights
     prepack_linears(model)  # as the device drafts; α and speed come from this one run
-    stats = evaluate_model_tree(model, sequences, gamma, DEFAULT_TREE_NODES, lookup_min_match=lookup)
+    stats = evaluate_model_tree(model, sequences, gamma, tree.nodes, lookup_min_match=lookup, tree_depth=tree.depth,
+                                tree_branch=tree.branch)
     return {
         "name": f"{name}+lookup+tree" if lookup else f"{name}+tree", "kind": "model",
         "layers": model.config.num_hidden_layers, "params": params,
-        "tree_nodes": DEFAULT_TREE_NODES, "alpha": stats["first_level_hit_rate"], **stats,
+        **_shape(tree), "alpha": stats["first_level_hit_rate"], **stats,
         "draft_tokens_per_s": round(1000 * stats["draft_tokens_per_round"] / max(1e-9, stats["draft_ms_per_round"]), 1),
         **({"lookup_min_match": lookup} if lookup else {}),
     }
 
 
-def _tree_rung(target, with_features, gamma: int, folder=None, lookup: int = 0) -> dict:
-    """The feature head drafting token trees of DEFAULT_TREE_NODES tokens (workers/token_tree.py):
-    tokens per round, and what the tree costs: its tokens are verify rows."""
+def _tree_rung(target, with_features, gamma: int, tree: TreeShape, folder=None, lookup: int = 0) -> dict:
+    """The feature head drafting token trees (workers/token_tree.py): tokens per round, and what
+    the tree costs: its tokens are verify rows."""
     from training.feature_eval import evaluate_tree
-    from workers.token_tree import DEFAULT_TREE_NODES
     from workers.feature_head import FEATURE_DIR, load_head
 
     head = load_head(target, folder or FEATURE_DIR)
     params = sum(p.numel() for p in head.parameters())  # before packing, which drops dense weights
     head.prepack()  # as the device drafts; α and speed come from this one run
     heldout = with_features(head.spec.feature_layers)
-    stats = evaluate_tree(head, heldout, gamma, DEFAULT_TREE_NODES, lookup_min_match=lookup)
+    stats = evaluate_tree(head, heldout, gamma, tree.nodes, lookup_min_match=lookup, tree_depth=tree.depth,
+                          tree_branch=tree.branch)
     return {
         "name": "feature+lookup+tree" if lookup else "feature+tree", "kind": "feature", "layers": head.spec.layers,
-        "params": params, "tree_nodes": DEFAULT_TREE_NODES,
+        "params": params, **_shape(tree),
         # α of a tree: how often its first level holds the target's next token, per round
         "alpha": stats["first_level_hit_rate"], **stats,
         "draft_tokens_per_s": round(1000 * stats["draft_tokens_per_round"] / max(1e-9, stats["draft_ms_per_round"]), 1),

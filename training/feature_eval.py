@@ -136,14 +136,17 @@ def evaluate_head(head: FeatureHead, heldout: list[tuple], gamma: int = 4, looku
 
 @torch.no_grad()
 def evaluate_tree(head: FeatureHead, heldout: list[tuple], gamma: int = 4, tree_nodes: int = 8,
-                  lookup_min_match: int = 0) -> dict:
+                  lookup_min_match: int = 0, tree_depth: int = 0, tree_branch: int = 0) -> dict:
     """Token trees (workers/token_tree.py) drafted by the device's own code (FeatureDrafter with
-    ``tree_nodes``) on the held-out rounds: training/tree_eval.py ``tree_rounds``. Each round
-    starts from the true entries of positions 0..p-2, as after a verdict."""
+    ``tree_nodes``, ``tree_depth`` levels, 0: γ; ``tree_branch`` 0: the default) on the held-out
+    rounds: training/tree_eval.py ``tree_rounds``. Each round starts from the true entries of
+    positions 0..p-2, as after a verdict."""
     from workers.feature_drafter import FeatureDrafter, FeatureDraftState
+    from workers.token_tree import DEFAULT_TREE_BRANCH
     from training.tree_eval import tree_rounds
 
-    drafter = FeatureDrafter(head, tree_nodes=tree_nodes, gamma=gamma)
+    drafter = FeatureDrafter(head, tree_nodes=tree_nodes, gamma=gamma, tree_depth=tree_depth,
+                             tree_branch=tree_branch or DEFAULT_TREE_BRANCH)
 
     def sequences():
         for ids, prompt_len, feats in heldout:

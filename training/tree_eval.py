@@ -17,7 +17,7 @@ import torch
 from pipeline.protocol import Sampling
 from workers.drafts import Draft, lookup_draft
 from workers.lookup import with_chain
-from workers.token_tree import accepted_along
+from workers.token_tree import DEFAULT_TREE_BRANCH, accepted_along
 
 
 def tree_rounds(sequences: Iterable[tuple[list[int], int, Callable[[int], Draft]]], gamma: int = 4,
@@ -60,13 +60,15 @@ def tree_rounds(sequences: Iterable[tuple[list[int], int, Callable[[int], Draft]
 
 @torch.no_grad()
 def evaluate_model_tree(model, sequences: list[tuple[list[int], int]], gamma: int = 4, tree_nodes: int = 8,
-                        lookup_min_match: int = 0) -> dict:
-    """A model drafter's trees (ModelDrafter with ``tree_nodes``), through its own KV cache as on
-    the device: each round feeds the tokens committed since the last, drafts, and is rolled back
-    to what the target committed."""
+                        lookup_min_match: int = 0, tree_depth: int = 0, tree_branch: int = 0) -> dict:
+    """A model drafter's trees (ModelDrafter with ``tree_nodes``, ``tree_depth`` levels, 0: γ;
+    ``tree_branch`` 0: the default), through its own KV cache as on the device: each round feeds
+    the tokens committed since the last, drafts, and is rolled back to what the target committed.
+    The lookup branch is γ long."""
     from workers.drafts import ModelDrafter
 
-    drafter = ModelDrafter(model, tree_nodes=tree_nodes, gamma=gamma)
+    drafter = ModelDrafter(model, tree_nodes=tree_nodes, gamma=gamma, tree_depth=tree_depth,
+                           tree_branch=tree_branch or DEFAULT_TREE_BRANCH)
     greedy = Sampling()
 
     def rounds():

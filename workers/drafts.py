@@ -34,7 +34,7 @@ import torch
 from transformers import DynamicCache
 
 from pipeline.protocol import Sampling
-from workers.token_tree import grow_tree, tree_depths
+from workers.token_tree import DEFAULT_TREE_BRANCH, grow_tree, tree_depths
 
 log = structlog.get_logger(__name__)
 
@@ -157,13 +157,16 @@ class ModelDraftState:
 class ModelDrafter(DraftStrategy):
     supports_proactive = True  # see rewind
 
-    def __init__(self, model, *, min_confidence: float = 0.0, top_k: int = 8, tree_nodes: int = 0, gamma: int = 4):
+    def __init__(self, model, *, min_confidence: float = 0.0, top_k: int = 8, tree_nodes: int = 0, gamma: int = 4,
+                 tree_depth: int = 0, tree_branch: int = DEFAULT_TREE_BRANCH):
         self.model = model
         self.min_confidence = min_confidence
         self.top_k = top_k
-        # > 0: greedy rounds may draft a token tree, ``gamma`` levels deep, of at most this many tokens
+        # > 0: greedy rounds may draft a token tree of at most this many tokens, ``tree_depth`` levels
+        # deep (0: ``gamma``), each level expanding its ``tree_branch`` likeliest paths
         self.tree_nodes = tree_nodes
-        self.gamma = gamma
+        self.tree_depth = tree_depth or gamma
+        self.tree_branch = tree_branch
         self.device = next(model.parameters()).device
 
     def new_state(self) -> ModelDraftState:
@@ -180,7 +183,7 @@ class ModelDrafter(DraftStrategy):
                 generator: torch.Generator, interrupt=None, tree: bool = False) -> Draft:
         """``interrupt``: called between tokens; True ends the draft there (proactive drafting
         yields the model to a draft that is needed now). ``tree`` (with ``tree_nodes``, greedy
-        only): the full token tree, ``self.gamma`` levels deep."""
+        only): the full token tree, ``tree_depth`` levels deep."""
         draft = Draft([])
         state.fed_drafts = 0
         if gamma <= 0:
@@ -188,7 +191,7 @@ class ModelDrafter(DraftStrategy):
         logits = self._step(state, committed[state.cached:])
         state.cached = len(committed)
         if tree and self.tree_nodes and sampling.greedy:
-            return self._tree(state, logits, self.gamma, self.tree_nodes)
+            return self._tree(state, logits, self.tree_depth, self.tree_nodes)
         for k in range(gamma):
             token, confidence, top_ids, q = pick_token(logits, sampling, self.top_k, generator)
             if top_ids is not None:
@@ -230,7 +233,7 @@ class ModelDrafter(DraftStrategy):
                              attention_mask=mask[None, None].to(self.device), cache=state.cache, use_cache=True)
             return torch.log_softmax(out.logits[0].float(), -1)
 
-        tokens, parents = grow_tree(torch.log_softmax(logits, -1), expand, depth, size)
+        tokens, parents = grow_tree(torch.log_softmax(logits, -1), expand, depth, size, branch=self.tree_branch)
         crop_cache(state.cache, cached)
         return Draft(tokens, parents=parents)
 
@@ -429,7 +432,8 @@ def _build_strategy(cfg, target_spec: str):
         if cfg.prepack:
             head.prepack()
         return FeatureDrafter(head, min_confidence=cfg.min_confidence, top_k=cfg.top_k, tree_nodes=cfg.tree_nodes,
-                              gamma=cfg.gamma)
+                              gamma=cfg.gamma, tree_depth=cfg.tree_depth,
+                              tree_branch=cfg.tree_branch or DEFAULT_TREE_BRANCH)
     if cfg.kind != "model":
         raise ValueError(f"unknown drafter kind {cfg.kind!r} (model, feature or ngram)")
     if cfg.model.startswith("ladder:"):
@@ -450,4 +454,4 @@ def _build_strategy(cfg, target_spec: str):
     if tokenizers:
         return TranslatingDrafter(model, *tokenizers, min_confidence=cfg.min_confidence, top_k=cfg.top_k)
     return ModelDrafter(model, min_confidence=cfg.min_confidence, top_k=cfg.top_k, tree_nodes=cfg.tree_nodes,
-                        gamma=cfg.gamma)
+                        gamma=cfg.gamma, tree_depth=cfg.tree_depth, tree_branch=cfg.tree_branch or DEFAULT_TREE_BRANCH)

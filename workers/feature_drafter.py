@@ -25,7 +25,7 @@ import torch
 from pipeline.protocol import Sampling, Verdict
 from workers.drafts import Draft, DraftStrategy, pick_token
 from workers.feature_head import FeatureHead, HeadCache
-from workers.token_tree import grow_tree
+from workers.token_tree import DEFAULT_TREE_BRANCH, grow_tree
 
 
 
@@ -47,13 +47,15 @@ class FeatureDrafter(DraftStrategy):
     supports_proactive = True  # past a proposal it chains on its own predicted features (module docstring)
 
     def __init__(self, head: FeatureHead, *, min_confidence: float = 0.0, top_k: int = 8, tree_nodes: int = 0,
-                 gamma: int = 4):
+                 gamma: int = 4, tree_depth: int = 0, tree_branch: int = DEFAULT_TREE_BRANCH):
         self.head = head
         self.min_confidence = min_confidence
         self.top_k = top_k
-        # > 0: greedy rounds draft a token tree, ``gamma`` levels deep, of at most this many tokens
+        # > 0: greedy rounds draft a token tree of at most this many tokens, ``tree_depth`` levels
+        # deep (0: ``gamma``), each level expanding its ``tree_branch`` likeliest paths
         self.tree_nodes = tree_nodes
-        self.gamma = gamma
+        self.tree_depth = tree_depth or gamma
+        self.tree_branch = tree_branch
         self.feature_layers = list(head.spec.feature_layers)
         self.width = head.spec.hidden * len(self.feature_layers)
 
@@ -87,7 +89,7 @@ class FeatureDrafter(DraftStrategy):
     @torch.inference_mode()
     def propose(self, state: FeatureDraftState, committed: list[int], gamma: int, sampling: Sampling,
                 generator: torch.Generator, interrupt=None, tree: bool = False) -> Draft:
-        """``tree`` (with ``tree_nodes``, greedy only): the full token tree, ``self.gamma`` levels deep."""
+        """``tree`` (with ``tree_nodes``, greedy only): the full token tree, ``tree_depth`` levels deep."""
         draft = Draft([])
         if gamma <= 0 or len(committed) < 2 or not self._catch_up(state, committed):
             return draft
@@ -95,7 +97,7 @@ class FeatureDrafter(DraftStrategy):
         try:
             state.predicted = self._assume(state, committed)
             if tree and self.tree_nodes and sampling.greedy:
-                return self._tree(state, committed, self.gamma, self.tree_nodes)
+                return self._tree(state, committed, self.tree_depth, self.tree_nodes)
             return self._chain(state, committed, gamma, sampling, generator)
         finally:  # drafted and assumed entries go; verified features replace them
             state.cache.crop(true_entries)
@@ -152,7 +154,7 @@ class FeatureDrafter(DraftStrategy):
             return log_probs(out)
 
         tokens, parents = grow_tree(log_probs(predicted_at[-1]), expand, depth, size,
-                                    token_of=lambda index: int(head.vocab_ids[index]))
+                                    token_of=lambda index: int(head.vocab_ids[index]), branch=self.tree_branch)
         return Draft(tokens, parents=parents)
 
     def take_features(self, state: FeatureDraftState, verdict: Verdict) -> None:

@@ -44,7 +44,7 @@ log = structlog.get_logger("sled.verifier")
 
 PAGE_SIZE = 16
 SESSION_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-TOKEN_BUCKETS = (1, 2, 3, 5, 9, 17)  # 1 + gamma for gamma = 0, 1, 2, 4, 8, 16
+TOKEN_BUCKETS = (1, 2, 3, 5, 9, 17, 25, 33)  # 1 + gamma for gamma = 0, 1, 2, 4, 8, 16; trees with a lookup branch
 
 
 def bucket(n: int, sizes: tuple[int, ...]) -> int:
@@ -91,10 +91,11 @@ class StaticVerifier(TargetVerifier):
         dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         page_bytes = 2 * config.num_hidden_layers * heads * PAGE_SIZE * dim * torch.finfo(dtype).bits // 8
         pages = int(kv_cache_mb * 2**20 // page_bytes)
-        longest = limits.max_history_tokens + TOKEN_BUCKETS[-1]
+        longest = limits.max_history_tokens + limits.max_draft_tokens + 1  # a full history, then a round's rows
         if pages * PAGE_SIZE < longest:
             raise ValueError(f"verifier.kv_cache_mb={kv_cache_mb} holds {pages * PAGE_SIZE} tokens, "
-                             f"less than one session of limits.max_history_tokens={limits.max_history_tokens}")
+                             f"less than one session of limits.max_history_tokens={limits.max_history_tokens} "
+                             f"and a round of limits.max_draft_tokens={limits.max_draft_tokens}")
         self.kv = PagedKV(config, pages=pages, page_size=PAGE_SIZE, dtype=dtype, device=self.device)
         self.net = StaticModel(model, self.kv)
         self.step = self.net

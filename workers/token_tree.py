@@ -12,25 +12,38 @@ sampling is another algorithm (pipeline/rules.py refuses a sampled tree).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
-# a drafted tree's branching: each level expands its TREE_BRANCH likeliest tokens with
-# TREE_BRANCH children each (grow_tree, for the feature and model drafters). On the held-out set,
-# 8 tokens of depth 4 at branch 2 gave the feature head 2.10 tokens per round against its chain's
-# 1.81 (docs/training-history.md)
-TREE_BRANCH = 2
-# the default fleet's tree (config.toml drafters.feature.tree_nodes, bench/profiles.py, the tree
-# rungs of `sled eval drafters`): at most twice the chain's rows, and with the lookup branch
-# (γ more) within limits.max_draft_tokens = 16
-DEFAULT_TREE_NODES = 8
+# a drafted tree's shape (grow_tree, for the feature and model drafters; each class may set its
+# own: drafters.NAME.tree_nodes, tree_depth, tree_branch). Chosen on topic list 16's validation set
+# with the head's round 29 (docs/incremental-training.md, "Token trees"), not on the held-out set:
+# 16 tokens 6 levels deep, each level expanding its 3 likeliest paths with 3 children each, gave
+# 3.08 tokens per round against 2.68 for the earlier default (8 tokens, 4 levels, branch 2), for 8
+# more verify rows, which a GPU server's forward hardly notices (a CPU one does, and there the
+# adaptive policy drafts chains). With the lookup branch (γ tokens more) a tree stays within
+# limits.max_draft_tokens = 32.
+DEFAULT_TREE_BRANCH = 3
+DEFAULT_TREE_NODES = 16
+DEFAULT_TREE_DEPTH = 6
 
 
-def grow_tree(root: torch.Tensor, expand, depth: int, size: int, token_of=int) -> tuple[list[int], list[int]]:
+@dataclass(frozen=True)
+class TreeShape:
+    """A drafted tree's size (its verify rows), levels and branching (`sled eval drafters`)."""
+    nodes: int = DEFAULT_TREE_NODES
+    depth: int = DEFAULT_TREE_DEPTH
+    branch: int = DEFAULT_TREE_BRANCH
+
+
+def grow_tree(root: torch.Tensor, expand, depth: int, size: int, token_of=int,
+              branch: int = DEFAULT_TREE_BRANCH) -> tuple[list[int], list[int]]:
     """EAGLE-2's dynamic tree, for any drafter: (tokens, parents) of a tree ``depth`` levels deep.
 
-    Each level expands its TREE_BRANCH likeliest tokens (by the drafter's probability of the whole
-    path) with their TREE_BRANCH likeliest next tokens. ``root``: the drafter's log-probabilities
+    Each level expands its ``branch`` likeliest tokens (by the drafter's probability of the whole
+    path) with their ``branch`` likeliest next tokens. ``root``: the drafter's log-probabilities
     for the first draft token. ``expand(level, picked)``, with ``picked`` a list of (node, token,
     ancestors: the node's path from the root, itself last), runs the drafter one step over all of
     them at once and returns their next-token log-probabilities, one row each. ``token_of`` maps a
@@ -43,14 +56,14 @@ def grow_tree(root: torch.Tensor, expand, depth: int, size: int, token_of=int) -
     for level in range(1, depth + 1):
         children = []
         for logp, node, row in frontier:
-            top = row.topk(TREE_BRANCH)
+            top = row.topk(branch)
             children += [(logp + lp, node, token_of(index)) for lp, index in zip(top.values.tolist(), top.indices.tolist())]
         for logp, parent, token in children:
             nodes.append((logp, level, parent, token))
             ancestors[len(nodes) - 1] = [*ancestors[parent], len(nodes) - 1]
         if level == depth:
             break
-        picked = sorted(range(len(nodes) - len(children), len(nodes)), key=lambda n: -nodes[n][0])[:TREE_BRANCH]
+        picked = sorted(range(len(nodes) - len(children), len(nodes)), key=lambda n: -nodes[n][0])[:branch]
         rows = expand(level, [(n, nodes[n][3], ancestors[n]) for n in picked])
         frontier = [(nodes[n][0], n, rows[i]) for i, n in enumerate(picked)]
     # the likeliest paths: a child is never likelier than its parent, so ties go to the shallower
