@@ -142,11 +142,9 @@ def evaluate_tree(head: FeatureHead, heldout: list[tuple], gamma: int = 4, tree_
     rounds: training/tree_eval.py ``tree_rounds``. Each round starts from the true entries of
     positions 0..p-2, as after a verdict."""
     from workers.feature_drafter import FeatureDrafter, FeatureDraftState
-    from workers.token_tree import DEFAULT_TREE_BRANCH
     from training.tree_eval import tree_rounds
 
-    drafter = FeatureDrafter(head, tree_nodes=tree_nodes, gamma=gamma, tree_depth=tree_depth,
-                             tree_branch=tree_branch or DEFAULT_TREE_BRANCH)
+    drafter = FeatureDrafter(head, tree_nodes=tree_nodes, gamma=gamma, tree_depth=tree_depth, tree_branch=tree_branch)
 
     def sequences():
         for ids, prompt_len, feats in heldout:

@@ -17,7 +17,7 @@ import torch
 from pipeline.protocol import Sampling
 from workers.drafts import Draft, lookup_draft
 from workers.lookup import with_chain
-from workers.token_tree import DEFAULT_TREE_BRANCH, accepted_along
+from workers.token_tree import accepted_along
 
 
 def tree_rounds(sequences: Iterable[tuple[list[int], int, Callable[[int], Draft]]], gamma: int = 4,
@@ -67,8 +67,7 @@ def evaluate_model_tree(model, sequences: list[tuple[list[int], int]], gamma: in
     The lookup branch is γ long."""
     from workers.drafts import ModelDrafter
 
-    drafter = ModelDrafter(model, tree_nodes=tree_nodes, gamma=gamma, tree_depth=tree_depth,
-                           tree_branch=tree_branch or DEFAULT_TREE_BRANCH)
+    drafter = ModelDrafter(model, tree_nodes=tree_nodes, gamma=gamma, tree_depth=tree_depth, tree_branch=tree_branch)
     greedy = Sampling()
 
     def rounds():

@@ -158,15 +158,15 @@ class ModelDrafter(DraftStrategy):
     supports_proactive = True  # see rewind
 
     def __init__(self, model, *, min_confidence: float = 0.0, top_k: int = 8, tree_nodes: int = 0, gamma: int = 4,
-                 tree_depth: int = 0, tree_branch: int = DEFAULT_TREE_BRANCH):
+                 tree_depth: int = 0, tree_branch: int = 0):
         self.model = model
         self.min_confidence = min_confidence
         self.top_k = top_k
         # > 0: greedy rounds may draft a token tree of at most this many tokens, ``tree_depth`` levels
-        # deep (0: ``gamma``), each level expanding its ``tree_branch`` likeliest paths
+        # deep (0: ``gamma``), each level expanding its ``tree_branch`` likeliest paths (0: the default)
         self.tree_nodes = tree_nodes
         self.tree_depth = tree_depth or gamma
-        self.tree_branch = tree_branch
+        self.tree_branch = tree_branch or DEFAULT_TREE_BRANCH
         self.device = next(model.parameters()).device
 
     def new_state(self) -> ModelDraftState:
@@ -432,8 +432,7 @@ def _build_strategy(cfg, target_spec: str):
         if cfg.prepack:
             head.prepack()
         return FeatureDrafter(head, min_confidence=cfg.min_confidence, top_k=cfg.top_k, tree_nodes=cfg.tree_nodes,
-                              gamma=cfg.gamma, tree_depth=cfg.tree_depth,
-                              tree_branch=cfg.tree_branch or DEFAULT_TREE_BRANCH)
+                              gamma=cfg.gamma, tree_depth=cfg.tree_depth, tree_branch=cfg.tree_branch)
     if cfg.kind != "model":
         raise ValueError(f"unknown drafter kind {cfg.kind!r} (model, feature or ngram)")
     if cfg.model.startswith("ladder:"):
@@ -454,4 +453,4 @@ def _build_strategy(cfg, target_spec: str):
     if tokenizers:
         return TranslatingDrafter(model, *tokenizers, min_confidence=cfg.min_confidence, top_k=cfg.top_k)
     return ModelDrafter(model, min_confidence=cfg.min_confidence, top_k=cfg.top_k, tree_nodes=cfg.tree_nodes,
-                        gamma=cfg.gamma, tree_depth=cfg.tree_depth, tree_branch=cfg.tree_branch or DEFAULT_TREE_BRANCH)
+                        gamma=cfg.gamma, tree_depth=cfg.tree_depth, tree_branch=cfg.tree_branch)
