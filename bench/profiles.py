@@ -56,7 +56,9 @@ class DrafterChoice:
     min_confidence: float = 0.0
     lookup_min_match: int = 0  # context lookup in front of the drafter (workers/lookup.py); 0 = off
     tree_nodes: int = 0  # the feature head drafts token trees of at most this many tokens (workers/token_tree.py)
-    datastore: str = ""  # "ngram": the target's earlier continuations behind context lookup (workers/datastore.py)
+    # the target's earlier continuations (workers/datastore.py): "ngram" drafts from them behind
+    # context lookup, a drafter of trees adds their continuation as one more branch (workers/lookup.py)
+    datastore: str = ""
     tree_depth: int = 0  # the trees' levels (0: gamma)
 
 
@@ -81,7 +83,9 @@ DEFAULT = Setup(
     target="smollm2",
     # as config.toml's fleet: the model classes with context lookup in front (workers/lookup.py)
     drafters={"pi5": DrafterChoice("ladder:pi5", 4, 0.5, LOOKUP), "orin": DrafterChoice("ladder:orin", 4, 0.5, LOOKUP),
-              "feature": DrafterChoice("feature", 4, 0.0, LOOKUP, DEFAULT_TREE_NODES, tree_depth=DEFAULT_TREE_DEPTH), "ngram": DrafterChoice("ngram", 4, 0.0, LOOKUP, datastore=BUILTIN)},
+              "feature": DrafterChoice("feature", 4, 0.0, LOOKUP, DEFAULT_TREE_NODES, datastore=BUILTIN,
+                                       tree_depth=DEFAULT_TREE_DEPTH),
+              "ngram": DrafterChoice("ngram", 4, 0.0, LOOKUP, datastore=BUILTIN)},
     server_drafter=DrafterChoice("ladder:orin", 4, 0.5),
     prompts="chat",
     fleet=["pi5", "orin", "feature", "ngram"],  # the classes of `sled demo`'s default fleet

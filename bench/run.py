@@ -34,8 +34,8 @@ from pipeline.config import load_config
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.sample_prompts import SAMPLE_PROMPTS, chat_prompt_ids
 from pipeline.reference import greedy_reference
-from workers.drafts import ModelDrafter, ngram_drafter
-from workers.lookup import LookupDrafter
+from workers.drafts import ModelDrafter, ngram_drafter, target_datastore
+from workers.lookup import with_lookup
 from workers.packed_linear import prepack_linears, weight_bytes
 from workers.static_verifier import make_verifier
 
@@ -316,14 +316,15 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
             if choice.model not in drafter_models:
                 drafter_models[choice.model] = load_drafter_model(choice, target)
             strategy, kind = model_strategy(choice, drafter_models[choice.model], setup.target), "model"
-        if choice.lookup_min_match and kind != "ngram":
-            strategy = LookupDrafter(strategy, min_match=choice.lookup_min_match)
+        if kind != "ngram":  # lookup in front, and the datastore's branch on its trees (workers/lookup.py)
+            store = target_datastore(choice.datastore, setup.target) if strategy.tree_nodes else None
+            strategy = with_lookup(strategy, min_match=choice.lookup_min_match, datastore=store)
         path = workdir / "traces" / f"{name}.msgpack"
         recorded[name] = record_trace(strategy, kind, [prompts[i] for i in mine], [references[i] for i in mine],
                                       choice.gamma, options.max_new_tokens, stop_ids, path, target=target)
         recorded[name].update(drafter=choice.model, gamma=choice.gamma, min_confidence=choice.min_confidence,
                               lookup_min_match=choice.lookup_min_match, tree_nodes=choice.tree_nodes,
-                              tree_depth=choice.tree_depth)
+                              tree_depth=choice.tree_depth, datastore=choice.datastore)
         classes.append(DeviceClass(options.profiles[name], path, choice.gamma))
         log.info("trace_recorded", device=name, **{k: round(v, 3) if isinstance(v, float) else v for k, v in recorded[name].items()})
 

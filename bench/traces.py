@@ -138,7 +138,7 @@ def record_trace(strategy, kind: str, prompts: list[list[int]], references: list
             totals[key] += figures[key]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(msgpack.packb({"kind": kind, "feature_layers": layers, "drafts": drafts,
-                                    "tree_nodes": strategy.tree_nodes, **extra}))
+                                    "tree_nodes": strategy.tree_nodes, "tree_rows": strategy.tree_rows, **extra}))
     totals["acceptance_rate"] = totals["accepted"] / totals["proposed"] if totals["proposed"] else 0.0
     reached = totals["accepted"] + totals["rejected_rounds"]  # draft positions the verifier decided on
     totals["alpha_per_position"] = totals["accepted"] / reached if reached else 0.0

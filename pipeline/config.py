@@ -102,9 +102,10 @@ class DrafterConfig:
     # that occurred before, draft what followed it instead of the model's tokens (workers/lookup.py);
     # 0 = off. Kind "ngram": the shortest repeat its context lookup drafts from (0 = 1)
     lookup_min_match: int = 0
-    # kind "ngram": a datastore of the target's earlier continuations, drafted from where the context
-    # has not repeated (workers/datastore.py): "builtin" = the committed one (drafters/ngram, built
-    # for the default target), a folder, or "" = context lookup only
+    # a datastore of the target's earlier continuations (workers/datastore.py): "builtin" = the
+    # committed one (drafters/ngram, built for the default target), a folder, or "" = none. Kind
+    # "ngram" drafts from it where the context has not repeated; kinds "model" and "feature" with
+    # tree_nodes add its continuation to each token tree as one more branch (workers/lookup.py)
     datastore: str = ""
     # kinds "feature" and "model" (not one translating another tokenizer), greedy requests: draft a
     # token tree of at most this many tokens instead of a chain (workers/token_tree.py; each token

@@ -1,7 +1,8 @@
 """The n-gram drafter's datastore (workers/datastore.py): its tables answer as plain counting
 does, pruning changes no answer, it round-trips through its files, the drafter puts the context's
-repeat first and the datastore's tokens after it, and over real sockets a datastore class stays
-token-identical to the target alone."""
+repeat first and the datastore's tokens after it, a drafter of token trees gets its continuation
+as one more branch, and over real sockets a datastore class stays token-identical to the target
+alone."""
 
 import random
 from collections import Counter, defaultdict
@@ -14,7 +15,8 @@ from pipeline.protocol import Sampling
 from pipeline.reference import greedy_reference
 from tests.conftest import TINY_VOCAB, make_stack
 from workers.datastore import build_datastore, load_datastore
-from workers.drafts import NgramDrafter
+from workers.drafts import Draft, DraftStrategy, NgramDrafter
+from workers.lookup import with_lookup
 
 GREEDY = Sampling()
 
@@ -94,6 +96,35 @@ def test_the_drafter_puts_the_repeat_first_and_the_datastore_after_it():
     # without a datastore it is the plain n-gram drafter
     assert NgramDrafter().propose(None, [1, 9, 1], 3, GREEDY, None).tokens == [9, 1]
     assert NgramDrafter().match([1, 9, 1]) == 0
+
+
+class FixedTree(DraftStrategy):
+    """A drafter of token trees that always drafts the same one (root children 2 and 9, then 3
+    under 2), and the chain [9]."""
+
+    tree_nodes, tree_depth = 3, 3
+
+    def propose(self, state, committed, gamma, sampling, generator, interrupt=None, tree=False):
+        return Draft([2, 9, 3], parents=[-1, -1, 0]) if tree and sampling.greedy else Draft([9])
+
+
+def test_a_drafter_of_trees_gets_the_datastores_continuation_as_one_more_branch():
+    store = build_datastore([([1, 2, 3, 4, 5], 0)], vocab_size=16, max_order=2)  # 1 -> 2 -> 3 -> 4 -> 5
+    drafter = with_lookup(FixedTree(), min_match=2, datastore=store)
+    assert drafter.tree_rows == 3 + 3  # the policy prices the branch's rows
+    tree = drafter.propose(None, [7, 1], 4, GREEDY, None, tree=True)
+    # the branch 2 3 4 shares the tree's nodes 2 and 3 and adds 4 under 3
+    assert (tree.tokens, tree.parents, tree.lookup) == ([2, 9, 3, 4], [-1, -1, 0, 2], False)
+    # the repeat's branch too (context "7 1" repeats, followed by 8 7 1 before), then the datastore's
+    tree = drafter.propose(None, [7, 1, 8, 7, 1], 4, GREEDY, None, tree=True)
+    assert tree.lookup and (tree.tokens[3:], tree.parents[3:]) == ([8, 7, 1, 4], [-1, 3, 4, 2])
+    # chains and sampled rounds take neither branch from the datastore
+    assert drafter.propose(None, [7, 1], 4, GREEDY, None).tokens == [9]
+    assert drafter.propose(None, [7, 1], 4, Sampling(temperature=1.0), None, tree=True).tokens == [9]
+    # no lookup (min_match 0): the datastore's branch alone; no datastore and no lookup: the drafter itself
+    alone = with_lookup(FixedTree(), min_match=0, datastore=store)
+    assert alone.propose(None, [7, 1, 8, 7, 1], 4, GREEDY, None, tree=True).tokens == [2, 9, 3, 4]
+    assert isinstance(with_lookup(FixedTree(), min_match=0), FixedTree)
 
 
 @pytest.mark.parametrize("built_for", ["target", "other vocabulary"])

@@ -20,6 +20,7 @@ from pipeline.protocol import DRAFTER_UPSTREAM_ACCEPTS, Propose, Verdict
 from pipeline.reference import greedy_reference
 from pipeline.sockets import make_socket
 from tests.conftest import TINY_VOCAB, make_stack
+from workers.datastore import build_datastore
 from workers.drafts import context_key
 from workers.feature_head import build_head, save_head, spec_for
 
@@ -106,17 +107,22 @@ def feature_drafters(tiny_models, feature_head_dir, **feat):
                          ids=["chain", "tree+lookup"])
 async def test_feature_drafter_is_token_identical_to_the_target_alone(tmp_path, tiny_models, feature_head_dir, tree):
     """With trees, a model drafter drafts them too: a twin of the target (its first path is always
-    the target's) and the small model (mostly rejected, often off its first path)."""
+    the target's) and the small model (mostly rejected, often off its first path), whose trees get
+    a datastore's branch (built from the target's own continuations of the prompts, so the branch
+    is often right where the small model is not)."""
     batch = prompts(6, 3)
+    target = load_causal_lm(str(tiny_models["target"]))
+    expected = [greedy_reference(target, p, 40) for p in batch]
     drafters = feature_drafters(tiny_models, feature_head_dir, **tree)
     if tree:
-        drafters["small"].update(tree)
+        build_datastore([(p + e, len(p)) for p, e in zip(batch, expected)], vocab_size=TINY_VOCAB,
+                        max_order=3).save(tmp_path / "ds")
+        drafters["small"].update(tree, datastore=str(tmp_path / "ds"))
         drafters["twin"] = {"kind": "model", "model": str(tiny_models["copy"]), "gamma": 3, **tree}
     stack = make_stack(tmp_path, tiny_models["target"], drafters)
     async with stack:
         results = await generate_all(stack, batch, 40)
-    target = load_causal_lm(str(tiny_models["target"]))
-    assert [r.tokens for r in results] == [greedy_reference(target, p, 40) for p in batch]
+    assert [r.tokens for r in results] == expected
     feat = [r.stats for r in results if r.stats["drafter"] == "feat"]
     assert sum(s["proposed"] for s in feat) > 0, "the feature head never drafted"
     assert all(s["wire_bytes"] > 0 for s in feat)
@@ -124,8 +130,9 @@ async def test_feature_drafter_is_token_identical_to_the_target_alone(tmp_path, 
         for name in drafters:
             stats = [r.stats for r in results if r.stats["drafter"] == name]
             assert sum(s["tree_rounds"] for s in stats) > 0, name
-        twin = [r.stats for r in results if r.stats["drafter"] == "twin"]
-        assert sum(s["accepted"] for s in twin) > sum(s["rounds"] for s in twin), "the twin's trees were not accepted"
+        for name in ("twin", "small"):  # small: along the datastore's branch
+            stats = [r.stats for r in results if r.stats["drafter"] == name]
+            assert sum(s["accepted"] for s in stats) > sum(s["rounds"] for s in stats), f"{name}'s trees were not accepted"
 
 
 async def test_a_feature_drafter_drafting_ahead_is_token_identical_to_the_target_alone(tmp_path, tiny_models,
@@ -283,7 +290,8 @@ def test_committed_feature_head_drafts_what_the_target_would_say():
 @pytest.mark.parametrize("tree_nodes, backend", [(0, "eager"), (8, "static")])
 def test_committed_feature_head_keeps_sled_lossless_on_the_real_target(tree_nodes, backend):
     """Round by round through the real verifier (features on every verdict): token-identical to
-    the target alone, with the head's drafts really accepted, as chains and as token trees."""
+    the target alone, with the head's drafts really accepted, as chains and as token trees (with
+    the lookup's and the committed datastore's branches, as the default fleet drafts them)."""
     from pipeline.config import LimitsConfig
     from pipeline.models import load_tokenizer
     from pipeline.sample_prompts import chat_prompt_ids
@@ -291,6 +299,8 @@ def test_committed_feature_head_keeps_sled_lossless_on_the_real_target(tree_node
     from workers.drafts import draft_generator, settle
     from workers.feature_drafter import FeatureDrafter
     from workers.feature_head import load_head
+    from workers.datastore import BUILTIN, load_datastore
+    from workers.lookup import with_lookup
     from workers.static_verifier import StaticVerifier
     from workers.target import TargetVerifier
 
@@ -298,11 +308,12 @@ def test_committed_feature_head_keeps_sled_lossless_on_the_real_target(tree_node
     target = load_causal_lm("smollm2")
     tokenizer = load_tokenizer("smollm2")
     drafter = FeatureDrafter(load_head(target), tree_nodes=tree_nodes)
+    drafter = with_lookup(drafter, min_match=2, datastore=load_datastore(BUILTIN) if tree_nodes else None)
     verifier = (TargetVerifier(target, max_sessions=4, limits=LimitsConfig()) if backend == "eager"
                 else StaticVerifier(target, max_sessions=4, limits=LimitsConfig(max_history_tokens=512), kv_cache_mb=64))
     prompt = chat_prompt_ids(tokenizer, "Name three rivers in Europe.")
     stop, new_tokens = tokenizer.eos_token_id, 24
-    committed, state, accepted, round_, trees = list(prompt), drafter.new_state(), 0, 0, 0
+    committed, state, accepted, round_, trees, branched = list(prompt), drafter.new_state(), 0, 0, 0, 0
     while len(committed) - len(prompt) < new_tokens and committed[-1] != stop:
         budget = new_tokens - (len(committed) - len(prompt))
         draft = drafter.propose(state, committed, min(4, budget - 1), Sampling(), draft_generator(0), tree=bool(tree_nodes))
@@ -312,6 +323,7 @@ def test_committed_feature_head_keeps_sled_lossless_on_the_real_target(tree_node
         assert not verdict.error, verdict
         settle(drafter, state, len(committed), verdict)
         trees += bool(draft.parents)
+        branched += len(draft.tokens) > tree_nodes > 0  # a lookup's or the datastore's branch added rows
         new = [*verdict.accepted_tokens(draft.tokens), verdict.token][:budget]
         if stop in new:
             new = new[: new.index(stop) + 1]
@@ -320,7 +332,7 @@ def test_committed_feature_head_keeps_sled_lossless_on_the_real_target(tree_node
         round_ += 1
     assert committed[len(prompt):] == greedy_reference(target, prompt, new_tokens, [stop])
     assert accepted > 0
-    assert (trees > 0) == (tree_nodes > 0)
+    assert (trees > 0) == (tree_nodes > 0) and (branched > 0) == (tree_nodes > 0)
 
 
 def test_a_bench_trace_hands_the_head_what_the_verdicts_would(tmp_path, tiny_models, feature_head_dir):

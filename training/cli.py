@@ -113,9 +113,11 @@ def register(subparsers) -> None:
                     help="measure on distillation shards no drafter has read (160 sequences, ~10k positions) "
                          "instead of the 48 held-out prompts (3k): for choosing between rounds")
     ed.add_argument("--datastore-dir", type=Path, default=None,
-                    help="an n-gram datastore folder for the ngram+datastore rung (default: the committed drafters/ngram)")
+                    help="an n-gram datastore folder for the ngram+datastore and NAME+lookup+datastore+tree rungs "
+                         "(default: the committed drafters/ngram)")
     ed.add_argument("--trees", action="store_true",
-                    help="also the ladder rungs' token trees (NAME+tree, NAME+lookup+tree: a few minutes each); "
+                    help="also the ladder rungs' token trees (NAME+tree, NAME+lookup+tree, NAME+lookup+datastore+tree: "
+                         "a few minutes each); "
                          "the feature head's are always measured")
     ed.add_argument("--tree-nodes", type=int, default=None, help="the trees' size (default: the default fleet's, 16)")
     ed.add_argument("--tree-depth", type=int, default=None, help="the trees' levels (default: 6)")

@@ -355,11 +355,37 @@ TRAIN_TOPICS_16 = [
     "buying a used sewing machine", "writing condolence cards", "tide mills", "pinewood derby cars",
     "the nyckelharpa", "ironing shirts", "Jerash",
 ]
+# A seventeenth list, for data beyond the sixteenth set (build_prompts(topic_set=17)); disjoint
+# from the other sixteen and from the held-out topics.
+TRAIN_TOPICS_17 = [
+    "Bernese mountain dogs", "cabinets of curiosities", "the canals of Bruges",
+    "sticky toffee pudding", "a portrait that winks", "a milliner's lost hatpin", "a bashful asteroid",
+    "misplaced spectacles", "planning a lantern parade", "keeping a garden journal",
+    "easing a bee sting", "the phenakistiscope", "dhows of the Indian Ocean",
+    "sorting a drawer of cables", "Petra at dawn", "moss terrariums", "the flip book",
+    "a flotilla of teacups", "a tunnel that whistles at dawn", "a drowsy hedgehog",
+    "writing migration notes", "a village of thatchers", "loading spinners", "hosting a tool library",
+    "hiking safety in snow", "sea purslane", "the gardens of Giverny", "the inner ear", "the bansuri",
+    "the potters of Talavera", "limestone pavements", "a compass that points to home",
+    "backpressure in queues", "valley fog", "sauerkraut making", "hosting a puzzle swap",
+    "teff injera", "glassblowers' apprentices", "the astronomical clock of Prague",
+    "count-min sketches", "a cartographer's missing pen", "a raindrop that sang", "autosave features",
+    "living mulch", "rope bridges of the Andes", "sea oats", "sorbet", "a window that remembers faces",
+    "a grumbling glacier", "buying a used piano", "writing retirement toasts",
+    "windmills of La Mancha", "soapbox derby carts", "the kantele", "darning socks", "Palmyra",
+    "the serpent (instrument)", "a kettle that tells stories", "the hanging gardens of Babylon",
+    "Newfoundland dogs", "the viola da gamba", "carnivorous pitcher plants", "the tinsmiths of Toledo",
+    "a locksmith's lost key ring", "a timid meteor", "chaos engineering drills",
+    "feluccas on the Nile", "kokedama", "the stereoscope", "consistent hashing",
+    "giving feedback kindly", "the shakuhachi", "exponential backoff", "jollof rice",
+    "reservoir sampling", "the cimbalom", "shelf clouds", "clapper bridges", "semifreddo",
+    "a giggling geyser",
+]
 TRAIN_TOPIC_SETS = {1: TRAIN_TOPICS, 2: TRAIN_TOPICS_2, 3: TRAIN_TOPICS_3, 4: TRAIN_TOPICS_4, 5: TRAIN_TOPICS_5,
                     6: TRAIN_TOPICS_6, 7: TRAIN_TOPICS_7, 8: TRAIN_TOPICS_8,
                     9: TRAIN_TOPICS_9, 10: TRAIN_TOPICS_10, 11: TRAIN_TOPICS_11,
                     12: TRAIN_TOPICS_12, 13: TRAIN_TOPICS_13, 14: TRAIN_TOPICS_14,
-                    15: TRAIN_TOPICS_15, 16: TRAIN_TOPICS_16}  # build_prompts(topic_set=N)
+                    15: TRAIN_TOPICS_15, 16: TRAIN_TOPICS_16, 17: TRAIN_TOPICS_17}  # build_prompts(topic_set=N)
 HELDOUT_TOPICS = [
     "glaciers", "the violin", "penguins", "nuclear fusion", "the Silk Road", "board games",
     "lightning", "coral reefs", "the Industrial Revolution", "yoga", "submarines", "maps",
@@ -415,7 +441,7 @@ def _chat(tokenizer, question: str) -> str:
 def build_prompts(tokenizer, *, held_out: bool, n_chat: int, n_prose: int, seed: int = 0,
                   topic_set: int = 1) -> list[str]:
     """Prompt strings, half chat (templated) and half prose (raw prefix or 'continue this').
-    ``topic_set`` 2 to 16 draws training chat from TRAIN_TOPICS_2 to _16 (more data that repeats no
+    ``topic_set`` 2 to 17 draws training chat from TRAIN_TOPICS_2 to _17 (more data that repeats no
     question)."""
     rng = random.Random(seed + (1 if held_out else 0))
     templates = HELDOUT_TEMPLATES if held_out else TRAIN_TEMPLATES

@@ -7,9 +7,10 @@ as "NAME+lookup" with context lookup in front of it (workers/lookup.py, ``lookup
 DEFAULT_MIN_MATCH), which drafts where the context repeats and leaves the rest to the model. A
 lookup rung's draft speed is its model's: lookup costs no model step, so it is a lower bound.
 The feature head is measured a third way, and with ``model_trees`` (`--trees`) the ladder's rungs
-too: drafting token trees ("NAME+tree", and "NAME+lookup+tree" with the repeat's continuation as
-one more branch) by the device's own code: tokens per round, and the tree's draft tokens per
-round, each a verify row (training/tree_eval.py). A rung's trees take a few minutes of this CPU,
+too: drafting token trees ("NAME+tree", "NAME+lookup+tree" with the repeat's continuation as
+one more branch, and "NAME+lookup+datastore+tree" with the datastore's continuation as another)
+by the device's own code: tokens per round, and the tree's draft tokens per round, each a verify
+row (training/tree_eval.py). A rung's trees take a few minutes of this CPU,
 its model runs once per tree level and round, hence opt-in.
 
 Draft speeds are timed on the weights a device drafts with: its linear layers reordered once for
@@ -106,13 +107,18 @@ def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None
     for base in dict.fromkeys(n.split("+")[0] for n in names):
         if base != "feature" and not model_trees:
             continue
-        for lookup in (0, LOOKUP_MIN_MATCH):
+        store = load_datastore(datastore_dir or BUILTIN)
+        for lookup, datastore in ((0, None), (LOOKUP_MIN_MATCH, None), (LOOKUP_MIN_MATCH, store)):
             if base == "feature":
-                report["rungs"].append(_tree_rung(target, with_features, gamma, tree, feature_dir, lookup))
+                rung = _tree_rung(target, with_features, gamma, tree, feature_dir, lookup, datastore)
             else:
-                report["rungs"].append(_model_tree_rung(target, target_spec, base, sequences, gamma, tree, ladder_dir,
-                                                        lookup))
+                rung = _model_tree_rung(target, target_spec, base, sequences, gamma, tree, ladder_dir, lookup, datastore)
+            report["rungs"].append(rung)
     return report
+
+
+def _tree_name(base: str, lookup: int, datastore) -> str:
+    return "+".join([base, *(["lookup"] if lookup else []), *(["datastore"] if datastore is not None else []), "tree"])
 
 
 def _shape(tree: TreeShape) -> dict:
@@ -120,7 +126,7 @@ def _shape(tree: TreeShape) -> dict:
 
 
 def _model_tree_rung(target, target_spec: str, name: str, sequences, gamma: int, tree: TreeShape, ladder_dir,
-                     lookup: int) -> dict:
+                     lookup: int, datastore=None) -> dict:
     """A ladder rung drafting token trees through its KV cache."""
     from training.tree_eval import evaluate_model_tree
 
@@ -128,9 +134,9 @@ def _model_tree_rung(target, target_spec: str, name: str, sequences, gamma: int,
     params = sum(p.numel() for p in model.parameters())  # before packing, which drops dense weights
     prepack_linears(model)  # as the device drafts; α and speed come from this one run
     stats = evaluate_model_tree(model, sequences, gamma, tree.nodes, lookup_min_match=lookup, tree_depth=tree.depth,
-                                tree_branch=tree.branch)
+                                tree_branch=tree.branch, datastore=datastore)
     return {
-        "name": f"{name}+lookup+tree" if lookup else f"{name}+tree", "kind": "model",
+        "name": _tree_name(name, lookup, datastore), "kind": "model",
         "layers": model.config.num_hidden_layers, "params": params,
         **_shape(tree), "alpha": stats["first_level_hit_rate"], **stats,
         "draft_tokens_per_s": round(1000 * stats["draft_tokens_per_round"] / max(1e-9, stats["draft_ms_per_round"]), 1),
@@ -138,7 +144,8 @@ def _model_tree_rung(target, target_spec: str, name: str, sequences, gamma: int,
     }
 
 
-def _tree_rung(target, with_features, gamma: int, tree: TreeShape, folder=None, lookup: int = 0) -> dict:
+def _tree_rung(target, with_features, gamma: int, tree: TreeShape, folder=None, lookup: int = 0,
+               datastore=None) -> dict:
     """The feature head drafting token trees (workers/token_tree.py): tokens per round, and what
     the tree costs: its tokens are verify rows."""
     from training.feature_eval import evaluate_tree
@@ -149,9 +156,9 @@ def _tree_rung(target, with_features, gamma: int, tree: TreeShape, folder=None, 
     head.prepack()  # as the device drafts; α and speed come from this one run
     heldout = with_features(head.spec.feature_layers)
     stats = evaluate_tree(head, heldout, gamma, tree.nodes, lookup_min_match=lookup, tree_depth=tree.depth,
-                          tree_branch=tree.branch)
+                          tree_branch=tree.branch, datastore=datastore)
     return {
-        "name": "feature+lookup+tree" if lookup else "feature+tree", "kind": "feature", "layers": head.spec.layers,
+        "name": _tree_name("feature", lookup, datastore), "kind": "feature", "layers": head.spec.layers,
         "params": params, **_shape(tree),
         # α of a tree: how often its first level holds the target's next token, per round
         "alpha": stats["first_level_hit_rate"], **stats,

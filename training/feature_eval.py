@@ -136,10 +136,10 @@ def evaluate_head(head: FeatureHead, heldout: list[tuple], gamma: int = 4, looku
 
 @torch.no_grad()
 def evaluate_tree(head: FeatureHead, heldout: list[tuple], gamma: int = 4, tree_nodes: int = 8,
-                  lookup_min_match: int = 0, tree_depth: int = 0, tree_branch: int = 0) -> dict:
+                  lookup_min_match: int = 0, tree_depth: int = 0, tree_branch: int = 0, datastore=None) -> dict:
     """Token trees (workers/token_tree.py) drafted by the device's own code (FeatureDrafter with
-    ``tree_nodes``, ``tree_depth`` levels, 0: γ; ``tree_branch`` 0: the default) on the held-out
-    rounds: training/tree_eval.py ``tree_rounds``. Each round starts from the true entries of
+    ``tree_nodes``, ``tree_depth`` levels, 0: γ; ``tree_branch`` 0: the default; a ``datastore``'s
+    branch as deep) on the held-out rounds: training/tree_eval.py ``tree_rounds``. Each round starts from the true entries of
     positions 0..p-2, as after a verdict."""
     from workers.feature_drafter import FeatureDrafter, FeatureDraftState
     from training.tree_eval import tree_rounds
@@ -161,7 +161,7 @@ def evaluate_tree(head: FeatureHead, heldout: list[tuple], gamma: int = 4, tree_
 
             yield ids, prompt_len, draft_round
 
-    return tree_rounds(sequences(), gamma, lookup_min_match)
+    return tree_rounds(sequences(), gamma, lookup_min_match, datastore, drafter.tree_depth)
 
 
 @torch.no_grad()

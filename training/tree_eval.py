@@ -16,14 +16,16 @@ import torch
 
 from pipeline.protocol import Sampling
 from workers.drafts import Draft, lookup_draft
-from workers.lookup import with_chain
+from workers.lookup import with_branches
 from workers.token_tree import accepted_along
 
 
 def tree_rounds(sequences: Iterable[tuple[list[int], int, Callable[[int], Draft]]], gamma: int = 4,
-                lookup_min_match: int = 0) -> dict:
+                lookup_min_match: int = 0, datastore=None, datastore_depth: int = 0) -> dict:
     """``sequences``: (ids, prompt length, draft_round) each, where ``draft_round(p)`` is the
-    drafter's tree for the round that starts at position p (called in order along a sequence)."""
+    drafter's tree for the round that starts at position p (called in order along a sequence).
+    With a ``datastore``, its ``datastore_depth``-token continuation is one more branch, as the
+    device adds it (workers/lookup.py ``with_branches``)."""
     rounds: list[int] = []
     rows: list[int] = []
     seconds = 0.0
@@ -35,9 +37,9 @@ def tree_rounds(sequences: Iterable[tuple[list[int], int, Callable[[int], Draft]
             draft = draft_round(p)
             seconds += time.perf_counter() - started
             chain = lookup_draft(ids[:p], gamma, 4, lookup_min_match)[0] if lookup_min_match else []
-            if chain:
-                draft.tokens, draft.parents = with_chain(draft.tokens, draft.parents, chain)
-                lookup_rounds += 1
+            draft.tokens, draft.parents = with_branches(draft.tokens, draft.parents, ids[:p], chain, datastore,
+                                                        datastore_depth)
+            lookup_rounds += bool(chain)
             accepted = accepted_along(draft.tokens, draft.parents, ids[p:])
             rounds.append(accepted)
             rows.append(len(draft.tokens))
@@ -60,11 +62,12 @@ def tree_rounds(sequences: Iterable[tuple[list[int], int, Callable[[int], Draft]
 
 @torch.no_grad()
 def evaluate_model_tree(model, sequences: list[tuple[list[int], int]], gamma: int = 4, tree_nodes: int = 8,
-                        lookup_min_match: int = 0, tree_depth: int = 0, tree_branch: int = 0) -> dict:
+                        lookup_min_match: int = 0, tree_depth: int = 0, tree_branch: int = 0,
+                        datastore=None) -> dict:
     """A model drafter's trees (ModelDrafter with ``tree_nodes``, ``tree_depth`` levels, 0: γ;
     ``tree_branch`` 0: the default), through its own KV cache as on the device: each round feeds
     the tokens committed since the last, drafts, and is rolled back to what the target committed.
-    The lookup branch is γ long."""
+    The lookup branch is γ long, a ``datastore``'s as deep as the tree."""
     from workers.drafts import ModelDrafter
 
     drafter = ModelDrafter(model, tree_nodes=tree_nodes, gamma=gamma, tree_depth=tree_depth, tree_branch=tree_branch)
@@ -82,4 +85,4 @@ def evaluate_model_tree(model, sequences: list[tuple[list[int], int]], gamma: in
 
             yield ids, prompt_len, draft_round
 
-    return tree_rounds(rounds(), gamma, lookup_min_match)
+    return tree_rounds(rounds(), gamma, lookup_min_match, datastore, drafter.tree_depth)

@@ -439,7 +439,7 @@ class DrafterService:
         # the drafter's (workers/lookup.py)
         # a drafter of token trees may draft one in a greedy session; the policy weighs the tree's
         # rows and tokens against the chain's each round (workers/speculation.py)
-        tree_rows = self.strategy.tree_nodes if sampling.greedy else 0
+        tree_rows = self.strategy.tree_rows if sampling.greedy else 0
         own = None
         if self.cfg.adaptive:
             prior = self.session_priors.get(tree_rows)

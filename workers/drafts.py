@@ -116,6 +116,11 @@ class DraftStrategy:
     feature_layers: tuple[int, ...] | list[int] = ()  # the target layers whose features its verdicts should bring
     tree_nodes = 0  # > 0: greedy rounds may ask ``propose(tree=True)`` for a token tree of this many tokens
 
+    @property
+    def tree_rows(self) -> int:
+        """The verify rows a full tree round may take (the speculation policy prices them)."""
+        return self.tree_nodes
+
     def new_state(self):
         return None
 
@@ -345,8 +350,13 @@ class ReplayDrafter(DraftStrategy):
         # drafts made on predicted features (class docstring)
         self.supports_proactive = not self.feature_layers or bool(self.ahead)
         self.tree_nodes = trace.get("tree_nodes", 0)  # its drafts were recorded as token trees
+        self.recorded_tree_rows = trace.get("tree_rows", self.tree_nodes)
         self.hits = 0
         self.misses = 0
+
+    @property
+    def tree_rows(self) -> int:
+        return self.recorded_tree_rows
 
     def new_state(self) -> ReplayState:
         return ReplayState()
@@ -387,32 +397,39 @@ class ReplayDrafter(DraftStrategy):
         return entry[2] if entry is not None and len(entry) > 2 else 0
 
 
-def ngram_drafter(target_spec: str, ngram_max: int = 4, datastore: str = "", lookup_min_match: int = 0) -> NgramDrafter:
-    """The n-gram kind (config.toml's ``datastore``, ``lookup_min_match``; also the benchmark's class).
-    A datastore built for another vocabulary than the target's is dropped: its ids would be
-    refused by the verifier, or be other tokens."""
-    store = None
-    if datastore:
-        from pipeline.models import vocab_size
-        from workers.datastore import load_datastore
+def target_datastore(datastore: str, target_spec: str):
+    """The datastore a drafter config names, or None where it names none or one built for another
+    vocabulary than the target's (its ids would be refused by the verifier, or be other tokens)."""
+    if not datastore:
+        return None
+    from pipeline.models import vocab_size
+    from workers.datastore import load_datastore
 
-        store = load_datastore(datastore)
-        vocab = vocab_size(target_spec)
-        if store.meta["vocab_size"] != vocab:
-            log.warning("datastore_not_for_this_target", datastore=datastore, built_for=store.meta.get("target"),
-                        vocab_size=store.meta["vocab_size"], target=target_spec, target_vocab_size=vocab)
-            store = None
-    return NgramDrafter(ngram_max=ngram_max, datastore=store, min_match=max(1, lookup_min_match))
+    store = load_datastore(datastore)
+    vocab = vocab_size(target_spec)
+    if store.meta["vocab_size"] != vocab:
+        log.warning("datastore_not_for_this_target", datastore=datastore, built_for=store.meta.get("target"),
+                    vocab_size=store.meta["vocab_size"], target=target_spec, target_vocab_size=vocab)
+        return None
+    return store
+
+
+def ngram_drafter(target_spec: str, ngram_max: int = 4, datastore: str = "", lookup_min_match: int = 0) -> NgramDrafter:
+    """The n-gram kind (config.toml's ``datastore``, ``lookup_min_match``; also the benchmark's class)."""
+    return NgramDrafter(ngram_max=ngram_max, datastore=target_datastore(datastore, target_spec),
+                        min_match=max(1, lookup_min_match))
 
 
 def build_drafter(cfg, target_spec: str):
     """Build the strategy a drafter config names (``cfg`` is a DrafterConfig)."""
     strategy = _build_strategy(cfg, target_spec)
-    if cfg.lookup_min_match > 0 and cfg.kind in ("model", "feature") and not cfg.replay:
-        from workers.lookup import LookupDrafter
+    if cfg.kind not in ("model", "feature") or cfg.replay:
+        return strategy
+    from workers.lookup import with_lookup
 
-        return LookupDrafter(strategy, min_match=cfg.lookup_min_match, ngram_max=cfg.ngram_max)
-    return strategy
+    # the datastore's continuation is one more branch of a tree (workers/lookup.py)
+    store = target_datastore(cfg.datastore, target_spec) if strategy.tree_nodes else None
+    return with_lookup(strategy, min_match=cfg.lookup_min_match, ngram_max=cfg.ngram_max, datastore=store)
 
 
 def _build_strategy(cfg, target_spec: str):
