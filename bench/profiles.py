@@ -57,7 +57,8 @@ class DrafterChoice:
     lookup_min_match: int = 0  # context lookup in front of the drafter (workers/lookup.py); 0 = off
     tree_nodes: int = 0  # the feature head drafts token trees of at most this many tokens (workers/token_tree.py)
     # the target's earlier continuations (workers/datastore.py): "ngram" drafts from them behind
-    # context lookup, a drafter of trees adds their continuation as one more branch (workers/lookup.py)
+    # context lookup; a model or the feature head has them draft where it is unsure and branch its
+    # trees (workers/lookup.py)
     datastore: str = ""
     tree_depth: int = 0  # the trees' levels (0: gamma)
 
@@ -81,8 +82,10 @@ class Setup:
 DEFAULT = Setup(
     name="default",
     target="smollm2",
-    # as config.toml's fleet: the model classes with context lookup in front (workers/lookup.py)
-    drafters={"pi5": DrafterChoice("ladder:pi5", 4, 0.5, LOOKUP), "orin": DrafterChoice("ladder:orin", 4, 0.5, LOOKUP),
+    # as config.toml's fleet: the model classes with context lookup in front and the datastore
+    # behind (workers/lookup.py)
+    drafters={"pi5": DrafterChoice("ladder:pi5", 4, 0.5, LOOKUP, datastore=BUILTIN),
+              "orin": DrafterChoice("ladder:orin", 4, 0.5, LOOKUP, datastore=BUILTIN),
               "feature": DrafterChoice("feature", 4, 0.0, LOOKUP, DEFAULT_TREE_NODES, datastore=BUILTIN,
                                        tree_depth=DEFAULT_TREE_DEPTH),
               "ngram": DrafterChoice("ngram", 4, 0.0, LOOKUP, datastore=BUILTIN)},

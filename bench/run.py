@@ -316,8 +316,8 @@ def run_setup(setup: Setup, options: BenchOptions, prompts: list[list[int]] | No
             if choice.model not in drafter_models:
                 drafter_models[choice.model] = load_drafter_model(choice, target)
             strategy, kind = model_strategy(choice, drafter_models[choice.model], setup.target), "model"
-        if kind != "ngram":  # lookup in front, and the datastore's branch on its trees (workers/lookup.py)
-            store = target_datastore(choice.datastore, setup.target) if strategy.tree_nodes else None
+        if kind != "ngram":  # lookup in front, the datastore behind (workers/lookup.py)
+            store = target_datastore(choice.datastore, setup.target)
             strategy = with_lookup(strategy, min_match=choice.lookup_min_match, datastore=store)
         path = workdir / "traces" / f"{name}.msgpack"
         recorded[name] = record_trace(strategy, kind, [prompts[i] for i in mine], [references[i] for i in mine],

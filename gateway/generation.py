@@ -103,6 +103,7 @@ class Generation:
             "proactive_hits": stats.get("proactive_hits"),  # rounds whose draft was made during the last verify
             "proactive_wasted": stats.get("proactive_wasted"),  # tokens drafted ahead and dropped
             "lookup_rounds": stats.get("lookup_rounds"),  # rounds drafted by context lookup (workers/lookup.py)
+            "datastore_rounds": stats.get("datastore_rounds"),  # chains drafted from a datastore (workers/lookup.py)
             "tree_rounds": stats.get("tree_rounds"),  # rounds that proposed a token tree (workers/token_tree.py)
             "plain_rounds": stats.get("plain_rounds"),  # rounds the broker ran on its own (drafters.NAME.burst)
             # rounds sent ahead of the verdict they assumed, which confirmed them: no link round trip

@@ -104,8 +104,9 @@ class DrafterConfig:
     lookup_min_match: int = 0
     # a datastore of the target's earlier continuations (workers/datastore.py): "builtin" = the
     # committed one (drafters/ngram, built for the default target), a folder, or "" = none. Kind
-    # "ngram" drafts from it where the context has not repeated; kinds "model" and "feature" with
-    # tree_nodes add its continuation to each token tree as one more branch (workers/lookup.py)
+    # "ngram" drafts from it where the context has not repeated; kinds "model" and "feature" draft
+    # its continuation where the model is unsure, and add it to each token tree as one more branch
+    # (workers/lookup.py)
     datastore: str = ""
     # kinds "feature" and "model" (not one translating another tokenizer), greedy requests: draft a
     # token tree of at most this many tokens instead of a chain (workers/token_tree.py; each token

@@ -1,7 +1,8 @@
 """The n-gram drafter's datastore (workers/datastore.py): its tables answer as plain counting
 does, pruning changes no answer, it round-trips through its files, the drafter puts the context's
-repeat first and the datastore's tokens after it, a drafter of token trees gets its continuation
-as one more branch, and over real sockets a datastore class stays token-identical to the target
+repeat first and the datastore's tokens after it, it drafts a model drafter's chain where the
+model is unsure, a drafter of token trees gets its continuation as one more branch, and over real
+sockets a datastore class stays token-identical to the target
 alone."""
 
 import random
@@ -100,12 +101,41 @@ def test_the_drafter_puts_the_repeat_first_and_the_datastore_after_it():
 
 class FixedTree(DraftStrategy):
     """A drafter of token trees that always drafts the same one (root children 2 and 9, then 3
-    under 2), and the chain [9]."""
+    under 2), and the chain [9] with its first token's probability ``confidence``."""
 
     tree_nodes, tree_depth = 3, 3
 
+    def __init__(self, confidence: float = 1.0):
+        self.confidence = confidence
+        self.rewound: list[int] = []
+
     def propose(self, state, committed, gamma, sampling, generator, interrupt=None, tree=False):
-        return Draft([2, 9, 3], parents=[-1, -1, 0]) if tree and sampling.greedy else Draft([9])
+        if tree and sampling.greedy:
+            return Draft([2, 9, 3], parents=[-1, -1, 0])
+        return Draft([9] if self.confidence >= 0.1 else [], confidence=self.confidence)
+
+    def rewind(self, state, length):
+        self.rewound.append(length)
+
+
+def test_the_datastore_drafts_a_chain_where_the_drafter_is_unsure():
+    # "2" was followed by 3 and by 9 (ties: 3), "8 2" by 9: an order-2 entry; "1 2" -> 3 is pruned
+    # (its suffix "2" says the same), so a context ending in "1 2" matches one token only
+    store = build_datastore([([1, 2, 3, 4, 5, 6, 8, 2, 9, 10], 0)], vocab_size=16, max_order=2)
+    assert store.match([7, 8, 2]) == 2 and store.match([7, 1, 2]) == 1 and store.match([15]) == 0
+    sure, unsure, stopped = FixedTree(0.9), FixedTree(0.2), FixedTree(0.05)  # stopped: drafted nothing
+    # it stands in for the unsure drafter, whose cache is rewound to the context (none of its tokens went out)
+    for inner, expected in ((sure, [9]), (unsure, [9, 10]), (stopped, [9, 10])):
+        draft = with_lookup(inner, min_match=2, datastore=store).propose(None, [7, 8, 2], 3, GREEDY, None)
+        assert (draft.tokens, draft.datastore, draft.lookup) == (expected, inner is not sure, False)
+        assert inner.rewound == ([] if inner is sure else [3])
+    # a context that matches one token only: the drafter's own draft
+    assert with_lookup(FixedTree(0.2), min_match=2, datastore=store).propose(None, [7, 1, 2], 3, GREEDY, None).tokens == [9]
+    # γ = 0 leaves it to the drafter; a sampled session gets q = 1 on each datastore token, as for a repeat's
+    drafter = with_lookup(FixedTree(0.2), min_match=2, datastore=store)
+    assert not drafter.propose(None, [7, 8, 2], 0, GREEDY, None).datastore
+    sampled = drafter.propose(None, [7, 8, 2], 2, Sampling(temperature=1.0), None)
+    assert (sampled.tokens, sampled.q_ids, sampled.q_probs) == ([9, 10], [[9], [10]], [[1.0], [1.0]])
 
 
 def test_a_drafter_of_trees_gets_the_datastores_continuation_as_one_more_branch():

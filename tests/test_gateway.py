@@ -152,7 +152,7 @@ async def test_openai_client_streams_and_not_equal_to_the_target_alone(stack, ta
     assert sled["drafted"] == sled["proposed"] == sled["accepted"] > 0
     assert sled["rounds"] >= 1 and 0 < sled["mean_gamma"] <= 4
     assert sled["proactive_wasted"] == 0  # its guesses are the target's own tokens
-    assert sled["lookup_rounds"] == 0  # a class without lookup_min_match
+    assert sled["lookup_rounds"] == 0 and sled["datastore_rounds"] == 0  # a class without lookup_min_match or datastore
     assert sled["tree_rounds"] == 0  # nor token trees
     assert sled["plain_rounds"] == 0  # every draft accepted: it never stops drafting
     assert sled["proactive_hits"] >= (1 if chat.usage.completion_tokens >= 11 else 0)

@@ -10,10 +10,11 @@ from pipeline.client import DrafterClient
 from pipeline.models import load_causal_lm
 from pipeline.protocol import Propose, Sampling, Verdict
 from pipeline.reference import greedy_reference
-from tests.conftest import make_stack
+from tests.conftest import TINY_VOCAB, make_stack
 from tests.scripted_broker import run_drafter
 from tests.test_feature_drafter import feature_head_dir, prompts  # noqa: F401 - the module's head fixture
 from training.heldout_alpha import accepted_lengths
+from workers.datastore import build_datastore
 from workers.drafts import Draft, DraftStrategy, ModelDrafter, draft_generator, lookup_draft
 from workers.lookup import LookupDrafter
 
@@ -78,14 +79,22 @@ def test_a_repeating_context_drafts_by_lookup_and_the_model_cache_stays_right(ti
 
 async def test_lookup_drafters_are_token_identical_to_the_target_alone(tmp_path, tiny_models, feature_head_dir):  # noqa: F811
     """A feature class (its verdicts still bring features after a lookup round) and a proactive
-    model class, both with lookup, on prompts that repeat and prompts that do not. Fixed γ: an
+    model class with a datastore behind it too, both with lookup, on prompts that repeat and
+    prompts that do not. Fixed γ: an
     adaptive class may draft nothing on two busy cores against a tiny target, and then neither
     way of drafting is exercised."""
     batch = [*prompts(4, 8), [5, 6, 7, 8] * 4, [1, 2, 1, 2, 1, 2, 3], [9, 10, 11, 9, 10, 11, 9], [4, 4, 4, 4]]
+    target = load_causal_lm(str(tiny_models["target"]))
+    expected = [greedy_reference(target, p, 32) for p in batch]
+    # the model class has a datastore behind it, of the target's continuations of half the prompts:
+    # it drafts where the small model is unsure (below min_confidence it drafts nothing itself)
+    build_datastore([(p + e, len(p)) for p, e in zip(batch[::2], expected[::2])], vocab_size=TINY_VOCAB,
+                    max_order=3).save(tmp_path / "ds")
     drafters = {"feat": {"kind": "feature", "model": str(feature_head_dir), "gamma": 3, "adaptive": False,
                          "lookup_min_match": 2},
                 "small": {"kind": "model", "model": str(tiny_models["small"]), "gamma": 3, "adaptive": False,
-                          "proactive": True, "lookup_min_match": 2}}
+                          "proactive": True, "lookup_min_match": 2, "datastore": str(tmp_path / "ds"),
+                          "min_confidence": 0.5}}
     stack = make_stack(tmp_path, tiny_models["target"], drafters)
     async with stack:
         clients = {n: DrafterClient(stack.config.drafter(n).client) for n in drafters}
@@ -97,13 +106,14 @@ async def test_lookup_drafters_are_token_identical_to_the_target_alone(tmp_path,
         finally:
             for c in clients.values():
                 c.close()
-    target = load_causal_lm(str(tiny_models["target"]))
-    expected = [greedy_reference(target, p, 32) for p in batch]
     assert [r.tokens for r in results] == expected * 2
     for name, rows in (("feat", results[: len(batch)]), ("small", results[len(batch):])):
         assert sum(r.stats["lookup_rounds"] for r in rows) > 0, f"{name} never drafted by lookup"
-        assert sum(r.stats["rounds"] - r.stats["lookup_rounds"] for r in rows) > 0, f"{name} never drafted by model"
+        own = sum(r.stats["rounds"] - r.stats["lookup_rounds"] - r.stats["datastore_rounds"] for r in rows)
+        assert own > 0, f"{name} never drafted by model"
         assert sum(r.stats["accepted"] for r in rows) > 0
+    assert sum(r.stats["datastore_rounds"] for r in results[len(batch):]) > 0, "the datastore never stood in"
+    assert sum(r.stats["datastore_rounds"] for r in results[: len(batch)]) == 0  # no datastore
 
 
 def test_a_recorded_trace_replays_which_rounds_lookup_drafted(tmp_path, tiny_models):

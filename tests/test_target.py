@@ -121,7 +121,8 @@ def test_least_recently_used_sessions_are_evicted_and_can_come_back():
     assert ver.close("b") and not ver.close("b")
 
 
-@pytest.mark.parametrize("kind", ["model", "ngram", "ngram+datastore", "feature", "model+lookup", "feature+lookup+tree"])
+@pytest.mark.parametrize("kind", ["model", "ngram", "ngram+datastore", "feature", "model+lookup", "model+datastore",
+                                  "feature+lookup+tree"])
 def test_sampling_through_drafters_keeps_the_sequence_distribution(kind):
     """Two-token continuations sampled by SLED (model drafter sending top-k q, the n-gram
     drafter sending ids only, and the two mixed by lookup) against the exact joint distribution
@@ -148,6 +149,11 @@ def test_sampling_through_drafters_keeps_the_sequence_distribution(kind):
         "feature": lambda: FeatureDrafter(build_head(target, spec_for(target), torch.arange(vocab)), top_k=4),
         # lookup drafts (q = 1) where the context repeats ("1 2" does), the model's top-k elsewhere
         "model+lookup": lambda: LookupDrafter(ModelDrafter(drafter_model, top_k=4), min_match=2),
+        # a model that always stops at once (min_confidence above 1): the datastore's chain (q = 1)
+        # where it has an entry of 2 tokens for the context's end ("1 2" -> 4, where "2" alone says 5)
+        "model+datastore": lambda: LookupDrafter(ModelDrafter(drafter_model, top_k=4, min_confidence=1.01), min_match=0,
+                                                 datastore=build_datastore([([6, 2, 5, 7, 2, 5, 1, 2, 4, 5, 3], 0)],
+                                                                           vocab_size=vocab, max_order=2)),
         # a drafter of token trees drafts chains for a sampled session (a tree is greedy only)
         "feature+lookup+tree": lambda: LookupDrafter(FeatureDrafter(build_head(target, spec_for(target), torch.arange(vocab)),
                                                                     top_k=4, tree_nodes=4, gamma=2), min_match=2),

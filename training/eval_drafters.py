@@ -2,16 +2,18 @@
 
 The rungs are the ladder's (kind "model"), the feature-conditioned head (kind "feature",
 drafters/feature) and the model-free kind ("ngram": context lookup alone, and "ngram+datastore"
-with the datastore of drafters/ngram behind it), measured on the same held-out sequences. Each is measured twice: alone, and
-as "NAME+lookup" with context lookup in front of it (workers/lookup.py, ``lookup_min_match`` =
-DEFAULT_MIN_MATCH), which drafts where the context repeats and leaves the rest to the model. A
+with the datastore of drafters/ngram behind it), measured on the same held-out sequences. Each
+model rung and the head is measured alone; as "NAME+lookup", with context lookup in front of it
+(workers/lookup.py, ``lookup_min_match`` = DEFAULT_MIN_MATCH), which drafts where the context
+repeats and leaves the rest to the model; and as "NAME+lookup+datastore", with the n-gram class's
+datastore behind it too, drafting where the model is unsure (workers/lookup.py ``stand_in``). A
 lookup rung's draft speed is its model's: lookup costs no model step, so it is a lower bound.
-The feature head is measured a third way, and with ``model_trees`` (`--trees`) the ladder's rungs
-too: drafting token trees ("NAME+tree", "NAME+lookup+tree" with the repeat's continuation as
-one more branch, and "NAME+lookup+datastore+tree" with the datastore's continuation as another)
-by the device's own code: tokens per round, and the tree's draft tokens per round, each a verify
-row (training/tree_eval.py). A rung's trees take a few minutes of this CPU,
-its model runs once per tree level and round, hence opt-in.
+The feature head is measured a fourth way, and with ``model_trees`` (`--trees`) the ladder's
+rungs too: drafting token trees ("NAME+tree", "NAME+lookup+tree" with the repeat's continuation
+as one more branch, and "NAME+lookup+datastore+tree" with the datastore's continuation as
+another) by the device's own code: tokens per round, and the tree's draft tokens per round, each
+a verify row (training/tree_eval.py). A rung's trees take a few minutes of this CPU, its model
+runs once per tree level and round, hence opt-in.
 
 Draft speeds are timed on the weights a device drafts with: its linear layers reordered once for
 oneDNN (``drafters.NAME.prepack``, default true; workers/packed_linear.py): on this CPU the
@@ -89,17 +91,20 @@ def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None
     }
     tree = tree or TreeShape()
     names = rungs if rungs is not None else [*RUNGS, "feature", "ngram"]
-    for name in [*names, *(f"{n}+lookup" for n in names if not n.endswith("+lookup") and n != "ngram")]:
+    store = load_datastore(datastore_dir or BUILTIN)
+    bases = [n for n in names if "+" not in n and n != "ngram"]
+    for name in [*names, *(f"{n}+lookup" for n in bases), *(f"{n}+lookup+datastore" for n in bases)]:
         if name.endswith("+tree"):
             continue
         if name == "ngram":  # context lookup alone, then with the datastore behind it
             report["rungs"] += [_ngram_rung(sequences, gamma, None), _ngram_rung(sequences, gamma, datastore_dir or BUILTIN)]
             continue
-        base, lookup = name.removesuffix("+lookup"), LOOKUP_MIN_MATCH if name.endswith("+lookup") else 0
+        base, lookup = name.split("+")[0], LOOKUP_MIN_MATCH if "+lookup" in name else 0
+        datastore = store if name.endswith("+datastore") else None
         if base == "feature":
-            rung = _feature_rung(target, with_features, gamma, feature_dir, lookup)
+            rung = _feature_rung(target, with_features, gamma, feature_dir, lookup, datastore)
         else:
-            rung = _model_rung(target, target_spec, base, sequences, prompts, gamma, ladder_dir, lookup)
+            rung = _model_rung(target, target_spec, base, sequences, prompts, gamma, ladder_dir, lookup, datastore)
             rung["params_without_embeddings"] = rung["params"] - embed_params
         if lookup:
             rung.update(name=name, lookup_min_match=lookup)
@@ -107,7 +112,6 @@ def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None
     for base in dict.fromkeys(n.split("+")[0] for n in names):
         if base != "feature" and not model_trees:
             continue
-        store = load_datastore(datastore_dir or BUILTIN)
         for lookup, datastore in ((0, None), (LOOKUP_MIN_MATCH, None), (LOOKUP_MIN_MATCH, store)):
             if base == "feature":
                 rung = _tree_rung(target, with_features, gamma, tree, feature_dir, lookup, datastore)
@@ -167,9 +171,17 @@ def _tree_rung(target, with_features, gamma: int, tree: TreeShape, folder=None, 
     }
 
 
-def _model_rung(target, target_spec: str, name: str, sequences, prompts, gamma: int, ladder_dir, lookup: int) -> dict:
+def _model_rung(target, target_spec: str, name: str, sequences, prompts, gamma: int, ladder_dir, lookup: int,
+                datastore=None) -> dict:
     model = load_rung(name, target_spec, target=target, **({"folder": ladder_dir} if ladder_dir else {}))
-    stats = acceptance(lambda ids: model(input_ids=ids).logits.argmax(-1), sequences, gamma, lookup_min_match=lookup)
+
+    def predict(ids):  # the argmax, and with a datastore its probability (where the datastore stands in)
+        if datastore is None:
+            return model(input_ids=ids).logits.argmax(-1)
+        confidence, best = torch.softmax(model(input_ids=ids).logits.float(), -1).max(-1)
+        return best, confidence
+
+    stats = acceptance(predict, sequences, gamma, lookup_min_match=lookup, datastore=datastore)
     params = sum(p.numel() for p in model.parameters())  # before packing, which drops dense weights
     packed = prepack_linears(model) > 0  # after α: speed as the device drafts
     return {
@@ -216,7 +228,7 @@ def _ngram_rung(sequences, gamma: int, datastore) -> dict:
     }
 
 
-def _feature_rung(target, with_features, gamma: int, folder=None, lookup: int = 0) -> dict:
+def _feature_rung(target, with_features, gamma: int, folder=None, lookup: int = 0, datastore=None) -> dict:
     """The feature head as a rung: its stored (trained) parameters, α of its first draft,
     chained acceptance per draft position, tokens per round and draft speed."""
     from training.feature_eval import evaluate_head, head_draft_tokens_per_s
@@ -224,7 +236,7 @@ def _feature_rung(target, with_features, gamma: int, folder=None, lookup: int = 
 
     head = load_head(target, folder or FEATURE_DIR)
     heldout = with_features(head.spec.feature_layers)
-    stats = evaluate_head(head, heldout, gamma, lookup_min_match=lookup)
+    stats = evaluate_head(head, heldout, gamma, lookup_min_match=lookup, datastore=datastore)
     params = sum(p.numel() for p in head.parameters())  # before packing, which drops dense weights
     head.prepack()  # after α: speed as the device drafts
     return {

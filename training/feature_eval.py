@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from pipeline.protocol import Sampling
-from training.heldout_alpha import heldout_sequences, lookup_agreement
+from training.heldout_alpha import heldout_sequences, lookup_agreement, stand_in_agreement
 from workers.feature_head import FeatureHead, HeadCache
 
 GREEDY = Sampling()
@@ -72,11 +72,13 @@ def shard_heldout(folder: Path, feature_layers=(-1,), sequences: int = 160, new_
 
 
 @torch.no_grad()
-def evaluate_head(head: FeatureHead, heldout: list[tuple], gamma: int = 4, lookup_min_match: int = 0) -> dict:
+def evaluate_head(head: FeatureHead, heldout: list[tuple], gamma: int = 4, lookup_min_match: int = 0,
+                  datastore=None) -> dict:
     """α (first draft, teacher-forced on true features: comparable with the ladder's α), the
     acceptance rate of every chained draft position, and mean tokens per round at γ. With
     ``lookup_min_match``, rounds (and α's first drafts) come from context lookup wherever it
-    finds a match, as a LookupDrafter drafts; the per-position rates stay the head's own."""
+    finds a match, as a LookupDrafter drafts, and with a ``datastore`` from it where it stands in
+    for the head (workers/lookup.py ``stand_in``); the per-position rates stay the head's own."""
     first_hits = first_total = lookup_rounds = 0
     rounds: list[int] = []
     position_hits = [0] * gamma
@@ -89,11 +91,17 @@ def evaluate_head(head: FeatureHead, heldout: list[tuple], gamma: int = 4, looku
         entries = head.entry(head.fused(feats[None, :-1].float()), tokens[:, 1:])  # entry t: (f_t, x_{t+1})
         positions = torch.arange(n - 1)
         level0, kv = head.decode(entries, positions)  # prediction of f_{t+1}
-        first = head.vocab_ids[head.logits(level0[0]).argmax(-1)]  # entry t drafts token t+2
+        confidence, best = torch.softmax(head.logits(level0[0]).float(), -1).max(-1)
+        first = head.vocab_ids[best]  # entry t drafts token t+2
         agree = (first[prompt_len - 2 : n - 2] == tokens[0, prompt_len:]).tolist()
         looked_up = {}
-        if lookup_min_match:
-            looked_up = {p: lookup_agreement(ids, p, gamma, lookup_min_match) for p in range(prompt_len, n)}
+        if lookup_min_match or datastore is not None:
+            looked_up = {p: lookup_agreement(ids, p, gamma, lookup_min_match) if lookup_min_match else None
+                         for p in range(prompt_len, n)}
+            if datastore is not None:
+                looked_up = {p: d if d is not None else stand_in_agreement(ids, p, gamma, datastore,
+                                                                           float(confidence[p - 2]))
+                             for p, d in looked_up.items()}
             agree = [a if looked_up[p] is None else looked_up[p][0] for p, a in zip(range(prompt_len, n), agree)]
         first_hits += sum(agree)
         first_total += len(agree)

@@ -19,6 +19,7 @@ import torch
 
 from training.distill_prompts import build_prompts
 from workers.drafts import lookup_draft
+from workers.lookup import stand_in
 
 # The held-out prompts as committed text, so α is measured on the same prompts everywhere even
 # without the corpus packages installed; rebuilt from the corpora when absent.
@@ -90,21 +91,39 @@ def lookup_agreement(ids: list[int], position: int, gamma: int, min_match: int, 
     return [a == b for a, b in zip(tokens, ids[position:])]
 
 
+def stand_in_agreement(ids: list[int], position: int, gamma: int, datastore, confidence: float) -> list[bool] | None:
+    """Agreement with ``ids`` of the datastore's chain at ``position`` where it stands in for a
+    drafter whose first token there has probability ``confidence`` (workers/lookup.py
+    ``stand_in``), or None where the drafter drafts."""
+    tokens = stand_in(datastore, ids[:position], gamma, confidence)
+    if not tokens:
+        return None
+    return [a == b for a, b in zip(tokens, ids[position:])]
+
+
 @torch.no_grad()
 def acceptance(argmax_fn: Callable[[torch.Tensor], torch.Tensor], sequences: list[tuple[list[int], int]],
-               gamma: int = 4, lookup_min_match: int = 0) -> dict:
+               gamma: int = 4, lookup_min_match: int = 0, datastore=None) -> dict:
     """α and mean accepted length; `argmax_fn(ids [1, T]) -> [1, T]` next-token argmax. With
     ``lookup_min_match``, rounds (and α's first drafts) come from context lookup wherever it
-    finds a match, as a LookupDrafter drafts."""
+    finds a match, as a LookupDrafter drafts; with a ``datastore`` (then ``argmax_fn`` returns the
+    argmax and its probability), from the datastore where it stands in for the model
+    (workers/lookup.py ``stand_in``)."""
     matched, total, rounds = 0, 0, []
     for ids, prompt_len in sequences:
         if len(ids) <= prompt_len:
             continue
-        pred = argmax_fn(torch.tensor([ids]))[0]
+        pred, confidence = argmax_fn(torch.tensor([ids])) if datastore is not None else (argmax_fn(torch.tensor([ids])), None)
+        pred = pred[0]
         agree = (pred[prompt_len - 1 : -1] == torch.tensor(ids[prompt_len:])).tolist()
         lookup, agree_first = None, agree
-        if lookup_min_match:  # each position's lookup draft, once: α's first drafts and the rounds read it
-            drafts = [lookup_agreement(ids, prompt_len + i, gamma, lookup_min_match) for i in range(len(agree))]
+        if lookup_min_match or datastore is not None:  # each position's draft, once: α's first drafts and the rounds read it
+            drafts = [lookup_agreement(ids, prompt_len + i, gamma, lookup_min_match) if lookup_min_match else None
+                      for i in range(len(agree))]
+            if datastore is not None:
+                drafts = [d if d is not None else stand_in_agreement(ids, prompt_len + i, gamma, datastore,
+                                                                      float(confidence[0, prompt_len - 1 + i]))
+                          for i, d in enumerate(drafts)]
             agree_first = [a if d is None else d[0] for a, d in zip(agree, drafts)]
             lookup = drafts.__getitem__
         matched += sum(agree_first)

@@ -58,17 +58,25 @@ class Datastore:
     def next_token(self, context: list[int]) -> int | None:
         """The token that most often followed the longest suffix of ``context`` (of up to
         max_order tokens) in the data; None where not even its last token was seen."""
+        return self._longest(context)[0]
+
+    def match(self, context: list[int]) -> int:
+        """The length of the longest suffix of ``context`` the tables hold (0: none). A pruned
+        entry (one that predicted what its suffix does) counts as its suffix's length."""
+        return self._longest(context)[1]
+
+    def _longest(self, context: list[int]) -> tuple[int | None, int]:
         for n in range(min(self.max_order, len(context)), 0, -1):
             key = 0
             for token in context[-n:]:
                 if token >> self.bits:
-                    return None  # an id outside the vocabulary the datastore was built for
+                    return None, 0  # an id outside the vocabulary the datastore was built for
                 key = (key << self.bits) | token
             table = self.keys[n - 1]
             at = int(np.searchsorted(table, np.uint64(key)))
             if at < len(table) and int(table[at]) == key:
-                return int(self.tokens[n - 1][at])
-        return None
+                return int(self.tokens[n - 1][at]), n
+        return None, 0
 
     def draft(self, context: list[int], gamma: int) -> list[int]:
         """Up to ``gamma`` tokens, each the datastore's next token after the context so far."""

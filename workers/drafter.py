@@ -78,7 +78,7 @@ def split_draft(drafted: Draft, length: int) -> tuple[Draft, int | None]:
         return drafted, None
     guess = drafted.tokens[length] if len(drafted.tokens) > length else None
     draft = Draft(drafted.tokens[:length], drafted.q_ids[:length], drafted.q_probs[:length], drafted.compute_s,
-                  lookup=drafted.lookup)
+                  lookup=drafted.lookup, datastore=drafted.datastore)
     return draft, guess
 
 
@@ -89,7 +89,7 @@ def _first_ahead(made: Ahead, token: int) -> tuple[bool, Ahead]:
     if not drafted.tokens or drafted.tokens[0] != token:
         return False, made
     rest = Draft(drafted.tokens[1:], drafted.q_ids[1:], drafted.q_probs[1:], drafted.compute_s, drafted.cut,
-                 lookup=drafted.lookup)
+                 lookup=drafted.lookup, datastore=drafted.datastore)
     return True, replace(made, draft=rest, gamma=made.gamma - 1)
 
 
@@ -459,7 +459,7 @@ class DrafterService:
         figures = {"rounds": 0, "proposed": 0, "accepted": 0, "rejected_rounds": 0,
                    "draft_lengths": [0] * (self.cfg.gamma + 1), "gamma_sum": 0,
                    "proactive_hits": 0, "proactive_wasted": 0, "proactive_wasted_s": 0.0, "lookup_rounds": 0,
-                   "tree_rounds": 0, "plain_rounds": 0, "sent_ahead_confirmed": 0}
+                   "datastore_rounds": 0, "tree_rounds": 0, "plain_rounds": 0, "sent_ahead_confirmed": 0}
         feature_layers = list(self.strategy.feature_layers)
         generated, round_, finish = 0, 0, "length"
         plain_left = 0  # plain rounds the broker still runs for this session on its own (Propose.plain_after)
@@ -642,6 +642,7 @@ class DrafterService:
                 figures["draft_lengths"][min(length, self.cfg.gamma)] += 1
                 figures["gamma_sum"] += gamma
                 figures["lookup_rounds"] += draft.lookup
+                figures["datastore_rounds"] += draft.datastore
                 figures["tree_rounds"] += bool(draft.parents)
                 figures["plain_rounds"] += plain
                 self.stats.plain_rounds += plain

@@ -61,6 +61,8 @@ class Draft:
     cut: bool = False  # interrupted before gamma tokens (not a confidence stop): the rest may follow
     device_s: float = 0.0  # seconds the device spent on it (set by the drafter service: wall time, or emulated)
     lookup: bool = False  # drafted by context lookup (workers/lookup.py), not by the model
+    datastore: bool = False  # drafted from a datastore (workers/lookup.py) where the model was unsure
+    confidence: float = 1.0  # a chain's: the drafter's probability of its first token (or of the one it stopped at)
     parents: list[int] = field(default_factory=list)  # a token tree (workers/token_tree.py); empty: a chain
 
     @property
@@ -201,6 +203,8 @@ class ModelDrafter(DraftStrategy):
             token, confidence, top_ids, q = pick_token(logits, sampling, self.top_k, generator)
             if top_ids is not None:
                 q_ids, q_probs = top_ids.tolist(), q.tolist()
+            if k == 0:
+                draft.confidence = confidence
             if confidence < self.min_confidence:
                 break  # the drafter is unsure: let the target decide from here
             draft.tokens.append(token)
@@ -427,8 +431,8 @@ def build_drafter(cfg, target_spec: str):
         return strategy
     from workers.lookup import with_lookup
 
-    # the datastore's continuation is one more branch of a tree (workers/lookup.py)
-    store = target_datastore(cfg.datastore, target_spec) if strategy.tree_nodes else None
+    # the datastore drafts where the drafter is unsure, and branches its trees (workers/lookup.py)
+    store = target_datastore(cfg.datastore, target_spec)
     return with_lookup(strategy, min_match=cfg.lookup_min_match, ngram_max=cfg.ngram_max, datastore=store)
 
 

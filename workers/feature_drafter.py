@@ -110,6 +110,8 @@ class FeatureDrafter(DraftStrategy):
         for k in range(gamma):
             logits = self.head.logits(predicted[0, -1]).float()
             index, confidence, top_index, q = pick_token(logits, sampling, self.top_k, generator)
+            if k == 0:
+                draft.confidence = confidence
             if confidence < self.min_confidence:
                 break
             token = int(self.head.vocab_ids[index])
