@@ -82,10 +82,9 @@ class Setup:
 DEFAULT = Setup(
     name="default",
     target="smollm2",
-    # as config.toml's fleet: the model classes with context lookup in front and the datastore
-    # behind (workers/lookup.py)
-    drafters={"pi5": DrafterChoice("ladder:pi5", 4, 0.5, LOOKUP, datastore=BUILTIN),
-              "orin": DrafterChoice("ladder:orin", 4, 0.5, LOOKUP, datastore=BUILTIN),
+    # as config.toml's fleet: the model classes with context lookup in front (workers/lookup.py),
+    # the feature class with the datastore behind too
+    drafters={"pi5": DrafterChoice("ladder:pi5", 4, 0.5, LOOKUP), "orin": DrafterChoice("ladder:orin", 4, 0.5, LOOKUP),
               "feature": DrafterChoice("feature", 4, 0.0, LOOKUP, DEFAULT_TREE_NODES, datastore=BUILTIN,
                                        tree_depth=DEFAULT_TREE_DEPTH),
               "ngram": DrafterChoice("ngram", 4, 0.0, LOOKUP, datastore=BUILTIN)},
