@@ -46,13 +46,16 @@ def summarize(results, elapsed: float, broker: dict) -> dict:
         d = by_drafter.setdefault(r.stats["drafter"], {"kind": r.stats["drafter_kind"], "proposed": 0, "accepted": 0,
                                                        "sessions": 0, "rounds": 0, "generated": 0, "wire_bytes": 0,
                                                        "proactive_hits": 0, "proactive_wasted": 0, "plain_rounds": 0,
-                                                       "sent_ahead_confirmed": 0, "drafted_rounds": 0})
+                                                       "sent_ahead_confirmed": 0, "drafted_rounds": 0, "lookup_rounds": 0,
+                                                       "datastore_rounds": 0, "tree_rounds": 0})
         for key in ("proposed", "accepted", "rounds", "wire_bytes"):
             d[key] += r.stats[key]
         d["drafted_rounds"] += r.stats["rounds"] - r.stats["draft_lengths"][0]
         # drafts made ahead: used, and tokens dropped; rounds the broker ran on its own (bursts);
-        # rounds sent ahead of their predecessor's verdict and queued at it
-        for key in ("proactive_hits", "proactive_wasted", "plain_rounds", "sent_ahead_confirmed"):
+        # rounds sent ahead of their predecessor's verdict and queued at it; rounds drafted by
+        # context lookup, by the datastore where the model was unsure, and as token trees
+        for key in ("proactive_hits", "proactive_wasted", "plain_rounds", "sent_ahead_confirmed", "lookup_rounds",
+                    "datastore_rounds", "tree_rounds"):
             d[key] += r.stats.get(key, 0)
         d["generated"] += len(r.tokens)
         d["sessions"] += 1

@@ -35,6 +35,9 @@ def test_demo_is_lossless_and_batches_sessions():
     assert set(summary["tokens_per_round_by_drafter"]) == set(summary["wire_bytes_per_token_by_drafter"]) == set(drafters)
     for name, d in summary["drafters"].items():
         assert d["drafted_rounds"] <= d["rounds"] - d["plain_rounds"]  # a burst's rounds carry no draft
+        # a round's draft came from lookup, the datastore or the model (a tree may hold a lookup branch)
+        assert d["lookup_rounds"] + d["datastore_rounds"] <= d["rounds"] - d["plain_rounds"]
+        assert d["tree_rounds"] <= d["rounds"] - d["plain_rounds"]
         if d["drafted_rounds"]:  # a drafted round commits at least one token, any other at most one
             assert summary["tokens_per_drafted_round_by_drafter"][name] >= summary["tokens_per_round_by_drafter"][name]
     # KV reuse: the target processes about (1 + draft) tokens per round, never the history again
