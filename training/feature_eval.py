@@ -147,8 +147,8 @@ def evaluate_tree(head: FeatureHead, heldout: list[tuple], gamma: int = 4, tree_
                   lookup_min_match: int = 0, tree_depth: int = 0, tree_branch: int = 0, datastore=None) -> dict:
     """Token trees (workers/token_tree.py) drafted by the device's own code (FeatureDrafter with
     ``tree_nodes``, ``tree_depth`` levels, 0: γ; ``tree_branch`` 0: the default; a ``datastore``'s
-    branch as deep) on the held-out rounds: training/tree_eval.py ``tree_rounds``. Each round starts from the true entries of
-    positions 0..p-2, as after a verdict."""
+    branch as deep) on the held-out rounds: training/tree_eval.py ``tree_rounds``. Each round
+    starts from the true entries of positions 0..p-2, as after a verdict."""
     from workers.feature_drafter import FeatureDrafter, FeatureDraftState
     from training.tree_eval import tree_rounds
 

@@ -113,7 +113,8 @@ def acceptance(argmax_fn: Callable[[torch.Tensor], torch.Tensor], sequences: lis
     for ids, prompt_len in sequences:
         if len(ids) <= prompt_len:
             continue
-        pred, confidence = argmax_fn(torch.tensor([ids])) if datastore is not None else (argmax_fn(torch.tensor([ids])), None)
+        predicted = argmax_fn(torch.tensor([ids]))
+        pred, confidence = predicted if datastore is not None else (predicted, None)
         pred = pred[0]
         agree = (pred[prompt_len - 1 : -1] == torch.tensor(ids[prompt_len:])).tolist()
         lookup, agree_first = None, agree
