@@ -97,7 +97,7 @@ def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None
         if name.endswith("+tree"):
             continue
         if name == "ngram":  # context lookup alone, then with the datastore behind it
-            report["rungs"] += [_ngram_rung(sequences, gamma, None), _ngram_rung(sequences, gamma, datastore_dir or BUILTIN)]
+            report["rungs"] += [_ngram_rung(sequences, gamma, None), _ngram_rung(sequences, gamma, store)]
             continue
         base, lookup = name.split("+")[0], LOOKUP_MIN_MATCH if "+lookup" in name else 0
         datastore = store if name.endswith("+datastore") else None
@@ -192,12 +192,12 @@ def _model_rung(target, target_spec: str, name: str, sequences, prompts, gamma: 
     }
 
 
-def _ngram_rung(sequences, gamma: int, datastore) -> dict:
+def _ngram_rung(sequences, gamma: int, store) -> dict:
     """The model-free kind as the device drafts (NgramDrafter.propose): context lookup alone
     (``ngram``, the repeat from one token up), or with a datastore behind it (``ngram+datastore``,
     repeats from LOOKUP_MIN_MATCH tokens up). α is the first draft token's agreement at every
-    position (no draft: a miss); draft speed is proposals' tokens per second of this CPU."""
-    store = load_datastore(datastore) if datastore is not None else None
+    position (no draft: a miss); draft speed is proposals' tokens per second of this CPU. ``store``:
+    the loaded datastore, or None."""
     drafter = NgramDrafter(datastore=store, min_match=LOOKUP_MIN_MATCH if store is not None else 1)
     greedy = Sampling(0.0, 1.0, 0)
     first, positions, rounds, drafted, spent = 0, 0, [], 0, 0.0

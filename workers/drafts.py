@@ -62,7 +62,7 @@ class Draft:
     device_s: float = 0.0  # seconds the device spent on it (set by the drafter service: wall time, or emulated)
     lookup: bool = False  # drafted by context lookup (workers/lookup.py), not by the model
     datastore: bool = False  # drafted from a datastore (workers/lookup.py) where the model was unsure
-    confidence: float = 1.0  # a chain's: the drafter's probability of its first token (or of the one it stopped at)
+    confidence: float = 1.0  # a chain's: the drafter's probability of its first token (drafted or not)
     parents: list[int] = field(default_factory=list)  # a token tree (workers/token_tree.py); empty: a chain
 
     @property
