@@ -381,11 +381,39 @@ TRAIN_TOPICS_17 = [
     "reservoir sampling", "the cimbalom", "shelf clouds", "clapper bridges", "semifreddo",
     "a giggling geyser",
 ]
+# An eighteenth list, for data beyond the seventeenth set (build_prompts(topic_set=18)); disjoint
+# from every list above and from the held-out topics.
+TRAIN_TOPICS_18 = [
+    "Irish wolfhounds", "cabinet card photographs", "the floating markets of Bangkok",
+    "a statue that yawns", "a shy comet tail", "a misplaced umbrella", "keeping a weather diary",
+    "soothing a sunburn", "junks of the South China Sea", "labelling a spice rack",
+    "Angkor at dusk", "bottle gardens", "the magic lantern slide", "a regatta of walnut shells",
+    "a staircase that hums at night", "a sleepy dormouse", "writing field notes on birds",
+    "running a seed library", "avalanche beacons", "the vestibular system", "the duduk",
+    "the potters of Delft", "karst springs", "a lantern that finds lost things",
+    "circuit breakers in services", "sea smoke", "kimchi fermentation", "cassava bread",
+    "stained glass apprentices", "the water clocks of Fez", "HyperLogLog counters",
+    "a snowflake that laughed", "undo history", "the suspension bridges of Bhutan",
+    "a door that remembers footsteps", "a sulking volcano", "buying a second-hand bicycle",
+    "writing wedding speeches", "the windmills of Kinderdijk", "wooden go-karts", "patching jeans",
+    "a teapot that hums lullabies", "the terraced fields of Banaue", "Leonbergers", "sundew plants",
+    "the coppersmiths of Fez", "a clockmaker's missing gear", "a nervous nebula",
+    "game days for outages", "sampans in the harbour", "bonsai moss", "rendezvous hashing",
+    "thanking a mentor", "the erhu", "jittered retries", "pupusas", "bloom filters with counting",
+    "the santoor", "packhorse bridges", "zabaglione", "a chuckling hot spring",
+    "a weathervane that argues", "the salt pans of Guérande", "Saint Bernard dogs",
+    "a lighthouse keeper's logbook", "mending a fishing net", "the gamelan",
+    "the cloud forests of Monteverde", "a bashful walrus", "token buckets", "quince paste",
+    "the shadow puppets of Java", "a rowing club's first race", "writing a thank-you card",
+    "the frescoes of Pompeii", "tidal bores", "the marimba", "lemon curd", "the Orient Express",
+    "a chess clock",
+]
 TRAIN_TOPIC_SETS = {1: TRAIN_TOPICS, 2: TRAIN_TOPICS_2, 3: TRAIN_TOPICS_3, 4: TRAIN_TOPICS_4, 5: TRAIN_TOPICS_5,
                     6: TRAIN_TOPICS_6, 7: TRAIN_TOPICS_7, 8: TRAIN_TOPICS_8,
                     9: TRAIN_TOPICS_9, 10: TRAIN_TOPICS_10, 11: TRAIN_TOPICS_11,
                     12: TRAIN_TOPICS_12, 13: TRAIN_TOPICS_13, 14: TRAIN_TOPICS_14,
-                    15: TRAIN_TOPICS_15, 16: TRAIN_TOPICS_16, 17: TRAIN_TOPICS_17}  # build_prompts(topic_set=N)
+                    15: TRAIN_TOPICS_15, 16: TRAIN_TOPICS_16, 17: TRAIN_TOPICS_17,
+                    18: TRAIN_TOPICS_18}  # build_prompts(topic_set=N)
 HELDOUT_TOPICS = [
     "glaciers", "the violin", "penguins", "nuclear fusion", "the Silk Road", "board games",
     "lightning", "coral reefs", "the Industrial Revolution", "yoga", "submarines", "maps",
@@ -441,7 +469,7 @@ def _chat(tokenizer, question: str) -> str:
 def build_prompts(tokenizer, *, held_out: bool, n_chat: int, n_prose: int, seed: int = 0,
                   topic_set: int = 1) -> list[str]:
     """Prompt strings, half chat (templated) and half prose (raw prefix or 'continue this').
-    ``topic_set`` 2 to 17 draws training chat from TRAIN_TOPICS_2 to _17 (more data that repeats no
+    ``topic_set`` 2 to 18 draws training chat from TRAIN_TOPICS_2 to _18 (more data that repeats no
     question)."""
     rng = random.Random(seed + (1 if held_out else 0))
     templates = HELDOUT_TEMPLATES if held_out else TRAIN_TEMPLATES
