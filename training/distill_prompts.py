@@ -408,12 +408,39 @@ TRAIN_TOPICS_18 = [
     "the frescoes of Pompeii", "tidal bores", "the marimba", "lemon curd", "the Orient Express",
     "a chess clock",
 ]
+# A nineteenth list, for data beyond the eighteenth set (build_prompts(topic_set=19)); disjoint
+# from every list above and from the held-out topics.
+TRAIN_TOPICS_19 = [
+    "daguerreotype studios", "the canal boats of Utrecht", "a pillow that tells jokes",
+    "a moth who loved the moon", "a forgotten kite string", "planning a lantern walk",
+    "keeping a sketch journal", "easing a stiff neck", "organizing a tool shed",
+    "Petra at sunrise", "a flotilla of paper boats", "a clock tower that sneezes",
+    "recording frog calls", "a town of glassblowers", "running a repair café", "crevasse rescue",
+    "sea buckthorn", "proprioception", "the kora", "blue holes", "a key that opens dreams",
+    "bulkheads in services", "hosting a puzzle night", "injera", "mosaic apprentices",
+    "redo stacks", "the rope bridges of Peru", "affogato", "a window that remembers sunsets",
+    "a grumpy glacier", "choosing a used canoe", "writing a retirement toast",
+    "the windmills of La Mancha", "soapbox derby cars", "darning wool socks",
+    "a kettle that whistles sea shanties", "the rice terraces of Longji", "pitcher plants",
+    "a timid quasar", "chaos drills for databases", "dhows of Zanzibar",
+    "consistent hashing rings", "thanking a neighbour", "the pipa", "arepas",
+    "the hammered dulcimer", "stepping-stone crossings", "panna cotta", "a giggling waterfall",
+    "a scarecrow that debates", "the salt flats of Uyuni", "Pyrenean mountain dogs",
+    "a ferryman's ledger", "B-trees", "splicing a rope", "the steel pan",
+    "the kelp forests of California", "a blushing narwhal", "leaky buckets", "guava jam",
+    "the puppet theatres of Palermo", "a sailing club's regatta", "the mosaics of Ravenna",
+    "standing waves in rivers", "the vibraphone", "apple butter", "the Trans-Siberian Railway",
+    "an hourglass", "a bookshop dog", "the Lewis chessmen", "kombucha scobies",
+    "Scottish deerhounds", "tintype portraits", "the stilt houses of Ganvie",
+    "a broom that hums waltzes", "a cloud that collected buttons", "a lost mitten's journey",
+    "restoring a rocking horse", "the Tower of Hercules", "mangrove honey",
+]
 TRAIN_TOPIC_SETS = {1: TRAIN_TOPICS, 2: TRAIN_TOPICS_2, 3: TRAIN_TOPICS_3, 4: TRAIN_TOPICS_4, 5: TRAIN_TOPICS_5,
                     6: TRAIN_TOPICS_6, 7: TRAIN_TOPICS_7, 8: TRAIN_TOPICS_8,
                     9: TRAIN_TOPICS_9, 10: TRAIN_TOPICS_10, 11: TRAIN_TOPICS_11,
                     12: TRAIN_TOPICS_12, 13: TRAIN_TOPICS_13, 14: TRAIN_TOPICS_14,
                     15: TRAIN_TOPICS_15, 16: TRAIN_TOPICS_16, 17: TRAIN_TOPICS_17,
-                    18: TRAIN_TOPICS_18}  # build_prompts(topic_set=N)
+                    18: TRAIN_TOPICS_18, 19: TRAIN_TOPICS_19}  # build_prompts(topic_set=N)
 HELDOUT_TOPICS = [
     "glaciers", "the violin", "penguins", "nuclear fusion", "the Silk Road", "board games",
     "lightning", "coral reefs", "the Industrial Revolution", "yoga", "submarines", "maps",
@@ -469,7 +496,7 @@ def _chat(tokenizer, question: str) -> str:
 def build_prompts(tokenizer, *, held_out: bool, n_chat: int, n_prose: int, seed: int = 0,
                   topic_set: int = 1) -> list[str]:
     """Prompt strings, half chat (templated) and half prose (raw prefix or 'continue this').
-    ``topic_set`` 2 to 18 draws training chat from TRAIN_TOPICS_2 to _18 (more data that repeats no
+    ``topic_set`` 2 to 19 draws training chat from TRAIN_TOPICS_2 to _19 (more data that repeats no
     question)."""
     rng = random.Random(seed + (1 if held_out else 0))
     templates = HELDOUT_TEMPLATES if held_out else TRAIN_TEMPLATES
