@@ -197,10 +197,10 @@ def test_accepted_lengths_walk_rounds_of_gamma():
 def test_acceptance_counts_only_continuation_positions():
     sequences = [([5, 6, 7, 8, 9], 2)]  # continuation 7 8 9, predicted from positions 1 2 3
 
-    def argmax(ids):  # right about 7 and 9, wrong about 8; the prompt position's guess does not count
-        return torch.tensor([[0, 7, 0, 9, 0]])
+    def logits(ids):  # right about 7 and 9, wrong about 8; the prompt position's guess does not count
+        return torch.nn.functional.one_hot(torch.tensor([[0, 7, 0, 9, 0]]), 10).float()
 
-    stats = acceptance(argmax, sequences, gamma=4)
+    stats = acceptance(logits, sequences, gamma=4)
     assert stats["alpha"] == pytest.approx(2 / 3) and stats["positions"] == 3
 
 

@@ -175,13 +175,8 @@ def _model_rung(target, target_spec: str, name: str, sequences, prompts, gamma: 
                 datastore=None) -> dict:
     model = load_rung(name, target_spec, target=target, **({"folder": ladder_dir} if ladder_dir else {}))
 
-    def predict(ids):  # the argmax, and with a datastore its probability (where the datastore stands in)
-        if datastore is None:
-            return model(input_ids=ids).logits.argmax(-1)
-        confidence, best = torch.softmax(model(input_ids=ids).logits.float(), -1).max(-1)
-        return best, confidence
-
-    stats = acceptance(predict, sequences, gamma, lookup_min_match=lookup, datastore=datastore)
+    stats = acceptance(lambda ids: model(input_ids=ids).logits, sequences, gamma, lookup_min_match=lookup,
+                       datastore=datastore)
     params = sum(p.numel() for p in model.parameters())  # before packing, which drops dense weights
     packed = prepack_linears(model) > 0  # after α: speed as the device drafts
     return {

@@ -102,28 +102,28 @@ def stand_in_agreement(ids: list[int], position: int, gamma: int, datastore, con
 
 
 @torch.no_grad()
-def acceptance(argmax_fn: Callable[[torch.Tensor], torch.Tensor], sequences: list[tuple[list[int], int]],
+def acceptance(logits_fn: Callable[[torch.Tensor], torch.Tensor], sequences: list[tuple[list[int], int]],
                gamma: int = 4, lookup_min_match: int = 0, datastore=None) -> dict:
-    """α and mean accepted length; `argmax_fn(ids [1, T]) -> [1, T]` next-token argmax. With
-    ``lookup_min_match``, rounds (and α's first drafts) come from context lookup wherever it
-    finds a match, as a LookupDrafter drafts; with a ``datastore`` (then ``argmax_fn`` returns the
-    argmax and its probability), from the datastore where it stands in for the model
+    """α and mean accepted length; ``logits_fn(ids [1, T]) -> [1, T, V]`` the drafter's next-token
+    logits. With ``lookup_min_match``, rounds (and α's first drafts) come from context lookup
+    wherever it finds a match, as a LookupDrafter drafts; with a ``datastore``, from the datastore
+    where it stands in for the model, which turns on the model's top probability
     (workers/lookup.py ``stand_in``)."""
     matched, total, rounds = 0, 0, []
     for ids, prompt_len in sequences:
         if len(ids) <= prompt_len:
             continue
-        predicted = argmax_fn(torch.tensor([ids]))
-        pred, confidence = predicted if datastore is not None else (predicted, None)
-        pred = pred[0]
+        logits = logits_fn(torch.tensor([ids]))
+        pred = logits[0].argmax(-1)
         agree = (pred[prompt_len - 1 : -1] == torch.tensor(ids[prompt_len:])).tolist()
         lookup, agree_first = None, agree
         if lookup_min_match or datastore is not None:  # each position's draft, once: α's first drafts and the rounds read it
             drafts = [lookup_agreement(ids, prompt_len + i, gamma, lookup_min_match) if lookup_min_match else None
                       for i in range(len(agree))]
-            if datastore is not None:
+            if datastore is not None:  # the softmax only here: over a 49k vocabulary it is not free
+                confidence = torch.softmax(logits[0].float(), -1).max(-1).values.tolist()
                 drafts = [d if d is not None else stand_in_agreement(ids, prompt_len + i, gamma, datastore,
-                                                                      float(confidence[0, prompt_len - 1 + i]))
+                                                                      confidence[prompt_len - 1 + i])
                           for i, d in enumerate(drafts)]
             agree_first = [a if d is None else d[0] for a, d in zip(agree, drafts)]
             lookup = drafts.__getitem__
