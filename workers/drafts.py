@@ -123,6 +123,17 @@ class DraftStrategy:
         """The verify rows a full tree round may take (the speculation policy prices them)."""
         return self.tree_nodes
 
+    def _set_draft_shape(self, min_confidence: float, top_k: int, tree_nodes: int, gamma: int, tree_depth: int,
+                         tree_branch: int) -> None:
+        """The settings every model-backed kind shares (the class's ``[drafters.NAME]`` keys)."""
+        self.min_confidence = min_confidence
+        self.top_k = top_k
+        # > 0: greedy rounds may draft a token tree of at most this many tokens, ``tree_depth`` levels
+        # deep (0: ``gamma``), each level expanding its ``tree_branch`` likeliest paths (0: the default)
+        self.tree_nodes = tree_nodes
+        self.tree_depth = tree_depth or gamma
+        self.tree_branch = tree_branch or DEFAULT_TREE_BRANCH
+
     def new_state(self):
         return None
 
@@ -167,13 +178,7 @@ class ModelDrafter(DraftStrategy):
     def __init__(self, model, *, min_confidence: float = 0.0, top_k: int = 8, tree_nodes: int = 0, gamma: int = 4,
                  tree_depth: int = 0, tree_branch: int = 0):
         self.model = model
-        self.min_confidence = min_confidence
-        self.top_k = top_k
-        # > 0: greedy rounds may draft a token tree of at most this many tokens, ``tree_depth`` levels
-        # deep (0: ``gamma``), each level expanding its ``tree_branch`` likeliest paths (0: the default)
-        self.tree_nodes = tree_nodes
-        self.tree_depth = tree_depth or gamma
-        self.tree_branch = tree_branch or DEFAULT_TREE_BRANCH
+        self._set_draft_shape(min_confidence, top_k, tree_nodes, gamma, tree_depth, tree_branch)
         self.device = next(model.parameters()).device
 
     def new_state(self) -> ModelDraftState:

@@ -25,7 +25,7 @@ import torch
 from pipeline.protocol import Sampling, Verdict
 from workers.drafts import Draft, DraftStrategy, pick_token
 from workers.feature_head import FeatureHead, HeadCache
-from workers.token_tree import DEFAULT_TREE_BRANCH, grow_tree
+from workers.token_tree import grow_tree
 
 
 
@@ -49,13 +49,7 @@ class FeatureDrafter(DraftStrategy):
     def __init__(self, head: FeatureHead, *, min_confidence: float = 0.0, top_k: int = 8, tree_nodes: int = 0,
                  gamma: int = 4, tree_depth: int = 0, tree_branch: int = 0):
         self.head = head
-        self.min_confidence = min_confidence
-        self.top_k = top_k
-        # > 0: greedy rounds draft a token tree of at most this many tokens, ``tree_depth`` levels
-        # deep (0: ``gamma``), each level expanding its ``tree_branch`` likeliest paths (0: the default)
-        self.tree_nodes = tree_nodes
-        self.tree_depth = tree_depth or gamma
-        self.tree_branch = tree_branch or DEFAULT_TREE_BRANCH
+        self._set_draft_shape(min_confidence, top_k, tree_nodes, gamma, tree_depth, tree_branch)
         self.feature_layers = list(head.spec.feature_layers)
         self.width = head.spec.hidden * len(self.feature_layers)
 
