@@ -435,12 +435,40 @@ TRAIN_TOPICS_19 = [
     "a broom that hums waltzes", "a cloud that collected buttons", "a lost mitten's journey",
     "restoring a rocking horse", "the Tower of Hercules", "mangrove honey",
 ]
+# A twentieth list, for data beyond the nineteenth set (build_prompts(topic_set=20)); disjoint
+# from every list above and from the held-out topics.
+TRAIN_TOPICS_20 = [
+    "Akita dogs", "cyanotype blueprints", "cloudberries", "interoception", "the dyers of Fez",
+    "cenotes of Yucatán", "a spoon that stirs memories", "go-kart racing clubs",
+    "outrigger canoes of Hawaii", "the autoharp", "crème caramel", "the white sands of New Mexico",
+    "tying a bowline knot", "the celesta", "pear chutney", "the Bayeux Tapestry", "Saluki hounds",
+    "the Pont du Gard", "the crwth", "the knocker-uppers of Manchester",
+    "the cider orchards of Normandy", "gossip protocols", "the Anderton Boat Lift",
+    "elderflower cordial", "hydrothermal vents", "carillon recitals", "pumpkin loaf",
+    "quipu knot records", "the Nazca lines", "the bandoneón", "Basenji dogs",
+    "the cave paintings of Lascaux", "morris dancing", "lingonberry jam", "the Dead Sea scrolls",
+    "the Giant's Causeway", "cherry blossom forecasts", "the yurts of Mongolia", "leader election",
+    "the didgeridoo", "a kangaroo who lost her pouch", "a teacup that floats",
+    "the barge canals of Burgundy", "a sofa that tells riddles", "a beetle who loved thunder",
+    "a forgotten paper lantern", "planning a moonlit picnic", "soothing a sore wrist",
+    "organizing a craft cupboard", "the magic lantern show", "a parade of cardboard rafts",
+    "a bell tower that hiccups", "a sleepy armadillo", "recording bat calls",
+    "a village of potters", "running a tool library", "the gardens of Sissinghurst", "hoar frost",
+    "fresco apprentices", "cortado coffee", "a door that remembers knocks", "a sulky volcano",
+    "mending a torn sleeve", "the tea terraces of Darjeeling", "a shy nebula",
+    "thanking a teacher", "flow control in protocols", "ball lightning", "dry-stone walls",
+    "a laughing geyser", "a lockkeeper's diary", "a bashful octopus", "writing a sympathy note",
+    "the stained glass of Chartres", "a library cat", "ambrotype portraits",
+    "the floating villages of Tonle Sap", "a mop that sings ballads",
+    "a moon that collected feathers", "a lost umbrella's journey",
+]
 TRAIN_TOPIC_SETS = {1: TRAIN_TOPICS, 2: TRAIN_TOPICS_2, 3: TRAIN_TOPICS_3, 4: TRAIN_TOPICS_4, 5: TRAIN_TOPICS_5,
                     6: TRAIN_TOPICS_6, 7: TRAIN_TOPICS_7, 8: TRAIN_TOPICS_8,
                     9: TRAIN_TOPICS_9, 10: TRAIN_TOPICS_10, 11: TRAIN_TOPICS_11,
                     12: TRAIN_TOPICS_12, 13: TRAIN_TOPICS_13, 14: TRAIN_TOPICS_14,
                     15: TRAIN_TOPICS_15, 16: TRAIN_TOPICS_16, 17: TRAIN_TOPICS_17,
-                    18: TRAIN_TOPICS_18, 19: TRAIN_TOPICS_19}  # build_prompts(topic_set=N)
+                    18: TRAIN_TOPICS_18, 19: TRAIN_TOPICS_19,
+                    20: TRAIN_TOPICS_20}  # build_prompts(topic_set=N)
 HELDOUT_TOPICS = [
     "glaciers", "the violin", "penguins", "nuclear fusion", "the Silk Road", "board games",
     "lightning", "coral reefs", "the Industrial Revolution", "yoga", "submarines", "maps",
@@ -496,7 +524,7 @@ def _chat(tokenizer, question: str) -> str:
 def build_prompts(tokenizer, *, held_out: bool, n_chat: int, n_prose: int, seed: int = 0,
                   topic_set: int = 1) -> list[str]:
     """Prompt strings, half chat (templated) and half prose (raw prefix or 'continue this').
-    ``topic_set`` 2 to 19 draws training chat from TRAIN_TOPICS_2 to _19 (more data that repeats no
+    ``topic_set`` 2 to 20 draws training chat from TRAIN_TOPICS_2 to _20 (more data that repeats no
     question)."""
     rng = random.Random(seed + (1 if held_out else 0))
     templates = HELDOUT_TEMPLATES if held_out else TRAIN_TEMPLATES
