@@ -226,13 +226,16 @@ def test_committed_ladder_loads_and_every_rung_drafts():
 def test_heldout_prompts_are_disjoint_from_training_prompts():
     from pipeline.models import load_tokenizer
     from training.heldout_alpha import heldout_prompts
-    from training.distill_prompts import TRAIN_TOPIC_SETS, build_prompts
+    from training.distill_prompts import TEMPLATE_SETS, TRAIN_TOPIC_SETS, build_prompts
 
     tokenizer = load_tokenizer("smollm2")
     heldout = heldout_prompts(tokenizer)
-    # every topic set the distillation data has used
+    # every topic set the distillation data has used, and every set of question forms
     train = [p for topic_set in TRAIN_TOPIC_SETS
              for p in build_prompts(tokenizer, held_out=False, n_chat=1120, n_prose=1500, topic_set=topic_set)]
+    train += [p for template_set in TEMPLATE_SETS
+              for p in build_prompts(tokenizer, held_out=False, n_chat=4000, n_prose=0,
+                                     topic_set=tuple(TRAIN_TOPIC_SETS), template_set=template_set)]
     assert len(heldout) == 48 and not set(heldout) & set(train)
     # no held-out passage shares a 60-character span with a training prompt
     train_text = "\n".join(train)
@@ -250,6 +253,18 @@ def test_training_topic_lists_share_no_topic():
     for topics in lists:
         lowered = {t.lower() for t in topics}
         assert len(lowered) == len(topics) and not lowered & seen, lowered & seen
+        seen |= lowered
+
+
+def test_question_forms_share_no_template():
+    """Each set of question forms is new, and none is a held-out one."""
+    from training.distill_prompts import HELDOUT_TEMPLATES, TEMPLATE_SETS
+
+    seen = {t.lower() for t in HELDOUT_TEMPLATES}
+    for templates in TEMPLATE_SETS.values():
+        lowered = {t.lower() for t in templates}
+        assert len(lowered) == len(templates) and not lowered & seen, lowered & seen
+        assert all(t.count("{t}") == 1 for t in templates)
         seen |= lowered
 
 

@@ -129,7 +129,8 @@ def generate_shards(
     feature_layers: tuple[int, ...] | None = FEATURE_LAYERS,
     worker: int = 0,
     workers: int = 1,
-    topic_set: int = 1,
+    topic_set: int | tuple[int, ...] = 1,
+    template_set: int = 1,
 ) -> int:
     """Write shard_NNNN.pt files under out_dir until prompts or time run out; returns tokens.
     ``workers`` processes (each one torch thread: OpenMP teams stall on shared cores) fill one
@@ -144,7 +145,7 @@ def generate_shards(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     prompts = build_prompts(tokenizer, held_out=False, n_chat=n_chat, n_prose=n_prose, seed=seed,
-                            topic_set=topic_set)
+                            topic_set=topic_set, template_set=template_set)
     random.Random(seed).shuffle(prompts)
     start, total = time.monotonic(), 0
     batches = range(0, len(prompts), batch_size)[:max_shards]  # a shard count reproduces a data set exactly

@@ -30,6 +30,78 @@ TRAIN_TEMPLATES = [
     "What should a beginner know about {t}?",
     "Compare {t} with something from everyday life.",
 ]
+# More question forms (build_prompts(template_set=2)). Every list before this one has used the 14
+# templates above, so the drafters met few ways of asking: on the ladder's validation data its
+# `large` rung accepts 0.49 of first drafts on questions against 0.62-0.72 on prose, and 0.39 on
+# the held-out questions, whose four templates (below) no training set uses. None of these repeats
+# or rephrases a held-out template.
+TRAIN_TEMPLATES_2 = [
+    "What is {t}, and why does it matter?",
+    "Give a one-sentence definition of {t}, then explain it.",
+    "How would you teach {t} to a group of adults?",
+    "Write a haiku about {t}.",
+    "Write a limerick about {t}.",
+    "What are the pros and cons of {t}?",
+    "Describe a typical day involving {t}.",
+    "Write a dialogue between two friends discussing {t}.",
+    "What is the biggest misconception about {t}?",
+    "Explain {t} using an analogy.",
+    "Write a news headline and a short article about {t}.",
+    "Give me a step-by-step guide related to {t}.",
+    "What would the world look like without {t}?",
+    "Write a diary entry from someone who loves {t}.",
+    "Create a short quiz with three questions about {t}, with answers.",
+    "How has {t} changed over the last hundred years?",
+    "What is one fun fact about {t}?",
+    "Write a product description inspired by {t}.",
+    "Explain {t} in exactly three sentences.",
+    "What careers or hobbies are connected to {t}?",
+    "Write a motivational message that mentions {t}.",
+    "Describe {t} using all five senses.",
+    "What would an expert say about {t}?",
+    "Write a letter to your future self about {t}.",
+    "How is science connected to {t}?",
+    "Brainstorm ten words associated with {t}.",
+    "What are the key terms someone should learn about {t}?",
+    "Write a bedtime story about {t}.",
+    "Give an outline for a short presentation on {t}.",
+    "What are some myths and truths about {t}?",
+    "Describe {t} as if you were a tour guide.",
+    "Write a short speech about {t}.",
+    "What problems does {t} solve, or cause?",
+    "Summarize {t} in a tweet.",
+    "Write a riddle whose answer is {t}.",
+    "Explain the basics of {t} for a school report.",
+    "What is the future of {t}?",
+    "Write a short scene for a play about {t}.",
+    "What advice would you give someone starting out with {t}?",
+    "Give me a simple explanation of {t} with an example.",
+    "Write a recipe-style set of instructions for enjoying {t}.",
+    "Describe {t} from the point of view of a child.",
+    "List the dos and don'ts of {t}.",
+    "Write a short review of {t}.",
+    "How would you explain {t} to someone from the year 1800?",
+    "Write an acrostic poem about {t}.",
+    "Plan a weekend activity around {t}.",
+    "Write a short mystery story involving {t}.",
+]
+# A third set, for validation data on question forms no drafter has read (template_set=3).
+TRAIN_TEMPLATES_3 = [
+    "Please explain {t} briefly.",
+    "Write a fable about {t} with a moral.",
+    "What are five things to remember about {t}?",
+    "Describe the history and importance of {t} in a few sentences.",
+    "Write a short song about {t}.",
+    "How can someone get better at understanding {t}?",
+    "Write a short thank-you note that mentions {t}.",
+    "Give two examples that show how {t} works.",
+    "Explain {t} like a friendly teacher.",
+    "Write a short blog post about {t}.",
+    "What surprising connections does {t} have to daily life?",
+    "Write a tongue twister about {t}.",
+]
+# build_prompts(template_set=N)
+TEMPLATE_SETS = {1: TRAIN_TEMPLATES, 2: TRAIN_TEMPLATES_2, 3: TRAIN_TEMPLATES_3}
 HELDOUT_TEMPLATES = [
     "Can you tell me what you know about {t}?",
     "I am curious: what makes {t} interesting?",
@@ -522,13 +594,14 @@ def _chat(tokenizer, question: str) -> str:
 
 
 def build_prompts(tokenizer, *, held_out: bool, n_chat: int, n_prose: int, seed: int = 0,
-                  topic_set: int = 1) -> list[str]:
-    """Prompt strings, half chat (templated) and half prose (raw prefix or 'continue this').
+                  topic_set: int | tuple[int, ...] = 1, template_set: int = 1) -> list[str]:
+    """Prompt strings, chat (templated questions) and prose (raw prefix or 'continue this').
     ``topic_set`` 2 to 20 draws training chat from TRAIN_TOPICS_2 to _20 (more data that repeats no
-    question)."""
+    question), a tuple from several lists; ``template_set`` asks in the forms of TEMPLATE_SETS[N]."""
     rng = random.Random(seed + (1 if held_out else 0))
-    templates = HELDOUT_TEMPLATES if held_out else TRAIN_TEMPLATES
-    topics = HELDOUT_TOPICS if held_out else TRAIN_TOPIC_SETS[topic_set]
+    templates = HELDOUT_TEMPLATES if held_out else TEMPLATE_SETS[template_set]
+    sets = topic_set if isinstance(topic_set, tuple) else (topic_set,)
+    topics = HELDOUT_TOPICS if held_out else [t for n in sets for t in TRAIN_TOPIC_SETS[n]]
     questions = [tpl.format(t=t) for tpl in templates for t in topics]
     rng.shuffle(questions)
     prompts = [_chat(tokenizer, q) for q in questions[:n_chat]]
