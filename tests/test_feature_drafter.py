@@ -283,8 +283,11 @@ def test_committed_feature_head_drafts_what_the_target_would_say():
     ids = prompt + greedy_reference(target, prompt, 24, [tokenizer.eos_token_id])
     with torch.no_grad():
         feats = target(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
-    stats = evaluate_head(head, [(ids, len(prompt), feats)], gamma=4)
+    stats = evaluate_head(head, [(ids, len(prompt), feats)], gamma=4, kinds=["question"])
     assert stats["alpha"] > 0.2 and stats["tokens_per_round"] > 1.2
+    # one sequence: its kind's figures are the whole's
+    assert stats["by_kind"]["question"] == {"alpha": stats["alpha"], "tokens_per_round": stats["tokens_per_round"],
+                                             "positions": stats["positions"]}
 
 
 @pytest.mark.parametrize("tree_nodes, backend", [(0, "eager"), (8, "static")])

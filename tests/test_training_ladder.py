@@ -204,6 +204,31 @@ def test_acceptance_counts_only_continuation_positions():
     assert stats["alpha"] == pytest.approx(2 / 3) and stats["positions"] == 3
 
 
+def test_acceptance_by_prompt_kind_adds_up_to_the_whole():
+    sequences = [([5, 6, 7, 8, 9], 2), ([5, 6, 7, 8, 9], 2), ([1, 2, 3], 1)]
+
+    def logits(ids):  # the argmax is always the next token: every draft agrees
+        return torch.nn.functional.one_hot(torch.roll(ids, -1), 10).float()
+
+    stats = acceptance(logits, sequences, gamma=4, kinds=["question", "prose", "question"])
+    by_kind = stats["by_kind"]
+    assert by_kind["question"]["positions"] == 5 and by_kind["prose"]["positions"] == 3
+    assert by_kind["question"]["alpha"] == by_kind["prose"]["alpha"] == stats["alpha"] == 1.0
+    # one round each: 3 and 2 drafts accepted (the continuation ends), then the target's token
+    assert by_kind["question"]["tokens_per_round"] == pytest.approx(1 + (3 + 2) / 2)
+
+
+def test_prompt_kinds_tell_questions_continuations_and_prose_apart():
+    from pipeline.models import load_tokenizer
+    from training.distill_prompts import build_prompts, prompt_kinds
+
+    tokenizer = load_tokenizer("smollm2")
+    prompts = build_prompts(tokenizer, held_out=False, n_chat=6, n_prose=6, seed=3)
+    kinds = prompt_kinds(tokenizer, [tokenizer(p).input_ids for p in prompts])
+    assert kinds[:6] == ["question"] * 6  # chat questions first, then prose alternating raw / continue
+    assert kinds[6:] == ["prose", "continue"] * 3
+
+
 def test_committed_ladder_loads_and_every_rung_drafts():
     """The committed weights (drafters/ladder) against the real default target."""
     from pipeline.models import load_causal_lm

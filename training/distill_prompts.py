@@ -587,6 +587,23 @@ def shakespeare_passages(held_out: bool) -> list[str]:
     return [p for p in out if len(p) > 100]
 
 
+CONTINUE_REQUEST = "Continue this text:"
+
+
+def prompt_kinds(tokenizer, prompts: list[list[int]]) -> list[str]:
+    """What each tokenized prompt asks for, as build_prompts makes them: "question" (a templated
+    question), "continue" (a chat request to continue a passage) or "prose" (a raw passage). A
+    chat prompt holds a special token that the tokenizer does not add to plain text itself."""
+    special = set(tokenizer.all_special_ids) - set(tokenizer("x").input_ids)
+
+    def kind(ids: list[int]) -> str:
+        if not special.intersection(ids):
+            return "prose"
+        return "continue" if CONTINUE_REQUEST in tokenizer.decode(ids) else "question"
+
+    return [kind(ids) for ids in prompts]
+
+
 def _chat(tokenizer, question: str) -> str:
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
@@ -611,5 +628,5 @@ def build_prompts(tokenizer, *, held_out: bool, n_chat: int, n_prose: int, seed:
         if i % 2 == 0:
             prompts.append(passage[: rng.randint(80, 300)])
         else:
-            prompts.append(_chat(tokenizer, "Continue this text:\n\n" + passage[:250]))
+            prompts.append(_chat(tokenizer, CONTINUE_REQUEST + "\n\n" + passage[:250]))
     return prompts

@@ -20,7 +20,12 @@ oneDNN (``drafters.NAME.prepack``, default true; workers/packed_linear.py): on t
 ``pi5`` rung's chain drafts 49.4 tokens/s packed against 42.6 dense, and a tree's levels (several
 rows a step) gain more. α and tokens per round are measured on
 the weights as loaded, before packing, so that they compare with the earlier rounds' figures; a
-tree rung's draft speed comes from the same run as its α, so trees are measured packed whole."""
+tree rung's draft speed comes from the same run as its α, so trees are measured packed whole.
+
+Every chain rung's α and tokens per round are also given per prompt kind (``by_kind``: templated
+questions, requests to continue a passage, raw prose; training/distill_prompts.py
+``prompt_kinds``): the held-out set is half questions, and questions are where drafters are
+weakest."""
 
 from __future__ import annotations
 
@@ -32,7 +37,8 @@ import torch
 from transformers import DynamicCache
 
 from pipeline.protocol import Sampling
-from training.heldout_alpha import acceptance, accepted_lengths, heldout_sequences
+from training.distill_prompts import prompt_kinds
+from training.heldout_alpha import KindTally, acceptance, accepted_lengths, heldout_sequences
 from training.ladder import RUNGS, load_rung
 from workers.datastore import BUILTIN, load_datastore
 from workers.drafts import NgramDrafter
@@ -64,7 +70,7 @@ def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None
     """``validation``: a folder of distillation shards no drafter has read, measured instead of
     the held-out prompts (training/feature_eval.py ``shard_heldout``). ``tree``: the token trees'
     shape (default: the default fleet's, workers/token_tree.py)."""
-    from pipeline.models import load_causal_lm
+    from pipeline.models import load_causal_lm, load_tokenizer
     from training.feature_eval import heldout_features, shard_heldout
 
     target = load_causal_lm(target_spec)
@@ -79,10 +85,13 @@ def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None
     else:
         sequences = heldout_sequences(target_spec, model=target)
     prompts = [ids[:n] for ids, n in sequences[:: max(1, len(sequences) // speed_prompts)][:speed_prompts]]
+    # questions are where the drafters are weakest: each rung's figures per prompt kind too
+    kinds = prompt_kinds(load_tokenizer(target_spec), [ids[:n] for ids, n in sequences])
     embed_params = target.get_input_embeddings().weight.numel()
     report = {
         "target": target_spec, "gamma": gamma, "greedy": True,
         "heldout": {"sequences": len(sequences), "positions": sum(len(i) - n for i, n in sequences),
+                    "sequences_by_kind": {k: kinds.count(k) for k in sorted(set(kinds))},
                     **({"validation": str(validation)} if validation is not None else {})},
         "cpu": {"machine": platform.machine(), "threads": torch.get_num_threads()},
         "target_tokens_per_s": round(draft_tokens_per_s(target, prompts), 1),
@@ -97,14 +106,15 @@ def evaluate_ladder(target_spec: str = "smollm2", rungs: list[str] | None = None
         if name.endswith("+tree"):
             continue
         if name == "ngram":  # context lookup alone, then with the datastore behind it
-            report["rungs"] += [_ngram_rung(sequences, gamma, None), _ngram_rung(sequences, gamma, store)]
+            report["rungs"] += [_ngram_rung(sequences, gamma, None, kinds), _ngram_rung(sequences, gamma, store, kinds)]
             continue
         base, lookup = name.split("+")[0], LOOKUP_MIN_MATCH if "+lookup" in name else 0
         datastore = store if name.endswith("+datastore") else None
         if base == "feature":
-            rung = _feature_rung(target, with_features, gamma, feature_dir, lookup, datastore)
+            rung = _feature_rung(target, with_features, gamma, feature_dir, lookup, datastore, kinds)
         else:
-            rung = _model_rung(target, target_spec, base, sequences, prompts, gamma, ladder_dir, lookup, datastore)
+            rung = _model_rung(target, target_spec, base, sequences, prompts, gamma, ladder_dir, lookup, datastore,
+                               kinds)
             rung["params_without_embeddings"] = rung["params"] - embed_params
         if lookup:
             rung.update(name=name, lookup_min_match=lookup)
@@ -172,11 +182,11 @@ def _tree_rung(target, with_features, gamma: int, tree: TreeShape, folder=None, 
 
 
 def _model_rung(target, target_spec: str, name: str, sequences, prompts, gamma: int, ladder_dir, lookup: int,
-                datastore=None) -> dict:
+                datastore=None, kinds=None) -> dict:
     model = load_rung(name, target_spec, target=target, **({"folder": ladder_dir} if ladder_dir else {}))
 
     stats = acceptance(lambda ids: model(input_ids=ids).logits, sequences, gamma, lookup_min_match=lookup,
-                       datastore=datastore)
+                       datastore=datastore, kinds=kinds)
     params = sum(p.numel() for p in model.parameters())  # before packing, which drops dense weights
     packed = prepack_linears(model) > 0  # after α: speed as the device drafts
     return {
@@ -184,19 +194,21 @@ def _model_rung(target, target_spec: str, name: str, sequences, prompts, gamma: 
         "alpha": round(stats["alpha"], 4), "mean_accepted_per_round": round(stats["mean_accepted"], 3),
         "tokens_per_round": round(stats["mean_accepted"] + 1, 3),
         "draft_tokens_per_s": round(draft_tokens_per_s(model, prompts), 1), "draft_weights_packed": packed,
+        **({"by_kind": stats["by_kind"]} if kinds is not None else {}),
     }
 
 
-def _ngram_rung(sequences, gamma: int, store) -> dict:
+def _ngram_rung(sequences, gamma: int, store, kinds=None) -> dict:
     """The model-free kind as the device drafts (NgramDrafter.propose): context lookup alone
     (``ngram``, the repeat from one token up), or with a datastore behind it (``ngram+datastore``,
     repeats from LOOKUP_MIN_MATCH tokens up). α is the first draft token's agreement at every
     position (no draft: a miss); draft speed is proposals' tokens per second of this CPU. ``store``:
-    the loaded datastore, or None."""
+    the loaded datastore, or None; ``kinds``: each sequence's prompt kind, for ``by_kind``."""
     drafter = NgramDrafter(datastore=store, min_match=LOOKUP_MIN_MATCH if store is not None else 1)
     greedy = Sampling(0.0, 1.0, 0)
     first, positions, rounds, drafted, spent = 0, 0, [], 0, 0.0
-    for ids, prompt_len in sequences:
+    tally = KindTally()
+    for index, (ids, prompt_len) in enumerate(sequences):
         cache: dict[int, list[bool]] = {}
 
         def agreement(pos: int) -> list[bool]:
@@ -209,10 +221,13 @@ def _ngram_rung(sequences, gamma: int, store) -> dict:
                 cache[pos] = [a == b for a, b in zip(tokens, ids[prompt_len + pos:])] or [False]
             return cache[pos]
 
-        for pos in range(len(ids) - prompt_len):
-            first += agreement(pos)[0]
-            positions += 1
-        rounds += accepted_lengths([False] * (len(ids) - prompt_len), gamma, agreement)
+        hits = sum(agreement(pos)[0] for pos in range(len(ids) - prompt_len))
+        runs = accepted_lengths([False] * (len(ids) - prompt_len), gamma, agreement)
+        first += hits
+        positions += len(ids) - prompt_len
+        rounds += runs
+        if kinds is not None:
+            tally.add(kinds[index], hits, len(ids) - prompt_len, runs)
     mean = sum(rounds) / max(1, len(rounds))
     return {
         "name": "ngram+datastore" if store is not None else "ngram", "kind": "ngram", "layers": 0, "params": 0,
@@ -220,10 +235,12 @@ def _ngram_rung(sequences, gamma: int, store) -> dict:
             "lookup_min_match": LOOKUP_MIN_MATCH} if store is not None else {}),
         "alpha": round(first / max(1, positions), 4), "mean_accepted_per_round": round(mean, 3),
         "tokens_per_round": round(mean + 1, 3), "draft_tokens_per_s": round(drafted / max(spent, 1e-9), 1),
+        **({"by_kind": tally.report()} if kinds is not None else {}),
     }
 
 
-def _feature_rung(target, with_features, gamma: int, folder=None, lookup: int = 0, datastore=None) -> dict:
+def _feature_rung(target, with_features, gamma: int, folder=None, lookup: int = 0, datastore=None,
+                  kinds=None) -> dict:
     """The feature head as a rung: its stored (trained) parameters, α of its first draft,
     chained acceptance per draft position, tokens per round and draft speed."""
     from training.feature_eval import evaluate_head, head_draft_tokens_per_s
@@ -231,7 +248,7 @@ def _feature_rung(target, with_features, gamma: int, folder=None, lookup: int = 
 
     head = load_head(target, folder or FEATURE_DIR)
     heldout = with_features(head.spec.feature_layers)
-    stats = evaluate_head(head, heldout, gamma, lookup_min_match=lookup, datastore=datastore)
+    stats = evaluate_head(head, heldout, gamma, lookup_min_match=lookup, datastore=datastore, kinds=kinds)
     params = sum(p.numel() for p in head.parameters())  # before packing, which drops dense weights
     head.prepack()  # after α: speed as the device drafts
     return {
@@ -242,4 +259,5 @@ def _feature_rung(target, with_features, gamma: int, folder=None, lookup: int = 
         "tokens_per_round": stats["tokens_per_round"],
         "draft_tokens_per_s": round(head_draft_tokens_per_s(head, heldout), 1),
         **({"lookup_rounds_fraction": stats["lookup_rounds_fraction"]} if lookup else {}),
+        **({"by_kind": stats["by_kind"]} if kinds is not None else {}),
     }

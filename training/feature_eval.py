@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from pipeline.protocol import Sampling
-from training.heldout_alpha import heldout_sequences, lookup_agreement, stand_in_agreement
+from training.heldout_alpha import KindTally, heldout_sequences, lookup_agreement, stand_in_agreement
 from workers.feature_head import FeatureHead, HeadCache
 
 GREEDY = Sampling()
@@ -73,20 +73,23 @@ def shard_heldout(folder: Path, feature_layers=(-1,), sequences: int = 160, new_
 
 @torch.no_grad()
 def evaluate_head(head: FeatureHead, heldout: list[tuple], gamma: int = 4, lookup_min_match: int = 0,
-                  datastore=None) -> dict:
+                  datastore=None, kinds: list[str] | None = None) -> dict:
     """α (first draft, teacher-forced on true features: comparable with the ladder's α), the
     acceptance rate of every chained draft position, and mean tokens per round at γ. With
     ``lookup_min_match``, rounds (and α's first drafts) come from context lookup wherever it
     finds a match, as a LookupDrafter drafts, and with a ``datastore`` from it where it stands in
-    for the head (workers/lookup.py ``stand_in``); the per-position rates stay the head's own."""
+    for the head (workers/lookup.py ``stand_in``); the per-position rates stay the head's own.
+    ``kinds``: each sequence's prompt kind, for ``by_kind``."""
     first_hits = first_total = lookup_rounds = 0
+    tally = KindTally()
     rounds: list[int] = []
     position_hits = [0] * gamma
     position_tries = [0] * gamma
-    for ids, prompt_len, feats in heldout:
+    for index, (ids, prompt_len, feats) in enumerate(heldout):
         n = len(ids)
         if n <= prompt_len or prompt_len < 2:
             continue
+        before = len(rounds)
         tokens = torch.tensor([ids])
         entries = head.entry(head.fused(feats[None, :-1].float()), tokens[:, 1:])  # entry t: (f_t, x_{t+1})
         positions = torch.arange(n - 1)
@@ -132,6 +135,8 @@ def evaluate_head(head: FeatureHead, heldout: list[tuple], gamma: int = 4, looku
             position_hits[0] += accepted > 0
             rounds.append(accepted)
             p += accepted + 1
+        if kinds is not None:
+            tally.add(kinds[index], sum(agree), len(agree), rounds[before:])
     return {
         "alpha": round(first_hits / max(1, first_total), 4),
         "alpha_by_position": [round(h / max(1, t), 4) for h, t in zip(position_hits, position_tries)],
@@ -139,6 +144,7 @@ def evaluate_head(head: FeatureHead, heldout: list[tuple], gamma: int = 4, looku
         "tokens_per_round": round(sum(rounds) / max(1, len(rounds)) + 1, 3),
         "positions": first_total,
         "lookup_rounds_fraction": round(lookup_rounds / max(1, len(rounds)), 4),
+        **({"by_kind": tally.report()} if kinds is not None else {}),
     }
 
 

@@ -101,16 +101,36 @@ def stand_in_agreement(ids: list[int], position: int, gamma: int, datastore, con
     return [a == b for a, b in zip(tokens, ids[position:])]
 
 
+class KindTally:
+    """α and tokens per round per prompt kind (training/distill_prompts.py ``prompt_kind``): one
+    sequence's first-draft hits, positions and accepted runs at a time."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, list] = {}
+
+    def add(self, kind: str, hits: int, positions: int, rounds: list[int]) -> None:
+        tally = self.kinds.setdefault(kind, [0, 0, []])
+        tally[0] += hits
+        tally[1] += positions
+        tally[2] += rounds
+
+    def report(self) -> dict:
+        return {kind: {"alpha": round(hits / max(1, n), 4), "tokens_per_round": round(sum(r) / max(1, len(r)) + 1, 3),
+                       "positions": n}
+                for kind, (hits, n, r) in sorted(self.kinds.items())}
+
+
 @torch.no_grad()
 def acceptance(logits_fn: Callable[[torch.Tensor], torch.Tensor], sequences: list[tuple[list[int], int]],
-               gamma: int = 4, lookup_min_match: int = 0, datastore=None) -> dict:
+               gamma: int = 4, lookup_min_match: int = 0, datastore=None, kinds: list[str] | None = None) -> dict:
     """α and mean accepted length; ``logits_fn(ids [1, T]) -> [1, T, V]`` the drafter's next-token
     logits. With ``lookup_min_match``, rounds (and α's first drafts) come from context lookup
     wherever it finds a match, as a LookupDrafter drafts; with a ``datastore``, from the datastore
     where it stands in for the model, which turns on the model's top probability
-    (workers/lookup.py ``stand_in``)."""
+    (workers/lookup.py ``stand_in``). ``kinds``: each sequence's prompt kind, for ``by_kind``."""
     matched, total, rounds = 0, 0, []
-    for ids, prompt_len in sequences:
+    tally = KindTally()
+    for index, (ids, prompt_len) in enumerate(sequences):
         if len(ids) <= prompt_len:
             continue
         logits = logits_fn(torch.tensor([ids]))
@@ -127,11 +147,15 @@ def acceptance(logits_fn: Callable[[torch.Tensor], torch.Tensor], sequences: lis
                           for i, d in enumerate(drafts)]
             agree_first = [a if d is None else d[0] for a, d in zip(agree, drafts)]
             lookup = drafts.__getitem__
+        runs = accepted_lengths(agree, gamma, lookup)
         matched += sum(agree_first)
         total += len(agree)
-        rounds += accepted_lengths(agree, gamma, lookup)
+        rounds += runs
+        if kinds is not None:
+            tally.add(kinds[index], sum(agree_first), len(agree), runs)
     return {
         "alpha": matched / max(1, total),
         "mean_accepted": sum(rounds) / max(1, len(rounds)),
         "positions": total,
+        **({"by_kind": tally.report()} if kinds is not None else {}),
     }
