@@ -102,7 +102,7 @@ def stand_in_agreement(ids: list[int], position: int, gamma: int, datastore, con
 
 
 class KindTally:
-    """α and tokens per round per prompt kind (training/distill_prompts.py ``prompt_kind``): one
+    """α and tokens per round per prompt kind (training/distill_prompts.py ``prompt_kinds``): one
     sequence's first-draft hits, positions and accepted runs at a time."""
 
     def __init__(self) -> None:
