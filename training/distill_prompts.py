@@ -32,7 +32,7 @@ TRAIN_TEMPLATES = [
 ]
 # More question forms (build_prompts(template_set=2)). Every list before this one has used the 14
 # templates above, so the drafters met few ways of asking: on the ladder's validation data its
-# `large` rung accepts 0.49 of first drafts on questions against 0.62-0.72 on prose, and 0.39 on
+# `large` rung accepts 0.49 of first drafts on questions against 0.61-0.72 on prose, and 0.39 on
 # the held-out questions, whose four templates (below) no training set uses. None of these repeats
 # or rephrases a held-out template.
 TRAIN_TEMPLATES_2 = [
