@@ -100,8 +100,64 @@ TRAIN_TEMPLATES_3 = [
     "What surprising connections does {t} have to daily life?",
     "Write a tongue twister about {t}.",
 ]
+# A fourth set, for validation only (template_set=4): conversational requests, the manner of the
+# held-out questions, which the first three sets (mostly imperatives) rarely use. None repeats or
+# rephrases a held-out template, and the fifth set below repeats none of these.
+TRAIN_TEMPLATES_4 = [
+    "I'd like to learn about {t}. Where should I start?",
+    "My friend keeps talking about {t}. Can you help me understand it?",
+    "Do you think {t} is overrated? Why or why not?",
+    "Tell me something about {t} that most people don't know.",
+    "I have five minutes. Teach me the essentials of {t}.",
+    "Is {t} hard to understand for a beginner?",
+    "What would you say is the most important thing about {t}?",
+    "Help me write a short paragraph about {t} for my class.",
+    "I'm writing a story that involves {t}. Any ideas?",
+    "How would you describe {t} to someone who has never heard of it?",
+    "What is a good way to remember the basics of {t}?",
+    "Share a few interesting thoughts about {t}.",
+    "Write a short postcard from a place connected to {t}.",
+    "Give me a short pep talk that uses {t} as a metaphor.",
+    "Which books or activities could help me explore {t}?",
+    "If you had to give a talk about {t}, what would you cover?",
+]
+# A fifth set, for training (template_set=5): more conversational requests in that manner.
+TRAIN_TEMPLATES_5 = [
+    "I keep hearing about {t}. What is it, really?",
+    "I'm preparing for a quiz on {t}. What should I review?",
+    "What's your favourite thing about {t}?",
+    "My grandmother asked me about {t}. How should I explain it to her?",
+    "Could you help me understand why {t} matters?",
+    "I'd love a short story set around {t}, please.",
+    "Please describe {t} in a few friendly sentences.",
+    "I'm bored. Tell me an interesting story about {t}.",
+    "Would you recommend learning about {t}? Why?",
+    "What is the simplest way to explain {t}?",
+    "How did people first discover or invent {t}?",
+    "Could you write a few lines of verse about {t}?",
+    "I don't really get {t}. Can you break it down for me?",
+    "What are three questions I could ask an expert on {t}?",
+    "Write a friendly message inviting someone to learn about {t}.",
+    "Why might someone be nervous about {t}, and what would reassure them?",
+    "Can you summarize what everyone should know about {t}?",
+    "What's a good example that shows {t} in action?",
+    "I'm making a poster about {t}. What should it say?",
+    "Do you have any tips for a family outing related to {t}?",
+    "How would a scientist and an artist each see {t}?",
+    "Write a short conversation where a child asks a parent about {t}.",
+    "What is one thing about {t} that surprised people in the past?",
+    "Imagine you are {t}. Describe your day.",
+    "Could you list some pros and some risks connected with {t}?",
+    "How would you explain {t} in a museum caption?",
+    "What would you tell a tourist who asks about {t}?",
+    "What are some everyday words that come from or relate to {t}?",
+    "Tell me a short, cheerful story about {t}.",
+    "How might {t} look in fifty years?",
+    "Can you write a short radio announcement about {t}?",
+]
 # build_prompts(template_set=N)
-TEMPLATE_SETS = {1: TRAIN_TEMPLATES, 2: TRAIN_TEMPLATES_2, 3: TRAIN_TEMPLATES_3}
+TEMPLATE_SETS = {1: TRAIN_TEMPLATES, 2: TRAIN_TEMPLATES_2, 3: TRAIN_TEMPLATES_3,
+                 4: TRAIN_TEMPLATES_4, 5: TRAIN_TEMPLATES_5}
 HELDOUT_TEMPLATES = [
     "Can you tell me what you know about {t}?",
     "I am curious: what makes {t} interesting?",
