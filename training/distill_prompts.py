@@ -155,9 +155,46 @@ TRAIN_TEMPLATES_5 = [
     "How might {t} look in fifty years?",
     "Can you write a short radio announcement about {t}?",
 ]
+# A sixth set, for training (template_set=6): conversational requests that give a reason or a
+# setting before asking, as people do; none repeats or rephrases a held-out or a validation form
+# (the third and fourth sets).
+TRAIN_TEMPLATES_6 = [
+    "Hey, quick question: how does {t} affect ordinary people?",
+    "I'm giving a toast at a party themed on {t}. Can you draft it?",
+    "My teacher asked us to research {t}. What are the key points?",
+    "Could you describe the people who care most about {t}?",
+    "Please write a warm welcome note for a club devoted to {t}.",
+    "Why do some people love {t} while others don't care at all?",
+    "I only know a little about {t}. What am I missing?",
+    "Would you mind explaining how {t} began?",
+    "What's the story behind {t}?",
+    "Could you give me a few examples of {t} in books or films?",
+    "I want to impress my friends with facts about {t}. Any suggestions?",
+    "What would happen if everyone ignored {t}?",
+    "Can you explain {t} using a comparison from sports?",
+    "I'm planning a lesson on {t} for young kids. What activities would work?",
+    "Please tell a short fairy tale in which {t} plays a part.",
+    "What are the biggest debates around {t}?",
+    "How should someone bring up {t} at a dinner party?",
+    "Could you write a short note of encouragement for someone studying {t}?",
+    "I'm a bit confused about {t}. What is the key idea?",
+    "Which famous people are linked to {t}, and why?",
+    "How can I explain {t} to my younger brother?",
+    "Can you give me a short checklist for getting started with {t}?",
+    "What is it like to deal with {t} every day?",
+    "I'd enjoy a funny short story about {t}. Could you write one?",
+    "How does {t} differ from country to country?",
+    "Could you write a short letter to a newspaper about {t}?",
+    "What small things could I do this week to learn more about {t}?",
+    "Why is {t} sometimes hard, and how do people cope?",
+    "Can you describe {t} in the style of a nature documentary?",
+    "Please give me a balanced opinion on {t}.",
+    "What would a history teacher emphasize about {t}?",
+    "My kids asked me about {t} at breakfast. What should I tell them?",
+]
 # build_prompts(template_set=N)
 TEMPLATE_SETS = {1: TRAIN_TEMPLATES, 2: TRAIN_TEMPLATES_2, 3: TRAIN_TEMPLATES_3,
-                 4: TRAIN_TEMPLATES_4, 5: TRAIN_TEMPLATES_5}
+                 4: TRAIN_TEMPLATES_4, 5: TRAIN_TEMPLATES_5, 6: TRAIN_TEMPLATES_6}
 HELDOUT_TEMPLATES = [
     "Can you tell me what you know about {t}?",
     "I am curious: what makes {t} interesting?",
